@@ -1,0 +1,146 @@
+"""Settings: config.json, then environment overrides, validated once at start-up.
+
+``load_settings()`` is called by each script's ``main()``, never at import. A bad value
+raises ``ConfigError`` with a message that names the key it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.json"
+
+# environment variable -> settings key; SPEC.md's names first, then ODLA's own.
+ENV_KEYS: dict[str, str] = {
+    "operator_port": "operator_port",
+    "OPERATOR_PORT": "operator_port",
+    "OPERATOR_HOST": "operator_host",
+    "NODE_ID": "node_id",
+    "NODE_PORT": "node_port",
+    "NODE_HOST": "node_host",
+    "NODE_URL": "node_url",
+    "COORDINATOR_URL": "operator_url",
+    "ODLA_OPERATOR_URL": "operator_url",
+    "OLLAMA_HOST": "ollama_host",
+    "ODLA_JOIN_TOKEN": "join_token",
+    "ODLA_API_KEYS": "api_keys",
+    "ODLA_LOG_LEVEL": "log_level",
+}
+
+
+class ConfigError(Exception):
+    """A config file or environment value that cannot be used."""
+
+
+class Settings(BaseModel):
+    """Every knob of the operator, the node agent and the client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operator_url: str = "http://localhost:8000"
+    "Where nodes and the client reach the operator."
+    operator_host: str = "0.0.0.0"
+    "Address the operator listens on."
+    operator_port: int = Field(8000, ge=1, le=65535)
+    node_host: str = "0.0.0.0"
+    "Address a node agent listens on."
+    node_port: int = Field(8001, ge=1, le=65535)
+    node_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    "Defaults to the hostname."
+    node_url: Optional[str] = None
+    "Address the operator uses to reach this node; derived when unset."
+    ollama_host: str = "http://localhost:11434"
+    health_check_interval: float = Field(30, gt=0)
+    health_check_timeout: float = Field(5, gt=0)
+    prune_after: Optional[float] = Field(None, gt=0)
+    "Seconds without contact before a node is dropped; default 2 x health_check_interval."
+    heartbeat_interval: float = Field(10, gt=0)
+    "How often a node re-registers."
+    connect_timeout: float = Field(5, gt=0)
+    "Seconds to open a connection to a node or to Ollama."
+    default_model: str = "llama3"
+    "The client's --model when none is given."
+    max_prompt_chars: int = Field(1_000_000, gt=0)
+    join_token: Optional[str] = Field(None, repr=False)
+    "When set, nodes must present it to the operator, and the operator to nodes."
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    "When non-empty, clients must send one as ``Authorization: Bearer``."
+    log_level: str = "info"
+
+    @field_validator("operator_url", "node_url")
+    @classmethod
+    def _http_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("join_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _default_prune(self) -> "Settings":
+        if self.prune_after is None:
+            self.prune_after = 2 * self.health_check_interval
+        return self
+
+
+def load_settings(
+    path: Optional[os.PathLike | str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    **overrides: object,
+) -> Settings:
+    """Read ``path`` (default ``$ODLA_CONFIG`` or config.json), then ``env``, then ``overrides``."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("ODLA_CONFIG") or DEFAULT_CONFIG)
+    values: dict[str, object] = _read_file(path) if path.exists() or "ODLA_CONFIG" in env else {}
+    origin = {key: f"{path}: {key}" for key in values}
+    for var, key in ENV_KEYS.items():
+        if env.get(var) not in (None, ""):
+            values[key] = env[var]
+            origin[key] = f"environment {var}"
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from exc
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    problems = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        where = origin.get(key, key)
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown setting")
+        else:
+            problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration: " + "; ".join(problems)

@@ -1,0 +1,35 @@
+"""Ollama model names: ``[host/][namespace/]model[:tag]``, matched the way Ollama matches them."""
+
+from __future__ import annotations
+
+DEFAULT_HOST = "registry.ollama.ai/"
+DEFAULT_NAMESPACE = "library/"
+DEFAULT_TAG = "latest"
+
+
+def model_key(name: str) -> str:
+    """The canonical form two names share when Ollama treats them as one model.
+
+    ``llama3``, ``llama3:latest``, ``library/llama3`` and ``Llama3`` all give
+    ``llama3:latest``; ``user/model`` keeps its namespace.
+    """
+    key = name.strip().lower()
+    if key.startswith(DEFAULT_HOST):
+        key = key[len(DEFAULT_HOST):]
+    if key.startswith(DEFAULT_NAMESPACE):
+        key = key[len(DEFAULT_NAMESPACE):]
+    if ":" not in key.rsplit("/", 1)[-1]:
+        key = f"{key}:{DEFAULT_TAG}"
+    return key
+
+
+def display_name(name: str) -> str:
+    """How ``/api/tags`` shows a name: with a tag, without ``library/``, case kept."""
+    shown = name.strip()
+    if shown.lower().startswith(DEFAULT_HOST):
+        shown = shown[len(DEFAULT_HOST):]
+    if shown.lower().startswith(DEFAULT_NAMESPACE):
+        shown = shown[len(DEFAULT_NAMESPACE):]
+    if ":" not in shown.rsplit("/", 1)[-1]:
+        shown = f"{shown}:{DEFAULT_TAG}"
+    return shown

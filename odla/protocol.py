@@ -1,0 +1,175 @@
+"""The ODLA wire protocol: every body and stream line that crosses a hop.
+
+Streams are JSON lines (``application/x-ndjson``)::
+
+    {"token": "Hello", "done": false}
+    {"token": " world", "done": false}
+    {"done": true}
+
+or, as the one last line of a failed stream, ``{"error": "...", "done": true}``.
+Every stream ends with exactly one final line (``"done": true``).
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring  # C-accelerated string quoting
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+NDJSON = "application/x-ndjson"
+
+NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
+
+
+class _Body(BaseModel):
+    """Request bodies reject unknown fields, so typos fail loudly with a 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterRequest(_Body):
+    """``POST /register`` on the operator: a node announces itself (also its heartbeat)."""
+
+    node_id: NodeId
+    "Unique name of the node, ``[A-Za-z0-9._-]{1,128}``."
+    url: str = Field(max_length=2048)
+    "Base URL where the operator reaches the node, http(s) only."
+    models: list[ModelName] = Field(default_factory=list, max_length=4096)
+    "Model names as the node's Ollama lists them (``llama3:latest``)."
+    healthy: bool = True
+    "False when the node is up but its Ollama is not answering."
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest or any(c.isspace() for c in rest):
+            raise ValueError("url must be an http:// or https:// URL")
+        return value
+
+
+class RegisterResponse(BaseModel):
+    """Answer to ``POST /register``."""
+
+    status: Literal["registered"] = "registered"
+    node_id: str
+    models: list[str]
+
+
+class DeregisterRequest(_Body):
+    """``POST /deregister`` on the operator: a node leaving the network on shutdown."""
+
+    node_id: NodeId
+
+
+class NodeInfo(BaseModel):
+    """One row of ``GET /nodes``."""
+
+    node_id: str
+    url: str
+    models: list[str]
+    last_seen: str
+    "ISO 8601, UTC."
+    healthy: bool = True
+    active_jobs: int = 0
+
+
+class NodesResponse(BaseModel):
+    """Answer to ``GET /nodes``."""
+
+    nodes: list[NodeInfo]
+
+
+class InferenceRequest(_Body):
+    """``POST /inference`` on the operator."""
+
+    model: ModelName
+    prompt: str = Field(min_length=1)
+
+
+class RunRequest(_Body):
+    """``POST /run`` on a node (sent by the operator)."""
+
+    job_id: str = Field(min_length=1, max_length=128)
+    prompt: str = Field(min_length=1)
+    model: Optional[ModelName] = None
+    "The model to run; when absent, the node's first model."
+
+
+class HealthResponse(BaseModel):
+    """Answer to a node's ``GET /health``."""
+
+    status: Literal["healthy", "unhealthy"]
+    node_id: str
+    models: list[str]
+    error: Optional[str] = None
+
+
+class ModelsResponse(BaseModel):
+    """Answer to a node's ``GET /models``."""
+
+    node_id: str
+    models: list[str]
+
+
+class TokenLine(BaseModel):
+    """A piece of the answer."""
+
+    token: str
+    done: Literal[False] = False
+
+
+class DoneLine(BaseModel):
+    """The final line of a stream that succeeded."""
+
+    done: Literal[True] = True
+
+
+class ErrorLine(BaseModel):
+    """The final line of a stream that failed, or an error body before any stream."""
+
+    error: str
+    done: Literal[True] = True
+
+
+StreamLine = Union[TokenLine, ErrorLine, DoneLine]
+
+
+# The hot path encodes lines by hand: byte-for-byte what json.dumps gives for the
+# models above (tests/test_protocol.py holds them equal), without a model per token.
+
+DONE_LINE = b'{"done": true}\n'
+
+
+def token_line(token: str) -> bytes:
+    """Encode one ``TokenLine``."""
+    return b'{"token": ' + encode_basestring(token).encode() + b', "done": false}\n'
+
+
+def error_line(message: str) -> bytes:
+    """Encode one final ``ErrorLine``."""
+    return b'{"error": ' + encode_basestring(message).encode() + b', "done": true}\n'
+
+
+def parse_line(line: Union[str, bytes]) -> StreamLine:
+    """Decode one stream line; raises ``ValueError`` when it is not a protocol line."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError(f"not a stream line: {line!r}")
+    if data.get("done") is True:
+        if "error" in data:
+            return ErrorLine(error=str(data["error"]))
+        return DoneLine()
+    return TokenLine.model_validate(data)
+
+
+def is_final(line: Union[str, bytes]) -> bool:
+    """True when ``line`` is a complete final line (``"done": true``)."""
+    try:
+        return json.loads(line).get("done") is True
+    except (ValueError, AttributeError):
+        return False

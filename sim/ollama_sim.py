@@ -1,0 +1,485 @@
+"""A stand-in for Ollama's HTTP API, for tests, ``make demo`` and the benchmark.
+
+    python sim/ollama_sim.py --port 11434 --models llama3,mistral --tokens 20 --delay 0.05
+
+Answers as Ollama does (``server/routes.go``, ``docs/api.md``): ``GET|HEAD /``,
+``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/generate``,
+``/api/chat``, ``/api/embed`` and ``/api/embeddings``, streaming or not; 404
+``model 'x' not found``; 503 when more requests wait than ``--max-queue``; a
+mid-stream ``{"error": ...}`` line. Names resolve as Ollama resolves them.
+
+Failure injection (flags, or ``POST /_sim/config`` with the same names at run time):
+``crash_after`` K tokens (connection cut), ``error_after`` K tokens (error line),
+``busy`` (503 to everything), ``hold_last`` (the last token waits for
+``POST /_sim/release``). ``GET /_sim/stats`` counts requests, finished and cancelled
+streams. The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+
+A bare ASGI app, no framework: the benchmark drives thousands of tokens a second
+through it, and what it costs falls on the direct and the relayed runs alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from odla.names import display_name, model_key  # noqa: E402
+
+VERSION = "0.12.6"
+BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+Send = Callable[[dict], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict]]
+
+
+def sim_tokens(prompt: str, n: int) -> list[str]:
+    """The simulator's answer to ``prompt``: ``n`` tokens, unique to the prompt."""
+    tag = hashlib.blake2b(prompt.encode(), digest_size=3).hexdigest()
+    return [f"{'' if i == 0 else ' '}{tag}-{i}" for i in range(n)]
+
+
+@dataclass
+class Behaviour:
+    """What the simulator does; every field can change at run time."""
+
+    models: list[str] = field(default_factory=lambda: ["llama3"])
+    tokens: int = 12
+    delay: float = 0.0
+    crash_after: Optional[int] = None
+    error_after: Optional[int] = None
+    error_message: str = "an error was encountered while running the model: unexpected EOF"
+    busy: bool = False
+    hold_last: bool = False
+    num_parallel: int = 0
+    "Requests that run at once (0: no limit)."
+    max_queue: int = 512
+
+    def update(self, values: dict[str, Any]) -> None:
+        names = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key not in names:
+                raise ValueError(f"unknown setting {key!r}")
+            setattr(self, key, value)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def digest(name: str) -> str:
+    return hashlib.sha256(model_key(name).encode()).hexdigest()
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Simulator:
+    """The ASGI app."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.b = behaviour
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "active": 0, "errors": 0}
+        self.release = asyncio.Event()
+        self._running = 0
+        self._waiting = 0
+        self._slot: Optional[asyncio.Condition] = None
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        handler = ROUTES.get(path)
+        if handler is None:
+            await respond(send, 404, b"404 page not found", "text/plain")
+            return
+        if method == "HEAD" and path == "/":
+            await respond(send, 200, b"", "text/plain; charset=utf-8")
+            return
+        allowed = "GET" if path in GET_ROUTES else "POST"
+        if method != allowed:
+            await respond(send, 405, b"405 method not allowed", "text/plain")
+            return
+        body = await read_body(receive) if method == "POST" else b""
+        await handler(self, body, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def find(self, name: str) -> Optional[str]:
+        key = model_key(name)
+        return next((m for m in self.b.models if model_key(m) == key), None)
+
+    # --- the routes ------------------------------------------------------------
+
+    async def root(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond(send, 200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    async def version(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, {"version": VERSION})
+
+    async def tags(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, {"models": [self.model_entry(m) for m in self.b.models]})
+
+    async def ps(self, body: bytes, receive: Receive, send: Send) -> None:
+        models = [self.model_entry(m) for m in self.b.models[: 1 if self.stats["requests"] else 0]]
+        for entry in models:
+            entry.pop("modified_at")
+            entry.update(expires_at=now_rfc3339(), size_vram=entry["size"], context_length=4096)
+        await respond_json(send, 200, {"models": models})
+
+    def model_entry(self, name: str) -> dict:
+        shown = display_name(name)
+        family = model_key(name).split(":")[0].rsplit("/", 1)[-1]
+        return {
+            "name": shown,
+            "model": shown,
+            "modified_at": "2026-01-01T00:00:00Z",
+            "size": 4661224676,
+            "digest": digest(name),
+            "details": self.details(family),
+        }
+
+    @staticmethod
+    def details(family: str) -> dict:
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": "8.0B",
+            "quantization_level": "Q4_0",
+        }
+
+    async def show(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse(body, send)
+        if req is None or not await self.check_model(req, send, field_names=("model", "name")):
+            return
+        name = req.get("model") or req.get("name")
+        family = model_key(name).split(":")[0].rsplit("/", 1)[-1]
+        await respond_json(send, 200, {
+            "license": "simulated",
+            "modelfile": f"FROM {display_name(name)}\n",
+            "parameters": "stop \"<|eot_id|>\"",
+            "template": "{{ .Prompt }}",
+            "details": self.details(family),
+            "model_info": {"general.architecture": family, "general.parameter_count": 8030261248},
+            "capabilities": ["completion"],
+            "modified_at": "2026-01-01T00:00:00Z",
+        })
+
+    async def generate(self, body: bytes, receive: Receive, send: Send) -> None:
+        await self.complete(body, receive, send, chat=False)
+
+    async def chat(self, body: bytes, receive: Receive, send: Send) -> None:
+        await self.complete(body, receive, send, chat=True)
+
+    async def embed(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse(body, send)
+        if req is None or not await self.check_model(req, send):
+            return
+        inputs = req.get("input", [])
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        await respond_json(send, 200, {
+            "model": req["model"],
+            "embeddings": [vector(text) for text in inputs],
+            "total_duration": 1000000, "load_duration": 1000, "prompt_eval_count": len(inputs),
+        })
+
+    async def embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse(body, send)
+        if req is None or not await self.check_model(req, send):
+            return
+        await respond_json(send, 200, {"embedding": vector(req.get("prompt", ""))})
+
+    async def sim_config(self, body: bytes, receive: Receive, send: Send) -> None:
+        try:
+            self.b.update(json.loads(body or b"{}"))
+        except (ValueError, TypeError) as exc:
+            await respond_json(send, 400, {"error": str(exc)})
+            return
+        self.release.clear()
+        await respond_json(send, 200, {f.name: getattr(self.b, f.name) for f in fields(self.b)})
+
+    async def sim_release(self, body: bytes, receive: Receive, send: Send) -> None:
+        self.release.set()
+        await respond_json(send, 200, {"released": True})
+
+    async def sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, self.stats)
+
+    # --- generation --------------------------------------------------------------
+
+    async def parse(self, body: bytes, send: Send) -> Optional[dict]:
+        if not body:
+            await respond_json(send, 400, {"error": "missing request body"})
+            return None
+        try:
+            req = json.loads(body)
+        except ValueError as exc:
+            await respond_json(send, 400, {"error": str(exc)})
+            return None
+        if not isinstance(req, dict):
+            await respond_json(send, 400, {"error": "json: cannot unmarshal into Go value"})
+            return None
+        return req
+
+    async def check_model(self, req: dict, send: Send, field_names: tuple = ("model",)) -> bool:
+        name = next((req.get(f) for f in field_names if req.get(f)), None)
+        if not name:
+            await respond_json(send, 400, {"error": "model is required"})
+            return False
+        if self.b.busy:
+            await respond_json(send, 503, {"error": BUSY_MESSAGE})
+            return False
+        if self.find(name) is None:
+            await respond_json(send, 404, {"error": f"model '{name}' not found"})
+            return False
+        return True
+
+    async def complete(self, body: bytes, receive: Receive, send: Send, *, chat: bool) -> None:
+        req = await self.parse(body, send)
+        if req is None or not await self.check_model(req, send):
+            return
+        if self._waiting >= self.b.max_queue:
+            await respond_json(send, 503, {"error": BUSY_MESSAGE})
+            return
+        self.stats["requests"] += 1
+        prompt = self.prompt_of(req, chat)
+        async with self.slot():
+            await self.answer(req, prompt, receive, send, chat=chat)
+
+    @staticmethod
+    def prompt_of(req: dict, chat: bool) -> str:
+        if not chat:
+            return str(req.get("prompt", ""))
+        messages = req.get("messages") or []
+        return str(messages[-1].get("content", "")) if messages else ""
+
+    def slot(self) -> "_Slot":
+        return _Slot(self)
+
+    async def answer(self, req: dict, prompt: str, receive: Receive, send: Send, *, chat: bool) -> None:
+        model, b = req["model"], self.b
+        tokens = sim_tokens(prompt, b.tokens)
+        started = time.perf_counter_ns()
+        if req.get("stream") is False:
+            await self.answer_whole(req, model, tokens, started, chat)(send)
+            return
+        self.stats["active"] += 1
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await send_start(send, 200, "application/x-ndjson")
+            for i, token in enumerate(tokens):
+                if i == b.error_after:
+                    self.stats["errors"] += 1
+                    await send_body(send, _compact({"error": b.error_message}) + b"\n", more=False)
+                    return
+                if i == b.crash_after:
+                    raise ConnectionAbortedError("simulated crash")
+                if b.hold_last and i == len(tokens) - 1:
+                    await first_of(self.release.wait(), watcher)
+                elif b.delay:
+                    await first_of(asyncio.sleep(b.delay), watcher)
+                if watcher.done():
+                    self.stats["cancelled"] += 1
+                    return
+                await send_body(send, self.part(model, token, chat) + b"\n")
+            final = self.final(model, tokens, started, chat)
+            await send_body(send, _compact(final) + b"\n", more=False)
+            self.stats["completed"] += 1
+        finally:
+            watcher.cancel()
+            self.stats["active"] -= 1
+
+    def answer_whole(self, req: dict, model: str, tokens: list[str], started: int, chat: bool):
+        async def whole(send: Send) -> None:
+            if self.b.error_after is not None and self.b.error_after < len(tokens):
+                await respond_json(send, 500, {"error": self.b.error_message})
+                return
+            await asyncio.sleep(self.b.delay * len(tokens))
+            final = self.final(model, tokens, started, chat)
+            if chat:
+                final["message"]["content"] = "".join(tokens)
+            else:
+                final["response"] = "".join(tokens)
+            await respond_json(send, 200, final)
+            self.stats["completed"] += 1
+        return whole
+
+    @staticmethod
+    def part(model: str, token: str, chat: bool) -> bytes:
+        now = now_rfc3339()
+        if chat:
+            return _compact({"model": model, "created_at": now,
+                             "message": {"role": "assistant", "content": token}, "done": False})
+        return _compact({"model": model, "created_at": now, "response": token, "done": False})
+
+    @staticmethod
+    def final(model: str, tokens: list[str], started: int, chat: bool) -> dict:
+        took = time.perf_counter_ns() - started
+        out: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
+        if chat:
+            out["message"] = {"role": "assistant", "content": ""}
+        else:
+            out["response"] = ""
+        out.update(done=True, done_reason="stop")
+        if not chat:
+            out["context"] = list(range(1, len(tokens) + 1))
+        out.update(total_duration=took, load_duration=1000, prompt_eval_count=1,
+                   prompt_eval_duration=1000, eval_count=len(tokens), eval_duration=max(took, 1))
+        return out
+
+
+class _Slot:
+    """OLLAMA_NUM_PARALLEL: a request waits here for a free runner."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    async def __aenter__(self) -> None:
+        sim = self.sim
+        if not sim.b.num_parallel:
+            return
+        if sim._slot is None:
+            sim._slot = asyncio.Condition()
+        async with sim._slot:
+            sim._waiting += 1
+            try:
+                await sim._slot.wait_for(lambda: sim._running < sim.b.num_parallel)
+            finally:
+                sim._waiting -= 1
+            sim._running += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        sim = self.sim
+        if not sim.b.num_parallel or sim._slot is None:
+            return
+        async with sim._slot:
+            sim._running -= 1
+            sim._slot.notify()
+
+
+def vector(text: str) -> list[float]:
+    raw = hashlib.sha256(str(text).encode()).digest()
+    return [round(b / 255 - 0.5, 6) for b in raw[:8]]
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def first_of(awaitable: Awaitable, watcher: asyncio.Future) -> None:
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def send_start(send: Send, status: int, content_type: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode())]})
+
+
+async def send_body(send: Send, body: bytes, more: bool = True) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": more})
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()),
+                            (b"content-length", str(len(body)).encode())]})
+    await send_body(send, body, more=False)
+
+
+async def respond_json(send: Send, status: int, obj: Any) -> None:
+    await respond(send, status, _compact(obj), "application/json; charset=utf-8")
+
+
+ROUTES = {
+    "/": Simulator.root,
+    "/api/version": Simulator.version,
+    "/api/tags": Simulator.tags,
+    "/api/ps": Simulator.ps,
+    "/api/show": Simulator.show,
+    "/api/generate": Simulator.generate,
+    "/api/chat": Simulator.chat,
+    "/api/embed": Simulator.embed,
+    "/api/embeddings": Simulator.embeddings,
+    "/_sim/config": Simulator.sim_config,
+    "/_sim/release": Simulator.sim_release,
+    "/_sim/stats": Simulator.sim_stats,
+}
+GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/_sim/stats"}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Ollama API simulator for ODLA's tests, demo and benchmark.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11434, help="0 picks a free port (printed on start)")
+    p.add_argument("--models", default="llama3", help="comma-separated model names")
+    p.add_argument("--tokens", type=int, default=12, help="tokens per answer")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
+    p.add_argument("--crash-after", type=int, help="cut the connection after K tokens")
+    p.add_argument("--error-after", type=int, help="send an error line after K tokens")
+    p.add_argument("--busy", action="store_true", help="answer 503 to every request")
+    p.add_argument("--num-parallel", type=int, default=0, help="requests run at once (0: no limit)")
+    p.add_argument("--max-queue", type=int, default=512, help="requests that may wait before 503")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> Simulator:
+    return Simulator(Behaviour(
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
+        error_after=args.error_after, busy=args.busy,
+        num_parallel=args.num_parallel, max_queue=args.max_queue,
+    ))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    config = uvicorn.Config(build(args), host=args.host, port=args.port, log_level="warning",
+                            access_log=False, lifespan="on", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"ollama simulator listening on http://{args.host}:{port}", flush=True)
+        await task
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
