@@ -1,0 +1,194 @@
+"""ODLA client: send a prompt into the network and stream the answer to the terminal.
+
+    python client.py "Explain quantum entanglement" --model llama3
+    python client.py infer "prompt" --model llama3 --operator http://remote-host:8000
+    cat notes.txt | python client.py - --model llama3
+    python client.py nodes [--json]
+
+Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
+be reached or the command line is wrong; 130 interrupted (Ctrl-C).
+"""
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Annotated, Iterator, Optional
+
+import httpx
+import typer
+
+from odla import protocol as p
+from odla.config import ConfigError, Settings, load_settings
+from odla.streaming import StreamError, tokens
+
+COMMANDS = {"infer", "nodes"}
+EXIT_ERROR, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 130
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run prompts on an ODLA network and look at its nodes.")
+
+OperatorOpt = Annotated[Optional[str], typer.Option(
+    "--operator", envvar="ODLA_OPERATOR_URL", show_envvar=True,
+    help="Operator URL [default: operator_url in config.json]")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="ODLA_API_KEY", show_envvar=True, help="API key, when the operator asks for one")]
+
+
+class Failure(Exception):
+    """A one-sentence error for stderr, with the exit code it calls for."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_UNREACHABLE) from exc
+
+
+def _headers(api_key: Optional[str]) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _http(operator: str, api_key: Optional[str]) -> httpx.Client:
+    return httpx.Client(base_url=operator, headers=_headers(api_key),
+                        timeout=httpx.Timeout(10, read=None))
+
+
+def _refused(resp: httpx.Response) -> Failure:
+    resp.read()
+    try:
+        message = resp.json().get("error") or resp.text
+    except (ValueError, AttributeError):
+        message = resp.text.strip() or f"HTTP {resp.status_code}"
+    return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
+
+
+def _unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
+    if isinstance(exc, httpx.ConnectError):
+        return Failure(f"cannot reach the operator at {operator}: is it running? Start it with "
+                       "'python server.py', or point --operator / ODLA_OPERATOR_URL at it.", EXIT_UNREACHABLE)
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure(f"the operator at {operator} did not answer in time", EXIT_UNREACHABLE)
+    return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
+
+
+def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str) -> Iterator[str]:
+    """Tokens of one inference, as they arrive."""
+    body = p.InferenceRequest(model=model, prompt=prompt).model_dump_json()
+    try:
+        with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
+            if resp.status_code != 200:
+                raise _refused(resp)
+            yield from tokens(resp.iter_lines())
+    except httpx.HTTPError as exc:
+        raise _unreachable(operator, exc) from exc
+    except StreamError as exc:
+        raise Failure(str(exc)) from exc
+
+
+def read_prompt(prompt: str) -> str:
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        raise Failure("the prompt is empty", EXIT_UNREACHABLE)
+    return text
+
+
+def run(action) -> None:
+    """Turn Failures and Ctrl-C into a message on stderr and an exit code."""
+    try:
+        action()
+    except Failure as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def infer(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model [default: default_model in config.json]")] = None,
+    operator: OperatorOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Stream a model's answer to PROMPT (the default command)."""
+
+    def action() -> None:
+        conf = settings()
+        url = (operator or conf.operator_url).rstrip("/")
+        text = read_prompt(prompt)
+        with _http(url, api_key) as http:
+            for token in stream_inference(http, url, model or conf.default_model, text):
+                typer.echo(token, nl=False)
+        typer.echo()
+
+    run(action)
+
+
+@app.command()
+def nodes(
+    operator: OperatorOpt = None,
+    api_key: ApiKeyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the operator's raw JSON")] = False,
+) -> None:
+    """List the nodes registered with the operator."""
+
+    def action() -> None:
+        url = (operator or settings().operator_url).rstrip("/")
+        with _http(url, api_key) as http:
+            try:
+                resp = http.get("/nodes")
+            except httpx.HTTPError as exc:
+                raise _unreachable(url, exc) from exc
+        if resp.status_code != 200:
+            raise _refused(resp)
+        if as_json:
+            typer.echo(json.dumps(resp.json(), indent=2))
+            return
+        typer.echo(nodes_table(p.NodesResponse.model_validate(resp.json())))
+
+    run(action)
+
+
+def nodes_table(listing: p.NodesResponse, now: Optional[datetime] = None) -> str:
+    """The network as a plain-text table."""
+    if not listing.nodes:
+        return "no nodes registered"
+    now = now or datetime.now(timezone.utc)
+    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "JOBS")]
+    for n in listing.nodes:
+        rows.append((n.node_id, n.url, ", ".join(n.models) or "-", _ago(n.last_seen, now),
+                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ago(stamp: str, now: datetime) -> str:
+    try:
+        seen = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    if seen.tzinfo is None:
+        seen = seen.replace(tzinfo=timezone.utc)
+    secs = max(0, int((now - seen).total_seconds()))
+    return f"{secs}s ago" if secs < 120 else f"{secs // 60}m ago"
+
+
+def with_default_command(argv: list[str]) -> list[str]:
+    """``client.py "prompt"`` means ``client.py infer "prompt"``."""
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("--help", "-h"):
+        return ["infer", *argv]
+    return argv
+
+
+def main() -> None:
+    app(args=with_default_command(sys.argv[1:]), prog_name="client.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""ODLA node agent: runs inference jobs on this machine's Ollama, through the ollama SDK.
+
+    python node.py          (NODE_ID, NODE_PORT, NODE_URL, COORDINATOR_URL, OLLAMA_HOST)
+
+Endpoints:
+    POST /run       {job_id, prompt, model?} -> JSON-lines token stream (operator only)
+    GET  /health    {status, node_id, models}; 503 while Ollama does not answer
+    GET  /models    {node_id, models}
+
+It registers with the operator on start-up, re-registers every ``heartbeat_interval``
+(so an operator restart or an ``ollama pull`` shows within one interval), and
+deregisters on shutdown.
+"""
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Annotated, AsyncIterator, Optional
+from urllib.parse import urlsplit
+
+import httpx
+import ollama
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from odla import protocol as p
+from odla.auth import check_join_token, join_headers
+from odla.config import ConfigError, Settings, load_settings
+from odla.errors import ODLAError, install_error_handlers, ollama_failure
+from odla.logs import setup_logging
+
+log = logging.getLogger("odla.node")
+
+
+@dataclass
+class NodeState:
+    """What this node knows about itself and its Ollama."""
+
+    node_id: str
+    url: str
+    models: list[str] = field(default_factory=list)
+    ollama_error: Optional[str] = "not checked yet"
+    registered: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.ollama_error is None
+
+
+def public_url(settings: Settings) -> str:
+    """The URL the operator should use for this node: NODE_URL, or the address routing to it."""
+    if settings.node_url:
+        return settings.node_url
+    if settings.node_host not in ("0.0.0.0", "::", ""):
+        return f"http://{settings.node_host}:{settings.node_port}"
+    target = urlsplit(settings.operator_url)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target.hostname or "127.0.0.1", target.port or 80))
+            ip = s.getsockname()[0]
+    except OSError:
+        ip = "127.0.0.1"
+    return f"http://{ip}:{settings.node_port}"
+
+
+def ollama_client(settings: Settings, **httpx_kwargs: object) -> ollama.AsyncClient:
+    """The SDK client: explicit timeouts (its default is none) and no hidden pool limit."""
+    timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30, pool=None)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    return ollama.AsyncClient(host=settings.ollama_host, timeout=timeout, limits=limits, **httpx_kwargs)
+
+
+class Node:
+    """The node's long-lived parts, owned by the app's lifespan."""
+
+    def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.ollama = ollama_api
+        self.http = http
+        self.state = NodeState(node_id=settings.node_id or socket.gethostname(), url=public_url(settings))
+
+    async def refresh_models(self) -> bool:
+        """Ask Ollama for its models; records whether it answered."""
+        try:
+            listing = await asyncio.wait_for(self.ollama.list(), self.settings.health_check_timeout)
+        except (asyncio.TimeoutError, ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            error = ollama_failure(exc, self.settings.ollama_host).message if not isinstance(
+                exc, asyncio.TimeoutError) else f"Ollama at {self.settings.ollama_host} timed out"
+            if self.state.ollama_error != error:
+                log.warning("Ollama unavailable: %s", error)
+            self.state.ollama_error = error
+            return False
+        models = [m.model for m in listing.models if m.model]
+        if models != self.state.models or self.state.ollama_error:
+            log.info("Ollama at %s has %d model(s): %s", self.settings.ollama_host, len(models),
+                     ", ".join(models) or "none")
+        self.state.models, self.state.ollama_error = models, None
+        return True
+
+    async def register(self) -> None:
+        body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url,
+                                 models=self.state.models, healthy=self.state.healthy)
+        resp = await self.http.post(f"{self.settings.operator_url}/register",
+                                    content=body.model_dump_json(), headers=self._headers())
+        resp.raise_for_status()
+
+    async def deregister(self) -> None:
+        body = p.DeregisterRequest(node_id=self.state.node_id)
+        with contextlib.suppress(httpx.HTTPError):
+            await self.http.post(f"{self.settings.operator_url}/deregister", content=body.model_dump_json(),
+                                 headers=self._headers(), timeout=2)
+            log.info("deregistered from %s", self.settings.operator_url)
+
+    def _headers(self) -> dict[str, str]:
+        return {"content-type": "application/json", **join_headers(self.settings.join_token)}
+
+    async def heartbeat(self) -> None:
+        """Register, then re-register every interval; back off (capped) while the operator is away."""
+        backoff = 0.5
+        while True:
+            await self.refresh_models()
+            try:
+                await self.register()
+            except httpx.HTTPError as exc:
+                reason = _describe_http_error(exc)
+                log.warning("cannot register with operator at %s (%s); retrying in %.1fs",
+                            self.settings.operator_url, reason, backoff)
+                self.state.registered = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.heartbeat_interval)
+                continue
+            if not self.state.registered:
+                log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url,
+                         self.settings.operator_url)
+            self.state.registered, backoff = True, 0.5
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def open_job(self, job: p.RunRequest) -> AsyncIterator[bytes]:
+        """Start the job on Ollama and wait for its first part, so refusals become statuses."""
+        model = job.model or (self.state.models[0] if self.state.models else None)
+        if model is None:
+            raise ODLAError("this node has no models", 404)
+        stream = await self.ollama.generate(model=model, prompt=job.prompt, stream=True)
+        parts = stream.__aiter__()
+        try:
+            first = await parts.__anext__()
+        except StopAsyncIteration:
+            raise ODLAError("Ollama ended the stream before any output", 502) from None
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
+            await parts.aclose()
+            failure = ollama_failure(exc, self.settings.ollama_host)
+            if failure.status_code >= 500:
+                log.warning("job %s: %s", job.job_id, failure.message)
+            raise failure from exc
+        return self.relay(job.job_id, first, parts)
+
+    async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
+        """Ollama's parts as protocol lines; always ends with one final line."""
+        try:
+            while True:
+                if part.response:
+                    yield p.token_line(part.response)
+                if part.done:
+                    yield p.DONE_LINE
+                    return
+                part = await parts.__anext__()
+        except StopAsyncIteration:
+            yield p.error_line("Ollama ended the stream without a final message")
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
+            message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
+                exc, self.settings.ollama_host).message
+            log.warning("job %s failed mid-stream: %s", job_id, message)
+            yield p.error_line(message)
+        finally:
+            await parts.aclose()  # a caller that left stops the work at Ollama too
+
+
+def _describe_http_error(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        try:
+            return f"{exc.response.status_code}: {exc.response.json().get('error')}"
+        except ValueError:
+            return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__ if not str(exc) else str(exc)
+
+
+def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] = None,
+               http: Optional[httpx.AsyncClient] = None) -> FastAPI:
+    """The node agent's app; collaborators default to real clients built from ``settings``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            api = ollama_api or ollama_client(settings)
+            stack.push_async_callback(api._client.aclose)
+            client = http or await stack.enter_async_context(
+                httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
+                                                        connect=settings.connect_timeout)))
+            node = app.state.node = Node(settings, api, client)
+            heartbeat = asyncio.create_task(node.heartbeat(), name="heartbeat")
+            try:
+                yield
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+                await node.deregister()
+
+    app = FastAPI(title="ODLA node agent", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def get_node(request: Request) -> Node:
+        return request.app.state.node
+
+    NodeDep = Annotated[Node, Depends(get_node)]
+
+    def operator_only(request: Request) -> None:
+        check_join_token(request, settings.join_token)
+
+    @app.post("/run", dependencies=[Depends(operator_only)])
+    async def run(job: p.RunRequest, node: NodeDep) -> StreamingResponse:
+        if len(job.prompt) > settings.max_prompt_chars:
+            raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
+        return StreamingResponse(await node.open_job(job), media_type=p.NDJSON)
+
+    @app.get("/health", response_model=p.HealthResponse)
+    async def health(node: NodeDep) -> Response:
+        ok = await node.refresh_models()
+        state = node.state
+        body = p.HealthResponse(status="healthy" if ok else "unhealthy", node_id=state.node_id,
+                                models=state.models, error=state.ollama_error)
+        return Response(body.model_dump_json(exclude_none=True), status_code=200 if ok else 503,
+                        media_type="application/json")
+
+    @app.get("/models", response_model=p.ModelsResponse)
+    async def models(node: NodeDep) -> p.ModelsResponse:
+        await node.refresh_models()
+        return p.ModelsResponse(node_id=node.state.node_id, models=node.state.models)
+
+    return app
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.exit(f"node: {exc}")
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    log.info("node agent listening on %s:%d, Ollama at %s, operator at %s", settings.node_host,
+             settings.node_port, settings.ollama_host, settings.operator_url)
+    uvicorn.run(app, host=settings.node_host, port=settings.node_port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

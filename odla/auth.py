@@ -1,0 +1,42 @@
+"""Access control: the node join token and client API keys, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Iterable, Optional
+
+from fastapi import Request
+
+from .errors import AuthError
+
+JOIN_HEADER = "x-odla-join-token"
+
+
+def _matches(presented: Optional[str], secrets: Iterable[str]) -> bool:
+    if not presented:
+        return False
+    found = False
+    for secret in secrets:  # no early exit: time does not depend on which key matched
+        found |= hmac.compare_digest(presented.encode(), secret.encode())
+    return found
+
+
+def bearer(request: Request) -> Optional[str]:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def check_join_token(request: Request, token: Optional[str]) -> None:
+    """Node-facing endpoints: the caller must hold the network's join token, when one is set."""
+    if token and not _matches(request.headers.get(JOIN_HEADER), [token]):
+        raise AuthError("missing or wrong join token (header X-ODLA-Join-Token)")
+
+
+def check_api_key(request: Request, keys: list[str]) -> None:
+    """Client-facing endpoints: ``Authorization: Bearer <key>``, when keys are set."""
+    if keys and not _matches(bearer(request), keys):
+        raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
+
+
+def join_headers(token: Optional[str]) -> dict[str, str]:
+    return {JOIN_HEADER: token} if token else {}

@@ -1,0 +1,113 @@
+"""One error table for ODLA.
+
+    ODLAError                   an HTTP status and a message safe to show callers
+    ├── NoNodeError             404 no healthy node has the model
+    ├── UpstreamError           4xx/5xx a node or Ollama refused or could not be reached
+    └── AuthError               401 missing or wrong token / API key
+
+Before a stream's first byte an error is an HTTP status with the body
+``{"error": message, "done": true}``; after it, the same object is the stream's
+last line. ``ollama_failure`` maps what the ollama SDK raises onto this table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from ollama import ResponseError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import ErrorLine
+
+log = logging.getLogger("odla")
+
+
+class ODLAError(Exception):
+    """An error with the HTTP status it is answered with."""
+
+    status_code = 500
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class NoNodeError(ODLAError):
+    status_code = 404
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No node available with model: {model}")
+
+
+class UpstreamError(ODLAError):
+    status_code = 502
+
+
+class AuthError(ODLAError):
+    status_code = 401
+
+
+def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
+    """What a failed ollama SDK call means to the caller of a node."""
+    if isinstance(exc, ResponseError):
+        if exc.status_code in (-1, 500) or exc.status_code >= 500 and exc.status_code != 503:
+            return UpstreamError(f"Ollama error: {exc.error}", 502)
+        return UpstreamError(exc.error, exc.status_code)
+    if isinstance(exc, (httpx.ConnectError, ConnectionError)):
+        # streaming SDK calls raise httpx.ConnectError, the others ConnectionError
+        return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(f"Ollama at {ollama_host} timed out", 504)
+    if isinstance(exc, (httpx.HTTPError, ValueError)):
+        return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
+    raise exc
+
+
+def error_response(message: str, status_code: int, headers: dict | None = None) -> Response:
+    body = ErrorLine(error=message).model_dump_json().encode()
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """One readable sentence out of pydantic's error list."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if err.get("type") == "json_invalid":
+            parts.append("request body is not valid JSON")
+        elif not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+            parts.append("request body must be a JSON object sent as Content-Type: application/json")
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        else:
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as ``{"error": ..., "done": true}`` with its status."""
+
+    @app.exception_handler(ODLAError)
+    async def _odla(request: Request, exc: ODLAError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else None
+        return error_response(exc.message, exc.status_code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        malformed = any(err.get("type") == "json_invalid" for err in exc.errors())
+        return error_response(describe_validation(exc), 400 if malformed else 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response("internal error", 500)

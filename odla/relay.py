@@ -1,0 +1,108 @@
+"""The operator's routing and stream relay: pick a node, fail over, pass its bytes on.
+
+The relay does not decode tokens: the node already speaks the protocol, so its
+bytes go to the client as they arrive, several lines per send when they come
+together. Only the last line is looked at, to make sure every stream ends with
+exactly one final line.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import AsyncIterator, Optional
+
+import httpx
+
+from . import protocol as p
+from .auth import join_headers
+from .errors import NoNodeError, ODLAError, UpstreamError
+from .registry import Node, Registry
+
+log = logging.getLogger("odla.operator")
+
+
+class Router:
+    """Round-robin with failover before the first byte."""
+
+    def __init__(self, registry: Registry, http: httpx.AsyncClient, join_token: Optional[str] = None) -> None:
+        self.registry = registry
+        self.http = http
+        self.headers = {"content-type": "application/json", **join_headers(join_token)}
+
+    async def open(self, model: str, prompt: str) -> tuple[Node, httpx.Response]:
+        """Open a ``/run`` stream on the first node that accepts the job."""
+        nodes = self.registry.candidates(model)
+        if not nodes:
+            raise NoNodeError(model)
+        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json()
+        failures: list[tuple[Node, int, str]] = []
+        for node in nodes:
+            resp = await self._try(node, body, failures)
+            if resp is not None:
+                return node, resp
+        raise self._all_failed(model, failures)
+
+    async def _try(self, node: Node, body: str, failures: list) -> Optional[httpx.Response]:
+        request = self.http.build_request("POST", f"{node.url}/run", content=body, headers=self.headers)
+        try:
+            resp = await self.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            log.warning("node %s unreachable (%s); trying the next one", node.node_id, type(exc).__name__)
+            self.registry.mark_failed(node.node_id)
+            failures.append((node, 503, "not reachable"))
+            return None
+        if resp.status_code == 200:
+            return resp
+        message = await _error_message(resp)
+        if 400 <= resp.status_code < 500 and resp.status_code not in (401, 403, 404, 408, 429):
+            raise ODLAError(message, resp.status_code)  # the request itself is at fault
+        log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id,
+                    resp.status_code, message)
+        failures.append((node, resp.status_code, message))
+        return None
+
+    @staticmethod
+    def _all_failed(model: str, failures: list[tuple[Node, int, str]]) -> ODLAError:
+        statuses = {status for _, status, _ in failures}
+        if statuses == {404}:
+            return NoNodeError(model)
+        reasons = "; ".join(f"{node.node_id}: {message}" for node, _, message in failures)
+        status = 503 if statuses <= {503, 429, 408} else 502
+        return UpstreamError(f"no node could run model {model} ({reasons})", status)
+
+    async def relay(self, node: Node, resp: httpx.Response) -> AsyncIterator[bytes]:
+        """The node's stream, byte for byte, plus a final error line if it broke off."""
+        node.active_jobs += 1
+        tail = b""  # the stream's last (maybe partial) line
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+                tail = _last_line(tail, chunk)
+            if not p.is_final(tail):
+                yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
+                    f"node {node.node_id} ended the stream without a final line")
+        except httpx.HTTPError as exc:
+            log.warning("node %s failed mid-stream (%s)", node.node_id, type(exc).__name__)
+            self.registry.mark_failed(node.node_id)
+            yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
+                f"node {node.node_id} failed mid-stream: connection lost")
+        finally:
+            node.active_jobs -= 1
+            await resp.aclose()  # a client that left cancels the job at the node
+
+
+def _last_line(tail: bytes, chunk: bytes) -> bytes:
+    buf = tail + chunk if not tail.endswith(b"\n") else chunk
+    cut = buf.rfind(b"\n", 0, len(buf) - 1)
+    return buf[cut + 1:] if cut >= 0 else buf
+
+
+async def _error_message(resp: httpx.Response) -> str:
+    try:
+        await resp.aread()
+        return str(resp.json().get("error") or f"HTTP {resp.status_code}")
+    except (ValueError, AttributeError, httpx.HTTPError):
+        return f"HTTP {resp.status_code}"
+    finally:
+        await resp.aclose()

@@ -1,0 +1,32 @@
+"""The client's streaming core: JSON lines in, tokens out. No I/O of its own."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Union
+
+from .protocol import DoneLine, ErrorLine, parse_line
+
+
+class StreamError(Exception):
+    """The stream ended with an error line, or without a final line."""
+
+
+def tokens(lines: Iterable[Union[str, bytes]]) -> Iterator[str]:
+    """Yield each token as its line arrives; return at the final line.
+
+    Raises ``StreamError`` for an error line, a line that is not the protocol, or a
+    stream that stops before its final line.
+    """
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            line = parse_line(raw)
+        except ValueError as exc:
+            raise StreamError(f"the operator sent a line that is not ODLA's protocol: {raw[:80]!r}") from exc
+        if isinstance(line, ErrorLine):
+            raise StreamError(line.error or "unknown error")
+        if isinstance(line, DoneLine):
+            return
+        yield line.token
+    raise StreamError("the stream ended before its final line")

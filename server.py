@@ -1,0 +1,166 @@
+"""ODLA operator: the node registry, round-robin routing and the token-stream relay.
+
+    python server.py        (config.json; env operator_port / OPERATOR_PORT, ODLA_CONFIG)
+
+Endpoints:
+    POST /register      {node_id, url, models}  node joins, or heartbeats (node-facing)
+    POST /deregister    {node_id}               node leaves (node-facing)
+    GET  /nodes         {"nodes": [...]}        the network
+    POST /inference     {model, prompt}         JSON-lines token stream from a node
+    GET  /health        the operator itself
+
+Nodes are health-checked every ``health_check_interval`` seconds, all at once; a node
+that fails gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import sys
+from typing import Annotated, AsyncIterator, Optional
+
+import httpx
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from odla import protocol as p
+from odla.auth import check_api_key, check_join_token
+from odla.config import ConfigError, Settings, load_settings
+from odla.errors import ODLAError, install_error_handlers
+from odla.logs import setup_logging
+from odla.registry import Clock, Node, Registry
+from odla.relay import Router
+
+log = logging.getLogger("odla.operator")
+
+
+class HealthChecker:
+    """Checks every node at once, every interval, and prunes the silent ones."""
+
+    def __init__(self, registry: Registry, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.registry = registry
+        self.http = http
+        self.settings = settings
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(node) for node in self.registry.nodes()))
+        for node_id in self.registry.prune():
+            log.warning("node %s pruned: not seen for %.0fs", node_id, self.settings.prune_after)
+
+    async def check(self, node: Node) -> None:
+        try:
+            resp = await self.http.get(f"{node.url}/health", timeout=self.settings.health_check_timeout)
+            body = p.HealthResponse.model_validate_json(resp.content)
+        except (httpx.HTTPError, ValueError) as exc:
+            if node.healthy:
+                log.warning("node %s failed its health check (%s)", node.node_id, type(exc).__name__)
+            self.registry.mark_failed(node.node_id)
+            return
+        healthy = resp.status_code == 200 and body.status == "healthy"
+        if healthy != node.healthy:
+            log.info("node %s is now %s", node.node_id, "healthy" if healthy else f"unhealthy ({body.error})")
+        self.registry.seen(node.node_id, healthy=healthy, models=body.models)
+
+
+def create_app(settings: Settings, *, clock: Optional[Clock] = None,
+               transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
+    """The operator's app. ``clock`` and ``transport`` let tests move time and fake nodes."""
+    registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
+            app.state.router = Router(registry, http, settings.join_token)
+            app.state.checker = HealthChecker(registry, http, settings)
+            loop = asyncio.create_task(app.state.checker.run(), name="health-checks")
+            try:
+                yield
+            finally:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+
+    app = FastAPI(title="ODLA operator", lifespan=lifespan)
+    app.state.registry = registry
+    install_error_handlers(app)
+
+    def client_auth(request: Request) -> None:
+        check_api_key(request, settings.api_keys)
+
+    def node_auth(request: Request) -> None:
+        check_join_token(request, settings.join_token)
+
+    def get_router(request: Request) -> Router:
+        return request.app.state.router
+
+    RouterDep = Annotated[Router, Depends(get_router)]
+
+    @app.post("/register", response_model=p.RegisterResponse, dependencies=[Depends(node_auth)])
+    async def register(body: p.RegisterRequest) -> p.RegisterResponse:
+        known = registry.get(body.node_id)
+        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy)
+        if known is None:
+            log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
+        return p.RegisterResponse(node_id=node.node_id, models=node.models)
+
+    @app.post("/deregister", dependencies=[Depends(node_auth)])
+    async def deregister(body: p.DeregisterRequest) -> dict:
+        if not registry.remove(body.node_id):
+            raise ODLAError(f"unknown node: {body.node_id}", 404)
+        log.info("node %s left the network", body.node_id)
+        return {"status": "deregistered", "node_id": body.node_id}
+
+    @app.get("/nodes", response_model=p.NodesResponse, dependencies=[Depends(client_auth)])
+    async def nodes() -> p.NodesResponse:
+        return p.NodesResponse(nodes=[n.info() for n in registry.nodes()])
+
+    @app.post("/inference", dependencies=[Depends(client_auth)])
+    async def inference(body: p.InferenceRequest, router: RouterDep) -> StreamingResponse:
+        if len(body.prompt) > settings.max_prompt_chars:
+            raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
+        node, upstream = await router.open(body.model, body.prompt)
+        return StreamingResponse(router.relay(node, upstream), media_type=p.NDJSON)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "nodes": len(registry)}
+
+    return app
+
+
+def warn_if_open(settings: Settings) -> None:
+    """Say loudly when anyone on the network could join or use this operator."""
+    if settings.join_token or settings.api_keys:
+        return
+    host = settings.operator_host
+    with contextlib.suppress(ValueError):
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return
+    log.warning("SECURITY: listening on %s with no join_token and no api_keys: anyone who can reach "
+                "port %d can register a node (and receive prompts) or run inference. Set "
+                "ODLA_JOIN_TOKEN and ODLA_API_KEYS, or operator_host 127.0.0.1.", host, settings.operator_port)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.exit(f"operator: {exc}")
+    setup_logging(settings.log_level)
+    warn_if_open(settings)
+    log.info("operator listening on %s:%d", settings.operator_host, settings.operator_port)
+    uvicorn.run(create_app(settings), host=settings.operator_host, port=settings.operator_port,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()
