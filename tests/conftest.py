@@ -1,0 +1,48 @@
+"""Fixtures: the simulator, operators and nodes served on 127.0.0.1, stopped after each test."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.helpers import ServerThread, Sim, bound_socket, settings
+
+import node as node_agent
+import server as operator_app
+
+
+@pytest.fixture
+def sim() -> Iterator[Sim]:
+    with Sim(models=["llama3:latest", "mistral"], tokens=6) as s:
+        yield s
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., ServerThread]]:
+    """``start(app)`` serves an app until the test ends."""
+    with contextlib.ExitStack() as stack:
+        def _start(app: Any, sock=None) -> ServerThread:
+            return stack.enter_context(ServerThread(app, sock))
+        yield _start
+
+
+@pytest.fixture
+def operator(start) -> Callable[..., ServerThread]:
+    """``operator(**settings)`` starts an operator."""
+    def _operator(**values: Any) -> ServerThread:
+        return start(operator_app.create_app(settings(**values)))
+    return _operator
+
+
+@pytest.fixture
+def node(start) -> Callable[..., ServerThread]:
+    """``node(operator_url, ollama_url, node_id=..., **settings)`` starts a node agent."""
+    def _node(operator_url: str, ollama_url: str, node_id: str = "n1", **values: Any) -> ServerThread:
+        sock = bound_socket()
+        port = sock.getsockname()[1]
+        conf = settings(operator_url=operator_url, ollama_host=ollama_url, node_id=node_id,
+                        node_port=port, node_url=f"http://127.0.0.1:{port}", **values)
+        return start(node_agent.create_app(conf), sock)
+    return _node

@@ -1,0 +1,177 @@
+"""Real servers on real sockets for the tests: uvicorn in threads, and whole processes.
+
+Everything a test starts it stops, by pid for processes, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from odla.config import Settings  # noqa: E402
+from sim.ollama_sim import Behaviour, Simulator  # noqa: E402
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready socket on 127.0.0.1 with a free port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with bound_socket() as sock:
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on its own socket and event loop, in a thread."""
+
+    def __init__(self, app: Any, sock: Optional[socket.socket] = None) -> None:
+        self.sock = sock or bound_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
+                                       daemon=True)
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Sim(ServerThread):
+    """The Ollama simulator, with its knobs."""
+
+    def __init__(self, **behaviour: Any) -> None:
+        self.sim = Simulator(Behaviour(**behaviour))
+        super().__init__(self.sim)
+
+    def configure(self, **values: Any) -> None:
+        httpx.post(f"{self.url}/_sim/config", json=values).raise_for_status()
+
+    def release(self) -> None:
+        httpx.post(f"{self.url}/_sim/release").raise_for_status()
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/_sim/stats").json()
+
+
+def settings(**values: Any) -> Settings:
+    """Test settings: fast intervals, loopback only."""
+    base = dict(operator_host="127.0.0.1", node_host="127.0.0.1", health_check_interval=0.5,
+                health_check_timeout=1, heartbeat_interval=0.5, connect_timeout=1)
+    base.update(values)
+    return Settings(**base)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def node_ids(operator_url: str, **kw: Any) -> set[str]:
+    resp = httpx.get(f"{operator_url}/nodes", **kw)
+    return {n["node_id"] for n in resp.json()["nodes"]}
+
+
+def read_stream(resp: httpx.Response) -> list[dict]:
+    return [json.loads(line) for line in resp.iter_lines() if line.strip()]
+
+
+def infer(operator_url: str, prompt: str = "hello", model: str = "llama3", **kw: Any) -> tuple[int, list[dict]]:
+    with httpx.stream("POST", f"{operator_url}/inference", json={"model": model, "prompt": prompt},
+                      timeout=30, **kw) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, [resp.json()]
+        return 200, read_stream(resp)
+
+
+class Proc:
+    """A script of this repo run as a real process; killed by pid on exit."""
+
+    def __init__(self, *args: str, env: Optional[dict[str, str]] = None) -> None:
+        self.args = [sys.executable, *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Proc":
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> str:
+        """Stop the process (SIGKILL if it lingers) and return what it printed."""
+        if self.proc is None:
+            return ""
+        self.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate()
+        return out or ""
+
+    def __enter__(self) -> "Proc":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    wait_for(lambda: httpx.get(url, timeout=1).status_code < 500, timeout=timeout)

@@ -1,0 +1,229 @@
+"""The operator over real sockets: registry, routing, failover, relay, health checks."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from odla import protocol as p
+from sim.ollama_sim import sim_tokens
+from tests.fakes import FakeNode
+from tests.helpers import free_port, infer, node_ids, wait_for
+
+
+def register(op, node_id, url, models, **kw):
+    body = {"node_id": node_id, "url": url, "models": models, **kw}
+    return httpx.post(f"{op.url}/register", json=body)
+
+
+def fake(start, op, name, models=("llama3:latest",), **kw):
+    f = FakeNode(name, list(models), **kw)
+    srv = start(f.app)
+    assert register(op, name, srv.url, list(models)).status_code == 200
+    return f
+
+
+def served_by(op, n, model="llama3"):
+    out = []
+    for _ in range(n):
+        status, lines = infer(op.url, model=model)
+        assert status == 200, lines
+        assert lines[-1] == {"done": True}
+        out.append(lines[0]["token"])
+    return out
+
+
+def test_register_answers_as_spec_and_updates_in_place(operator):
+    op = operator()
+    resp = register(op, "mourad-laptop", "http://192.168.1.20:8001", ["llama3", "mistral"])
+    assert resp.json() == {"status": "registered", "node_id": "mourad-laptop", "models": ["llama3", "mistral"]}
+    register(op, "mourad-laptop", "http://192.168.1.21:8001", ["phi3"])
+    nodes = httpx.get(f"{op.url}/nodes").json()["nodes"]
+    assert len(nodes) == 1
+    assert (nodes[0]["url"], nodes[0]["models"]) == ("http://192.168.1.21:8001", ["phi3"])
+    assert nodes[0]["last_seen"].endswith("Z") and "T" in nodes[0]["last_seen"]
+
+
+def test_round_robin_alternates_across_two_nodes(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A")
+    fake(start, op, "B")
+    order = served_by(op, 6)
+    assert sorted(order) == ["A"] * 3 + ["B"] * 3
+    assert all(a != b for a, b in zip(order, order[1:]))
+
+
+def test_cursors_are_per_model(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A", models=("llama3:latest", "mistral:latest"))
+    fake(start, op, "B", models=("llama3:latest",))
+    first = served_by(op, 1)[0]
+    assert served_by(op, 3, model="mistral") == ["A", "A", "A"]
+    assert served_by(op, 1)[0] != first
+
+
+@pytest.mark.parametrize("asked", ["llama3", "Llama3", "library/llama3", "llama3:latest"])
+def test_model_names_match_like_ollama(operator, start, asked):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A", models=("llama3:latest",))
+    assert served_by(op, 1, model=asked) == ["A"]
+
+
+def test_no_node_with_model_is_404_with_spec_message(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A")
+    status, body = infer(op.url, model="llama9")
+    assert status == 404
+    assert body == [{"error": "No node available with model: llama9", "done": True}]
+
+
+def test_failover_from_an_unreachable_node(operator, start):
+    op = operator(health_check_interval=60)
+    register(op, "dead", f"http://127.0.0.1:{free_port()}", ["llama3:latest"])
+    fake(start, op, "B")
+    assert served_by(op, 4) == ["B"] * 4
+    nodes = {n["node_id"]: n for n in httpx.get(f"{op.url}/nodes").json()["nodes"]}
+    assert nodes["dead"]["healthy"] is False  # skipped at once, not after the prune TTL
+
+
+def test_failover_from_a_busy_node(operator, start):
+    op = operator(health_check_interval=60)
+    busy = fake(start, op, "A", status=503)
+    fake(start, op, "B")
+    assert served_by(op, 4) == ["B"] * 4
+    assert len(busy.jobs) == 2  # it was asked, refused, and the job moved on
+
+
+def test_all_nodes_failing_names_why(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A", status=503)
+    register(op, "dead", f"http://127.0.0.1:{free_port()}", ["llama3:latest"])
+    status, body = infer(op.url)
+    assert status == 503
+    assert body[0]["done"] is True
+    assert "A: A says 503" in body[0]["error"] and "dead: not reachable" in body[0]["error"]
+
+
+def test_node_dying_mid_stream_gives_a_final_error_line(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A", tokens=5, crash_after=2)
+    status, lines = infer(op.url)
+    assert status == 200
+    assert lines[:2] == [{"token": "A", "done": False}] * 2
+    assert lines[-1]["done"] is True and "A failed mid-stream" in lines[-1]["error"]
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400),
+    (b"[]", 422),
+    (b'{"model": "llama3"}', 422),
+    (b'{"model": "", "prompt": "x"}', 422),
+    (b'{"model": "llama3", "prompt": ""}', 422),
+    (b'{"model": 3, "prompt": "x"}', 422),
+    (b'{"model": "llama3", "prompt": "x", "temperature": 1}', 422),
+])
+def test_bad_inference_bodies_are_4xx_with_a_message(operator, body, status):
+    op = operator()
+    resp = httpx.post(f"{op.url}/inference", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == status
+    assert resp.json()["done"] is True and resp.json()["error"].startswith("invalid request")
+
+
+def test_prompt_size_limit(operator, start):
+    op = operator(max_prompt_chars=10)
+    fake(start, op, "A")
+    status, body = infer(op.url, prompt="x" * 11)
+    assert status == 413 and "10 characters" in body[0]["error"]
+
+
+def test_health_checks_update_models_and_health(operator, start):
+    op = operator(health_check_interval=0.2)
+    a = fake(start, op, "A", models=("llama3:latest",))
+    a.models = ["llama3:latest", "phi3:latest"]
+    wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"] == a.models, timeout=5)
+    a.healthy = False
+    wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False, timeout=5)
+    status, _ = infer(op.url)
+    assert status == 404  # an unhealthy node gets no jobs
+
+
+def test_silent_nodes_are_pruned_after_the_ttl(operator, start):
+    op = operator(health_check_interval=0.2, prune_after=0.6)
+    fake(start, op, "alive")
+    register(op, "gone", f"http://127.0.0.1:{free_port()}", ["llama3:latest"])
+    wait_for(lambda: node_ids(op.url) == {"alive"}, timeout=5)
+
+
+def test_health_checks_run_concurrently(operator, start):
+    """Ten nodes that never answer must not delay the check of a live one."""
+    op = operator(health_check_interval=0.3, health_check_timeout=2, prune_after=60)
+    a = fake(start, op, "A", models=("llama3:latest",))
+    import socket
+    blackholes = []
+    for i in range(10):  # listening sockets that never accept: requests hang until the timeout
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        blackholes.append(s)
+        register(op, f"slow{i}", f"http://127.0.0.1:{s.getsockname()[1]}", ["other:latest"])
+    try:
+        a.models = ["phi3:latest"]
+        began = time.monotonic()
+        wait_for(lambda: "phi3:latest" in json.dumps(httpx.get(f"{op.url}/nodes").json()), timeout=10)
+        assert time.monotonic() - began < 10 * 2  # sequential checks would need 20 s
+    finally:
+        for s in blackholes:
+            s.close()
+
+
+def test_stream_is_relayed_without_buffering(sim, operator, node):
+    """The simulator holds its last token until the test has read the first: a buffering hop deadlocks."""
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    sim.configure(hold_last=True)
+    expected = sim_tokens("stream me", 6)
+    with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "stream me"},
+                      timeout=httpx.Timeout(10)) as resp:
+        lines = resp.iter_lines()
+        assert json.loads(next(lines)) == {"token": expected[0], "done": False}
+        sim.release()
+        rest = [json.loads(line) for line in lines]
+    assert [x["token"] for x in rest[:-1]] == expected[1:]
+    assert rest[-1] == {"done": True}
+
+
+def test_client_disconnect_stops_the_work_at_ollama(sim, operator, node):
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    sim.configure(hold_last=True)
+    with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "bye"}) as resp:
+        lines = resp.iter_lines()  # kept: a dropped iterator closes the connection by itself
+        assert json.loads(next(lines))["done"] is False
+        assert sim.stats()["active"] == 1, sim.stats()
+    wait_for(lambda: sim.stats()["cancelled"] == 1, timeout=5)
+    assert sim.stats()["active"] == 0 and sim.stats()["completed"] == 0
+    nodes = httpx.get(f"{op.url}/nodes").json()["nodes"]
+    wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["active_jobs"] == 0, timeout=5)
+    assert nodes[0]["healthy"] is True
+
+
+def test_deregister(operator, start):
+    op = operator()
+    fake(start, op, "A")
+    assert httpx.post(f"{op.url}/deregister", json={"node_id": "A"}).json()["status"] == "deregistered"
+    assert node_ids(op.url) == set()
+    assert httpx.post(f"{op.url}/deregister", json={"node_id": "A"}).status_code == 404
+
+
+def test_full_chain_tokens_are_the_simulators(sim, operator, node):
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    status, lines = infer(op.url, prompt="exact", model="mistral")
+    assert status == 200
+    assert [x["token"] for x in lines[:-1]] == sim_tokens("exact", 6)
+    assert lines[-1] == p.DoneLine().model_dump()
