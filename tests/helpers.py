@@ -27,11 +27,11 @@ from odla.config import Settings  # noqa: E402
 from sim.ollama_sim import Behaviour, Simulator  # noqa: E402
 
 
-def bound_socket() -> socket.socket:
-    """A listening-ready socket on 127.0.0.1 with a free port."""
+def bound_socket(port: int = 0) -> socket.socket:
+    """A socket bound on 127.0.0.1 (a free port by default), not yet listening."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
@@ -77,9 +77,9 @@ class ServerThread:
 class Sim(ServerThread):
     """The Ollama simulator, with its knobs."""
 
-    def __init__(self, **behaviour: Any) -> None:
+    def __init__(self, sock: Optional[socket.socket] = None, **behaviour: Any) -> None:
         self.sim = Simulator(Behaviour(**behaviour))
-        super().__init__(self.sim)
+        super().__init__(self.sim, sock)
 
     def configure(self, **values: Any) -> None:
         httpx.post(f"{self.url}/_sim/config", json=values).raise_for_status()

@@ -1,0 +1,187 @@
+"""The node agent against the simulator through the real ollama SDK, over real sockets."""
+
+import json
+
+import httpx
+import ollama
+import pytest
+
+import node as node_agent
+from sim.ollama_sim import BUSY_MESSAGE, sim_tokens
+from tests.helpers import ServerThread, Sim, bound_socket, node_ids, read_stream, settings, wait_for
+
+OPERATOR_GONE = "http://127.0.0.1:9"  # discard port: nothing listens
+
+
+def run(node_url, prompt="hi", model="llama3", **kw):
+    body = {"job_id": "job-1", "prompt": prompt, "model": model, **kw}
+    with httpx.stream("POST", f"{node_url}/run", json=body, timeout=10) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, [resp.json()]
+        return 200, read_stream(resp)
+
+
+def test_run_streams_the_simulators_tokens(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    status, lines = run(n.url, prompt="tell me")
+    assert status == 200
+    assert [x["token"] for x in lines[:-1]] == sim_tokens("tell me", 6)
+    assert lines[-1] == {"done": True}
+
+
+def test_run_without_model_uses_the_first_model(sim, node):
+    """SPEC.md's /run example has no model field."""
+    n = node(OPERATOR_GONE, sim.url)
+    body = {"job_id": "job-123", "prompt": "Explain quantum entanglement"}
+    with httpx.stream("POST", f"{n.url}/run", json=body) as resp:
+        assert resp.status_code == 200
+        assert read_stream(resp)[-1] == {"done": True}
+
+
+def test_health_and_models(sim, node):
+    n = node(OPERATOR_GONE, sim.url, "node1")
+    assert httpx.get(f"{n.url}/health").json() == {
+        "status": "healthy", "node_id": "node1", "models": ["llama3:latest", "mistral:latest"]}
+    assert httpx.get(f"{n.url}/models").json() == {"node_id": "node1", "models": ["llama3:latest", "mistral:latest"]}
+
+
+def test_missing_model_is_404_before_the_stream(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    status, body = run(n.url, model="llama9")
+    assert status == 404 and body == [{"error": "model 'llama9' not found", "done": True}]
+
+
+def test_busy_ollama_is_503_before_the_stream(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    sim.configure(busy=True)
+    status, body = run(n.url)
+    assert status == 503 and body[0]["error"] == BUSY_MESSAGE
+
+
+def test_error_line_mid_stream_becomes_the_final_line(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    sim.configure(error_after=2, error_message="out of memory")
+    status, lines = run(n.url)
+    assert status == 200 and len(lines) == 3
+    assert lines[-1] == {"error": "out of memory", "done": True}
+
+
+def test_ollama_cut_mid_stream_gives_a_final_error_line(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    sim.configure(crash_after=3)
+    status, lines = run(n.url)
+    assert status == 200 and len(lines) == 4
+    assert lines[-1]["done"] is True and "lost connection to Ollama" in lines[-1]["error"]
+
+
+def test_ollama_down_at_start_then_up(node):
+    sock = bound_socket()  # reserved, not listening yet: connections are refused
+    ollama_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    n = node(OPERATOR_GONE, ollama_url)
+    resp = httpx.get(f"{n.url}/health")
+    assert resp.status_code == 503 and resp.json()["status"] == "unhealthy"
+    assert "not reachable" in resp.json()["error"]
+    status, body = run(n.url)
+    assert status == 503 and "not reachable" in body[0]["error"]
+    with Sim(sock=sock, models=["llama3"]):
+        wait_for(lambda: httpx.get(f"{n.url}/health").status_code == 200)
+        assert run(n.url)[0] == 200
+
+
+def test_registration_retried_until_a_late_operator_appears(sim, node):
+    import server as operator_app
+
+    sock = bound_socket()
+    op_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    node(op_url, sim.url, "late")
+    with ServerThread(operator_app.create_app(settings()), sock):
+        wait_for(lambda: node_ids(op_url) == {"late"}, timeout=10)
+
+
+def test_reregisters_after_an_operator_restart(sim, node):
+    import server as operator_app
+
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    op_url = f"http://127.0.0.1:{port}"
+    with ServerThread(operator_app.create_app(settings()), sock):
+        node(op_url, sim.url, "n1")
+        wait_for(lambda: node_ids(op_url) == {"n1"})
+    with ServerThread(operator_app.create_app(settings()), bound_socket(port)):
+        assert node_ids(op_url) == set()  # a new operator knows nobody...
+        wait_for(lambda: node_ids(op_url) == {"n1"}, timeout=5)  # ...until the next heartbeat
+
+
+def test_new_model_at_ollama_reaches_the_operator_within_an_interval(sim, operator, node):
+    op = operator(health_check_interval=60)
+    node(op.url, sim.url, "n1", heartbeat_interval=0.3)
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    sim.configure(models=["llama3:latest", "mistral", "phi3:mini"])
+    wait_for(lambda: "phi3:mini" in httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"], timeout=3)
+
+
+def test_deregisters_on_shutdown(sim, operator):
+    op = operator(health_check_interval=60)
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    conf = settings(operator_url=op.url, ollama_host=sim.url, node_id="leaver", node_port=port,
+                    node_url=f"http://127.0.0.1:{port}")
+    with ServerThread(node_agent.create_app(conf), sock):
+        wait_for(lambda: node_ids(op.url) == {"leaver"})
+    assert node_ids(op.url) == set()  # gone at once, not after the prune TTL
+
+
+def test_caller_disconnect_stops_ollama(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    sim.configure(hold_last=True)
+    body = {"job_id": "j", "prompt": "x", "model": "llama3"}
+    with httpx.stream("POST", f"{n.url}/run", json=body) as resp:
+        lines = resp.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        assert sim.stats()["active"] == 1
+    wait_for(lambda: sim.stats()["cancelled"] == 1, timeout=5)
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("", "http://127.0.0.1:11434"),
+    ("example.com", "http://example.com:11434"),
+    (":9999", "http://127.0.0.1:9999"),
+    ("http://h", "http://h"),  # port 80; httpx drops a default port when printing
+    ("https://h:1234/", "https://h:1234"),
+    ("0.0.0.0", "http://0.0.0.0:11434"),
+])
+def test_ollama_host_in_every_form_the_sdk_takes(host, expected, monkeypatch):
+    client = node_agent.ollama_client(settings(ollama_host=host or "http://127.0.0.1:11434"))
+    assert str(client._client.base_url).rstrip("/") == expected
+
+
+def test_public_url_is_never_0000():
+    conf = settings(node_host="0.0.0.0", node_port=8123, operator_url="http://127.0.0.1:8000")
+    assert node_agent.public_url(conf) == "http://127.0.0.1:8123"
+    assert node_agent.public_url(settings(node_url="http://gpu-box:8001")) == "http://gpu-box:8001"
+
+
+def test_sdk_reads_the_simulator_like_ollama(sim):
+    """The simulator's answers parse in the real SDK exactly as Ollama's do."""
+    import asyncio
+
+    async def check():
+        client = ollama.AsyncClient(host=sim.url)
+        listing = await client.list()
+        assert [m.model for m in listing.models] == ["llama3:latest", "mistral:latest"]
+        parts = [p async for p in await client.generate(model="llama3", prompt="q", stream=True)]
+        assert "".join(p.response for p in parts) == "".join(sim_tokens("q", 6))
+        assert parts[-1].done and parts[-1].done_reason == "stop" and parts[-1].eval_count == 6
+        whole = await client.generate(model="llama3", prompt="q")
+        assert whole.response == "".join(sim_tokens("q", 6)) and whole.done
+        chat = await client.chat(model="mistral", messages=[{"role": "user", "content": "q"}])
+        assert chat.message.role == "assistant" and chat.message.content == whole.response
+        with pytest.raises(ollama.ResponseError) as info:
+            await client.generate(model="nope", prompt="q")
+        assert info.value.status_code == 404 and info.value.error == "model 'nope' not found"
+        assert (await client.show("llama3")).details.format == "gguf"
+        assert len((await client.embed(model="llama3", input=["a", "b"])).embeddings) == 2
+        await client._client.aclose()
+
+    asyncio.run(check())
