@@ -40,10 +40,26 @@ Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
 
 
+WORDS = (
+    "nodes packets gossip quorum replicas latency tokens streams shards leaders followers "
+    "clocks drift heartbeats routers queues caches models weights gradients kernels threads "
+    "sockets bytes frames lines clusters racks fibers links paths hops peers votes logs "
+    "entries commits snapshots batches epochs layers tensors prompts answers networks "
+    "machines servers cores memory pages buffers signals timers events loops tasks jobs "
+    "workers lanes rivers mountains clouds stars"
+).split()
+
+
 def sim_tokens(prompt: str, n: int) -> list[str]:
-    """The simulator's answer to ``prompt``: ``n`` tokens, unique to the prompt."""
-    tag = hashlib.blake2b(prompt.encode(), digest_size=3).hexdigest()
-    return [f"{'' if i == 0 else ' '}{tag}-{i}" for i in range(n)]
+    """The simulator's answer to ``prompt``: ``n`` word tokens, deterministic and unique to the prompt."""
+    seed = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+    out = []
+    for i in range(n):
+        if i % 16 == 0:
+            seed = hashlib.blake2b(seed, digest_size=16).digest()
+        word = WORDS[seed[i % 16] % len(WORDS)]
+        out.append(word.capitalize() if i == 0 else f" {word}")
+    return out
 
 
 @dataclass
