@@ -76,6 +76,8 @@ class NodeInfo(BaseModel):
     "ISO 8601, UTC."
     healthy: bool = True
     active_jobs: int = 0
+    jobs_total: int = 0
+    "Jobs relayed since the node registered with this operator."
 
 
 class NodesResponse(BaseModel):

@@ -27,6 +27,7 @@ class Node:
     last_seen: float
     healthy: bool = True
     active_jobs: int = 0
+    jobs_total: int = 0
     keys: frozenset[str] = field(default_factory=frozenset)
 
     def info(self) -> NodeInfo:
@@ -38,6 +39,7 @@ class Node:
             last_seen=seen.isoformat(timespec="seconds").replace("+00:00", "Z"),
             healthy=self.healthy,
             active_jobs=self.active_jobs,
+            jobs_total=self.jobs_total,
         )
 
 

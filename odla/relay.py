@@ -74,6 +74,7 @@ class Router:
     async def relay(self, node: Node, resp: httpx.Response) -> AsyncIterator[bytes]:
         """The node's stream, byte for byte, plus a final error line if it broke off."""
         node.active_jobs += 1
+        node.jobs_total += 1
         tail = b""  # the stream's last (maybe partial) line
         try:
             async for chunk in resp.aiter_raw():

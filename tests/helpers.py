@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -141,9 +142,14 @@ class Proc:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Proc":
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+        self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall it
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True)
         return self
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     @property
     def pid(self) -> int:
@@ -160,11 +166,11 @@ class Proc:
             return ""
         self.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
-            out, _ = self.proc.communicate()
-        return out or ""
+            self.proc.wait()
+        return self.output()
 
     def __enter__(self) -> "Proc":
         return self.start()

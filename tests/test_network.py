@@ -1,0 +1,174 @@
+"""The whole network as real processes: faults it must survive, end to end.
+
+Simulator, operator and nodes each run as ``python X.py``; every test stops every
+process it started, by pid, even when it fails.
+"""
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from sim.ollama_sim import sim_tokens
+from tests.helpers import ROOT, Proc, free_port, wait_for, wait_http
+
+FAST = {"health_check_interval": 0.5, "health_check_timeout": 1, "heartbeat_interval": 0.5,
+        "prune_after": 3, "connect_timeout": 1}
+
+
+class Network:
+    """Starts processes and remembers them, so the fixture can stop them all."""
+
+    def __init__(self, tmp_path, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.config = tmp_path / "config.json"
+        self.op_port = free_port()
+        self.op_url = f"http://127.0.0.1:{self.op_port}"
+        self.config.write_text(json.dumps({**FAST, "operator_url": self.op_url, "operator_host": "127.0.0.1",
+                                           "node_host": "127.0.0.1"}))
+        self.nodes: dict[str, Proc] = {}
+
+    def start(self, *args: str, **env: str) -> Proc:
+        return self.stack.enter_context(Proc(*args, env={"ODLA_CONFIG": str(self.config), **env}))
+
+    def sim(self, *flags: str) -> str:
+        port = free_port()
+        self.start("sim/ollama_sim.py", "--port", str(port), "--models", "llama3", *flags)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url)
+        return url
+
+    def operator(self) -> Proc:
+        proc = self.start("server.py", operator_port=str(self.op_port))
+        wait_http(f"{self.op_url}/health")
+        return proc
+
+    def node(self, node_id: str, ollama_url: str) -> Proc:
+        port = free_port()
+        proc = self.nodes[node_id] = self.start("node.py", NODE_ID=node_id, NODE_PORT=str(port),
+                                                OLLAMA_HOST=ollama_url)
+        return proc
+
+    def listing(self) -> dict:
+        return {n["node_id"]: n for n in httpx.get(f"{self.op_url}/nodes", timeout=5).json()["nodes"]}
+
+    def wait_nodes(self, *ids: str, timeout: float = 15) -> None:
+        wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
+
+
+@pytest.fixture
+def net(tmp_path):
+    with contextlib.ExitStack() as stack:
+        yield Network(tmp_path, stack)
+
+
+def client(net, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "client.py", *args, "--operator", net.op_url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_node_killed_mid_stream(net):
+    sim = net.sim("--tokens", "8")
+    net.operator()
+    net.node("n1", sim)
+    net.node("n2", sim)
+    net.wait_nodes("n1", "n2")
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
+    cli = subprocess.Popen([sys.executable, "client.py", "held", "--model", "llama3", "--operator", net.op_url],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        busy = wait_for(lambda: [i for i, n in net.listing().items() if n["active_jobs"] == 1])
+        victim, survivor = busy[0], ({"n1", "n2"} - {busy[0]}).pop()
+        net.nodes[victim].send_signal(signal.SIGKILL)
+        out, err = cli.communicate(timeout=15)
+        assert cli.returncode == 1
+        assert f"node {victim} failed mid-stream" in err and "Traceback" not in err
+        assert out.startswith(sim_tokens("held", 8)[0])
+    finally:
+        cli.kill()
+        cli.wait()
+    assert net.listing()[victim]["healthy"] is False  # skipped at once...
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": False})
+    for _ in range(3):
+        done = client(net, "after", "--model", "llama3")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "".join(sim_tokens("after", 8))
+    net.wait_nodes(survivor, timeout=10)  # ...and pruned after the TTL
+
+
+def test_operator_restart_while_nodes_keep_running(net):
+    sim = net.sim("--tokens", "5")
+    operator = net.operator()
+    net.node("n1", sim)
+    net.node("n2", sim)
+    net.wait_nodes("n1", "n2")
+    pids = {k: p.pid for k, p in net.nodes.items()}
+    operator.stop()
+    net.operator()
+    began = time.monotonic()
+    net.wait_nodes("n1", "n2", timeout=5)
+    assert time.monotonic() - began < 0.5 + 2  # one heartbeat interval, plus start-up slack
+    assert client(net, "again", "--model", "llama3").returncode == 0
+    assert all(p.proc.poll() is None for p in net.nodes.values())
+    assert {k: p.pid for k, p in net.nodes.items()} == pids
+
+
+def test_ollama_down_behind_one_node(net):
+    sim = net.sim("--tokens", "5")
+    net.operator()
+    net.node("n1", sim)
+    net.node("n2", f"http://127.0.0.1:{free_port()}")
+    wait_for(lambda: net.listing().get("n2", {}).get("healthy") is False and "n1" in net.listing())
+    for i in range(4):
+        result = client(net, f"p{i}", "--model", "llama3")
+        assert result.returncode == 0, result.stderr
+    table = client(net, "nodes").stdout
+    n2_row = next(line for line in table.splitlines() if line.startswith("n2"))
+    assert "UNHEALTHY" in n2_row
+
+
+def test_ollama_busy_behind_one_node(net):
+    good, busy = net.sim("--tokens", "5"), net.sim("--busy")
+    net.operator()
+    net.node("n1", good)
+    net.node("n2", busy)
+    net.wait_nodes("n1", "n2")
+    for i in range(4):
+        result = client(net, f"p{i}", "--model", "llama3")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "".join(sim_tokens(f"p{i}", 5))
+
+
+def test_200_concurrent_streams_stay_whole_and_separate(net):
+    sim = net.sim("--tokens", "20", "--delay", "0.002")
+    net.operator()
+    net.node("n1", sim)
+    net.node("n2", sim)
+    net.wait_nodes("n1", "n2")
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[str, list[dict]]:
+        prompt = f"request number {i}"
+        async with http.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": prompt}) as r:
+            assert r.status_code == 200
+            return prompt, [json.loads(line) async for line in r.aiter_lines() if line]
+
+    async def all_of_them():
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(200)))
+
+    results = asyncio.run(all_of_them())
+    for prompt, lines in results:
+        finals = [line for line in lines if line.get("done")]
+        assert finals == [{"done": True}] and lines[-1] == {"done": True}, (prompt, lines[-3:])
+        assert [line["token"] for line in lines[:-1]] == sim_tokens(prompt, 20), prompt
+    served = {n["node_id"]: n["jobs_total"] for n in net.listing().values()}
+    assert sum(served.values()) == 200 and min(served.values()) >= 60, served  # round-robin, give or take failover
+    stats = httpx.get(f"{sim}/_sim/stats").json()
+    assert stats["completed"] == 200
