@@ -25,13 +25,15 @@ import httpx
 import ollama
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from odla import protocol as p
+from odla.asgi import LineStream
 from odla.auth import check_join_token, join_headers
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers, ollama_failure
 from odla.logs import setup_logging
+from odla.upstream import Transport
 
 log = logging.getLogger("odla.node")
 
@@ -68,10 +70,14 @@ def public_url(settings: Settings) -> str:
 
 
 def ollama_client(settings: Settings, **httpx_kwargs: object) -> ollama.AsyncClient:
-    """The SDK client: explicit timeouts (its default is none) and no hidden pool limit."""
+    """The SDK client, on ODLA's lean transport: no hidden pool limit, C-parsed streams.
+
+    httpx's default pool holds 100 connections and queues the rest out of sight, and
+    parses each streamed chunk in pure Python; odla.upstream.Transport does neither.
+    """
     timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30, pool=None)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    return ollama.AsyncClient(host=settings.ollama_host, timeout=timeout, limits=limits, **httpx_kwargs)
+    httpx_kwargs.setdefault("transport", Transport(connect_timeout=settings.connect_timeout))
+    return ollama.AsyncClient(host=settings.ollama_host, timeout=timeout, **httpx_kwargs)
 
 
 class Node:
@@ -213,19 +219,20 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
     app = FastAPI(title="ODLA node agent", lifespan=lifespan)
     install_error_handlers(app)
 
-    def get_node(request: Request) -> Node:
+    # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request
+    async def get_node(request: Request) -> Node:
         return request.app.state.node
 
     NodeDep = Annotated[Node, Depends(get_node)]
 
-    def operator_only(request: Request) -> None:
+    async def operator_only(request: Request) -> None:
         check_join_token(request, settings.join_token)
 
     @app.post("/run", dependencies=[Depends(operator_only)])
-    async def run(job: p.RunRequest, node: NodeDep) -> StreamingResponse:
+    async def run(job: p.RunRequest, node: NodeDep) -> LineStream:
         if len(job.prompt) > settings.max_prompt_chars:
             raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
-        return StreamingResponse(await node.open_job(job), media_type=p.NDJSON)
+        return LineStream(await node.open_job(job))
 
     @app.get("/health", response_model=p.HealthResponse)
     async def health(node: NodeDep) -> Response:
@@ -254,7 +261,7 @@ def main() -> None:
     log.info("node agent listening on %s:%d, Ollama at %s, operator at %s", settings.node_host,
              settings.node_port, settings.ollama_host, settings.operator_url)
     uvicorn.run(app, host=settings.node_host, port=settings.node_port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,16 @@ from typing import Annotated, AsyncIterator, Optional
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from odla import protocol as p
+from odla.asgi import LineStream
 from odla.auth import check_api_key, check_join_token
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers
 from odla.logs import setup_logging
 from odla.registry import Clock, Node, Registry
 from odla.relay import Router
+from odla.upstream import Pool
 
 log = logging.getLogger("odla.operator")
 
@@ -43,11 +44,28 @@ class HealthChecker:
         self.registry = registry
         self.http = http
         self.settings = settings
+        self.rechecks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_check_interval)
-            await self.check_all()
+        try:
+            while True:
+                await asyncio.sleep(self.settings.health_check_interval)
+                await self.check_all()
+        finally:
+            for task in self.rechecks:
+                task.cancel()
+
+    def suspect(self, node: Node) -> None:
+        """A job could not reach the node: check it again soon, not only at the next round."""
+        if any(task.get_name() == node.node_id for task in self.rechecks):
+            return
+        task = asyncio.create_task(self._recheck(node), name=node.node_id)
+        self.rechecks.add(task)
+        task.add_done_callback(self.rechecks.discard)
+
+    async def _recheck(self, node: Node) -> None:
+        await asyncio.sleep(min(1.0, self.settings.health_check_interval))
+        await self.check(node)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(node) for node in self.registry.nodes()))
@@ -71,35 +89,37 @@ class HealthChecker:
 
 def create_app(settings: Settings, *, clock: Optional[Clock] = None,
                transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
-    """The operator's app. ``clock`` and ``transport`` let tests move time and fake nodes."""
+    """The operator's app. ``clock`` moves time in tests; ``transport`` carries health checks."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
-            app.state.router = Router(registry, http, settings.join_token)
-            app.state.checker = HealthChecker(registry, http, settings)
-            loop = asyncio.create_task(app.state.checker.run(), name="health-checks")
+        timeout = httpx.Timeout(settings.health_check_timeout, connect=settings.connect_timeout)
+        pool = Pool(connect_timeout=settings.connect_timeout)
+        async with httpx.AsyncClient(timeout=timeout, transport=transport) as http:
+            checker = app.state.checker = HealthChecker(registry, http, settings)
+            app.state.router = Router(registry, pool, settings.join_token, on_failure=checker.suspect)
+            loop = asyncio.create_task(checker.run(), name="health-checks")
             try:
                 yield
             finally:
                 loop.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop
+                await pool.aclose()
 
     app = FastAPI(title="ODLA operator", lifespan=lifespan)
     app.state.registry = registry
     install_error_handlers(app)
 
-    def client_auth(request: Request) -> None:
+    # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request
+    async def client_auth(request: Request) -> None:
         check_api_key(request, settings.api_keys)
 
-    def node_auth(request: Request) -> None:
+    async def node_auth(request: Request) -> None:
         check_join_token(request, settings.join_token)
 
-    def get_router(request: Request) -> Router:
+    async def get_router(request: Request) -> Router:
         return request.app.state.router
 
     RouterDep = Annotated[Router, Depends(get_router)]
@@ -124,11 +144,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
         return p.NodesResponse(nodes=[n.info() for n in registry.nodes()])
 
     @app.post("/inference", dependencies=[Depends(client_auth)])
-    async def inference(body: p.InferenceRequest, router: RouterDep) -> StreamingResponse:
+    async def inference(body: p.InferenceRequest, router: RouterDep) -> LineStream:
         if len(body.prompt) > settings.max_prompt_chars:
             raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
         node, upstream = await router.open(body.model, body.prompt)
-        return StreamingResponse(router.relay(node, upstream), media_type=p.NDJSON)
+        return LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})
 
     @app.get("/health")
     async def health() -> dict:

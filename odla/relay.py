@@ -8,16 +8,17 @@ exactly one final line.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from typing import AsyncIterator, Optional
-
-import httpx
+from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
 from .auth import join_headers
 from .errors import NoNodeError, ODLAError, UpstreamError
 from .registry import Node, Registry
+from .upstream import Pool, Response
+from .upstream import UpstreamError as Unreachable
 
 log = logging.getLogger("odla.operator")
 
@@ -25,17 +26,19 @@ log = logging.getLogger("odla.operator")
 class Router:
     """Round-robin with failover before the first byte."""
 
-    def __init__(self, registry: Registry, http: httpx.AsyncClient, join_token: Optional[str] = None) -> None:
+    def __init__(self, registry: Registry, pool: Pool, join_token: Optional[str] = None,
+                 on_failure: Optional[Callable[[Node], None]] = None) -> None:
         self.registry = registry
-        self.http = http
-        self.headers = {"content-type": "application/json", **join_headers(join_token)}
+        self.pool = pool
+        self.headers = [("content-type", "application/json"), *join_headers(join_token).items()]
+        self.on_failure = on_failure or (lambda node: None)
 
-    async def open(self, model: str, prompt: str) -> tuple[Node, httpx.Response]:
+    async def open(self, model: str, prompt: str) -> tuple[Node, Response]:
         """Open a ``/run`` stream on the first node that accepts the job."""
         nodes = self.registry.candidates(model)
         if not nodes:
             raise NoNodeError(model)
-        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json()
+        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
         failures: list[tuple[Node, int, str]] = []
         for node in nodes:
             resp = await self._try(node, body, failures)
@@ -43,13 +46,12 @@ class Router:
                 return node, resp
         raise self._all_failed(model, failures)
 
-    async def _try(self, node: Node, body: str, failures: list) -> Optional[httpx.Response]:
-        request = self.http.build_request("POST", f"{node.url}/run", content=body, headers=self.headers)
+    async def _try(self, node: Node, body: bytes, failures: list) -> Optional[Response]:
         try:
-            resp = await self.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            log.warning("node %s unreachable (%s); trying the next one", node.node_id, type(exc).__name__)
-            self.registry.mark_failed(node.node_id)
+            resp = await self.pool.request("POST", f"{node.url}/run", body, self.headers)
+        except Unreachable as exc:
+            log.warning("node %s unreachable (%s); trying the next one", node.node_id, exc)
+            self._failed(node)
             failures.append((node, 503, "not reachable"))
             return None
         if resp.status_code == 200:
@@ -71,21 +73,25 @@ class Router:
         status = 503 if statuses <= {503, 429, 408} else 502
         return UpstreamError(f"no node could run model {model} ({reasons})", status)
 
-    async def relay(self, node: Node, resp: httpx.Response) -> AsyncIterator[bytes]:
+    def _failed(self, node: Node) -> None:
+        self.registry.mark_failed(node.node_id)
+        self.on_failure(node)
+
+    async def relay(self, node: Node, resp: Response) -> AsyncIterator[bytes]:
         """The node's stream, byte for byte, plus a final error line if it broke off."""
         node.active_jobs += 1
         node.jobs_total += 1
         tail = b""  # the stream's last (maybe partial) line
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp:
                 yield chunk
                 tail = _last_line(tail, chunk)
             if not p.is_final(tail):
                 yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
                     f"node {node.node_id} ended the stream without a final line")
-        except httpx.HTTPError as exc:
-            log.warning("node %s failed mid-stream (%s)", node.node_id, type(exc).__name__)
-            self.registry.mark_failed(node.node_id)
+        except Unreachable as exc:
+            log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
+            self._failed(node)
             yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
                 f"node {node.node_id} failed mid-stream: connection lost")
         finally:
@@ -99,11 +105,10 @@ def _last_line(tail: bytes, chunk: bytes) -> bytes:
     return buf[cut + 1:] if cut >= 0 else buf
 
 
-async def _error_message(resp: httpx.Response) -> str:
+async def _error_message(resp: Response) -> str:
     try:
-        await resp.aread()
-        return str(resp.json().get("error") or f"HTTP {resp.status_code}")
-    except (ValueError, AttributeError, httpx.HTTPError):
+        return str(json.loads(await resp.read()).get("error") or f"HTTP {resp.status_code}")
+    except (ValueError, AttributeError, Unreachable):
         return f"HTTP {resp.status_code}"
     finally:
         await resp.aclose()

@@ -44,12 +44,12 @@ def free_port() -> int:
 class ServerThread:
     """An ASGI app served by uvicorn on its own socket and event loop, in a thread."""
 
-    def __init__(self, app: Any, sock: Optional[socket.socket] = None) -> None:
+    def __init__(self, app: Any, sock: Optional[socket.socket] = None, **config: Any) -> None:
         self.sock = sock or bound_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, **config)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
                                        daemon=True)

@@ -141,8 +141,8 @@ def test_tokens_reach_stdout_before_the_stream_ends(network, sim):
         assert first.decode() == expected[0]
         assert proc.poll() is None  # still streaming
         sim.release()
-        out, _ = proc.communicate(timeout=15)
-        assert (first + out).decode() == "".join(expected) + "\n" and proc.returncode == 0
+        rest = proc.stdout.read()  # through the same buffered reader that read the first token
+        assert (first + rest).decode() == "".join(expected) + "\n" and proc.wait(timeout=15) == 0
     finally:
         proc.kill()
         proc.wait()
