@@ -26,9 +26,10 @@ import ollama
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from odla import protocol as p
-from odla.asgi import LineStream
+from odla.asgi import FastRoutes, LineStream, headers_of, read_prompt_request
 from odla.auth import check_join_token, join_headers
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers, ollama_failure
@@ -195,7 +196,7 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 
 
 def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] = None,
-               http: Optional[httpx.AsyncClient] = None) -> FastAPI:
+               http: Optional[httpx.AsyncClient] = None) -> FastRoutes:
     """The node agent's app; collaborators default to real clients built from ``settings``."""
 
     @contextlib.asynccontextmanager
@@ -225,15 +226,6 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
 
     NodeDep = Annotated[Node, Depends(get_node)]
 
-    async def operator_only(request: Request) -> None:
-        check_join_token(request, settings.join_token)
-
-    @app.post("/run", dependencies=[Depends(operator_only)])
-    async def run(job: p.RunRequest, node: NodeDep) -> LineStream:
-        if len(job.prompt) > settings.max_prompt_chars:
-            raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
-        return LineStream(await node.open_job(job))
-
     @app.get("/health", response_model=p.HealthResponse)
     async def health(node: NodeDep) -> Response:
         ok = await node.refresh_models()
@@ -248,7 +240,13 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         await node.refresh_models()
         return p.ModelsResponse(node_id=node.state.node_id, models=node.state.models)
 
-    return app
+    async def run(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /run, the hot path: served as bare ASGI (see odla/asgi.py); operator only."""
+        check_join_token(headers_of(scope), settings.join_token)
+        job = await read_prompt_request(receive, p.RunRequest, settings.max_prompt_chars)
+        await LineStream(await app.state.node.open_job(job))(scope, receive, send)
+
+    return FastRoutes(app, {("POST", "/run"): (run, p.RunRequest, "Execute an inference job (operator only)")})
 
 
 def main() -> None:

@@ -18,14 +18,15 @@ import contextlib
 import ipaddress
 import logging
 import sys
-from typing import Annotated, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from starlette.types import Receive, Scope, Send
 
 from odla import protocol as p
-from odla.asgi import LineStream
+from odla.asgi import FastRoutes, LineStream, headers_of, read_prompt_request
 from odla.auth import check_api_key, check_join_token
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers
@@ -88,7 +89,7 @@ class HealthChecker:
 
 
 def create_app(settings: Settings, *, clock: Optional[Clock] = None,
-               transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
+               transport: Optional[httpx.AsyncBaseTransport] = None) -> FastRoutes:
     """The operator's app. ``clock`` moves time in tests; ``transport`` carries health checks."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
 
@@ -114,15 +115,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
 
     # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request
     async def client_auth(request: Request) -> None:
-        check_api_key(request, settings.api_keys)
+        check_api_key(request.headers, settings.api_keys)
 
     async def node_auth(request: Request) -> None:
-        check_join_token(request, settings.join_token)
-
-    async def get_router(request: Request) -> Router:
-        return request.app.state.router
-
-    RouterDep = Annotated[Router, Depends(get_router)]
+        check_join_token(request.headers, settings.join_token)
 
     @app.post("/register", response_model=p.RegisterResponse, dependencies=[Depends(node_auth)])
     async def register(body: p.RegisterRequest) -> p.RegisterResponse:
@@ -143,18 +139,19 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
     async def nodes() -> p.NodesResponse:
         return p.NodesResponse(nodes=[n.info() for n in registry.nodes()])
 
-    @app.post("/inference", dependencies=[Depends(client_auth)])
-    async def inference(body: p.InferenceRequest, router: RouterDep) -> LineStream:
-        if len(body.prompt) > settings.max_prompt_chars:
-            raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
-        node, upstream = await router.open(body.model, body.prompt)
-        return LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})
-
     @app.get("/health")
     async def health() -> dict:
         return {"status": "healthy", "nodes": len(registry)}
 
-    return app
+    async def inference(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /inference, the hot path: served as bare ASGI (see odla/asgi.py)."""
+        check_api_key(headers_of(scope), settings.api_keys)
+        body = await read_prompt_request(receive, p.InferenceRequest, settings.max_prompt_chars)
+        router: Router = app.state.router
+        node, upstream = await router.open(body.model, body.prompt)
+        await LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})(scope, receive, send)
+
+    return FastRoutes(app, {("POST", "/inference"): (inference, p.InferenceRequest, "Run an inference request")})
 
 
 def warn_if_open(settings: Settings) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Optional
-
-from fastapi import Request
+from typing import Iterable, Mapping, Optional
 
 from .errors import AuthError
 
@@ -21,20 +19,20 @@ def _matches(presented: Optional[str], secrets: Iterable[str]) -> bool:
     return found
 
 
-def bearer(request: Request) -> Optional[str]:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+def bearer(headers: Mapping[str, str]) -> Optional[str]:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-def check_join_token(request: Request, token: Optional[str]) -> None:
+def check_join_token(headers: Mapping[str, str], token: Optional[str]) -> None:
     """Node-facing endpoints: the caller must hold the network's join token, when one is set."""
-    if token and not _matches(request.headers.get(JOIN_HEADER), [token]):
+    if token and not _matches(headers.get(JOIN_HEADER), [token]):
         raise AuthError("missing or wrong join token (header X-ODLA-Join-Token)")
 
 
-def check_api_key(request: Request, keys: list[str]) -> None:
+def check_api_key(headers: Mapping[str, str], keys: list[str]) -> None:
     """Client-facing endpoints: ``Authorization: Bearer <key>``, when keys are set."""
-    if keys and not _matches(bearer(request), keys):
+    if keys and not _matches(bearer(headers), keys):
         raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
 
 

@@ -13,6 +13,7 @@ last line. ``ollama_failure`` maps what the ollama SDK raises onto this table.
 from __future__ import annotations
 
 import logging
+from typing import Any, Sequence
 
 import httpx
 from fastapi import FastAPI, Request
@@ -74,14 +75,20 @@ def error_response(message: str, status_code: int, headers: dict | None = None) 
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
 
 
-def describe_validation(exc: RequestValidationError) -> str:
+def invalid_body(errors: Sequence[Any]) -> ODLAError:
+    """A 400 (not JSON) or 422 (not the right fields) out of pydantic's error list."""
+    malformed = any(err.get("type") == "json_invalid" for err in errors)
+    return ODLAError(describe_validation(errors), 400 if malformed else 422)
+
+
+def describe_validation(errors: Sequence[Any]) -> str:
     """One readable sentence out of pydantic's error list."""
     parts = []
-    for err in exc.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         if err.get("type") == "json_invalid":
             parts.append("request body is not valid JSON")
-        elif not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+        elif not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             parts.append("request body must be a JSON object sent as Content-Type: application/json")
         elif err.get("type") == "extra_forbidden":
             parts.append(f"unknown field '{loc}'")
@@ -100,8 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        malformed = any(err.get("type") == "json_invalid" for err in exc.errors())
-        return error_response(describe_validation(exc), 400 if malformed else 422)
+        error = invalid_body(exc.errors())
+        return error_response(error.message, error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

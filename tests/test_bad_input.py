@@ -79,9 +79,13 @@ def test_hand_written_bad_bodies(servers, path, body, status, says):
         assert says in resp.json()["error"]
 
 
-def test_form_encoded_body_says_to_send_json(servers):
-    resp = httpx.post(servers["/inference"] + "/inference", content=b'{"model":"llama3","prompt":"x"}',
-                      headers={"content-type": "application/x-www-form-urlencoded"})
+def test_content_type(servers):
+    """curl -d sends JSON labelled as a form: /inference takes it, /register says what to send."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    resp = httpx.post(servers["/inference"] + "/inference", content=b'{"model":"llama3","prompt":"x"}', headers=form)
+    assert resp.status_code == 200
+    body = b'{"node_id": "a", "url": "http://x:1", "models": []}'
+    resp = httpx.post(servers["/register"] + "/register", content=body, headers=form)
     assert resp.status_code == 422 and "application/json" in resp.json()["error"]
 
 
