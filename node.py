@@ -6,6 +6,7 @@ Endpoints:
     POST /run       {job_id, prompt, model?} -> JSON-lines token stream (operator only)
     GET  /health    {status, node_id, models}; 503 while Ollama does not answer
     GET  /models    {node_id, models}
+    *    /ollama/…  Ollama's own API, relayed as is (operator only; for its Ollama/OpenAI doors)
 
 It registers with the operator on start-up, re-registers every ``heartbeat_interval``
 (so an operator restart or an ``ollama pull`` shows within one interval), and
@@ -29,7 +30,7 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from odla import protocol as p
-from odla.asgi import FastRoutes, LineStream, headers_of, read_prompt_request
+from odla.asgi import FastRoutes, LineStream, StreamBroken, headers_of, read_body, read_prompt_request
 from odla.auth import check_join_token, join_headers
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers, ollama_failure
@@ -186,6 +187,26 @@ class Node:
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
 
+    async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> httpx.Response:
+        """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors)."""
+        http = self.ollama._client  # the SDK's httpx client: its base URL, transport and headers
+        request = http.build_request(method, path, content=body, params=query or None,
+                                     headers={"content-type": "application/json"})
+        try:
+            return await http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise ollama_failure(exc, self.settings.ollama_host) from exc
+
+    async def ollama_body(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for data in resp.aiter_bytes():
+                yield data
+        except httpx.HTTPError as exc:
+            raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
+        finally:
+            await resp.aclose()
+
+
 def _describe_http_error(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
         try:
@@ -246,7 +267,22 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         job = await read_prompt_request(receive, p.RunRequest, settings.max_prompt_chars)
         await LineStream(await app.state.node.open_job(job))(scope, receive, send)
 
-    return FastRoutes(app, {("POST", "/run"): (run, p.RunRequest, "Execute an inference job (operator only)")})
+    async def ollama_door(scope: Scope, receive: Receive, send: Send) -> None:
+        """/ollama/<path>: Ollama's own API relayed as is, for the operator's Ollama and OpenAI doors."""
+        check_join_token(headers_of(scope), settings.join_token)
+        body = await read_body(receive, settings.max_prompt_chars * 4 + 65536)
+        node: Node = app.state.node
+        resp = await node.open_ollama(scope["method"], scope["path"][len("/ollama"):],
+                                      scope["query_string"].decode("latin-1"), body)
+        media = resp.headers.get("content-type", "application/json")
+        await LineStream(node.ollama_body(resp), media_type=media, status_code=resp.status_code)(scope, receive, send)
+
+    return FastRoutes(app, {
+        ("POST", "/run"): (run, p.RunRequest, "Execute an inference job (operator only)"),
+        ("GET", "/ollama/*"): (ollama_door, None, ""),
+        ("POST", "/ollama/*"): (ollama_door, None, ""),
+        ("HEAD", "/ollama/*"): (ollama_door, None, ""),
+    })
 
 
 def main() -> None:

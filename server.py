@@ -9,6 +9,10 @@ Endpoints:
     POST /inference     {model, prompt}         JSON-lines token stream from a node
     GET  /health        the operator itself
 
+Ollama's API (GET|HEAD /, /api/version, /api/tags, /api/ps, /api/show, /api/generate,
+/api/chat, /api/embed, /api/embeddings) and OpenAI's (/v1/models, /v1/chat/completions,
+/v1/completions, /v1/embeddings) are served too: see odla/doors.py.
+
 Nodes are health-checked every ``health_check_interval`` seconds, all at once; a node
 that fails gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
 """
@@ -28,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from odla import protocol as p
 from odla.asgi import FastRoutes, LineStream, headers_of, read_prompt_request
 from odla.auth import check_api_key, check_join_token
+from odla.doors import Doors
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers
 from odla.logs import setup_logging
@@ -148,10 +153,12 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
         check_api_key(headers_of(scope), settings.api_keys)
         body = await read_prompt_request(receive, p.InferenceRequest, settings.max_prompt_chars)
         router: Router = app.state.router
-        node, upstream = await router.open(body.model, body.prompt)
+        node, upstream = await router.open_job(body.model, body.prompt)
         await LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})(scope, receive, send)
 
-    return FastRoutes(app, {("POST", "/inference"): (inference, p.InferenceRequest, "Run an inference request")})
+    doors = Doors(settings, registry, lambda: app.state.router)
+    return FastRoutes(app, {("POST", "/inference"): (inference, p.InferenceRequest, "Run an inference request"),
+                            **doors.routes()})
 
 
 def warn_if_open(settings: Settings) -> None:

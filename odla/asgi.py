@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Type, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Type, TypeVar
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
@@ -39,18 +39,36 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 M = TypeVar("M", bound=BaseModel)
 
 
+class StreamBroken(Exception):
+    """Raised by a body iterator to cut the response off, so the caller sees a broken stream."""
+
+
 class FastRoutes:
     """An ASGI app: a few (method, path) handlers first, the FastAPI ``app`` for the rest."""
 
-    def __init__(self, app: FastAPI, routes: dict[tuple[str, str], tuple[Handler, Type[BaseModel], str]]) -> None:
+    def __init__(self, app: FastAPI,
+                 routes: dict[tuple[str, str], tuple[Handler, Optional[Type[BaseModel]], str]]) -> None:
+        """``routes``: (method, path) -> (handler, body model for the docs or None, summary).
+
+        A path ending in ``*`` matches every path that starts with the rest.
+        """
         self.app = app
         self.state = app.state
-        self.routes = {key: handler for key, (handler, _, _) in routes.items()}
-        self.allowed = {path: method for method, path in routes}
-        _document(app, routes)
+        self.routes = {key: handler for key, (handler, _, _) in routes.items() if not key[1].endswith("*")}
+        self.prefixes = [(m, path[:-1], handler) for (m, path), (handler, _, _) in routes.items() if path.endswith("*")]
+        self.allowed: dict[str, str] = {}
+        for method, path in self.routes:
+            self.allowed[path] = ", ".join(filter(None, (self.allowed.get(path), method)))
+        _document(app, {k: v for k, v in routes.items() if v[1] is not None})
+
+    def _find(self, method: str, path: str) -> Optional[Handler]:
+        handler = self.routes.get((method, path))
+        if handler is None:
+            handler = next((h for m, prefix, h in self.prefixes if m == method and path.startswith(prefix)), None)
+        return handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get((scope.get("method"), scope.get("path"))) if scope["type"] == "http" else None
+        handler = self._find(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if handler is None:
             allowed = self.allowed.get(scope.get("path", "")) if scope["type"] == "http" else None
             if allowed is not None:
@@ -74,6 +92,14 @@ def headers_of(scope: Scope) -> Headers:
 
 async def read_model(receive: Receive, model: Type[M], limit: int) -> M:
     """The request body as ``model``; 413 past ``limit`` bytes, 400/422 when invalid."""
+    try:
+        return model.model_validate_json(await read_body(receive, limit))
+    except ValidationError as exc:
+        raise invalid_body(exc.errors()) from None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body; 413 past ``limit`` bytes."""
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -85,10 +111,7 @@ async def read_model(receive: Receive, model: Type[M], limit: int) -> M:
             raise ODLAError(f"request body is larger than {limit} bytes", 413)
         chunks.append(chunk)
         more = message.get("more_body", False)
-    try:
-        return model.model_validate_json(b"".join(chunks))
-    except ValidationError as exc:
-        raise invalid_body(exc.errors()) from None
+    return b"".join(chunks)
 
 
 async def read_prompt_request(receive: Receive, model: Type[M], max_prompt_chars: int) -> M:
@@ -167,7 +190,11 @@ class LineStream(Response):
                     break
                 if watcher.done():
                     return
-            producer.result()  # an unexpected error in the body surfaces here
+            try:
+                producer.result()  # an unexpected error in the body surfaces here
+            except StreamBroken as exc:
+                log.warning("stream cut off: %s", exc)
+                return  # without the last chunk: the server closes the connection mid-body
             if not started:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

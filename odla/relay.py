@@ -21,6 +21,7 @@ from .upstream import Pool, Response
 from .upstream import UpstreamError as Unreachable
 
 log = logging.getLogger("odla.operator")
+RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
 
 
 class Router:
@@ -33,32 +34,41 @@ class Router:
         self.headers = [("content-type", "application/json"), *join_headers(join_token).items()]
         self.on_failure = on_failure or (lambda node: None)
 
-    async def open(self, model: str, prompt: str) -> tuple[Node, Response]:
+    async def open_job(self, model: str, prompt: str) -> tuple[Node, Response]:
         """Open a ``/run`` stream on the first node that accepts the job."""
+        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
+        node, resp = await self.open(model, "POST", "/run", body)
+        if resp.status_code != 200:
+            raise ODLAError(await _error_message(resp), resp.status_code)  # the request itself is at fault
+        return node, resp
+
+    async def open(self, model: str, method: str, path: str, body: bytes) -> tuple[Node, Response]:
+        """Send the request to the first node with ``model`` that takes it.
+
+        A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped;
+        any other answer (200, or the request's own fault such as 400) is returned.
+        """
         nodes = self.registry.candidates(model)
         if not nodes:
             raise NoNodeError(model)
-        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
         failures: list[tuple[Node, int, str]] = []
         for node in nodes:
-            resp = await self._try(node, body, failures)
+            resp = await self._try(node, method, path, body, failures)
             if resp is not None:
                 return node, resp
         raise self._all_failed(model, failures)
 
-    async def _try(self, node: Node, body: bytes, failures: list) -> Optional[Response]:
+    async def _try(self, node: Node, method: str, path: str, body: bytes, failures: list) -> Optional[Response]:
         try:
-            resp = await self.pool.request("POST", f"{node.url}/run", body, self.headers)
+            resp = await self.pool.request(method, f"{node.url}{path}", body, self.headers)
         except Unreachable as exc:
             log.warning("node %s unreachable (%s); trying the next one", node.node_id, exc)
             self._failed(node)
             failures.append((node, 503, "not reachable"))
             return None
-        if resp.status_code == 200:
+        if resp.status_code not in RETRY_ELSEWHERE and resp.status_code < 500:
             return resp
         message = await _error_message(resp)
-        if 400 <= resp.status_code < 500 and resp.status_code not in (401, 403, 404, 408, 429):
-            raise ODLAError(message, resp.status_code)  # the request itself is at fault
         log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id,
                     resp.status_code, message)
         failures.append((node, resp.status_code, message))
@@ -77,8 +87,13 @@ class Router:
         self.registry.mark_failed(node.node_id)
         self.on_failure(node)
 
-    async def relay(self, node: Node, resp: Response) -> AsyncIterator[bytes]:
-        """The node's stream, byte for byte, plus a final error line if it broke off."""
+    async def relay(self, node: Node, resp: Response,
+                    broken: Callable[[str], bytes] = p.error_line, check_final: bool = True) -> AsyncIterator[bytes]:
+        """The node's stream, byte for byte, ended with ``broken(message)`` if it broke off.
+
+        With ``check_final`` (ODLA's own protocol), a stream that ends without its final
+        line counts as broken too.
+        """
         node.active_jobs += 1
         node.jobs_total += 1
         tail = b""  # the stream's last (maybe partial) line
@@ -86,17 +101,19 @@ class Router:
             async for chunk in resp:
                 yield chunk
                 tail = _last_line(tail, chunk)
-            if not p.is_final(tail):
-                yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
-                    f"node {node.node_id} ended the stream without a final line")
+            if check_final and not p.is_final(tail):
+                yield _newline(tail) + broken(f"node {node.node_id} ended the stream without a final line")
         except Unreachable as exc:
             log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
             self._failed(node)
-            yield (b"\n" if tail and not tail.endswith(b"\n") else b"") + p.error_line(
-                f"node {node.node_id} failed mid-stream: connection lost")
+            yield _newline(tail) + broken(f"node {node.node_id} failed mid-stream: connection lost")
         finally:
             node.active_jobs -= 1
             await resp.aclose()  # a client that left cancels the job at the node
+
+
+def _newline(tail: bytes) -> bytes:
+    return b"\n" if tail and not tail.endswith(b"\n") else b""
 
 
 def _last_line(tail: bytes, chunk: bytes) -> bytes:

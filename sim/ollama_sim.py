@@ -4,7 +4,9 @@
 
 Answers as Ollama does (``server/routes.go``, ``docs/api.md``): ``GET|HEAD /``,
 ``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/generate``,
-``/api/chat``, ``/api/embed`` and ``/api/embeddings``, streaming or not; 404
+``/api/chat``, ``/api/embed`` and ``/api/embeddings``, streaming or not, and the
+OpenAI-compatible ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and
+``/v1/embeddings`` (server-sent events ending ``data: [DONE]``); 404
 ``model 'x' not found``; 503 when more requests wait than ``--max-queue``; a
 mid-stream ``{"error": ...}`` line. Names resolve as Ollama resolves them.
 
@@ -223,6 +225,90 @@ class Simulator:
             return
         await respond_json(send, 200, {"embedding": vector(req.get("prompt", ""))})
 
+    # --- OpenAI-compatible doors (Ollama's openai/openai.go shapes) ----------------------
+
+    async def v1_models(self, body: bytes, receive: Receive, send: Send) -> None:
+        data = [{"id": display_name(m), "object": "model", "created": 1767225600,
+                 "owned_by": model_key(m).rsplit("/", 1)[0] if "/" in model_key(m) else "library"}
+                for m in self.b.models]
+        await respond_json(send, 200, {"object": "list", "data": data})
+
+    async def v1_embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse_openai(body, send)
+        if req is None:
+            return
+        inputs = req.get("input", [])
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        data = [{"object": "embedding", "embedding": vector(text), "index": i} for i, text in enumerate(inputs)]
+        await respond_json(send, 200, {"object": "list", "data": data, "model": req["model"],
+                                       "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+    async def v1_chat(self, body: bytes, receive: Receive, send: Send) -> None:
+        await self.v1_complete(body, receive, send, chat=True)
+
+    async def v1_completions(self, body: bytes, receive: Receive, send: Send) -> None:
+        await self.v1_complete(body, receive, send, chat=False)
+
+    async def parse_openai(self, body: bytes, send: Send) -> Optional[dict]:
+        try:
+            req = json.loads(body or b"null")
+        except ValueError as exc:
+            await respond_json(send, 400, openai_error(400, str(exc)))
+            return None
+        if not isinstance(req, dict) or not req.get("model"):
+            await respond_json(send, 400, openai_error(400, "model is required"))
+            return None
+        if self.b.busy:
+            await respond_json(send, 503, openai_error(503, BUSY_MESSAGE))
+            return None
+        if self.find(req["model"]) is None:
+            await respond_json(send, 404, openai_error(404, f"model '{req['model']}' not found"))
+            return None
+        return req
+
+    async def v1_complete(self, body: bytes, receive: Receive, send: Send, *, chat: bool) -> None:
+        req = await self.parse_openai(body, send)
+        if req is None:
+            return
+        self.stats["requests"] += 1
+        prompt = self.prompt_of(req, chat)
+        tokens = sim_tokens(prompt, self.b.tokens)
+        ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
+        usage = {"prompt_tokens": 1, "completion_tokens": len(tokens), "total_tokens": len(tokens) + 1}
+        base = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": req["model"], "system_fingerprint": "fp_ollama"}
+        if not req.get("stream"):
+            await asyncio.sleep(self.b.delay * len(tokens))
+            text = "".join(tokens)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                      if chat else {"text": text, "index": 0, "finish_reason": "stop"})
+            await respond_json(send, 200, {**base, "choices": [choice], "usage": usage})
+            self.stats["completed"] += 1
+            return
+        if chat:
+            base["object"] = "chat.completion.chunk"
+        await send_start(send, 200, "text/event-stream")
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            for i, token in enumerate([*tokens, ""]):
+                if i == self.b.crash_after:
+                    raise ConnectionAbortedError("simulated crash")
+                if self.b.delay and token:
+                    await first_of(asyncio.sleep(self.b.delay), watcher)
+                if watcher.done():
+                    self.stats["cancelled"] += 1
+                    return
+                reason = None if token else "stop"
+                choice = ({"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": reason}
+                          if chat else {"text": token, "index": 0, "finish_reason": reason})
+                await send_body(send, b"data: " + _compact({**base, "choices": [choice]}) + b"\n\n")
+            if (req.get("stream_options") or {}).get("include_usage"):
+                await send_body(send, b"data: " + _compact({**base, "choices": [], "usage": usage}) + b"\n\n")
+            await send_body(send, b"data: [DONE]\n\n", more=False)
+            self.stats["completed"] += 1
+        finally:
+            watcher.cancel()
+
     async def sim_config(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
             self.b.update(json.loads(body or b"{}"))
@@ -285,7 +371,8 @@ class Simulator:
         if not chat:
             return str(req.get("prompt", ""))
         messages = req.get("messages") or []
-        return str(messages[-1].get("content", "")) if messages else ""
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        return str(last.get("content", ""))
 
     def slot(self) -> "_Slot":
         return _Slot(self)
@@ -391,6 +478,12 @@ class _Slot:
             sim._slot.notify()
 
 
+def openai_error(status: int, message: str) -> dict:
+    """Ollama's openai.NewError: the type follows the status."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
 def vector(text: str) -> list[float]:
     raw = hashlib.sha256(str(text).encode()).digest()
     return [round(b / 255 - 0.5, 6) for b in raw[:8]]
@@ -446,11 +539,15 @@ ROUTES = {
     "/api/chat": Simulator.chat,
     "/api/embed": Simulator.embed,
     "/api/embeddings": Simulator.embeddings,
+    "/v1/models": Simulator.v1_models,
+    "/v1/chat/completions": Simulator.v1_chat,
+    "/v1/completions": Simulator.v1_completions,
+    "/v1/embeddings": Simulator.v1_embeddings,
     "/_sim/config": Simulator.sim_config,
     "/_sim/release": Simulator.sim_release,
     "/_sim/stats": Simulator.sim_stats,
 }
-GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/_sim/stats"}
+GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/_sim/stats"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
