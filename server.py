@@ -126,9 +126,14 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
         check_join_token(request.headers, settings.join_token)
 
     @app.post("/register", response_model=p.RegisterResponse, dependencies=[Depends(node_auth)])
-    async def register(body: p.RegisterRequest) -> p.RegisterResponse:
+    async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
         known = registry.get(body.node_id)
-        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy)
+        # A node the operator could not reach stays out of rotation until a health check
+        # from here succeeds: that it can reach us says nothing of whether we can reach it.
+        doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
+        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted)
+        if doubted:
+            request.app.state.checker.suspect(node)
         if known is None:
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
         return p.RegisterResponse(node_id=node.node_id, models=node.models)

@@ -227,3 +227,28 @@ def test_full_chain_tokens_are_the_simulators(sim, operator, node):
     assert status == 200
     assert [x["token"] for x in lines[:-1]] == sim_tokens("exact", 6)
     assert lines[-1] == p.DoneLine().model_dump()
+
+
+def test_a_node_the_operator_cannot_reach_stays_out_after_re_registering(operator, start):
+    """Reaching the operator proves nothing about the way back: a health check must succeed first."""
+    op = operator(health_check_interval=60)
+    fake(start, op, "B")
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    register(op, "dead", dead_url, ["llama3:latest"])
+    served_by(op, 2)  # one of them tries "dead" and marks it
+    assert register(op, "dead", dead_url, ["llama3:latest"]).status_code == 200  # its heartbeat
+    assert served_by(op, 4) == ["B"] * 4
+    nodes = {n["node_id"]: n for n in httpx.get(f"{op.url}/nodes").json()["nodes"]}
+    assert nodes["dead"]["healthy"] is False
+
+
+def test_a_recovered_node_comes_back_after_a_quick_recheck(operator, start):
+    op = operator(health_check_interval=60)
+    a = fake(start, op, "A")
+    a.healthy = False
+    resp = register(op, "A", httpx.get(f"{op.url}/nodes").json()["nodes"][0]["url"], ["llama3:latest"],
+                    healthy=False)
+    assert resp.status_code == 200 and infer(op.url)[0] == 404
+    a.healthy = True
+    register(op, "A", httpx.get(f"{op.url}/nodes").json()["nodes"][0]["url"], ["llama3:latest"])
+    wait_for(lambda: infer(op.url)[0] == 200, timeout=5)  # within ~1 s, not the 60 s round
