@@ -169,24 +169,22 @@ class LineStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False  # the status line leaves with the first data: one wake-up downstream, not two
-        pending: list[bytes] = []
-        ready = asyncio.Event()
-        producer = asyncio.create_task(self._produce(pending, ready))
+        buf = _Buffer()
+        producer = asyncio.create_task(self._produce(buf))
         watcher = asyncio.create_task(_disconnected(receive))
-        watcher.add_done_callback(lambda _: ready.set())
+        watcher.add_done_callback(lambda _: buf.ready.set())
         try:
             while True:
-                await ready.wait()
-                ready.clear()
-                if pending:
-                    data = b"".join(pending) if len(pending) > 1 else pending[0]
-                    pending.clear()
+                await buf.ready.wait()
+                buf.ready.clear()
+                data = buf.take()
+                if data:
                     if not started:
                         started = True
                         await send({"type": "http.response.start", "status": self.status_code,
                                     "headers": self.raw_headers})
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                if producer.done():
+                if producer.done() and not buf.pieces:  # what came during the last send goes too
                     break
                 if watcher.done():
                     return
@@ -205,17 +203,44 @@ class LineStream(Response):
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
 
-    async def _produce(self, pending: list[bytes], ready: asyncio.Event) -> None:
+    async def _produce(self, buf: "_Buffer") -> None:
         body = self.body_iterator
         try:
             async for data in body:
-                pending.append(data)
-                ready.set()
+                await buf.put(data)
         finally:
-            ready.set()
+            buf.ready.set()
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class _Buffer:
+    """What the body produced and the client has not been sent yet, bounded: a slow
+    client slows the upstream down (TCP back-pressure) instead of filling memory."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.ready = asyncio.Event()
+        self.room = asyncio.Event()
+
+    async def put(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.size += len(data)
+        self.ready.set()
+        if self.size > self.LIMIT:
+            self.room.clear()
+            await self.room.wait()
+
+    def take(self) -> bytes:
+        data = b"".join(self.pieces) if len(self.pieces) != 1 else self.pieces[0]
+        self.pieces.clear()
+        self.size = 0
+        self.room.set()
+        return data
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -70,3 +70,32 @@ def test_fast_routes_answer_405_and_stay_in_the_openapi_schema():
 
     resp = asyncio.run(go())
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+
+
+def test_a_slow_client_holds_the_body_back_instead_of_buffering_it_all():
+    piece = 64 * 1024
+    produced = []
+
+    async def firehose():
+        for i in range(64):
+            produced.append(i)
+            yield b"x" * piece  # 4 MiB in all, never awaiting
+
+    async def go():
+        ahead, sent = [], [0]
+
+        async def receive():
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def slow_send(message):
+            ahead.append(len(produced) * piece - sent[0])  # produced but not yet delivered
+            sent[0] += len(message.get("body", b""))
+            await asyncio.sleep(0.001)
+
+        await LineStream(firehose())({"type": "http"}, receive, slow_send)
+        return ahead, sent[0]
+
+    ahead, total = asyncio.run(go())
+    assert total == 64 * piece  # everything arrived...
+    assert max(ahead) <= 2 * ((1 << 20) + piece)  # ...with at most ~2 MiB ever waiting, not 4
