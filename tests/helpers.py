@@ -30,7 +30,9 @@ from sim.ollama_sim import Behaviour, Simulator  # noqa: E402
 
 def bound_socket(port: int = 0) -> socket.socket:
     """A socket bound on 127.0.0.1 (a free port by default), not yet listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and without it a response written in two parts waits 40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     return sock
