@@ -95,7 +95,7 @@ class Node:
         """Ask Ollama for its models; records whether it answered."""
         try:
             listing = await asyncio.wait_for(self.ollama.list(), self.settings.health_check_timeout)
-        except (asyncio.TimeoutError, ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+        except (asyncio.TimeoutError, ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
             error = ollama_failure(exc, self.settings.ollama_host).message if not isinstance(
                 exc, asyncio.TimeoutError) else f"Ollama at {self.settings.ollama_host} timed out"
             if self.state.ollama_error != error:
@@ -130,11 +130,13 @@ class Node:
         """Register, then re-register every interval; back off (capped) while the operator is away."""
         backoff = 0.5
         while True:
-            await self.refresh_models()
             try:
+                await self.refresh_models()
                 await self.register()
-            except httpx.HTTPError as exc:
-                reason = _describe_http_error(exc)
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                reason = _describe_http_error(exc) if isinstance(exc, httpx.HTTPError) else repr(exc)
+                if not isinstance(exc, httpx.HTTPError):
+                    log.exception("heartbeat failed unexpectedly")
                 log.warning("cannot register with operator at %s (%s); retrying in %.1fs",
                             self.settings.operator_url, reason, backoff)
                 self.state.registered = False
@@ -185,7 +187,6 @@ class Node:
             yield p.error_line(message)
         finally:
             await parts.aclose()  # a caller that left stops the work at Ollama too
-
 
     async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> httpx.Response:
         """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors)."""

@@ -74,7 +74,10 @@ class HealthChecker:
         await self.check(node)
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(node) for node in self.registry.nodes()))
+        results = await asyncio.gather(*(self.check(node) for node in self.registry.nodes()),
+                                       return_exceptions=True)
+        for error in (r for r in results if isinstance(r, Exception)):  # the loop outlives a bad check
+            log.error("health check failed unexpectedly", exc_info=error)
         for node_id in self.registry.prune():
             log.warning("node %s pruned: not seen for %.0fs", node_id, self.settings.prune_after)
 

@@ -65,8 +65,10 @@ def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
         return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamError(f"Ollama at {ollama_host} timed out", 504)
-    if isinstance(exc, (httpx.HTTPError, ValueError)):
+    if isinstance(exc, httpx.HTTPError):
         return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
+    if isinstance(exc, ValueError):
+        return UpstreamError(f"Ollama at {ollama_host} sent something that is not Ollama's API", 502)
     raise exc
 
 

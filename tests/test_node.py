@@ -185,3 +185,19 @@ def test_sdk_reads_the_simulator_like_ollama(sim):
         await client._client.aclose()
 
     asyncio.run(check())
+
+
+def test_something_that_is_not_ollama_is_reported_not_fatal(operator, node, start):
+    async def not_ollama(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]})
+        await send({"type": "http.response.body", "body": b"<html>router login</html>"})
+
+    op = operator(health_check_interval=60)
+    impostor = start(not_ollama)
+    n = node(op.url, impostor.url, "confused")
+    wait_for(lambda: node_ids(op.url) == {"confused"})  # the heartbeat survived and registered
+    resp = httpx.get(f"{n.url}/health")
+    assert resp.status_code == 503 and "not Ollama's API" in resp.json()["error"]
+    assert httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False
