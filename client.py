@@ -122,10 +122,16 @@ def infer(
         conf = settings()
         url = (operator or conf.operator_url).rstrip("/")
         text = read_prompt(prompt)
-        with _http(url, api_key) as http:
-            for token in stream_inference(http, url, model or conf.default_model, text):
-                typer.echo(token, nl=False)
-        typer.echo()
+        printed = False
+        try:
+            with _http(url, api_key) as http:
+                for token in stream_inference(http, url, model or conf.default_model, text):
+                    typer.echo(token, nl=False)
+                    printed = True
+            printed = True
+        finally:
+            if printed:  # the answer's line ends before any error is printed below it
+                typer.echo()
 
     run(action)
 

@@ -105,6 +105,7 @@ def test_error_line_exits_1_with_the_message(network, sim):
     result = cli("hi", "--model", "llama3", "--operator", network.url)
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: CUDA out of memory"
+    assert result.stdout == sim_tokens("hi", 6)[0] + "\n"  # what came, on a line of its own
     assert "Traceback" not in result.output
 
 

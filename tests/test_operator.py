@@ -252,3 +252,11 @@ def test_a_recovered_node_comes_back_after_a_quick_recheck(operator, start):
     a.healthy = True
     register(op, "A", httpx.get(f"{op.url}/nodes").json()["nodes"][0]["url"], ["llama3:latest"])
     wait_for(lambda: infer(op.url)[0] == 200, timeout=5)  # within ~1 s, not the 60 s round
+
+
+def test_the_serving_node_is_named_in_a_header(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A")
+    with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "x"}) as resp:
+        assert resp.headers["x-odla-node"] == "A"
+        assert resp.headers["content-type"] == "application/x-ndjson"
