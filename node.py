@@ -63,11 +63,14 @@ def public_url(settings: Settings) -> str:
         return f"http://{settings.node_host}:{settings.node_port}"
     target = urlsplit(settings.operator_url)
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # no packet is sent
             s.connect((target.hostname or "127.0.0.1", target.port or 80))
             ip = s.getsockname()[0]
-    except OSError:
-        ip = "127.0.0.1"
+    except OSError:  # the operator's name does not resolve (yet): our own address, then loopback
+        try:
+            ip = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            ip = "127.0.0.1"
     return f"http://{ip}:{settings.node_port}"
 
 
@@ -110,6 +113,8 @@ class Node:
         return True
 
     async def register(self) -> None:
+        if not self.settings.node_url:  # derived again each time: the route may change, or resolve late
+            self.state.url = public_url(self.settings)
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url,
                                  models=self.state.models, healthy=self.state.healthy)
         resp = await self.http.post(f"{self.settings.operator_url}/register",
