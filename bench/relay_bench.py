@@ -325,7 +325,10 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
     return {"shapes": results, "peak_rss_mb": rss}
 
 
-def shapes_for(quick: bool) -> list[Shape]:
+def shapes_for(quick: bool, smoke: bool = False) -> list[Shape]:
+    if smoke:  # seconds, for the test suite: proves the benchmark runs, measures nothing
+        return [Shape("serial", 1, 10, 20, 0.0, 1), Shape("paced-100", 10, 10, 10, 0.01, 1),
+                Shape("saturation-50", 5, 20, 20, 0.0, 1), Shape("open-1000", 50, 50, 5, 0.05, 1)]
     k = 0.25 if quick else 1.0
     return [
         Shape("serial", 1, int(200 * k), 50, 0.0, 3),
@@ -365,7 +368,8 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests")
+    parser.add_argument("--smoke", action="store_true", help="tiny loads: checks that it runs (tests)")
     parser.add_argument("--nodes", type=int, default=1, choices=(1, 2))
     parser.add_argument("--only", help="comma-separated shape names")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
@@ -400,7 +404,7 @@ def main() -> None:
                  "node": [procs.procs[f"node{i + 1}"].pid for i in range(args.nodes)]}
         if have_nginx:
             watch["nginx"] = pids_of(procs.procs["nginx"])
-        shapes = shapes_for(args.quick)
+        shapes = shapes_for(args.quick, args.smoke)
         if args.only:
             shapes = [s for s in shapes if s.name in args.only.split(",")]
         print(f"bench: {len(shapes)} shapes, {args.nodes} node(s), nginx {'yes' if have_nginx else 'not installed'}",
