@@ -6,7 +6,8 @@ Endpoints:
     POST /run       {job_id, prompt, model?} -> JSON-lines token stream (operator only)
     GET  /health    {status, node_id, models}; 503 while Ollama does not answer
     GET  /models    {node_id, models}
-    *    /ollama/…  Ollama's own API, relayed as is (operator only; for its Ollama/OpenAI doors)
+    *    /ollama/…  Ollama's inference and listing API, relayed as is (for the operator's
+                    Ollama/OpenAI doors; nothing that pulls, deletes or creates models)
 
 It registers with the operator on start-up, re-registers every ``heartbeat_interval``
 (so an operator restart or an ``ollama pull`` shows within one interval), and
@@ -38,6 +39,11 @@ from odla.logs import setup_logging
 from odla.upstream import Transport
 
 log = logging.getLogger("odla.node")
+
+# What /ollama/* relays: what the operator's doors need, and nothing that changes the machine.
+OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
+    ("POST", path) for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
+                                "/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
 
 
 @dataclass
@@ -276,10 +282,12 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
     async def ollama_door(scope: Scope, receive: Receive, send: Send) -> None:
         """/ollama/<path>: Ollama's own API relayed as is, for the operator's Ollama and OpenAI doors."""
         check_join_token(headers_of(scope), settings.join_token)
+        method, path = scope["method"], scope["path"][len("/ollama"):]
+        if (method, path) not in OLLAMA_DOORS:  # never pull, delete, create or push through a node
+            raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
         body = await read_body(receive, settings.max_prompt_chars * 4 + 65536)
         node: Node = app.state.node
-        resp = await node.open_ollama(scope["method"], scope["path"][len("/ollama"):],
-                                      scope["query_string"].decode("latin-1"), body)
+        resp = await node.open_ollama(method, path, scope["query_string"].decode("latin-1"), body)
         media = resp.headers.get("content-type", "application/json")
         await LineStream(node.ollama_body(resp), media_type=media, status_code=resp.status_code)(scope, receive, send)
 
@@ -287,7 +295,6 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         ("POST", "/run"): (run, p.RunRequest, "Execute an inference job (operator only)"),
         ("GET", "/ollama/*"): (ollama_door, None, ""),
         ("POST", "/ollama/*"): (ollama_door, None, ""),
-        ("HEAD", "/ollama/*"): (ollama_door, None, ""),
     })
 
 

@@ -201,3 +201,19 @@ def test_something_that_is_not_ollama_is_reported_not_fatal(operator, node, star
     resp = httpx.get(f"{n.url}/health")
     assert resp.status_code == 503 and "not Ollama's API" in resp.json()["error"]
     assert httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/create"),
+                                          ("POST", "/api/copy"), ("POST", "/api/push")])
+def test_the_ollama_relay_never_changes_the_machine(sim, node, method, path):
+    n = node(OPERATOR_GONE, sim.url)
+    resp = httpx.request(method, f"{n.url}/ollama{path}", json={"model": "llama3"})
+    assert resp.status_code in (404, 405)
+    assert sim.stats()["requests"] == 0
+
+
+def test_the_ollama_relay_passes_inference_through(sim, node):
+    n = node(OPERATOR_GONE, sim.url)
+    resp = httpx.post(f"{n.url}/ollama/api/generate", json={"model": "llama3", "prompt": "q", "stream": False})
+    assert resp.status_code == 200 and resp.json()["response"] == "".join(sim_tokens("q", 6))
+    assert httpx.get(f"{n.url}/ollama/api/tags").json()["models"][0]["name"] == "llama3:latest"
