@@ -35,6 +35,7 @@ from odla.asgi import FastRoutes, LineStream, StreamBroken, headers_of, read_bod
 from odla.auth import check_join_token, join_headers
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers, ollama_failure
+from odla.lifespan import background
 from odla.logs import setup_logging
 from odla.upstream import Transport
 
@@ -241,14 +242,9 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
             node = app.state.node = Node(settings, api, client)
-            heartbeat = asyncio.create_task(node.heartbeat(), name="heartbeat")
-            try:
-                yield
-            finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
-                await node.deregister()
+            stack.push_async_callback(node.deregister)  # once the heartbeat has stopped
+            await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
+            yield
 
     app = FastAPI(title="ODLA node agent", lifespan=lifespan)
     install_error_handlers(app)

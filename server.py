@@ -35,6 +35,7 @@ from odla.auth import check_api_key, check_join_token
 from odla.doors import Doors
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import ODLAError, install_error_handlers
+from odla.lifespan import background
 from odla.logs import setup_logging
 from odla.registry import Clock, Node, Registry
 from odla.relay import Router
@@ -104,18 +105,14 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.health_check_timeout, connect=settings.connect_timeout)
-        pool = Pool(connect_timeout=settings.connect_timeout)
-        async with httpx.AsyncClient(timeout=timeout, transport=transport) as http:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = Pool(connect_timeout=settings.connect_timeout)
+            stack.push_async_callback(pool.aclose)
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout, transport=transport))
             checker = app.state.checker = HealthChecker(registry, http, settings)
             app.state.router = Router(registry, pool, settings.join_token, on_failure=checker.suspect)
-            loop = asyncio.create_task(checker.run(), name="health-checks")
-            try:
-                yield
-            finally:
-                loop.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop
-                await pool.aclose()
+            await stack.enter_async_context(background(checker.run(), "health-checks"))
+            yield
 
     app = FastAPI(title="ODLA operator", lifespan=lifespan)
     app.state.registry = registry
