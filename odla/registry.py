@@ -93,10 +93,6 @@ class Registry:
         if node is not None:
             node.healthy = False
 
-    def has_model(self, model: str) -> bool:
-        key = model_key(model)
-        return any(key in n.keys for n in self._nodes.values())
-
     def candidates(self, model: str) -> list[Node]:
         """Healthy nodes with ``model``, rotated one step further on each call."""
         key = model_key(model)

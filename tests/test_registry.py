@@ -63,4 +63,4 @@ def test_seen_updates_models():
     reg, _ = make()
     reg.register("a", "http://a", ["x:latest"])
     reg.seen("a", healthy=True, models=["y:latest"])
-    assert reg.has_model("y") and not reg.has_model("x")
+    assert reg.candidates("y") and not reg.candidates("x")
