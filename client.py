@@ -12,7 +12,7 @@ be reached or the command line is wrong; 130 interrupted (Ctrl-C).
 import json
 import sys
 from datetime import datetime, timezone
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import httpx
 import typer
@@ -76,13 +76,15 @@ def _unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
     return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
 
 
-def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str) -> Iterator[str]:
-    """Tokens of one inference, as they arrive."""
+def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str,
+                     on_node: Callable[[str], None] = lambda node: None) -> Iterator[str]:
+    """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it."""
     body = p.InferenceRequest(model=model, prompt=prompt).model_dump_json()
     try:
         with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
             if resp.status_code != 200:
                 raise _refused(resp)
+            on_node(resp.headers.get("x-odla-node", "?"))
             yield from tokens(resp.iter_lines())
     except httpx.HTTPError as exc:
         raise _unreachable(operator, exc) from exc
@@ -115,6 +117,7 @@ def infer(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model [default: default_model in config.json]")] = None,
     operator: OperatorOpt = None,
     api_key: ApiKeyOpt = None,
+    show_node: Annotated[bool, typer.Option("--show-node", help="Say on stderr which node answers")] = False,
 ) -> None:
     """Stream a model's answer to PROMPT (the default command)."""
 
@@ -123,9 +126,10 @@ def infer(
         url = (operator or conf.operator_url).rstrip("/")
         text = read_prompt(prompt)
         printed = False
+        on_node = (lambda node: typer.echo(f"[node {node}]", err=True)) if show_node else (lambda node: None)
         try:
             with _http(url, api_key) as http:
-                for token in stream_inference(http, url, model or conf.default_model, text):
+                for token in stream_inference(http, url, model or conf.default_model, text, on_node):
                     typer.echo(token, nl=False)
                     printed = True
             printed = True

@@ -108,11 +108,11 @@ def run_demo() -> int:
                "both nodes to register")
 
     cli = [sys.executable, "client.py"]
-    say(f'python client.py "{PROMPT}" --model {model} --operator {operator}')
-    first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator], cwd=ROOT)
-    say(f'python client.py "Explain distributed systems" --model {model}   (round-robin: the other node)')
-    second = subprocess.call([*cli, "Explain distributed systems", "--model", model, "--operator", operator],
-                             cwd=ROOT)
+    say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --show-node')
+    first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT)
+    say(f'python client.py "Explain distributed systems" --model {model} --show-node   (round-robin: the other node)')
+    second = subprocess.call([*cli, "Explain distributed systems", "--model", model, "--operator", operator,
+                              "--show-node"], cwd=ROOT)
     say(f"python client.py nodes --operator {operator}")
     listed = subprocess.call([*cli, "nodes", "--operator", operator], cwd=ROOT)
     return first or second or listed

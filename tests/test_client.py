@@ -93,6 +93,12 @@ def test_prompt_from_stdin(network):
     assert result.exit_code == 0 and result.stdout.strip() == "".join(sim_tokens("from a pipe\n", 6))
 
 
+def test_show_node_names_the_serving_node_on_stderr(network):
+    result = cli("hi", "--model", "llama3", "--operator", network.url, "--show-node")
+    assert result.exit_code == 0 and result.stderr.strip() == "[node n1]"
+    assert result.stdout.strip() == "".join(sim_tokens("hi", 6))  # stdout stays the answer alone
+
+
 def test_nodes_table_and_json(network):
     result = cli("nodes", "--operator", network.url)
     assert result.exit_code == 0 and "n1" in result.stdout and "healthy" in result.stdout
