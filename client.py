@@ -9,7 +9,10 @@ Exit codes: 0 done; 1 the network answered with an error; 2 the operator could n
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
 """
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from datetime import datetime, timezone
 from typing import Annotated, Callable, Iterator, Optional
@@ -92,6 +95,29 @@ def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str,
         raise Failure(str(exc)) from exc
 
 
+@contextlib.contextmanager
+def exit_at_once_on_ctrl_c() -> Iterator[None]:
+    """Ctrl-C while streaming leaves at once, with exit code 130.
+
+    A KeyboardInterrupt unwinding through httpx's connection pool can deadlock on the
+    pool's lock (encode/httpcore#990: seen here as a client that never exited). Exiting
+    closes the socket, which is what tells the operator, the node and Ollama to stop.
+    """
+    def leave(signum: int, frame: object) -> None:
+        os.write(2, b"\ninterrupted\n")
+        os._exit(EXIT_INTERRUPTED)
+
+    try:
+        previous = signal.signal(signal.SIGINT, leave)
+    except ValueError:  # not the main thread: keep Python's KeyboardInterrupt
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def read_prompt(prompt: str) -> str:
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text.strip():
@@ -128,7 +154,7 @@ def infer(
         printed = False
         on_node = (lambda node: typer.echo(f"[node {node}]", err=True)) if show_node else (lambda node: None)
         try:
-            with _http(url, api_key) as http:
+            with exit_at_once_on_ctrl_c(), _http(url, api_key) as http:
                 for token in stream_inference(http, url, model or conf.default_model, text, on_node):
                     typer.echo(token, nl=False)
                     printed = True
