@@ -34,7 +34,7 @@ from odla import protocol as p
 from odla.asgi import FastRoutes, LineStream, StreamBroken, headers_of, read_body, read_prompt_request
 from odla.auth import check_join_token, join_headers
 from odla.config import ConfigError, Settings, load_settings
-from odla.errors import ODLAError, install_error_handlers, ollama_failure
+from odla.errors import OLLAMA_FAILURES, ODLAError, install_error_handlers, ollama_failure
 from odla.lifespan import background
 from odla.logs import setup_logging
 from odla.upstream import Transport
@@ -105,7 +105,7 @@ class Node:
         """Ask Ollama for its models; records whether it answered."""
         try:
             listing = await asyncio.wait_for(self.ollama.list(), self.settings.health_check_timeout)
-        except (asyncio.TimeoutError, ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
+        except (asyncio.TimeoutError, *OLLAMA_FAILURES) as exc:
             error = ollama_failure(exc, self.settings.ollama_host).message if not isinstance(
                 exc, asyncio.TimeoutError) else f"Ollama at {self.settings.ollama_host} timed out"
             if self.state.ollama_error != error:
@@ -172,7 +172,7 @@ class Node:
             first = await parts.__anext__()
         except StopAsyncIteration:
             raise ODLAError("Ollama ended the stream before any output", 502) from None
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
+        except OLLAMA_FAILURES as exc:
             await parts.aclose()
             failure = ollama_failure(exc, self.settings.ollama_host)
             if failure.status_code >= 500:
@@ -192,7 +192,7 @@ class Node:
                 part = await parts.__anext__()
         except StopAsyncIteration:
             yield p.error_line("Ollama ended the stream without a final message")
-        except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
+        except OLLAMA_FAILURES as exc:
             message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
                 exc, self.settings.ollama_host).message
             log.warning("job %s failed mid-stream: %s", job_id, message)
@@ -272,7 +272,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
     async def run(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /run, the hot path: served as bare ASGI (see odla/asgi.py); operator only."""
         check_join_token(headers_of(scope), settings.join_token)
-        job = await read_prompt_request(receive, p.RunRequest, settings.max_prompt_chars)
+        job = await read_prompt_request(receive, p.RunRequest, settings)
         await LineStream(await app.state.node.open_job(job))(scope, receive, send)
 
     async def ollama_door(scope: Scope, receive: Receive, send: Send) -> None:
@@ -281,7 +281,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         method, path = scope["method"], scope["path"][len("/ollama"):]
         if (method, path) not in OLLAMA_DOORS:  # never pull, delete, create or push through a node
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
-        body = await read_body(receive, settings.max_prompt_chars * 4 + 65536)
+        body = await read_body(receive, settings.max_body_bytes)
         node: Node = app.state.node
         resp = await node.open_ollama(method, path, scope["query_string"].decode("latin-1"), body)
         media = resp.headers.get("content-type", "application/json")

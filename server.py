@@ -156,7 +156,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
     async def inference(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /inference, the hot path: served as bare ASGI (see odla/asgi.py)."""
         check_api_key(headers_of(scope), settings.api_keys)
-        body = await read_prompt_request(receive, p.InferenceRequest, settings.max_prompt_chars)
+        body = await read_prompt_request(receive, p.InferenceRequest, settings)
         router: Router = app.state.router
         node, upstream = await router.open_job(body.model, body.prompt)
         await LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})(scope, receive, send)

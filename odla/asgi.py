@@ -31,6 +31,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .config import Settings
 from .errors import AuthError, ODLAError, error_response, invalid_body
 from .protocol import NDJSON, ErrorLine
 
@@ -114,11 +115,11 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_prompt_request(receive: Receive, model: Type[M], max_prompt_chars: int) -> M:
-    """A body with a ``prompt``: 413 when the prompt is longer than ``max_prompt_chars``."""
-    body = await read_model(receive, model, max_prompt_chars * 4 + 65536)  # UTF-8: <= 4 bytes a character
-    if len(body.prompt) > max_prompt_chars:  # type: ignore[attr-defined]
-        raise ODLAError(f"prompt is longer than {max_prompt_chars} characters", 413)
+async def read_prompt_request(receive: Receive, model: Type[M], settings: Settings) -> M:
+    """A body with a ``prompt``: 413 when it is longer than ``settings.max_prompt_chars``."""
+    body = await read_model(receive, model, settings.max_body_bytes)
+    if len(body.prompt) > settings.max_prompt_chars:  # type: ignore[attr-defined]
+        raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
     return body
 
 

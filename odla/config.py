@@ -94,6 +94,12 @@ class Settings(BaseModel):
     def _empty_token_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body worth reading: a longest prompt in UTF-8 (<= 4 bytes a
+        character) plus room for the other fields."""
+        return self.max_prompt_chars * 4 + 65536
+
     @model_validator(mode="after")
     def _default_prune(self) -> "Settings":
         if self.prune_after is None:

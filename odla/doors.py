@@ -42,8 +42,12 @@ class Flavor:
 
     def response(self, status: int, message: str, auth: bool = False) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if auth else None
-        return Response(json.dumps(self.body(status, message)), status_code=status,
-                        media_type="application/json; charset=utf-8", headers=headers)
+        return _json(self.body(status, message), status, headers)
+
+
+def _json(body: object, status: int = 200, headers: Optional[dict] = None) -> Response:
+    return Response(json.dumps(body), status_code=status, media_type="application/json; charset=utf-8",
+                    headers=headers)
 
 
 def _openai_error(status: int, message: str) -> dict:
@@ -68,7 +72,6 @@ class Doors:
         self.settings = settings
         self.registry = registry
         self.router = router
-        self.limit = settings.max_prompt_chars * 4 + 65536
 
     def routes(self) -> dict:
         table: dict = {("POST", path): (self.routed, None, "") for path in ROUTED}
@@ -85,7 +88,7 @@ class Doors:
         flavor = flavor_of(scope["path"])
         try:
             check_api_key(headers_of(scope), self.settings.api_keys)
-            body = await read_body(receive, self.limit)
+            body = await read_body(receive, self.settings.max_body_bytes)
             model = _model_of(body)
             router = self.router()
             node, resp = await router.open(model, "POST", "/ollama" + scope["path"], body)
@@ -118,7 +121,7 @@ class Doors:
                     seen.add(name)
                     merged.append(entry)
         body = {"object": "list", "data": merged} if key == "data" else {"models": merged}
-        await Response(json.dumps(body), media_type="application/json; charset=utf-8")(scope, receive, send)
+        await _json(body)(scope, receive, send)
 
     async def version(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The lowest Ollama version among the healthy nodes: what every node can do."""
@@ -127,8 +130,7 @@ class Doors:
             await OLLAMA.response(503, "no healthy node")(scope, receive, send)
             return
         lowest = min(versions, key=_version_key)
-        await Response(json.dumps({"version": lowest}), media_type="application/json; charset=utf-8")(
-            scope, receive, send)
+        await _json({"version": lowest})(scope, receive, send)
 
     async def _ask_all(self, method: str, path: str) -> list[dict]:
         nodes = [n for n in self.registry.nodes() if n.healthy]

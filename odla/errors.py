@@ -54,6 +54,10 @@ class AuthError(ODLAError):
     status_code = 401
 
 
+# What a failed ollama SDK call raises: the cases ollama_failure maps.
+OLLAMA_FAILURES = (ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+
+
 def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
     """What a failed ollama SDK call means to the caller of a node."""
     if isinstance(exc, ResponseError):
