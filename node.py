@@ -28,16 +28,16 @@ import ollama
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from odla import protocol as p
-from odla.asgi import FastRoutes, LineStream, StreamBroken, headers_of, read_body, read_prompt_request
-from odla.auth import check_join_token, join_headers
+from odla.auth import join_headers, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
-from odla.errors import OLLAMA_FAILURES, ODLAError, install_error_handlers, ollama_failure
+from odla.errors import OLLAMA_FAILURES, ODLAError, install_error_handlers, ollama_failure, shape_for
 from odla.lifespan import background
+from odla.inbound import BodyLimit, json_body, openapi_body
+from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
-from odla.upstream import Transport
+from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
 
 log = logging.getLogger("odla.node")
 
@@ -81,24 +81,15 @@ def public_url(settings: Settings) -> str:
     return f"http://{ip}:{settings.node_port}"
 
 
-def ollama_client(settings: Settings, **httpx_kwargs: object) -> ollama.AsyncClient:
-    """The SDK client, on ODLA's lean transport: no hidden pool limit, C-parsed streams.
-
-    httpx's default pool holds 100 connections and queues the rest out of sight, and
-    parses each streamed chunk in pure Python; odla.upstream.Transport does neither.
-    """
-    timeout = httpx.Timeout(connect=settings.connect_timeout, read=None, write=30, pool=None)
-    httpx_kwargs.setdefault("transport", Transport(connect_timeout=settings.connect_timeout))
-    return ollama.AsyncClient(host=settings.ollama_host, timeout=timeout, **httpx_kwargs)
-
-
 class Node:
     """The node's long-lived parts, owned by the app's lifespan."""
 
-    def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, raw: httpx.AsyncClient,
+                 http: httpx.AsyncClient) -> None:
         self.settings = settings
-        self.ollama = ollama_api
-        self.http = http
+        self.ollama = ollama_api  # jobs and listings, through the SDK
+        self.raw = raw  # the /ollama/... relay, bytes as they are
+        self.http = http  # the operator
         self.state = NodeState(node_id=settings.node_id or socket.gethostname(), url=public_url(settings))
 
     async def refresh_models(self) -> bool:
@@ -161,24 +152,25 @@ class Node:
             self.state.registered, backoff = True, 0.5
             await asyncio.sleep(self.settings.heartbeat_interval)
 
-    async def open_job(self, job: p.RunRequest) -> AsyncIterator[bytes]:
+    async def open_job(self, job: p.RunRequest) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""
         model = job.model or (self.state.models[0] if self.state.models else None)
         if model is None:
             raise ODLAError("this node has no models", 404)
-        stream = await self.ollama.generate(model=model, prompt=job.prompt, stream=True)
-        parts = stream.__aiter__()
+        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True)).__aiter__()
         try:
-            first = await parts.__anext__()
-        except StopAsyncIteration:
-            raise ODLAError("Ollama ended the stream before any output", 502) from None
-        except OLLAMA_FAILURES as exc:
+            first = await parts.__anext__()  # the SDK sends the request here
+        except BaseException as exc:  # refused, or the operator left while Ollama was starting
             await parts.aclose()
+            if isinstance(exc, StopAsyncIteration):
+                raise ODLAError("Ollama ended the stream before any output", 502) from None
+            if not isinstance(exc, OLLAMA_FAILURES):
+                raise
             failure = ollama_failure(exc, self.settings.ollama_host)
             if failure.status_code >= 500:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
-        return self.relay(job.job_id, first, parts)
+        return Opened(self.relay(job.job_id, first, parts))
 
     async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
         """Ollama's parts as protocol lines; always ends with one final line."""
@@ -200,19 +192,20 @@ class Node:
         finally:
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
-    async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> httpx.Response:
+    async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> Opened:
         """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors)."""
-        http = self.ollama._client  # the SDK's httpx client: its base URL, transport and headers
-        request = http.build_request(method, path, content=body, params=query or None,
-                                     headers={"content-type": "application/json"})
+        request = self.raw.build_request(method, path, content=body, params=query or None,
+                                         headers={"content-type": "application/json"})
         try:
-            return await http.send(request, stream=True)
+            resp = await self.raw.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise ollama_failure(exc, self.settings.ollama_host) from exc
+        media = resp.headers.get("content-type", "application/json")
+        return Opened(self.ollama_body(resp), resp.status_code, media)
 
     async def ollama_body(self, resp: httpx.Response) -> AsyncIterator[bytes]:
         try:
-            async for data in resp.aiter_bytes():
+            async for data in resp.aiter_raw():
                 yield data
         except httpx.HTTPError as exc:
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
@@ -230,24 +223,26 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 
 
 def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] = None,
-               http: Optional[httpx.AsyncClient] = None) -> FastRoutes:
+               http: Optional[httpx.AsyncClient] = None) -> FastAPI:
     """The node agent's app; collaborators default to real clients built from ``settings``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            api = ollama_api or ollama_client(settings)
-            stack.push_async_callback(api._client.aclose)
+            api = ollama_api or await stack.enter_async_context(sdk_client(settings))
+            raw = await stack.enter_async_context(relay_client(settings))
             client = http or await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
-            node = app.state.node = Node(settings, api, client)
+            node = app.state.node = Node(settings, api, raw, client)
             stack.push_async_callback(node.deregister)  # once the heartbeat has stopped
             await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
             yield
 
     app = FastAPI(title="ODLA node agent", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     install_error_handlers(app)
+    operator_only = [Depends(join_token_dependency(settings.join_token))]
 
     # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request
     async def get_node(request: Request) -> Node:
@@ -269,29 +264,26 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         await node.refresh_models()
         return p.ModelsResponse(node_id=node.state.node_id, models=node.state.models)
 
-    async def run(scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /run, the hot path: served as bare ASGI (see odla/asgi.py); operator only."""
-        check_join_token(headers_of(scope), settings.join_token)
-        job = await read_prompt_request(receive, p.RunRequest, settings)
-        await LineStream(await app.state.node.open_job(job))(scope, receive, send)
+    RunBody = Annotated[p.RunRequest, Depends(json_body(p.RunRequest, settings))]
 
-    async def ollama_door(scope: Scope, receive: Receive, send: Send) -> None:
-        """/ollama/<path>: Ollama's own API relayed as is, for the operator's Ollama and OpenAI doors."""
-        check_join_token(headers_of(scope), settings.join_token)
-        method, path = scope["method"], scope["path"][len("/ollama"):]
+    @app.post("/run", response_class=LineStream, dependencies=operator_only, responses=STREAM_RESPONSES,
+              openapi_extra=openapi_body(p.RunRequest), summary="Execute an inference job (operator only)")
+    async def run(job: RunBody, node: NodeDep) -> LineStream:
+        """JSON lines: tokens as Ollama makes them, then one final line."""
+        return LineStream(opening=lambda: node.open_job(job))
+
+    @app.api_route("/ollama/{path:path}", methods=["GET", "POST"], dependencies=operator_only,
+                   response_class=LineStream, include_in_schema=False)
+    async def ollama_door(path: str, request: Request, node: NodeDep) -> LineStream:
+        """Ollama's own API relayed as is, for the operator's Ollama and OpenAI doors."""
+        method, path = request.method, "/" + path
         if (method, path) not in OLLAMA_DOORS:  # never pull, delete, create or push through a node
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
-        body = await read_body(receive, settings.max_body_bytes)
-        node: Node = app.state.node
-        resp = await node.open_ollama(method, path, scope["query_string"].decode("latin-1"), body)
-        media = resp.headers.get("content-type", "application/json")
-        await LineStream(node.ollama_body(resp), media_type=media, status_code=resp.status_code)(scope, receive, send)
+        body = await request.body()
+        query = request.url.query
+        return LineStream(opening=lambda: node.open_ollama(method, path, query, body), shape=shape_for(path))
 
-    return FastRoutes(app, {
-        ("POST", "/run"): (run, p.RunRequest, "Execute an inference job (operator only)"),
-        ("GET", "/ollama/*"): (ollama_door, None, ""),
-        ("POST", "/ollama/*"): (ollama_door, None, ""),
-    })
+    return app
 
 
 def main() -> None:

@@ -22,24 +22,23 @@ import contextlib
 import ipaddress
 import logging
 import sys
-from typing import AsyncIterator, Optional
+from typing import Annotated, AsyncIterator, Callable, Optional
 
-import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from starlette.types import Receive, Scope, Send
 
 from odla import protocol as p
-from odla.asgi import FastRoutes, LineStream, headers_of, read_prompt_request
-from odla.auth import check_api_key, check_join_token
-from odla.doors import Doors
+from odla.auth import api_key_dependency, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
+from odla.doors import doors_router
 from odla.errors import ODLAError, install_error_handlers
 from odla.lifespan import background
+from odla.inbound import BodyLimit, json_body, openapi_body
 from odla.logs import setup_logging
+from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
 from odla.relay import Router
-from odla.upstream import Pool
+from odla.responses import STREAM_RESPONSES, LineStream
 
 log = logging.getLogger("odla.operator")
 
@@ -47,10 +46,12 @@ log = logging.getLogger("odla.operator")
 class HealthChecker:
     """Checks every node at once, every interval, and prunes the silent ones."""
 
-    def __init__(self, registry: Registry, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, registry: Registry, nodes: NodeClient, settings: Settings,
+                 on_unreachable: Callable[[str], int] = lambda node_id: 0) -> None:
         self.registry = registry
-        self.http = http
+        self.nodes = nodes
         self.settings = settings
+        self.on_unreachable = on_unreachable
         self.rechecks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
@@ -84,48 +85,44 @@ class HealthChecker:
 
     async def check(self, node: Node) -> None:
         try:
-            resp = await self.http.get(f"{node.url}/health", timeout=self.settings.health_check_timeout)
-            body = p.HealthResponse.model_validate_json(resp.content)
-        except (httpx.HTTPError, ValueError) as exc:
+            status, body = await self.nodes.health(node)
+        except (NodeUnreachable, ValueError) as exc:
             if node.healthy:
-                log.warning("node %s failed its health check (%s)", node.node_id, type(exc).__name__)
+                log.warning("node %s failed its health check (%s)", node.node_id, exc)
             self.registry.mark_failed(node.node_id)
+            if isinstance(exc, NodeUnreachable) and (cut := self.on_unreachable(node.node_id)):
+                log.warning("node %s does not answer: cut its %d stream(s)", node.node_id, cut)
             return
-        healthy = resp.status_code == 200 and body.status == "healthy"
+        healthy = status == 200 and body.status == "healthy"
         if healthy != node.healthy:
             log.info("node %s is now %s", node.node_id, "healthy" if healthy else f"unhealthy ({body.error})")
         self.registry.seen(node.node_id, healthy=healthy, models=body.models)
 
 
-def create_app(settings: Settings, *, clock: Optional[Clock] = None,
-               transport: Optional[httpx.AsyncBaseTransport] = None) -> FastRoutes:
-    """The operator's app. ``clock`` moves time in tests; ``transport`` carries health checks."""
+def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
+    """The operator's app. ``clock`` moves time in tests."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(settings.health_check_timeout, connect=settings.connect_timeout)
-        async with contextlib.AsyncExitStack() as stack:
-            pool = Pool(connect_timeout=settings.connect_timeout)
-            stack.push_async_callback(pool.aclose)
-            http = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout, transport=transport))
-            checker = app.state.checker = HealthChecker(registry, http, settings)
-            app.state.router = Router(registry, pool, settings.join_token, on_failure=checker.suspect)
-            await stack.enter_async_context(background(checker.run(), "health-checks"))
-            yield
+        nodes = NodeClient(settings)
+        try:
+            router = app.state.router = Router(registry, nodes)
+            checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort)
+            router.on_failure = checker.suspect
+            async with background(checker.run(), "health-checks"):
+                yield
+        finally:
+            await nodes.aclose()
 
     app = FastAPI(title="ODLA operator", lifespan=lifespan)
     app.state.registry = registry
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     install_error_handlers(app)
+    node_auth = [Depends(join_token_dependency(settings.join_token))]
+    client_auth = [Depends(api_key_dependency(settings.api_keys))]
 
-    # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request
-    async def client_auth(request: Request) -> None:
-        check_api_key(request.headers, settings.api_keys)
-
-    async def node_auth(request: Request) -> None:
-        check_join_token(request.headers, settings.join_token)
-
-    @app.post("/register", response_model=p.RegisterResponse, dependencies=[Depends(node_auth)])
+    @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth)
     async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
         known = registry.get(body.node_id)
         # A node the operator could not reach stays out of rotation until a health check
@@ -138,14 +135,14 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
         return p.RegisterResponse(node_id=node.node_id, models=node.models)
 
-    @app.post("/deregister", dependencies=[Depends(node_auth)])
+    @app.post("/deregister", dependencies=node_auth)
     async def deregister(body: p.DeregisterRequest) -> dict:
         if not registry.remove(body.node_id):
             raise ODLAError(f"unknown node: {body.node_id}", 404)
         log.info("node %s left the network", body.node_id)
         return {"status": "deregistered", "node_id": body.node_id}
 
-    @app.get("/nodes", response_model=p.NodesResponse, dependencies=[Depends(client_auth)])
+    @app.get("/nodes", response_model=p.NodesResponse, dependencies=client_auth)
     async def nodes() -> p.NodesResponse:
         return p.NodesResponse(nodes=[n.info() for n in registry.nodes()])
 
@@ -153,17 +150,17 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None,
     async def health() -> dict:
         return {"status": "healthy", "nodes": len(registry)}
 
-    async def inference(scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /inference, the hot path: served as bare ASGI (see odla/asgi.py)."""
-        check_api_key(headers_of(scope), settings.api_keys)
-        body = await read_prompt_request(receive, p.InferenceRequest, settings)
-        router: Router = app.state.router
-        node, upstream = await router.open_job(body.model, body.prompt)
-        await LineStream(router.relay(node, upstream), headers={"x-odla-node": node.node_id})(scope, receive, send)
+    InferenceBody = Annotated[p.InferenceRequest, Depends(json_body(p.InferenceRequest, settings))]
 
-    doors = Doors(settings, registry, lambda: app.state.router)
-    return FastRoutes(app, {("POST", "/inference"): (inference, p.InferenceRequest, "Run an inference request"),
-                            **doors.routes()})
+    @app.post("/inference", response_class=LineStream, dependencies=client_auth, responses=STREAM_RESPONSES,
+              openapi_extra=openapi_body(p.InferenceRequest), summary="Run an inference request")
+    async def inference(body: InferenceBody, request: Request) -> LineStream:
+        """JSON lines: tokens as the node streams them, then one final line."""
+        router: Router = request.app.state.router
+        return LineStream(opening=lambda: router.open_job(body.model, body.prompt))
+
+    app.include_router(doors_router(registry, client_auth))
+    return app
 
 
 def warn_if_open(settings: Settings) -> None:

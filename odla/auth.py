@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Mapping, Optional
+from typing import Awaitable, Callable, Iterable, Mapping, Optional
+
+from starlette.requests import Request
 
 from .errors import AuthError
 
@@ -38,3 +40,19 @@ def check_api_key(headers: Mapping[str, str], keys: list[str]) -> None:
 
 def join_headers(token: Optional[str]) -> dict[str, str]:
     return {JOIN_HEADER: token} if token else {}
+
+
+# FastAPI dependencies (async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request)
+
+def api_key_dependency(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that lets through only callers holding one of ``keys`` (anyone when empty)."""
+    async def client_auth(request: Request) -> None:
+        check_api_key(request.headers, keys)
+    return client_auth
+
+
+def join_token_dependency(token: Optional[str]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that lets through only callers holding the join token (anyone when unset)."""
+    async def node_auth(request: Request) -> None:
+        check_join_token(request.headers, token)
+    return node_auth

@@ -7,13 +7,15 @@
 
 Before a stream's first byte an error is an HTTP status with the body
 ``{"error": message, "done": true}``; after it, the same object is the stream's
-last line. ``ollama_failure`` maps what the ollama SDK raises onto this table.
+last line. The Ollama and OpenAI doors answer in their own APIs' shapes (``Shape``,
+chosen by path). ``ollama_failure`` maps what the ollama SDK raises onto this table.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import httpx
 from fastapi import FastAPI, Request
@@ -22,7 +24,7 @@ from fastapi.responses import Response
 from ollama import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ErrorLine
+from .protocol import ErrorLine, error_line
 
 log = logging.getLogger("odla")
 
@@ -32,9 +34,11 @@ class ODLAError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    def __init__(self, message: str, status_code: int | None = None,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers: Mapping[str, str] = headers or {}
         if status_code is not None:
             self.status_code = status_code
 
@@ -76,9 +80,59 @@ def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
     raise exc
 
 
-def error_response(message: str, status_code: int, headers: dict | None = None) -> Response:
-    body = ErrorLine(error=message).model_dump_json().encode()
-    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+class Shape:
+    """How one API shapes an error: a body before the stream starts, a last line after."""
+
+    def __init__(self, body: Callable[[str, int], dict], line: Callable[[str], bytes]) -> None:
+        self.body = body
+        self.line = line
+
+    def response(self, message: str, status_code: int, headers: Optional[Mapping[str, str]] = None) -> Response:
+        return Response(json.dumps(self.body(message, status_code)), status_code=status_code,
+                        media_type="application/json", headers=dict(headers) if headers else None)
+
+    def error(self, exc: ODLAError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else exc.headers
+        return self.response(exc.message, exc.status_code, headers)
+
+
+def _openai_body(message: str, status_code: int) -> dict:
+    """Ollama's openai.NewError: the type follows the status."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status_code, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+ODLA = Shape(lambda message, status: ErrorLine(error=message).model_dump(), error_line)
+OLLAMA = Shape(lambda message, status: {"error": message},
+               lambda message: json.dumps({"error": message}).encode() + b"\n")
+OPENAI = Shape(_openai_body, lambda message: b"data: " + json.dumps(_openai_body(message, 500)).encode() + b"\n\n")
+
+
+def shape_for(path: str) -> Shape:
+    """ODLA's own endpoints answer in ODLA's shape, the doors in their API's (a node's
+    ``/ollama/...`` relay as the API it relays)."""
+    path = path[len("/ollama"):] if path.startswith("/ollama/") else path
+    if path.startswith("/v1/"):
+        return OPENAI
+    if path.startswith("/api/") or path == "/":
+        return OLLAMA
+    return ODLA
+
+
+def error_response(exc: ODLAError, path: str) -> Response:
+    """The answer to ``exc`` before anything was sent, shaped for the endpoint at ``path``."""
+    return shape_for(path).error(exc)
+
+
+def message_of(body: bytes, status_code: int) -> str:
+    """The message in an error body of any of the three shapes."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error) if error else f"HTTP {status_code}"
 
 
 def invalid_body(errors: Sequence[Any]) -> ODLAError:
@@ -104,23 +158,22 @@ def describe_validation(errors: Sequence[Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as ``{"error": ..., "done": true}`` with its status."""
+    """Every error leaves with its status, in the shape of the endpoint it came from."""
 
     @app.exception_handler(ODLAError)
     async def _odla(request: Request, exc: ODLAError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else None
-        return error_response(exc.message, exc.status_code, headers)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        error = invalid_body(exc.errors())
-        return error_response(error.message, error.status_code)
+        return error_response(invalid_body(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+        error = ODLAError(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response("internal error", 500)
+        return error_response(ODLAError("internal error", 500), request.url.path)

@@ -2,47 +2,45 @@
 
 The relay does not decode tokens: the node already speaks the protocol, so its
 bytes go to the client as they arrive, several lines per send when they come
-together. Only the last line is looked at, to make sure every stream ends with
+together. Only the last line is looked at, to make sure an ODLA stream ends with
 exactly one final line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
-from .auth import join_headers
-from .errors import NoNodeError, ODLAError, UpstreamError
+from .errors import NoNodeError, ODLAError, UpstreamError, message_of
+from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .registry import Node, Registry
-from .upstream import Pool, Response
-from .upstream import UpstreamError as Unreachable
+from .responses import Opened, StreamBroken
 
 log = logging.getLogger("odla.operator")
 RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
 
 
 class Router:
-    """Round-robin with failover before the first byte."""
+    """Round-robin with failover before the first byte; every job's stream tracked per node."""
 
-    def __init__(self, registry: Registry, pool: Pool, join_token: Optional[str] = None,
+    def __init__(self, registry: Registry, nodes: NodeClient,
                  on_failure: Optional[Callable[[Node], None]] = None) -> None:
         self.registry = registry
-        self.pool = pool
-        self.headers = [("content-type", "application/json"), *join_headers(join_token).items()]
+        self.nodes = nodes
         self.on_failure = on_failure or (lambda node: None)
+        self.streams: dict[str, set[ClientResponse]] = {}
 
-    async def open_job(self, model: str, prompt: str) -> tuple[Node, Response]:
+    async def open_job(self, model: str, prompt: str) -> Opened:
         """Open a ``/run`` stream on the first node that accepts the job."""
         body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
         node, resp = await self.open(model, "POST", "/run", body)
-        if resp.status_code != 200:
-            raise ODLAError(await _error_message(resp), resp.status_code)  # the request itself is at fault
-        return node, resp
+        if resp.status != 200:  # the request itself is at fault
+            raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
+        return Opened(self.relay(node, resp), headers={"x-odla-node": node.node_id})
 
-    async def open(self, model: str, method: str, path: str, body: bytes) -> tuple[Node, Response]:
+    async def open(self, model: str, method: str, path: str, body: bytes) -> tuple[Node, ClientResponse]:
         """Send the request to the first node with ``model`` that takes it.
 
         A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped;
@@ -58,20 +56,23 @@ class Router:
                 return node, resp
         raise self._all_failed(model, failures)
 
-    async def _try(self, node: Node, method: str, path: str, body: bytes, failures: list) -> Optional[Response]:
+    async def _try(self, node: Node, method: str, path: str, body: bytes,
+                   failures: list) -> Optional[ClientResponse]:
         try:
-            resp = await self.pool.request(method, f"{node.url}{path}", body, self.headers)
-        except Unreachable as exc:
+            resp = await self.nodes.send(node, method, path, body)
+        except NodeUnreachable as exc:
             log.warning("node %s unreachable (%s); trying the next one", node.node_id, exc)
-            self._failed(node)
+            self.failed(node)
             failures.append((node, 503, "not reachable"))
             return None
-        if resp.status_code not in RETRY_ELSEWHERE and resp.status_code < 500:
+        if resp.status not in RETRY_ELSEWHERE and resp.status < 500:
             return resp
-        message = await _error_message(resp)
-        log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id,
-                    resp.status_code, message)
-        failures.append((node, resp.status_code, message))
+        try:
+            message = message_of(await self.nodes.read(resp), resp.status)
+        except NodeUnreachable:
+            message = f"HTTP {resp.status}"
+        log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id, resp.status, message)
+        failures.append((node, resp.status, message))
         return None
 
     @staticmethod
@@ -83,49 +84,48 @@ class Router:
         status = 503 if statuses <= {503, 429, 408} else 502
         return UpstreamError(f"no node could run model {model} ({reasons})", status)
 
-    def _failed(self, node: Node) -> None:
+    def failed(self, node: Node) -> None:
+        """The node did not answer: no new jobs until a health check passes, and a check soon."""
         self.registry.mark_failed(node.node_id)
         self.on_failure(node)
 
-    async def relay(self, node: Node, resp: Response,
-                    broken: Callable[[str], bytes] = p.error_line, check_final: bool = True) -> AsyncIterator[bytes]:
-        """The node's stream, byte for byte, ended with ``broken(message)`` if it broke off.
+    def abort(self, node_id: str) -> int:
+        """Cut every stream from a node that no longer answers; each ends with an error line."""
+        streams = self.streams.get(node_id, ())
+        for resp in list(streams):
+            resp.close()
+        return len(streams)
 
-        With ``check_final`` (ODLA's own protocol), a stream that ends without its final
+    async def relay(self, node: Node, resp: ClientResponse, protocol: bool = True) -> AsyncIterator[bytes]:
+        """The node's body, byte for byte; raises ``StreamBroken`` if it broke off.
+
+        With ``protocol`` (ODLA's own JSON lines), a stream that ends without its final
         line counts as broken too.
         """
         node.active_jobs += 1
         node.jobs_total += 1
+        streams = self.streams.setdefault(node.node_id, set())
+        streams.add(resp)
         tail = b""  # the stream's last (maybe partial) line
+        body = self.nodes.body(resp)
         try:
-            async for chunk in resp:
+            async for chunk in body:
                 yield chunk
-                tail = _last_line(tail, chunk)
-            if check_final and not p.is_final(tail):
-                yield _newline(tail) + broken(f"node {node.node_id} ended the stream without a final line")
-        except Unreachable as exc:
+                if protocol:
+                    tail = _last_line(tail, chunk)
+        except NodeUnreachable as exc:
             log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
-            self._failed(node)
-            yield _newline(tail) + broken(f"node {node.node_id} failed mid-stream: connection lost")
+            self.failed(node)
+            raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
         finally:
             node.active_jobs -= 1
-            await resp.aclose()  # a client that left cancels the job at the node
-
-
-def _newline(tail: bytes) -> bytes:
-    return b"\n" if tail and not tail.endswith(b"\n") else b""
+            streams.discard(resp)
+            await body.aclose()  # a client that left cancels the job at the node
+        if protocol and not p.is_final(tail):
+            raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
 
 
 def _last_line(tail: bytes, chunk: bytes) -> bytes:
     buf = tail + chunk if not tail.endswith(b"\n") else chunk
     cut = buf.rfind(b"\n", 0, len(buf) - 1)
     return buf[cut + 1:] if cut >= 0 else buf
-
-
-async def _error_message(resp: Response) -> str:
-    try:
-        return str(json.loads(await resp.read()).get("error") or f"HTTP {resp.status_code}")
-    except (ValueError, AttributeError, Unreachable):
-        return f"HTTP {resp.status_code}"
-    finally:
-        await resp.aclose()

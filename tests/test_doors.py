@@ -108,7 +108,7 @@ def test_ollama_async_sdk_stream_disconnect_reaches_the_simulator(two):
             assert part.response
             break
         await stream.aclose()
-        await client._client.aclose()
+        await client.close()
 
     asyncio.run(go())
     wait_for(lambda: a.stats()["cancelled"] + b.stats()["cancelled"] == 1, timeout=5)

@@ -1,0 +1,84 @@
+"""What comes in: a bounded body, parsed JSON, a bounded prompt.
+
+``BodyLimit`` keeps any body larger than the settings allow from being read into memory;
+``json_body`` is the dependency the streaming endpoints take their body from.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable, Type, TypeVar
+
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import Settings
+from .errors import ODLAError, invalid_body, shape_for
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        if not length.isdigit():
+            error = ODLAError("invalid Content-Length", 400)
+        elif int(length) > self.limit:
+            error = ODLAError(self._message, 413)
+        else:
+            await self.app(scope, self._counting(receive), send)
+            return
+        await shape_for(scope["path"]).error(error)(scope, receive, send)
+
+    @property
+    def _message(self) -> str:
+        return f"request body is larger than {self.limit} bytes"
+
+    def _counting(self, receive: Receive) -> Receive:
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > self.limit:  # a chunked body with no Content-Length
+                raise HTTPException(413, self._message)
+            return message
+
+        return counted
+
+
+def check_prompt(prompt: str, settings: Settings) -> None:
+    """413 for a prompt longer than ``max_prompt_chars``."""
+    if len(prompt) > settings.max_prompt_chars:
+        raise ODLAError(f"prompt is longer than {settings.max_prompt_chars} characters", 413)
+
+
+def json_body(model: Type[M], settings: Settings) -> Callable[[Request], Awaitable[M]]:
+    """A dependency: the body as ``model``, whatever its Content-Type says (``curl -d`` sends
+    JSON labelled as a form); 400 when not JSON, 422 when not the right fields, 413 for a
+    prompt over ``max_prompt_chars``. Document it with ``openapi_body(model)``."""
+    async def parse(request: Request) -> M:
+        try:
+            body = model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise invalid_body(exc.errors()) from None
+        prompt = getattr(body, "prompt", None)
+        if isinstance(prompt, str):
+            check_prompt(prompt, settings)
+        return body
+    return parse
+
+
+def openapi_body(model: Type[BaseModel]) -> dict:
+    """``openapi_extra`` for an endpoint that reads its body through ``json_body``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}

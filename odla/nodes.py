@@ -1,0 +1,168 @@
+"""The operator's HTTP client to its nodes, on aiohttp: a keep-alive pool, a C parser, timeouts.
+
+    nodes = NodeClient(settings)                      # owned by the operator's lifespan
+    resp = await nodes.send(node, "POST", "/run", body)   # once the node's headers are in
+    async for data in nodes.body(node, resp): ...     # the node's bytes as they arrive
+    await nodes.aclose()
+
+**Silent or slow?** A node answers ``/run`` only when Ollama has produced its first token,
+which can take minutes while Ollama loads a model, and no time limit on that wait can tell
+a slow Ollama from a dead node. So the wait has none; instead, a node that has not
+answered within ``grace`` (1 s, or ``connect_timeout`` if shorter) is asked ``GET /health``,
+with ``health_check_timeout``, and again each ``grace`` while the wait goes on. A node that
+answers healthy is waited for as long as Ollama takes; one that does not answer (a stopped
+process, a black-holed connection) or answers unhealthy (its Ollama does not answer) loses
+the job, which goes to the next node: at most ``connect_timeout + health_check_timeout``
+after it was sent. Concurrent waits on one node share one probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Optional
+
+import aiohttp
+
+from .auth import join_headers
+from .config import Settings
+from .protocol import HealthResponse
+from .registry import Node
+
+log = logging.getLogger("odla.operator")
+ClientResponse = aiohttp.ClientResponse
+FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class NodeUnreachable(Exception):
+    """The node could not be reached, broke the connection, or went silent."""
+
+
+class NodeClient:
+    """One aiohttp session for every request to every node."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.grace = min(1.0, settings.connect_timeout)
+        self.health_timeout = aiohttp.ClientTimeout(total=settings.health_check_timeout,
+                                                    sock_connect=settings.connect_timeout)
+        # limit=0: no hidden cap on connections; 1,000 open streams are 1,000 connections.
+        # keepalive_timeout stays under the node's 75 s, so an idle connection is never
+        # reused just as the node closes it (a POST is not retried: it could start a job twice).
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=15),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout),
+            headers=join_headers(settings.join_token), auto_decompress=False,
+            skip_auto_headers=("User-Agent",))
+        self._probes: dict[str, asyncio.Future] = {}
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+    async def send(self, node: Node, method: str, path: str, body: bytes = b"") -> ClientResponse:
+        """Send a request and return the response once its headers are in; see "Silent or slow?"."""
+        request = asyncio.ensure_future(self._request(method, f"{node.url}{path}", body))
+        try:
+            while True:
+                done, _ = await asyncio.wait((request,), timeout=self.grace)
+                if done:
+                    return request.result()
+                if not await self.alive(node) and not request.done():
+                    raise NodeUnreachable("did not answer, and did not pass a health check")
+        except BaseException:
+            await _cancel(request)
+            raise
+
+    async def _request(self, method: str, url: str, body: bytes) -> ClientResponse:
+        try:
+            return await self.session.request(method, url, data=body or None,
+                                              headers={"Content-Type": "application/json"} if body else None)
+        except FAILURES as exc:
+            raise NodeUnreachable(describe(exc)) from exc
+
+    async def body(self, resp: ClientResponse) -> AsyncIterator[bytes]:
+        """The response body as it arrives, every byte already there in one piece.
+
+        Raises ``NodeUnreachable`` when the connection breaks before the body is complete.
+        Closing the iterator early closes the connection, which tells the node to stop.
+        """
+        try:
+            async for data in resp.content.iter_any():
+                yield data
+        except FAILURES as exc:
+            raise NodeUnreachable(describe(exc)) from exc
+        finally:
+            _done_with(resp)
+
+    async def read(self, resp: ClientResponse, limit: int = 1 << 20) -> bytes:
+        """A whole (small) body, for error messages and listings; the response is released."""
+        try:
+            data = await resp.content.read(limit)
+        except FAILURES as exc:
+            raise NodeUnreachable(describe(exc)) from exc
+        finally:
+            _done_with(resp)
+        return data
+
+    async def get_json(self, node: Node, path: str) -> tuple[int, bytes]:
+        """``GET path`` within ``health_check_timeout``: (status, body)."""
+        try:
+            async with self.session.get(f"{node.url}{path}", timeout=self.health_timeout) as resp:
+                return resp.status, await resp.content.read(16 << 20)
+        except FAILURES as exc:
+            raise NodeUnreachable(describe(exc)) from exc
+
+    async def health(self, node: Node) -> tuple[int, HealthResponse]:
+        """The node's ``/health``; raises ``NodeUnreachable``, or ``ValueError`` for a body that is not one."""
+        status, data = await self.get_json(node, "/health")
+        return status, HealthResponse.model_validate_json(data)
+
+    async def alive(self, node: Node) -> bool:
+        """Does the node answer its health check, healthy? One probe at a time per node."""
+        probe = self._probes.get(node.node_id)
+        if probe is None:
+            probe = self._probes[node.node_id] = asyncio.ensure_future(self._probe(node))
+            probe.add_done_callback(lambda _: self._probes.pop(node.node_id, None))
+        return await asyncio.shield(probe)
+
+    async def _probe(self, node: Node) -> bool:
+        try:
+            status, answer = await self.health(node)
+        except (NodeUnreachable, ValueError) as exc:
+            log.warning("node %s is silent and failed a health check (%s)", node.node_id, exc)
+            return False
+        if status != 200 or answer.status != "healthy":
+            log.warning("node %s is silent and unhealthy (%s)", node.node_id, answer.error)
+            return False
+        return True
+
+
+def _done_with(resp: ClientResponse) -> None:
+    """A body read to its end gives its connection back to the pool; any other is closed."""
+    if resp.content.at_eof() and resp.content.exception() is None:
+        resp.release()
+    else:
+        resp.close()
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancel a request; if it won the race and has a response, close that."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for the logs and for callers, without internals."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "connection lost mid-body"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"bad HTTP ({exc.message})"
+    return str(exc) or type(exc).__name__

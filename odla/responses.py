@@ -1,0 +1,232 @@
+"""``LineStream``: the streaming response of every hop (operator and node, every door).
+
+A Starlette ``StreamingResponse`` with three things the relay needs:
+
+- **open, then answer, while listening.** Given ``opening`` (a coroutine function that
+  opens the upstream and returns an ``Opened``), the response waits for it before it
+  sends anything, so a refusal upstream is still a real status code, and it listens for
+  the client leaving the whole time: a client that leaves while Ollama queues the job,
+  loads the model or reads the prompt cancels the opening, which closes the upstream
+  connection, and so the work at Ollama.
+- **batches.** The body is read by a producer task that runs until it would wait, while
+  the sender takes everything gathered so far: a burst of tokens costs one write, not
+  one per token. What waits for a slow client is bounded (``_Buffer.LIMIT``), so a slow
+  client slows its upstream down (TCP back-pressure) instead of filling memory.
+- **always ends properly.** One place maps failures, with a "response already started"
+  guard: before the first byte an error is a status with a body in the endpoint's shape;
+  after it, a stream (JSON lines or server-sent events) ends with one error line, and a
+  single JSON document is cut off (the client sees a broken body, never a clean 200 with
+  half a document). The body iterator is always closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .errors import ODLA, ODLAError, Shape
+from .protocol import NDJSON, ErrorLine
+
+log = logging.getLogger("odla")
+
+# The OpenAPI entry of a streaming endpoint: what it answers, and the statuses it can refuse with.
+STREAM_RESPONSES: dict = {
+    200: {"description": "JSON lines: tokens, then one final line", "content": {NDJSON: {"schema": {"type": "string"}}}},
+    **{code: {"model": ErrorLine, "description": text} for code, text in (
+        (400, "not JSON"), (401, "missing or wrong credentials"), (404, "no such model"), (413, "too large"),
+        (422, "invalid fields"), (502, "upstream failed"), (503, "no upstream could take the job"))},
+}
+
+
+class StreamBroken(Exception):
+    """Raised by a body iterator when its upstream broke off; the message is for the caller."""
+
+
+@dataclass
+class Opened:
+    """What an opened upstream answers with."""
+
+    body: AsyncIterator[bytes]
+    status_code: int = 200
+    media_type: str = NDJSON
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_stream(self) -> bool:
+        """Lines (JSON lines or server-sent events), which can end with an error line."""
+        return "ndjson" in self.media_type or "event-stream" in self.media_type
+
+
+class LineStream(StreamingResponse):
+    """Streams ``opening()``'s body (or ``content``), batched; errors in ``shape``."""
+
+    media_type = NDJSON  # what the OpenAPI schema shows
+
+    def __init__(self, content: Optional[AsyncIterator[bytes]] = None, *,
+                 opening: Optional[Callable[[], Awaitable[Opened]]] = None, shape: Shape = ODLA,
+                 status_code: int = 200, headers: Optional[Mapping[str, str]] = None,
+                 media_type: str = NDJSON) -> None:
+        super().__init__(content if content is not None else _nothing(), status_code, headers, media_type)
+        self.opening = opening
+        self.shape = shape
+        self.is_stream = Opened(self.body_iterator, media_type=media_type).is_stream
+        self.tail = b"\n"  # the last bytes sent: an error line must start on a line of its own
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            if self.opening is not None and not await self._open(watcher, scope, send):
+                return
+            await self._stream(watcher, send)
+        finally:
+            watcher.cancel()
+
+    async def _open(self, watcher: asyncio.Future, scope: Scope, send: Send) -> bool:
+        """Wait for the upstream while listening for the client; False when there is nothing to stream."""
+        assert self.opening is not None
+        opening = asyncio.ensure_future(self.opening())
+        await asyncio.wait((opening, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():  # the client left first: cancelling closes the upstream connection
+            opening.cancel()
+            await asyncio.wait((opening,))
+            if not opening.cancelled() and opening.exception() is None:  # it won the race after all
+                await _close(opening.result().body)
+            return False
+        try:
+            opened = opening.result()
+        except ODLAError as exc:
+            await self._error(exc, scope, send)
+            return False
+        except Exception:
+            log.exception("unexpected error opening %s %s", scope.get("method"), scope.get("path"))
+            await self._error(ODLAError("internal error", 500), scope, send)
+            return False
+        self.body_iterator, self.status_code = opened.body, opened.status_code
+        self.media_type, self.is_stream = opened.media_type, opened.is_stream
+        self.init_headers(opened.headers)
+        return True
+
+    async def _error(self, exc: ODLAError, scope: Scope, send: Send) -> None:
+        await self.shape.error(exc)(scope, _never, send)
+
+    async def _stream(self, watcher: asyncio.Future, send: Send) -> None:
+        started = False  # the status line leaves with the first data: one wake-up downstream, not two
+        buf = _Buffer()
+        producer = asyncio.create_task(self._produce(buf))
+        watcher.add_done_callback(lambda _: buf.ready.set())
+        try:
+            while True:
+                await buf.ready.wait()
+                buf.ready.clear()
+                data = buf.take()
+                if data:
+                    started = started or await self._start(send)
+                    await self._send(send, data)
+                if producer.done() and not buf.pieces:  # what came during the last send goes too
+                    break
+                if watcher.done():
+                    return
+            await self._finish(producer, started, send)
+        finally:
+            producer.cancel()  # the client left, or the body is done
+            await asyncio.wait((producer,))
+            if not producer.cancelled():
+                producer.exception()  # retrieved: _finish has reported it, or the client left
+            await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
+
+    async def _finish(self, producer: asyncio.Task, started: bool, send: Send) -> None:
+        """End the response after the body: cleanly, with an error line, or cut off."""
+        exc = producer.exception()
+        if exc is not None:
+            broken = isinstance(exc, StreamBroken)
+            if broken:
+                log.warning("stream broken: %s", exc)
+            else:
+                log.error("unexpected error in a stream", exc_info=exc)
+            message = str(exc) if broken else "internal error"
+            if not started and not self.is_stream:
+                await self.shape.response(message, 502 if broken else 500)({"type": "http"}, _never, send)
+                return
+            if not self.is_stream:
+                return  # cut off: the server closes the connection mid-body, the client sees it broken
+            started = started or await self._start(send)
+            await self._send(send, self._separator() + self.shape.line(message))
+        if not started:
+            await self._start(send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _separator(self) -> bytes:
+        end = b"\n\n" if "event-stream" in self.media_type else b"\n"
+        missing = len(end) - (len(self.tail) - len(self.tail.rstrip(b"\n")))
+        return b"\n" * max(0, missing)
+
+    async def _start(self, send: Send) -> bool:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        return True
+
+    async def _send(self, send: Send, data: bytes) -> None:
+        self.tail = data[-2:]
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _produce(self, buf: "_Buffer") -> None:
+        try:
+            async for data in self.body_iterator:
+                await buf.put(data)
+        finally:
+            buf.ready.set()
+
+
+class _Buffer:
+    """What the body produced and the client has not been sent yet, bounded."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.ready = asyncio.Event()
+        self.room = asyncio.Event()
+
+    async def put(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.size += len(data)
+        self.ready.set()
+        if self.size > self.LIMIT:
+            self.room.clear()
+            await self.room.wait()
+
+    def take(self) -> bytes:
+        data = b"".join(self.pieces) if len(self.pieces) != 1 else self.pieces[0]
+        self.pieces.clear()
+        self.size = 0
+        self.room.set()
+        return data
+
+
+async def _close(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    try:
+        if aclose is not None:
+            await aclose()
+    except Exception:  # noqa: BLE001 - closing must not turn a finished response into an error
+        log.warning("closing a stream's upstream failed", exc_info=True)
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _never() -> dict:  # an error response reads nothing
+    await asyncio.Future()
+    return {}
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
