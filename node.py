@@ -32,9 +32,9 @@ from fastapi.responses import Response
 from odla import protocol as p
 from odla.auth import join_headers, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
-from odla.errors import OLLAMA_FAILURES, ODLAError, install_error_handlers, ollama_failure, shape_for
+from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background
-from odla.inbound import BodyLimit, json_body, openapi_body
+from odla.inbound import build_app, json_body, openapi_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
 from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
@@ -239,9 +239,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
             yield
 
-    app = FastAPI(title="ODLA node agent", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    install_error_handlers(app)
+    app = build_app("ODLA node agent", lifespan, settings)
     operator_only = [Depends(join_token_dependency(settings.join_token))]
 
     # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request

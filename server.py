@@ -31,9 +31,9 @@ from odla import protocol as p
 from odla.auth import api_key_dependency, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.doors import doors_router
-from odla.errors import ODLAError, install_error_handlers
+from odla.errors import ODLAError
 from odla.lifespan import background
-from odla.inbound import BodyLimit, json_body, openapi_body
+from odla.inbound import build_app, json_body, openapi_body
 from odla.logs import setup_logging
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
@@ -115,10 +115,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         finally:
             await nodes.aclose()
 
-    app = FastAPI(title="ODLA operator", lifespan=lifespan)
+    app = build_app("ODLA operator", lifespan, settings)
     app.state.registry = registry
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    install_error_handlers(app)
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
 

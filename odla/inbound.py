@@ -6,16 +6,26 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Type, TypeVar
+from typing import Any, Awaitable, Callable, Type, TypeVar
 
-from fastapi import HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
-from .errors import ODLAError, invalid_body, shape_for
+from .errors import ODLAError, install_error_handlers, invalid_body, shape_for
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def build_app(title: str, lifespan: Any, settings: Settings) -> FastAPI:
+    """A FastAPI app as the operator and the node both need it: bounded bodies, one error
+    table, and no OpenTelemetry hooks (FastAPI's look at the environment on every request)."""
+    app = FastAPI(title=title, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    install_error_handlers(app)
+    return app
 
 
 class BodyLimit:

@@ -13,8 +13,11 @@ mid-stream ``{"error": ...}`` line. Names resolve as Ollama resolves them.
 Failure injection (flags, or ``POST /_sim/config`` with the same names at run time):
 ``crash_after`` K tokens (connection cut), ``error_after`` K tokens (error line),
 ``busy`` (503 to everything), ``hold_last`` (the last token waits for
-``POST /_sim/release``). ``GET /_sim/stats`` counts requests, finished and cancelled
-streams. The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+``POST /_sim/release``), ``load_delay`` (seconds before the first token, as while Ollama
+loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
+``GET /_sim/stats`` counts requests, finished and cancelled ones, and ``cancelled_early``:
+clients that left before the first token (queued, loading, or ``"stream": false``), which
+Ollama, too, stops working for. The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
 A bare ASGI app, no framework: the benchmark drives thousands of tokens a second
 through it, and what it costs falls on the direct and the relayed runs alike.
@@ -76,6 +79,8 @@ class Behaviour:
     error_message: str = "an error was encountered while running the model: unexpected EOF"
     busy: bool = False
     hold_last: bool = False
+    load_delay: float = 0.0
+    "Seconds before the first token (a model load, a long prompt being read)."
     num_parallel: int = 0
     "Requests that run at once (0: no limit)."
     max_queue: int = 512
@@ -105,7 +110,9 @@ class Simulator:
 
     def __init__(self, behaviour: Behaviour) -> None:
         self.b = behaviour
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "active": 0, "errors": 0}
+        # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
+                      "errors": 0}
         self.release = asyncio.Event()
         self._running = 0
         self._waiting = 0
@@ -271,6 +278,18 @@ class Simulator:
         if req is None:
             return
         self.stats["requests"] += 1
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            async with self.slot(watcher) as got_slot:
+                if not got_slot or not await self.load(watcher):
+                    self.stats["cancelled"] += 1
+                    self.stats["cancelled_early"] += 1
+                    return
+                await self.v1_answer(req, watcher, send, chat=chat)
+        finally:
+            watcher.cancel()
+
+    async def v1_answer(self, req: dict, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         prompt = self.prompt_of(req, chat)
         tokens = sim_tokens(prompt, self.b.tokens)
         ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
@@ -278,7 +297,11 @@ class Simulator:
         base = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": req["model"], "system_fingerprint": "fp_ollama"}
         if not req.get("stream"):
-            await asyncio.sleep(self.b.delay * len(tokens))
+            await first_of(asyncio.sleep(self.b.delay * len(tokens)), watcher)
+            if watcher.done():
+                self.stats["cancelled"] += 1
+                self.stats["cancelled_early"] += 1
+                return
             text = "".join(tokens)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                       if chat else {"text": text, "index": 0, "finish_reason": "stop"})
@@ -287,27 +310,25 @@ class Simulator:
             return
         if chat:
             base["object"] = "chat.completion.chunk"
-        await send_start(send, 200, "text/event-stream")
-        watcher = asyncio.ensure_future(wait_disconnect(receive))
-        try:
-            for i, token in enumerate([*tokens, ""]):
-                if i == self.b.crash_after:
-                    raise ConnectionAbortedError("simulated crash")
-                if self.b.delay and token:
-                    await first_of(asyncio.sleep(self.b.delay), watcher)
-                if watcher.done():
-                    self.stats["cancelled"] += 1
-                    return
-                reason = None if token else "stop"
-                choice = ({"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": reason}
-                          if chat else {"text": token, "index": 0, "finish_reason": reason})
-                await send_body(send, b"data: " + _compact({**base, "choices": [choice]}) + b"\n\n")
-            if (req.get("stream_options") or {}).get("include_usage"):
-                await send_body(send, b"data: " + _compact({**base, "choices": [], "usage": usage}) + b"\n\n")
-            await send_body(send, b"data: [DONE]\n\n", more=False)
-            self.stats["completed"] += 1
-        finally:
-            watcher.cancel()
+        for i, token in enumerate([*tokens, ""]):
+            if i == self.b.crash_after:
+                raise ConnectionAbortedError("simulated crash")
+            if self.b.delay and token:
+                await first_of(asyncio.sleep(self.b.delay), watcher)
+            if watcher.done():
+                self.stats["cancelled"] += 1
+                self.stats["cancelled_early"] += i == 0
+                return
+            if i == 0:  # Ollama's headers leave with its first output
+                await send_start(send, 200, "text/event-stream")
+            reason = None if token else "stop"
+            choice = ({"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": reason}
+                      if chat else {"text": token, "index": 0, "finish_reason": reason})
+            await send_body(send, b"data: " + _compact({**base, "choices": [choice]}) + b"\n\n")
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await send_body(send, b"data: " + _compact({**base, "choices": [], "usage": usage}) + b"\n\n")
+        await send_body(send, b"data: [DONE]\n\n", more=False)
+        self.stats["completed"] += 1
 
     async def sim_config(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
@@ -363,8 +384,22 @@ class Simulator:
             return
         self.stats["requests"] += 1
         prompt = self.prompt_of(req, chat)
-        async with self.slot():
-            await self.answer(req, prompt, receive, send, chat=chat)
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            async with self.slot(watcher) as got_slot:  # Ollama drops a queued request whose client left
+                if not got_slot or not await self.load(watcher):
+                    self.stats["cancelled"] += 1
+                    self.stats["cancelled_early"] += 1
+                    return
+                await self.answer(req, prompt, watcher, send, chat=chat)
+        finally:
+            watcher.cancel()
+
+    async def load(self, watcher: asyncio.Future) -> bool:
+        """The wait before the first token; False when the client left during it."""
+        if self.b.load_delay:
+            await first_of(asyncio.sleep(self.b.load_delay), watcher)
+        return not watcher.done()
 
     @staticmethod
     def prompt_of(req: dict, chat: bool) -> str:
@@ -374,21 +409,21 @@ class Simulator:
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         return str(last.get("content", ""))
 
-    def slot(self) -> "_Slot":
-        return _Slot(self)
+    def slot(self, watcher: asyncio.Future) -> "_Slot":
+        return _Slot(self, watcher)
 
-    async def answer(self, req: dict, prompt: str, receive: Receive, send: Send, *, chat: bool) -> None:
+    async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         model, b = req["model"], self.b
         tokens = sim_tokens(prompt, b.tokens)
         started = time.perf_counter_ns()
         if req.get("stream") is False:
-            await self.answer_whole(req, model, tokens, started, chat)(send)
+            await self.answer_whole(model, tokens, started, chat, watcher)(send)
             return
         self.stats["active"] += 1
-        watcher = asyncio.ensure_future(wait_disconnect(receive))
         try:
-            await send_start(send, 200, "application/x-ndjson")
             for i, token in enumerate(tokens):
+                if i in (b.error_after, b.crash_after) and i == 0:
+                    await send_start(send, 200, "application/x-ndjson")
                 if i == b.error_after:
                     self.stats["errors"] += 1
                     await send_body(send, _compact({"error": b.error_message}) + b"\n", more=False)
@@ -401,26 +436,41 @@ class Simulator:
                     await first_of(asyncio.sleep(b.delay), watcher)
                 if watcher.done():
                     self.stats["cancelled"] += 1
+                    self.stats["cancelled_early"] += i == 0
                     return
+                if i == 0:  # Ollama's headers leave with its first output
+                    await send_start(send, 200, "application/x-ndjson")
                 await send_body(send, self.part(model, token, chat) + b"\n")
+            if not tokens:
+                await send_start(send, 200, "application/x-ndjson")
             final = self.final(model, tokens, started, chat)
             await send_body(send, _compact(final) + b"\n", more=False)
             self.stats["completed"] += 1
         finally:
-            watcher.cancel()
             self.stats["active"] -= 1
 
-    def answer_whole(self, req: dict, model: str, tokens: list[str], started: int, chat: bool):
+    def answer_whole(self, model: str, tokens: list[str], started: int, chat: bool, watcher: asyncio.Future):
+        """``"stream": false``: the whole answer, sent once generated (nothing before it)."""
         async def whole(send: Send) -> None:
             if self.b.error_after is not None and self.b.error_after < len(tokens):
                 await respond_json(send, 500, {"error": self.b.error_message})
                 return
-            await asyncio.sleep(self.b.delay * len(tokens))
+            await first_of(asyncio.sleep(self.b.delay * len(tokens)), watcher)
+            if watcher.done():
+                self.stats["cancelled"] += 1
+                self.stats["cancelled_early"] += 1
+                return
             final = self.final(model, tokens, started, chat)
             if chat:
                 final["message"]["content"] = "".join(tokens)
             else:
                 final["response"] = "".join(tokens)
+            body = _compact(final)
+            if self.b.crash_after is not None:  # cut mid-body: Content-Length promises more than comes
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/json; charset=utf-8"), (b"content-length", b"%d" % len(body))]})
+                await send_body(send, body[: len(body) // 2])
+                raise ConnectionAbortedError("simulated crash")
             await respond_json(send, 200, final)
             self.stats["completed"] += 1
         return whole
@@ -450,17 +500,31 @@ class Simulator:
 
 
 class _Slot:
-    """OLLAMA_NUM_PARALLEL: a request waits here for a free runner."""
+    """OLLAMA_NUM_PARALLEL: a request waits here for a free runner, unless its client leaves."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Simulator, watcher: asyncio.Future) -> None:
         self.sim = sim
+        self.watcher = watcher
+        self.held = False
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> bool:
         sim = self.sim
         if not sim.b.num_parallel:
-            return
+            return True
         if sim._slot is None:
             sim._slot = asyncio.Condition()
+        waiting = asyncio.ensure_future(self._wait())
+        await asyncio.wait((waiting, self.watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            await asyncio.wait((waiting,))
+        self.held = waiting.done() and not waiting.cancelled()
+        if self.held and self.watcher.done():  # got the slot as the client left: give it back
+            await self._release()
+        return self.held
+
+    async def _wait(self) -> None:
+        sim = self.sim
         async with sim._slot:
             sim._waiting += 1
             try:
@@ -470,9 +534,13 @@ class _Slot:
             sim._running += 1
 
     async def __aexit__(self, *exc: object) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
         sim = self.sim
-        if not sim.b.num_parallel or sim._slot is None:
+        if not self.held or sim._slot is None:
             return
+        self.held = False
         async with sim._slot:
             sim._running -= 1
             sim._slot.notify()
@@ -560,6 +628,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
+    p.add_argument("--load-delay", type=float, default=0.0, help="seconds before the first token")
     p.add_argument("--num-parallel", type=int, default=0, help="requests run at once (0: no limit)")
     p.add_argument("--max-queue", type=int, default=512, help="requests that may wait before 503")
     return p.parse_args(argv)
@@ -569,7 +638,7 @@ def build(args: argparse.Namespace) -> Simulator:
     return Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, busy=args.busy,
+        error_after=args.error_after, busy=args.busy, load_delay=args.load_delay,
         num_parallel=args.num_parallel, max_queue=args.max_queue,
     ))
 

@@ -48,3 +48,70 @@ class FakeNode:
             yield p.token_line(self.name)
             await asyncio.sleep(0)
         yield p.DONE_LINE
+
+
+class RawNode:
+    """A node that speaks raw bytes over TCP, for answers no HTTP framework would give.
+
+    ``script(first_line, reader, writer)`` answers every request but ``GET /health``,
+    which gets a healthy answer unless ``healthy`` is False (then: no answer at all).
+    Runs on its own event loop in a thread; ``requests`` lists each request line seen and
+    ``closed`` counts connections the other side closed.
+    """
+
+    def __init__(self, script, models=("llama3",), healthy: bool = True) -> None:
+        import threading
+
+        from tests.helpers import bound_socket
+
+        self.script, self.models, self.healthy = script, list(models), healthy
+        self.requests: list[str] = []
+        self.closed = 0
+        self.sock = bound_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "RawNode":
+        self.sock.listen(64)
+        self.thread.start()
+        started = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, sock=self.sock), self.loop)
+        self.server = started.result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self.server.close()
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.sock.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                first = (await reader.readline()).decode("latin-1").strip()
+                if not first:
+                    self.closed += 1
+                    return
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    length = int(value) if name.strip().lower() == "content-length" else length
+                await reader.readexactly(length)
+                self.requests.append(first)
+                if first.startswith("GET /health"):
+                    if not self.healthy:
+                        await asyncio.Future()  # never answers
+                    body = p.HealthResponse(status="healthy", node_id="raw", models=self.models).model_dump_json()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(body), body.encode()))
+                elif not await self.script(first, reader, writer):
+                    return
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.closed += 1
+        finally:
+            writer.close()

@@ -1,6 +1,7 @@
 """The operator's Ollama and OpenAI doors, driven by the real ollama and openai SDKs, over two nodes."""
 
 import asyncio
+import json
 
 import httpx
 import ollama
@@ -161,3 +162,32 @@ def test_bad_bodies_get_ollamas_400(two):
     assert resp.status_code == 400 and resp.json() == {"error": "model is required"}
     resp = httpx.post(f"{op.url}/v1/chat/completions", json={"messages": []}, headers=headers)
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", {"prompt": "q", "stream": False}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "q"}], "stream": False}),
+])
+def test_a_whole_answer_cut_mid_body_is_never_a_clean_200(two, path, body):
+    op, a, b = two
+    a.configure(crash_after=1)
+    b.configure(crash_after=1)
+    try:
+        resp = httpx.post(op.url + path, json={"model": "llama3", **body}, headers={"authorization": f"Bearer {KEY}"})
+    except httpx.RemoteProtocolError:
+        return  # cut after the first bytes: the body stops short, and the client sees it broken
+    assert resp.status_code == 502 and "lost connection to Ollama" in resp.json()["error"]  # cut before them
+
+
+def test_a_stream_cut_mid_body_ends_with_an_ollama_error_line(two):
+    op, a, b = two
+    a.configure(crash_after=2)
+    b.configure(crash_after=2)
+    resp = httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "q"},
+                      headers={"authorization": f"Bearer {KEY}"})
+    lines = [json.loads(line) for line in resp.text.splitlines()]
+    assert resp.status_code == 200 and lines[-1] == {"error": lines[-1]["error"]}
+    assert "lost connection to Ollama" in lines[-1]["error"]
+    # aiohttp raises a broken connection's error before the bytes that came with it, so the
+    # tokens before the crash may or may not arrive; those that do are whole and in order
+    assert [line["response"] for line in lines[:-1]] == sim_tokens("q", 5)[:len(lines) - 1]

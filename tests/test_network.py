@@ -172,3 +172,23 @@ def test_200_concurrent_streams_stay_whole_and_separate(net):
     assert sum(served.values()) == 200 and min(served.values()) >= 60, served  # round-robin, give or take failover
     stats = httpx.get(f"{sim}/_sim/stats").json()
     assert stats["completed"] == 200
+
+
+def test_a_stopped_node_costs_a_client_at_most_connect_plus_health_timeout(net):
+    """kill -STOP: the kernel still accepts connections, the process never answers."""
+    sim = net.sim("--tokens", "3")
+    net.operator()
+    net.node("n1", sim)
+    net.node("n2", sim)
+    net.wait_nodes("n1", "n2")
+    stopped = net.nodes["n1"]
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(4):  # round-robin sends one of the first two to the stopped node
+            began = time.monotonic()
+            done = client(net, f"p{i}", "--model", "llama3")
+            assert done.returncode == 0, done.stderr
+            assert time.monotonic() - began < FAST["connect_timeout"] + FAST["health_check_timeout"] + 1.5
+        assert net.listing()["n1"]["healthy"] is False
+    finally:
+        stopped.send_signal(signal.SIGCONT)  # so that it can be stopped by its pid

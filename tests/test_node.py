@@ -214,3 +214,15 @@ def test_the_ollama_relay_passes_inference_through(sim, node):
     resp = httpx.post(f"{n.url}/ollama/api/generate", json={"model": "llama3", "prompt": "q", "stream": False})
     assert resp.status_code == 200 and resp.json()["response"] == "".join(sim_tokens("q", 6))
     assert httpx.get(f"{n.url}/ollama/api/tags").json()["models"][0]["name"] == "llama3:latest"
+
+
+def test_the_node_honours_httpx_settings_such_as_proxies(sim, node, monkeypatch):
+    """The SDK runs on httpx's own transport, so a proxy from the environment is used."""
+    for name in ("no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HTTP_PROXY", sim.url)  # the simulator answers the proxied requests itself
+    n = node(OPERATOR_GONE, "http://ollama.invalid:11434")
+    wait_for(lambda: httpx.get(f"{n.url}/health", timeout=5).json()["status"] == "healthy")
+    lines = read_stream(httpx.post(f"{n.url}/run", json={"job_id": "j", "prompt": "q", "model": "llama3"}))
+    assert lines[-1] == {"done": True}

@@ -1,5 +1,6 @@
 """The operator over real sockets: registry, routing, failover, relay, health checks."""
 
+import asyncio
 import json
 import time
 
@@ -8,7 +9,7 @@ import pytest
 
 from odla import protocol as p
 from sim.ollama_sim import sim_tokens
-from tests.fakes import FakeNode
+from tests.fakes import FakeNode, RawNode
 from tests.helpers import free_port, infer, node_ids, wait_for
 
 
@@ -260,3 +261,107 @@ def test_the_serving_node_is_named_in_a_header(operator, start):
     with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "x"}) as resp:
         assert resp.headers["x-odla-node"] == "A"
         assert resp.headers["content-type"] == "application/x-ndjson"
+
+
+# --- issue 11: a node that answers badly, or not at all ---------------------------------------
+
+async def never(first, reader, writer):
+    await asyncio.Future()  # accepted, read, and never answered: a stopped process
+
+
+def test_a_silent_node_loses_the_job_within_connect_plus_health_timeout(operator, start):
+    op = operator(health_check_interval=60, connect_timeout=1, health_check_timeout=1)
+    with RawNode(never, healthy=False) as silent:
+        assert register(op, "silent", silent.url, ["llama3:latest"]).status_code == 200
+        fake(start, op, "B")
+        began = time.monotonic()
+        assert served_by(op, 2) == ["B", "B"]
+        assert time.monotonic() - began < 1 + 1 + 0.5  # connect_timeout + health_check_timeout, once
+        assert [r for r in silent.requests if r.startswith("POST /run")]  # it was tried first
+
+
+def test_a_node_that_is_slow_but_answers_its_health_check_is_waited_for(operator, start):
+    async def slow(first, reader, writer):
+        await asyncio.sleep(3)  # Ollama loading a model: longer than grace + health timeout
+        body = b'{"token": "slow", "done": false}\n{"done": true}\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return True
+
+    op = operator(health_check_interval=60, connect_timeout=1, health_check_timeout=1)
+    with RawNode(slow) as node:
+        register(op, "slow", node.url, ["llama3:latest"])
+        assert infer(op.url) == (200, [{"token": "slow", "done": False}, {"done": True}])
+        assert sum(r.startswith("GET /health") for r in node.requests) >= 2  # asked, and kept
+
+
+def test_a_client_that_leaves_closes_the_connection_to_the_node(operator):
+    closed = []
+
+    async def until_closed(first, reader, writer):
+        await reader.read()  # returns at the end of the connection
+        closed.append(first)
+        return False
+
+    op = operator(health_check_interval=60)
+    with RawNode(until_closed) as node:
+        register(op, "n", node.url, ["llama3:latest"])
+        for _ in range(3):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{op.url}/inference", json={"model": "llama3", "prompt": "x"}, timeout=0.3)
+        wait_for(lambda: len(closed) == 3, timeout=1)
+
+
+def test_100_continue_is_not_the_answer(operator):
+    async def continue_first(first, reader, writer):
+        body = b'{"token": "after 100", "done": false}\n{"done": true}\n'
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    op = operator(health_check_interval=60)
+    with RawNode(continue_first) as node:
+        register(op, "n", node.url, ["llama3:latest"])
+        assert infer(op.url) == (200, [{"token": "after 100", "done": False}, {"done": True}])
+
+
+def test_a_node_sending_endless_headers_is_refused(operator):
+    async def headers(first, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"x-junk: 1\r\n" * 200_000 + b"\r\n")
+        return True
+
+    op = operator(health_check_interval=60)
+    with RawNode(headers) as node:
+        register(op, "n", node.url, ["llama3:latest"])
+        status, body = infer(op.url)
+        assert status in (502, 503) and "not reachable" in body[0]["error"]
+
+
+def test_a_body_that_ends_when_the_connection_closes_is_whole(operator):
+    async def close_delimited(first, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n"
+                     b'{"token": "all", "done": false}\n{"done": true}\n')
+        return False  # closes the connection: that ends the body
+
+    op = operator(health_check_interval=60)
+    with RawNode(close_delimited) as node:
+        register(op, "n", node.url, ["llama3:latest"])
+        assert infer(op.url) == (200, [{"token": "all", "done": False}, {"done": True}])
+
+
+def test_a_job_is_never_sent_twice(operator):
+    """A kept-alive connection the node drops after reading the job: the job is not re-sent."""
+    async def first_ok_then_drop(first, reader, writer):
+        if sum(r.startswith("POST /run") for r in node.requests) > 1:
+            return False  # read the job, then closed the connection without an answer
+        body = b'{"token": "1", "done": false}\n{"done": true}\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return True
+
+    op = operator(health_check_interval=60)
+    with RawNode(first_ok_then_drop) as node:
+        register(op, "n", node.url, ["llama3:latest"])
+        assert infer(op.url)[0] == 200
+        assert infer(op.url)[0] in (502, 503)
+        assert sum(r.startswith("POST /run") for r in node.requests) == 2
