@@ -33,7 +33,7 @@ from odla import protocol as p
 from odla.auth import join_headers, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
-from odla.lifespan import background
+from odla.lifespan import background, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
@@ -290,6 +290,7 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"node: {exc}")
     setup_logging(settings.log_level)
+    tune_gc()
     app = create_app(settings)
     log.info("node agent listening on %s:%d, Ollama at %s, operator at %s", settings.node_host,
              settings.node_port, settings.ollama_host, settings.operator_url)

@@ -32,7 +32,7 @@ from odla.auth import api_key_dependency, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
-from odla.lifespan import background
+from odla.lifespan import background, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.logs import setup_logging
 from odla.nodes import NodeClient, NodeUnreachable
@@ -180,6 +180,7 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"operator: {exc}")
     setup_logging(settings.log_level)
+    tune_gc()
     warn_if_open(settings)
     log.info("operator listening on %s:%d", settings.operator_host, settings.operator_port)
     uvicorn.run(create_app(settings), host=settings.operator_host, port=settings.operator_port,

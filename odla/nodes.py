@@ -59,18 +59,27 @@ class NodeClient:
         await self.session.close()
 
     async def send(self, node: Node, method: str, path: str, body: bytes = b"") -> ClientResponse:
-        """Send a request and return the response once its headers are in; see "Silent or slow?"."""
-        request = asyncio.ensure_future(self._request(method, f"{node.url}{path}", body))
+        """Send a request and return the response once its headers are in; see "Silent or slow?".
+
+        The wait is not a task of its own (a task and a timed wait per request cost more than
+        the rest of the operator's work on a short answer): a timer starts a watch only if
+        the node is still silent after ``grace``, and the watch cancels the wait if the node
+        fails its health check.
+        """
+        watch = _Watch(self, node, asyncio.current_task())
+        timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
-            while True:
-                done, _ = await asyncio.wait((request,), timeout=self.grace)
-                if done:
-                    return request.result()
-                if not await self.alive(node) and not request.done():
-                    raise NodeUnreachable("did not answer, and did not pass a health check")
-        except BaseException:
-            await _cancel(request)
-            raise
+            return await self._request(method, f"{node.url}{path}", body)
+        except asyncio.CancelledError:
+            if not watch.abandoned:
+                raise
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            raise NodeUnreachable("did not answer, and did not pass a health check") from None
+        finally:
+            timer.cancel()
+            watch.stop()
 
     async def _request(self, method: str, url: str, body: bytes) -> ClientResponse:
         try:
@@ -144,13 +153,27 @@ def _done_with(resp: ClientResponse) -> None:
         resp.close()
 
 
-async def _cancel(task: asyncio.Future) -> None:
-    """Cancel a request; if it won the race and has a response, close that."""
-    if not task.done():
-        task.cancel()
-        await asyncio.wait((task,))
-    if not task.cancelled() and task.exception() is None:
-        task.result().close()
+class _Watch:
+    """Asks a silent node for its health every ``grace``; cancels the wait when it fails."""
+
+    def __init__(self, client: NodeClient, node: Node, waiter: Optional[asyncio.Task]) -> None:
+        self.client, self.node, self.waiter = client, node, waiter
+        self.abandoned = False
+        self.task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        while await self.client.alive(self.node):
+            await asyncio.sleep(self.client.grace)
+        if self.waiter is not None:
+            self.abandoned = True
+            self.waiter.cancel()
 
 
 def describe(exc: BaseException) -> str:

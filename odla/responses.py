@@ -90,11 +90,19 @@ class LineStream(StreamingResponse):
         """Wait for the upstream while listening for the client; False when there is nothing to stream."""
         assert self.opening is not None
         opening = asyncio.ensure_future(self.opening())
-        await asyncio.wait((opening, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not opening.done():  # the client left first: cancelling closes the upstream connection
-            opening.cancel()
-            await asyncio.wait((opening,))
-            if not opening.cancelled() and opening.exception() is None:  # it won the race after all
+        # the client left first: cancelling closes the upstream connection (a no-op once it is open)
+        watcher.add_done_callback(lambda _: opening.cancel())
+        try:
+            await opening
+        except asyncio.CancelledError:
+            if not watcher.done():  # this task itself was cancelled (the server is stopping)
+                raise
+        except Exception:  # noqa: BLE001 - answered below, from the task's result
+            pass
+        if opening.cancelled():
+            return False
+        if watcher.done():  # it won the race after all
+            if opening.exception() is None:
                 await _close(opening.result().body)
             return False
         try:
@@ -124,10 +132,15 @@ class LineStream(StreamingResponse):
                 await buf.ready.wait()
                 buf.ready.clear()
                 data = buf.take()
+                last = producer.done() and not buf.pieces
+                if last and producer.exception() is None:  # the last data and the end in one write
+                    started or await self._start(send)
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    return
                 if data:
                     started = started or await self._start(send)
                     await self._send(send, data)
-                if producer.done() and not buf.pieces:  # what came during the last send goes too
+                if last:  # what came during the last send has gone too
                     break
                 if watcher.done():
                     return

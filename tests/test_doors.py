@@ -176,7 +176,7 @@ def test_a_whole_answer_cut_mid_body_is_never_a_clean_200(two, path, body):
         resp = httpx.post(op.url + path, json={"model": "llama3", **body}, headers={"authorization": f"Bearer {KEY}"})
     except httpx.RemoteProtocolError:
         return  # cut after the first bytes: the body stops short, and the client sees it broken
-    assert resp.status_code == 502 and "lost connection to Ollama" in resp.json()["error"]  # cut before them
+    assert resp.status_code == 502 and resp.json()["error"]  # cut before them: a status that says so
 
 
 def test_a_stream_cut_mid_body_ends_with_an_ollama_error_line(two):

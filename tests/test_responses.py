@@ -38,8 +38,8 @@ def test_lines_ready_together_leave_in_one_send():
 
     sent = run(LineStream(burst()))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
-    assert bodies(sent) == [b"line 0\nline 1\nline 2\n", b"late\n", b""]
-    assert sent[-1]["more_body"] is False
+    assert bodies(sent) == [b"line 0\nline 1\nline 2\n", b"late\n"]
+    assert sent[-1]["more_body"] is False  # the last data and the end leave in one write
 
 
 def test_disconnect_cancels_and_closes_the_body():
@@ -126,3 +126,26 @@ def test_the_opened_status_media_type_and_headers_are_sent():
     assert start["status"] == 201
     assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
     assert (b"x-odla-node", b"n1") in start["headers"]
+
+
+def test_a_body_failing_after_the_start_over_a_real_socket():
+    """Served by uvicorn and read by httpx: the stream still ends with exactly one final line."""
+    import httpx
+    from fastapi import FastAPI
+
+    from tests.helpers import ServerThread, read_stream
+
+    app = FastAPI()
+
+    async def breaks():
+        yield b'{"token": "a", "done": false}\n'
+        raise RuntimeError("bug")
+
+    @app.post("/x")
+    async def endpoint() -> LineStream:
+        return LineStream(breaks())
+
+    with ServerThread(app) as server:
+        with httpx.stream("POST", f"{server.url}/x") as resp:
+            lines = read_stream(resp)
+    assert lines == [{"token": "a", "done": False}, {"error": "internal error", "done": True}]
