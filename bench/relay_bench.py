@@ -5,7 +5,8 @@
 Starts the Ollama simulator, one operator and one (or two) nodes, and, where nginx is
 installed, an nginx reverse proxy in front of the simulator as the floor of what any
 relay costs. Each load shape runs straight at the simulator (direct), through nginx and
-through ODLA, interleaved A B C A B C... so that noise falls on all of them. Prints a
+through ODLA, interleaved A B C A B C... so that noise falls on all of them; one request at a
+time (serial) also runs straight at the node's ``/run``, to show what each hop adds. Prints a
 table and writes bench/results/latest.json.
 
 Measured per shape and path: time to first token p50/p99, aggregate tokens/s, failures
@@ -234,7 +235,7 @@ class Run:
     cpu: dict[str, int] = field(default_factory=dict)
 
 
-async def drive(port: int, path: str, model_field: str, shape: Shape, tag: str) -> Run:
+async def drive(port: int, path: str, shape: Shape, tag: str, extra: Optional[dict] = None) -> Run:
     run = Run()
     queue = list(range(shape.requests))
 
@@ -243,7 +244,7 @@ async def drive(port: int, path: str, model_field: str, shape: Shape, tag: str) 
         try:
             while queue:
                 i = queue.pop()
-                body = json.dumps({"model": "llama3", "prompt": f"{tag} request {i}"}).encode()
+                body = json.dumps({**(extra or {}), "model": "llama3", "prompt": f"{tag} request {i}"}).encode()
                 try:
                     first, lines, last = await conn.post_stream(path, body)
                     final = json.loads(last)
@@ -289,7 +290,8 @@ def summarise(runs: list[Run]) -> dict:
 async def measure(path_name: str, port: int, path: str, shape: Shape, watch: dict[str, list[int]],
                   round_no: int) -> Run:
     before = {name: cpu_ns(pids) for name, pids in watch.items()}
-    run = await drive(port, path, "model", shape, f"{shape.name}-{path_name}-{round_no}")
+    extra = {"job_id": f"bench-{round_no}"} if path == "/run" else None
+    run = await drive(port, path, shape, f"{shape.name}-{path_name}-{round_no}", extra)
     run.cpu = {name: cpu_ns(pids) - before[name] for name, pids in watch.items()}
     return run
 
@@ -309,11 +311,14 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
         paths.append(("nginx", ports["nginx"], "/api/generate", {"sim": watch["sim"], "nginx": watch["nginx"]}))
     paths.append(("odla", ports["operator"], "/inference",
                   {"sim": watch["sim"], "operator": watch["operator"], "node": watch["node"]}))
+    # One request at a time, also straight at the node: what each hop adds, the node's and the operator's.
+    node_path = ("node", ports["node"], "/run", {"sim": watch["sim"], "node": watch["node"][:1]})
     for shape in shapes:
+        paths = [*paths[:-1], node_path, paths[-1]] if shape.name == "serial" else [p for p in paths if p[0] != "node"]
         await set_sim(ports["sim"], tokens=shape.tokens, delay=shape.delay)
         warm = Shape(shape.name, min(shape.concurrency, 20), min(shape.concurrency, 20), shape.tokens, 0, 1)
         for name, port, path, _ in paths:
-            await drive(port, path, "model", warm, "warm-" + name)
+            await drive(port, path, warm, "warm-" + name, {"job_id": "warm"} if path == "/run" else None)
         runs: dict[str, list[Run]] = {name: [] for name, *_ in paths}
         for round_no in range(shape.rounds):
             for name, port, path, w in paths:
@@ -343,7 +348,7 @@ def table(result: dict) -> str:
              "CPU µs/tok relay", "fail")]
     for shape, per_path in result["shapes"].items():
         direct = per_path["direct"]
-        for name in ("direct", "nginx", "odla"):
+        for name in ("direct", "nginx", "node", "odla"):
             r = per_path.get(name)
             if r is None:
                 continue
@@ -351,6 +356,8 @@ def table(result: dict) -> str:
                 relay = f"op {r['cpu_us_per_token_operator']:.1f} + node {r['cpu_us_per_token_node']:.1f}"
             elif name == "nginx":
                 relay = f"{r['cpu_us_per_token_nginx']:.1f}"
+            elif name == "node":
+                relay = f"node {r['cpu_us_per_token_node']:.1f}"
             else:
                 relay = "-"
             added = (r["ttft_p50_ms"] - direct["ttft_p50_ms"], r["ttft_p99_ms"] - direct["ttft_p99_ms"])
@@ -400,6 +407,7 @@ def main() -> None:
         for port in [*ports.values(), *node_ports] if have_nginx else [ports["sim"], ports["operator"], *node_ports]:
             wait_port(port)
         wait_registered(ports["operator"], args.nodes)
+        ports["node"] = node_ports[0]
         watch = {"sim": [procs.procs["sim"].pid], "operator": [procs.procs["operator"].pid],
                  "node": [procs.procs[f"node{i + 1}"].pid for i in range(args.nodes)]}
         if have_nginx:
