@@ -315,7 +315,10 @@ def test_a_client_that_leaves_closes_the_connection_to_the_node(operator):
 def test_100_continue_is_not_the_answer(operator):
     async def continue_first(first, reader, writer):
         body = b'{"token": "after 100", "done": false}\n{"done": true}\n'
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # on its own, as a slow node sends it
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         return True
 
@@ -341,6 +344,8 @@ def test_a_body_that_ends_when_the_connection_closes_is_whole(operator):
     async def close_delimited(first, reader, writer):
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n"
                      b'{"token": "all", "done": false}\n{"done": true}\n')
+        await writer.drain()
+        await asyncio.sleep(0.2)
         return False  # closes the connection: that ends the body
 
     op = operator(health_check_interval=60)
