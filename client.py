@@ -80,15 +80,18 @@ def _unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
 
 
 def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str,
-                     on_node: Callable[[str], None] = lambda node: None) -> Iterator[str]:
-    """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it."""
+                     on_node: Callable[[str], None] = lambda node: None,
+                     on_queued: Callable[[int], None] = lambda place: None) -> Iterator[str]:
+    """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it (when the
+    job did not wait in the queue), ``on_queued`` its place while it waits."""
     body = p.InferenceRequest(model=model, prompt=prompt).model_dump_json()
     try:
         with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
             if resp.status_code != 200:
                 raise _refused(resp)
-            on_node(resp.headers.get("x-odla-node", "?"))
-            yield from tokens(resp.iter_lines())
+            if "x-odla-node" in resp.headers:
+                on_node(resp.headers["x-odla-node"])
+            yield from tokens(resp.iter_lines(), on_queued)
     except httpx.HTTPError as exc:
         raise _unreachable(operator, exc) from exc
     except StreamError as exc:
@@ -153,9 +156,13 @@ def infer(
         text = read_prompt(prompt)
         printed = False
         on_node = (lambda node: typer.echo(f"[node {node}]", err=True)) if show_node else (lambda node: None)
+
+        def on_queued(place: int) -> None:
+            typer.echo(f"[queued: place {place} in line]" if place > 1 else "[queued: next in line]", err=True)
+
         try:
             with exit_at_once_on_ctrl_c(), _http(url, api_key) as http:
-                for token in stream_inference(http, url, model or conf.default_model, text, on_node):
+                for token in stream_inference(http, url, model or conf.default_model, text, on_node, on_queued):
                     typer.echo(token, nl=False)
                     printed = True
             printed = True

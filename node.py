@@ -31,6 +31,7 @@ from fastapi.responses import Response
 
 from odla import protocol as p
 from odla.auth import join_headers, join_token_dependency
+from odla.capacity import Capacity, num_parallel
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background, tune_gc
@@ -40,6 +41,7 @@ from odla.logs import setup_logging
 from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
 
 log = logging.getLogger("odla.node")
+REPORT_GAP_S = 0.2
 
 # What /ollama/* relays: what the operator's doors need, and nothing that changes the machine.
 OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
@@ -91,6 +93,8 @@ class Node:
         self.raw = raw  # the /ollama/... relay, bytes as they are
         self.http = http  # the operator
         self.state = NodeState(node_id=settings.node_id or socket.gethostname(), url=public_url(settings))
+        self.capacity = Capacity(ollama_api, num_parallel(settings))
+        self.report_soon = asyncio.Event()  # a job ended: what is loaded, and how fast, has changed
 
     async def refresh_models(self) -> bool:
         """Ask Ollama for its models; records whether it answered."""
@@ -110,11 +114,18 @@ class Node:
         self.state.models, self.state.ollama_error = models, None
         return True
 
+    async def refresh(self) -> None:
+        """Models, then what is loaded and each model's slots: what a report carries."""
+        if await self.refresh_models():
+            await self.capacity.refresh(self.state.models, self.settings.health_check_timeout)
+
     async def register(self) -> None:
         if not self.settings.node_url:  # derived again each time: the route may change, or resolve late
             self.state.url = public_url(self.settings)
-        body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url,
-                                 models=self.state.models, healthy=self.state.healthy)
+        cap = self.capacity
+        body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
+                                 healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
+                                 tokens_per_s=cap.tokens_per_s)
         resp = await self.http.post(f"{self.settings.operator_url}/register",
                                     content=body.model_dump_json(), headers=self._headers())
         resp.raise_for_status()
@@ -130,11 +141,13 @@ class Node:
         return {"content-type": "application/json", **join_headers(self.settings.join_token)}
 
     async def heartbeat(self) -> None:
-        """Register, then re-register every interval; back off (capped) while the operator is away."""
+        """Register, then re-register every interval and soon after each job; back off (capped)
+        while the operator is away."""
         backoff = 0.5
         while True:
             try:
-                await self.refresh_models()
+                self.report_soon.clear()
+                await self.refresh()
                 await self.register()
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any one failure
                 reason = _describe_http_error(exc) if isinstance(exc, httpx.HTTPError) else repr(exc)
@@ -150,7 +163,9 @@ class Node:
                 log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url,
                          self.settings.operator_url)
             self.state.registered, backoff = True, 0.5
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.report_soon.wait(), self.settings.heartbeat_interval)
+                await asyncio.sleep(REPORT_GAP_S)  # jobs that end together make one report
 
     async def open_job(self, job: p.RunRequest) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""
@@ -179,6 +194,7 @@ class Node:
                 if part.response:
                     yield p.token_line(part.response)
                 if part.done:
+                    self.capacity.measured(part.model, part.eval_count, part.eval_duration)
                     yield p.DONE_LINE
                     return
                 part = await parts.__anext__()
@@ -190,6 +206,7 @@ class Node:
             log.warning("job %s failed mid-stream: %s", job_id, message)
             yield p.error_line(message)
         finally:
+            self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
     async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> Opened:
@@ -268,7 +285,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
               openapi_extra=openapi_body(p.RunRequest), summary="Execute an inference job (operator only)")
     async def run(job: RunBody, node: NodeDep) -> LineStream:
         """JSON lines: tokens as Ollama makes them, then one final line."""
-        return LineStream(opening=lambda: node.open_job(job))
+        return LineStream(opening=lambda tell: node.open_job(job))
 
     @app.api_route("/ollama/{path:path}", methods=["GET", "POST"], dependencies=operator_only,
                    response_class=LineStream, include_in_schema=False)
@@ -279,7 +296,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
         body = await request.body()
         query = request.url.query
-        return LineStream(opening=lambda: node.open_ollama(method, path, query, body), shape=shape_for(path))
+        return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body), shape=shape_for(path))
 
     return app
 

@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 
 from odla import protocol as p
-from odla.auth import api_key_dependency, join_token_dependency
+from odla.auth import api_key_dependency, caller_of, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
@@ -38,6 +38,7 @@ from odla.logs import setup_logging
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
 from odla.relay import Router
+from odla.scheduler import Scheduler
 from odla.responses import STREAM_RESPONSES, LineStream
 
 log = logging.getLogger("odla.operator")
@@ -47,11 +48,13 @@ class HealthChecker:
     """Checks every node at once, every interval, and prunes the silent ones."""
 
     def __init__(self, registry: Registry, nodes: NodeClient, settings: Settings,
-                 on_unreachable: Callable[[str], int] = lambda node_id: 0) -> None:
+                 on_unreachable: Callable[[str], int] = lambda node_id: 0,
+                 on_healthy: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
         self.nodes = nodes
         self.settings = settings
         self.on_unreachable = on_unreachable
+        self.on_healthy = on_healthy
         self.rechecks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
@@ -97,18 +100,22 @@ class HealthChecker:
         if healthy != node.healthy:
             log.info("node %s is now %s", node.node_id, "healthy" if healthy else f"unhealthy ({body.error})")
         self.registry.seen(node.node_id, healthy=healthy, models=body.models)
+        if healthy:
+            self.on_healthy()
 
 
 def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     """The operator's app. ``clock`` moves time in tests."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
+    scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nodes = NodeClient(settings)
         try:
-            router = app.state.router = Router(registry, nodes)
-            checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort)
+            router = app.state.router = Router(registry, nodes, scheduler)
+            checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
+                                                        on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
             async with background(checker.run(), "health-checks"):
                 yield
@@ -126,9 +133,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         # A node the operator could not reach stays out of rotation until a health check
         # from here succeeds: that it can reach us says nothing of whether we can reach it.
         doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
-        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted)
+        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
+                                 slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s)
         if doubted:
             request.app.state.checker.suspect(node)
+        scheduler.wake()  # its slots may have grown
         if known is None:
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
         return p.RegisterResponse(node_id=node.node_id, models=node.models)
@@ -142,7 +151,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     @app.get("/nodes", response_model=p.NodesResponse, dependencies=client_auth)
     async def nodes() -> p.NodesResponse:
-        return p.NodesResponse(nodes=[n.info() for n in registry.nodes()])
+        now = registry.clock()
+        return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
 
     @app.get("/health")
     async def health() -> dict:
@@ -155,7 +165,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def inference(body: InferenceBody, request: Request) -> LineStream:
         """JSON lines: tokens as the node streams them, then one final line."""
         router: Router = request.app.state.router
-        return LineStream(opening=lambda: router.open_job(body.model, body.prompt))
+        caller = caller_of(request.headers)
+        return LineStream(opening=lambda tell: router.open_job(body.model, body.prompt, caller, tell))
 
     app.include_router(doors_router(registry, client_auth))
     return app

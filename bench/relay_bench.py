@@ -397,8 +397,10 @@ def main() -> None:
         env = {"ODLA_CONFIG": str(config)}
         procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(ports["operator"])})
         for i, port in enumerate(node_ports):
+            # the simulator runs any number of requests at once; the node says so, or the operator queues
             procs.start(f"node{i + 1}", [PY, "node.py"], {**env, "NODE_ID": f"node{i + 1}", "NODE_PORT": str(port),
-                                                          "OLLAMA_HOST": f"127.0.0.1:{ports['sim']}"})
+                                                          "OLLAMA_HOST": f"127.0.0.1:{ports['sim']}",
+                                                          "OLLAMA_NUM_PARALLEL": "4096"})
         if have_nginx:
             (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=ports["nginx"],
                                                                   upstream=ports["sim"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Awaitable, Callable, Iterable, Mapping, Optional
 
@@ -36,6 +37,12 @@ def check_api_key(headers: Mapping[str, str], keys: list[str]) -> None:
     """Client-facing endpoints: ``Authorization: Bearer <key>``, when keys are set."""
     if keys and not _matches(bearer(headers), keys):
         raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
+
+
+def caller_of(headers: Mapping[str, str]) -> str:
+    """Who is asking, for fair queueing: a hash of the API key (never the key), or "" without one."""
+    key = bearer(headers)
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
 
 
 def join_headers(token: Optional[str]) -> dict[str, str]:

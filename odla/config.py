@@ -71,6 +71,12 @@ class Settings(BaseModel):
     api_keys: list[str] = Field(default_factory=list, repr=False)
     "When non-empty, clients must send one as ``Authorization: Bearer``."
     log_level: str = "info"
+    max_queue: int = Field(512, ge=0)
+    "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
+    queue_timeout: float = Field(300, gt=0)
+    "Seconds a job waits for a free slot before 504."
+    num_parallel: Optional[int] = Field(None, ge=1, le=65536)
+    "Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads it, else 1."
 
     @field_validator("operator_url", "node_url")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from .auth import caller_of
 from .errors import NoNodeError, ODLAError, shape_for
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
@@ -46,8 +47,9 @@ def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
         body = await request.body()
         model = _model_of(body)
         router: Router = request.app.state.router
-        path = request.url.path
-        return LineStream(opening=lambda: _open(router, model, path, body), shape=shape_for(path))
+        path, caller = request.url.path, caller_of(request.headers)
+        # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
+        return LineStream(opening=lambda tell: _open(router, model, path, body, caller), shape=shape_for(path))
 
     for path in ROUTED:
         api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=auth)
@@ -79,14 +81,14 @@ def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
     return api
 
 
-async def _open(router: Router, model: str, path: str, body: bytes) -> Opened:
+async def _open(router: Router, model: str, path: str, body: bytes, caller: str) -> Opened:
     try:
-        node, resp = await router.open(model, "POST", "/ollama" + path, body)
+        claim, resp = await router.open(model, "POST", "/ollama" + path, body, caller)
     except NoNodeError:
         raise ODLAError(f"model '{model}' not found", 404) from None
     media = resp.headers.get("content-type", "application/json")
-    headers = {"x-odla-node": node.node_id}
-    return Opened(router.relay(node, resp, protocol=False), resp.status, media, headers)
+    headers = {"x-odla-node": claim.node.node_id}
+    return Opened(router.relay(claim, resp, protocol=False), resp.status, media, headers)
 
 
 async def _ask_all(router: Router, registry: Registry, path: str) -> list[dict]:

@@ -6,6 +6,8 @@ Streams are JSON lines (``application/x-ndjson``)::
     {"token": " world", "done": false}
     {"done": true}
 
+A job that waits for a free slot first hears its place: ``{"queued": 3, "done": false}``.
+
 or, as the one last line of a failed stream, ``{"error": "...", "done": true}``.
 Every stream ends with exactly one final line (``"done": true``).
 """
@@ -30,6 +32,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoadedModel(BaseModel):
+    """A model in the memory of a node's Ollama (its ``/api/ps``)."""
+
+    name: ModelName
+    expires_at: Optional[str] = None
+    "RFC 3339, when Ollama unloads it unless used again."
+
+
 class RegisterRequest(_Body):
     """``POST /register`` on the operator: a node announces itself (also its heartbeat)."""
 
@@ -41,6 +51,12 @@ class RegisterRequest(_Body):
     "Model names as the node's Ollama lists them (``llama3:latest``)."
     healthy: bool = True
     "False when the node is up but its Ollama is not answering."
+    slots: dict[ModelName, Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=dict, max_length=4096)
+    "Requests each model runs at once (OLLAMA_NUM_PARALLEL; 1 for embedding models); absent: 1."
+    loaded: list[LoadedModel] = Field(default_factory=list, max_length=4096)
+    "Models Ollama holds in memory now."
+    tokens_per_s: dict[ModelName, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=4096)
+    "Moving average of eval tokens per second per model, from Ollama's final messages."
 
     @field_validator("url")
     @classmethod
@@ -76,8 +92,15 @@ class NodeInfo(BaseModel):
     "ISO 8601, UTC."
     healthy: bool = True
     active_jobs: int = 0
+    "Jobs this operator has running on the node now."
     jobs_total: int = 0
     "Jobs relayed since the node registered with this operator."
+    slots: dict[str, int] = Field(default_factory=dict)
+    "Requests each model runs at once."
+    loaded: list[str] = Field(default_factory=list)
+    "Models in memory."
+    tokens_per_s: Optional[float] = None
+    "Measured: a moving average of eval tokens per second."
 
 
 class NodesResponse(BaseModel):
@@ -125,6 +148,15 @@ class TokenLine(BaseModel):
     done: Literal[False] = False
 
 
+class QueuedLine(BaseModel):
+    """Before any token: every node with the model is busy, and the job is ``queued``-th in line.
+
+    Sent first and again when the place changes (at most once a second); only on ``/inference``."""
+
+    queued: int = Field(ge=1)
+    done: Literal[False] = False
+
+
 class DoneLine(BaseModel):
     """The final line of a stream that succeeded."""
 
@@ -138,7 +170,7 @@ class ErrorLine(BaseModel):
     done: Literal[True] = True
 
 
-StreamLine = Union[TokenLine, ErrorLine, DoneLine]
+StreamLine = Union[TokenLine, QueuedLine, ErrorLine, DoneLine]
 
 
 # The hot path encodes lines by hand: byte-for-byte what json.dumps gives for the
@@ -150,6 +182,11 @@ DONE_LINE = b'{"done": true}\n'
 def token_line(token: str) -> bytes:
     """Encode one ``TokenLine``."""
     return b'{"token": ' + encode_basestring(token).encode() + b', "done": false}\n'
+
+
+def queued_line(place: int) -> bytes:
+    """Encode one ``QueuedLine``."""
+    return b'{"queued": %d, "done": false}\n' % place
 
 
 def error_line(message: str) -> bytes:
@@ -166,6 +203,8 @@ def parse_line(line: Union[str, bytes]) -> StreamLine:
         if "error" in data:
             return ErrorLine(error=str(data["error"]))
         return DoneLine()
+    if "queued" in data and "token" not in data:
+        return QueuedLine.model_validate(data)
     return TokenLine.model_validate(data)
 
 

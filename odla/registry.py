@@ -1,18 +1,19 @@
-"""The operator's in-memory registry of nodes: register, pick round-robin, prune.
+"""The operator's in-memory registry of nodes: what each has, can run and is running; prune.
 
-Pure and synchronous: the clock is injected, so tests move time by hand.
+Pure and synchronous: the clock is injected, so tests move time by hand. Which node gets a
+job is the scheduler's business (odla/scheduler.py); in-flight counts are the operator's own
+and are never overwritten by what a node reports.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
-from .names import model_key
-from .protocol import NodeInfo
+from .names import display_name, model_key
+from .protocol import LoadedModel, NodeInfo
 
 Clock = Callable[[], float]
 
@@ -26,12 +27,42 @@ class Node:
     models: list[str]
     last_seen: float
     healthy: bool = True
-    active_jobs: int = 0
     jobs_total: int = 0
     keys: frozenset[str] = field(default_factory=frozenset)
+    slots: dict[str, int] = field(default_factory=dict)
+    "Per model key: requests Ollama runs at once (1 when the node did not say)."
+    loaded: dict[str, Optional[float]] = field(default_factory=dict)
+    "Per model key: when Ollama unloads it (epoch seconds; None: not known)."
+    tokens_per_s: dict[str, float] = field(default_factory=dict)
+    "Per model key, as the node measured it."
+    inflight: dict[str, int] = field(default_factory=dict)
+    "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
 
-    def info(self) -> NodeInfo:
+    @property
+    def active_jobs(self) -> int:
+        return sum(self.inflight.values())
+
+    def slots_for(self, key: str) -> int:
+        return self.slots.get(key, 1)
+
+    def free(self, key: str) -> bool:
+        return self.inflight.get(key, 0) < self.slots_for(key)
+
+    def warm(self, key: str, now: float) -> bool:
+        if key not in self.loaded:
+            return False
+        expires = self.loaded[key]
+        return expires is None or expires > now
+
+    def speed(self, key: str) -> Optional[float]:
+        """Tokens per second for this model, or the node's mean over its models; None: not measured."""
+        if key in self.tokens_per_s:
+            return self.tokens_per_s[key]
+        return sum(self.tokens_per_s.values()) / len(self.tokens_per_s) if self.tokens_per_s else None
+
+    def info(self, now: float) -> NodeInfo:
         seen = datetime.fromtimestamp(self.last_seen, tz=timezone.utc)
+        speeds = list(self.tokens_per_s.values())
         return NodeInfo(
             node_id=self.node_id,
             url=self.url,
@@ -40,17 +71,19 @@ class Node:
             healthy=self.healthy,
             active_jobs=self.active_jobs,
             jobs_total=self.jobs_total,
+            slots={m: self.slots_for(model_key(m)) for m in self.models},
+            loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
+            tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
         )
 
 
 class Registry:
-    """Nodes by id, with one round-robin cursor per model."""
+    """Nodes by id."""
 
     def __init__(self, *, prune_after: float, clock: Clock = time.time) -> None:
         self.prune_after = prune_after
         self.clock = clock
         self._nodes: dict[str, Node] = {}
-        self._cursors: dict[str, itertools.count] = {}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -61,7 +94,9 @@ class Registry:
     def nodes(self) -> list[Node]:
         return list(self._nodes.values())
 
-    def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True) -> Node:
+    def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
+                 slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
+                 tokens_per_s: Optional[Mapping[str, float]] = None) -> Node:
         """Add a node, or update the one with this id (never a second row)."""
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
@@ -69,6 +104,9 @@ class Registry:
             node = self._nodes[node_id] = Node(node_id, url, models, self.clock())
         node.url, node.last_seen, node.healthy = url, self.clock(), healthy
         self.set_models(node, models)
+        node.slots = {model_key(m): n for m, n in (slots or {}).items()}
+        node.loaded = {model_key(m.name): _epoch(m.expires_at) for m in loaded}
+        node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         return node
 
     def set_models(self, node: Node, models: list[str]) -> None:
@@ -94,14 +132,9 @@ class Registry:
             node.healthy = False
 
     def candidates(self, model: str) -> list[Node]:
-        """Healthy nodes with ``model``, rotated one step further on each call."""
+        """Healthy nodes with ``model``, in registration order."""
         key = model_key(model)
-        nodes = [n for n in self._nodes.values() if n.healthy and key in n.keys]
-        if not nodes:
-            return []
-        cursor = self._cursors.setdefault(key, itertools.count())
-        start = next(cursor) % len(nodes)
-        return nodes[start:] + nodes[:start]
+        return [n for n in self._nodes.values() if n.healthy and key in n.keys]
 
     def prune(self) -> list[str]:
         """Drop nodes not seen for ``prune_after`` seconds; returns their ids."""
@@ -110,3 +143,15 @@ class Registry:
         for node_id in gone:
             del self._nodes[node_id]
         return gone
+
+
+def _epoch(stamp: Optional[str]) -> Optional[float]:
+    """An RFC 3339 time (Ollama's ``expires_at``, nanoseconds and all) as epoch seconds; None if unreadable."""
+    if not stamp:
+        return None
+    try:
+        head, _, rest = stamp.replace("Z", "+00:00").partition(".")
+        zone = rest[rest.find("+"):] if "+" in rest else (rest[rest.rfind("-"):] if "-" in rest else "")
+        return datetime.fromisoformat(head + (zone if rest else "")).timestamp()
+    except ValueError:
+        return None

@@ -16,45 +16,57 @@ from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
 from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .registry import Node, Registry
-from .responses import Opened, StreamBroken
+from .responses import Opened, StreamBroken, Tell
+from .scheduler import Claim, Place, Scheduler
+
+WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
 
 log = logging.getLogger("odla.operator")
 RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
 
 
 class Router:
-    """Round-robin with failover before the first byte; every job's stream tracked per node."""
+    """The scheduler's pick, failover before the first byte; every job's stream tracked per node."""
 
-    def __init__(self, registry: Registry, nodes: NodeClient,
+    def __init__(self, registry: Registry, nodes: NodeClient, scheduler: Scheduler,
                  on_failure: Optional[Callable[[Node], None]] = None) -> None:
         self.registry = registry
         self.nodes = nodes
+        self.scheduler = scheduler
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
-    async def open_job(self, model: str, prompt: str) -> Opened:
-        """Open a ``/run`` stream on the first node that accepts the job."""
+    async def open_job(self, model: str, prompt: str, caller: str = "", tell: Optional[Tell] = None) -> Opened:
+        """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
         body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
-        node, resp = await self.open(model, "POST", "/run", body)
+        place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
+        claim, resp = await self.open(model, "POST", "/run", body, caller, place)
         if resp.status != 200:  # the request itself is at fault
+            claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
-        return Opened(self.relay(node, resp), headers={"x-odla-node": node.node_id})
+        return Opened(self.relay(claim, resp), headers={"x-odla-node": claim.node.node_id})
 
-    async def open(self, model: str, method: str, path: str, body: bytes) -> tuple[Node, ClientResponse]:
-        """Send the request to the first node with ``model`` that takes it.
+    async def open(self, model: str, method: str, path: str, body: bytes, caller: str = "",
+                   place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
+        """Send the request to the node the scheduler picks, the next one if it does not take it.
 
         A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped;
-        any other answer (200, or the request's own fault such as 400) is returned.
+        any other answer (200, or the request's own fault such as 400) is returned with the
+        claim on the node's slot, which the caller releases (``relay`` does).
         """
-        nodes = self.registry.candidates(model)
-        if not nodes:
-            raise NoNodeError(model)
         failures: list[tuple[Node, int, str]] = []
-        for node in nodes:
-            resp = await self._try(node, method, path, body, failures)
+        while True:
+            claim = await self.scheduler.claim(model, caller, [node.node_id for node, _, _ in failures], place)
+            if claim is None:
+                raise self._all_failed(model, failures) if failures else NoNodeError(model)
+            resp = None
+            try:
+                resp = await self._try(claim.node, method, path, body, failures)
+            finally:
+                if resp is None:  # refused, unreachable, or the client left
+                    claim.release()
             if resp is not None:
-                return node, resp
-        raise self._all_failed(model, failures)
+                return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
                    failures: list) -> Optional[ClientResponse]:
@@ -96,14 +108,14 @@ class Router:
             resp.close()
         return len(streams)
 
-    async def relay(self, node: Node, resp: ClientResponse, protocol: bool = True) -> AsyncIterator[bytes]:
-        """The node's body, byte for byte; raises ``StreamBroken`` if it broke off.
+    async def relay(self, claim: Claim, resp: ClientResponse, protocol: bool = True) -> AsyncIterator[bytes]:
+        """The node's body, byte for byte; raises ``StreamBroken`` if it broke off. Releases the claim.
 
         With ``protocol`` (ODLA's own JSON lines), a stream that ends without its final
         line counts as broken too.
         """
-        node.active_jobs += 1
-        node.jobs_total += 1
+        node = claim.node
+        node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
         streams = self.streams.setdefault(node.node_id, set())
         streams.add(resp)
         tail = b""  # the stream's last (maybe partial) line
@@ -118,7 +130,7 @@ class Router:
             self.failed(node)
             raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
         finally:
-            node.active_jobs -= 1
+            claim.release()
             streams.discard(resp)
             await body.aclose()  # a client that left cancels the job at the node
         if protocol and not p.is_final(tail):

@@ -33,6 +33,8 @@ from .errors import ODLA, ODLAError, Shape
 from .protocol import NDJSON, ErrorLine
 
 log = logging.getLogger("odla")
+Tell = Callable[[bytes], None]
+"What an opening calls to send a line before its upstream answers."
 
 # The OpenAPI entry of a streaming endpoint: what it answers, and the statuses it can refuse with.
 STREAM_RESPONSES: dict = {
@@ -68,7 +70,7 @@ class LineStream(StreamingResponse):
     media_type = NDJSON  # what the OpenAPI schema shows
 
     def __init__(self, content: Optional[AsyncIterator[bytes]] = None, *,
-                 opening: Optional[Callable[[], Awaitable[Opened]]] = None, shape: Shape = ODLA,
+                 opening: Optional[Callable[[Tell], Awaitable[Opened]]] = None, shape: Shape = ODLA,
                  status_code: int = 200, headers: Optional[Mapping[str, str]] = None,
                  media_type: str = NDJSON) -> None:
         super().__init__(content if content is not None else _nothing(), status_code, headers, media_type)
@@ -76,6 +78,7 @@ class LineStream(StreamingResponse):
         self.shape = shape
         self.is_stream = Opened(self.body_iterator, media_type=media_type).is_stream
         self.tail = b"\n"  # the last bytes sent: an error line must start on a line of its own
+        self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(_disconnected(receive))
@@ -87,18 +90,34 @@ class LineStream(StreamingResponse):
             watcher.cancel()
 
     async def _open(self, watcher: asyncio.Future, scope: Scope, send: Send) -> bool:
-        """Wait for the upstream while listening for the client; False when there is nothing to stream."""
+        """Wait for the upstream while listening for the client; False when there is nothing to stream.
+
+        The opening may ``tell`` lines before its upstream answers (a queued job's place);
+        the first one starts the response, so an error after it is a last line, not a status.
+        """
         assert self.opening is not None
-        opening = asyncio.ensure_future(self.opening())
+        told: list[bytes] = []
+        ready = asyncio.Event()
+
+        def tell(line: bytes) -> None:
+            told.append(line)
+            ready.set()
+
+        opening = asyncio.ensure_future(self.opening(tell))
+        opening.add_done_callback(lambda _: ready.set())
         # the client left first: cancelling closes the upstream connection (a no-op once it is open)
         watcher.add_done_callback(lambda _: opening.cancel())
         try:
-            await opening
-        except asyncio.CancelledError:
-            if not watcher.done():  # this task itself was cancelled (the server is stopping)
-                raise
-        except Exception:  # noqa: BLE001 - answered below, from the task's result
-            pass
+            while not opening.done():
+                await ready.wait()
+                ready.clear()
+                if told and not watcher.done():
+                    self.started = self.started or await self._start(send)
+                    await self._send(send, b"".join(told))
+                    told.clear()
+        except asyncio.CancelledError:  # this task itself was cancelled (the server is stopping)
+            opening.cancel()
+            raise
         if opening.cancelled():
             return False
         if watcher.done():  # it won the race after all
@@ -107,23 +126,28 @@ class LineStream(StreamingResponse):
             return False
         try:
             opened = opening.result()
-        except ODLAError as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is answered
+            if not isinstance(exc, ODLAError):
+                log.error("unexpected error opening %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+                exc = ODLAError("internal error", 500)
             await self._error(exc, scope, send)
             return False
-        except Exception:
-            log.exception("unexpected error opening %s %s", scope.get("method"), scope.get("path"))
-            await self._error(ODLAError("internal error", 500), scope, send)
-            return False
+        if self.started:  # what the upstream answers goes on after the lines told so far
+            self.body_iterator = opened.body
+            return True
         self.body_iterator, self.status_code = opened.body, opened.status_code
         self.media_type, self.is_stream = opened.media_type, opened.is_stream
         self.init_headers(opened.headers)
         return True
 
     async def _error(self, exc: ODLAError, scope: Scope, send: Send) -> None:
-        await self.shape.error(exc)(scope, _never, send)
+        if not self.started:
+            await self.shape.error(exc)(scope, _never, send)
+            return
+        await self._send(send, self._separator() + self.shape.line(exc.message))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream(self, watcher: asyncio.Future, send: Send) -> None:
-        started = False  # the status line leaves with the first data: one wake-up downstream, not two
         buf = _Buffer()
         producer = asyncio.create_task(self._produce(buf))
         watcher.add_done_callback(lambda _: buf.ready.set())
@@ -134,17 +158,17 @@ class LineStream(StreamingResponse):
                 data = buf.take()
                 last = producer.done() and not buf.pieces
                 if last and producer.exception() is None:  # the last data and the end in one write
-                    started or await self._start(send)
+                    self.started = self.started or await self._start(send)
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     return
                 if data:
-                    started = started or await self._start(send)
+                    self.started = self.started or await self._start(send)
                     await self._send(send, data)
                 if last:  # what came during the last send has gone too
                     break
                 if watcher.done():
                     return
-            await self._finish(producer, started, send)
+            await self._finish(producer, send)
         finally:
             producer.cancel()  # the client left, or the body is done
             await asyncio.wait((producer,))
@@ -152,7 +176,7 @@ class LineStream(StreamingResponse):
                 producer.exception()  # retrieved: _finish has reported it, or the client left
             await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
 
-    async def _finish(self, producer: asyncio.Task, started: bool, send: Send) -> None:
+    async def _finish(self, producer: asyncio.Task, send: Send) -> None:
         """End the response after the body: cleanly, with an error line, or cut off."""
         exc = producer.exception()
         if exc is not None:
@@ -162,14 +186,14 @@ class LineStream(StreamingResponse):
             else:
                 log.error("unexpected error in a stream", exc_info=exc)
             message = str(exc) if broken else "internal error"
-            if not started and not self.is_stream:
+            if not self.started and not self.is_stream:
                 await self.shape.response(message, 502 if broken else 500)({"type": "http"}, _never, send)
                 return
             if not self.is_stream:
                 return  # cut off: the server closes the connection mid-body, the client sees it broken
-            started = started or await self._start(send)
+            self.started = self.started or await self._start(send)
             await self._send(send, self._separator() + self.shape.line(message))
-        if not started:
+        if not self.started:
             await self._start(send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
-from .protocol import DoneLine, ErrorLine, parse_line
+from .protocol import DoneLine, ErrorLine, QueuedLine, parse_line
 
 
 class StreamError(Exception):
     """The stream ended with an error line, or without a final line."""
 
 
-def tokens(lines: Iterable[Union[str, bytes]]) -> Iterator[str]:
-    """Yield each token as its line arrives; return at the final line.
+def tokens(lines: Iterable[Union[str, bytes]], on_queued: Callable[[int], None] = lambda place: None) -> Iterator[str]:
+    """Yield each token as its line arrives; return at the final line. ``on_queued`` hears a
+    waiting job's place in the queue.
 
     Raises ``StreamError`` for an error line, a line that is not the protocol, or a
     stream that stops before its final line.
@@ -28,5 +29,8 @@ def tokens(lines: Iterable[Union[str, bytes]]) -> Iterator[str]:
             raise StreamError(line.error or "unknown error")
         if isinstance(line, DoneLine):
             return
+        if isinstance(line, QueuedLine):
+            on_queued(line.queued)
+            continue
         yield line.token
     raise StreamError("the stream ended before its final line")

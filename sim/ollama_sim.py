@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from odla.names import display_name, model_key  # noqa: E402
 
 VERSION = "0.12.6"
+KEEP_ALIVE_S = 300.0
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -114,6 +115,7 @@ class Simulator:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "errors": 0}
         self.release = asyncio.Event()
+        self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
         self._running = 0
         self._waiting = 0
         self._slot: Optional[asyncio.Condition] = None
@@ -162,11 +164,22 @@ class Simulator:
         await respond_json(send, 200, {"models": [self.model_entry(m) for m in self.b.models]})
 
     async def ps(self, body: bytes, receive: Receive, send: Send) -> None:
-        models = [self.model_entry(m) for m in self.b.models[: 1 if self.stats["requests"] else 0]]
-        for entry in models:
+        now = time.time()
+        models = []
+        for name in [m for m in self.b.models if self.loaded.get(model_key(m), 0) > now]:
+            entry = self.model_entry(name)
             entry.pop("modified_at")
-            entry.update(expires_at=now_rfc3339(), size_vram=entry["size"], context_length=4096)
+            expires = datetime.fromtimestamp(self.loaded[model_key(name)], tz=timezone.utc)
+            entry.update(expires_at=expires.isoformat().replace("+00:00", "Z"), size_vram=entry["size"],
+                         context_length=4096)
+            models.append(entry)
         await respond_json(send, 200, {"models": models})
+
+    def used(self, model: str, keep_alive: Any = None) -> None:
+        """A request ran ``model``: it stays loaded for ``keep_alive`` (Ollama's default 5 minutes)."""
+        seconds = _duration(keep_alive)
+        seconds = KEEP_ALIVE_S if seconds is None else seconds
+        self.loaded[model_key(model)] = min(time.time() + seconds, 1e10)  # -1 (forever): shown as a far date, as Ollama does
 
     def model_entry(self, name: str) -> dict:
         shown = display_name(name)
@@ -204,7 +217,7 @@ class Simulator:
             "template": "{{ .Prompt }}",
             "details": self.details(family),
             "model_info": {"general.architecture": family, "general.parameter_count": 8030261248},
-            "capabilities": ["completion"],
+            "capabilities": ["embedding"] if "embed" in family else ["completion"],
             "modified_at": "2026-01-01T00:00:00Z",
         })
 
@@ -285,6 +298,7 @@ class Simulator:
                     self.stats["cancelled"] += 1
                     self.stats["cancelled_early"] += 1
                     return
+                self.used(req["model"])
                 await self.v1_answer(req, watcher, send, chat=chat)
         finally:
             watcher.cancel()
@@ -391,6 +405,7 @@ class Simulator:
                     self.stats["cancelled"] += 1
                     self.stats["cancelled_early"] += 1
                     return
+                self.used(req["model"], req.get("keep_alive"))
                 await self.answer(req, prompt, watcher, send, chat=chat)
         finally:
             watcher.cancel()
@@ -544,6 +559,30 @@ class _Slot:
         async with sim._slot:
             sim._running -= 1
             sim._slot.notify()
+
+
+def _duration(value: Any) -> Optional[float]:
+    """Ollama's ``keep_alive``: seconds as a number, or a Go duration such as "10m", "1h30m", "-1"."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float("inf") if value < 0 else float(value)
+    text, total, number = str(value).strip(), 0.0, ""
+    if text.startswith("-"):
+        return float("inf")
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        if text[i].isdigit() or text[i] == ".":
+            number += text[i]
+            i += 1
+            continue
+        unit = "ms" if text[i:i + 2] == "ms" else text[i]
+        if unit not in units or not number:
+            return None
+        total += float(number) * units[unit]
+        number, i = "", i + len(unit)
+    return total + (float(number) if number else 0.0)
 
 
 def openai_error(status: int, message: str) -> dict:

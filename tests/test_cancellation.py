@@ -26,7 +26,7 @@ DOORS = [
 def chain(operator, node):
     with Sim(models=["llama3"], tokens=4) as sim:
         op = operator()
-        node(op.url, sim.url, "n1")
+        node(op.url, sim.url, "n1", num_parallel=2)  # says 2 slots; the queued test gives Ollama 1
         wait_for(lambda: node_ids(op.url) == {"n1"})
         yield sim, op
 
@@ -64,3 +64,24 @@ def test_leaving_with_stream_false_while_it_generates(chain):
     sim.configure(delay=1)  # 4 tokens: the whole answer would take 4 s
     leave_after(f"{op.url}/api/chat", {"messages": [{"role": "user", "content": "q"}], "stream": False}, 0.5)
     wait_for(lambda: sim.stats()["cancelled_early"] == 1, timeout=1)
+
+
+def test_leaving_the_operators_queue_leaves_no_trace(chain):
+    sim, op = chain
+    sim.configure(hold_last=True)
+    streams = [httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": f"p{i}"}, timeout=10)
+               for i in range(2)]
+    try:
+        held = [s.__enter__() for s in streams]
+        lines = [r.iter_lines() for r in held]  # kept: a dropped iterator closes the connection
+        for it in lines:
+            next(it)  # both of the node's slots are busy
+        with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "third"},
+                          timeout=10) as queued:
+            assert next(queued.iter_lines()) == '{"queued": 1, "done": false}'
+        sim.release()
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    assert sim.stats()["requests"] == 2  # the one that left never reached Ollama
+    wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["active_jobs"] == 0)

@@ -1,3 +1,4 @@
+from odla.protocol import LoadedModel
 from odla.registry import Registry
 
 
@@ -22,18 +23,28 @@ def test_register_twice_updates_one_row():
     assert len(reg) == 1
     node = reg.get("a")
     assert (node.url, node.models, node.last_seen) == ("http://a:2", ["mistral:latest"], clock.now)
-    assert node.info().last_seen.endswith("Z")
+    assert node.info(clock.now).last_seen.endswith("Z")
 
 
-def test_pick_round_robin_per_model():
+def test_candidates_are_healthy_nodes_with_the_model_by_ollamas_names():
     reg, _ = make()
     reg.register("a", "http://a", ["llama3:latest", "mistral:latest"])
     reg.register("b", "http://b", ["llama3:latest"])
-    firsts = [reg.candidates("llama3")[0].node_id for _ in range(4)]
-    assert firsts == ["a", "b", "a", "b"]
-    assert [n.node_id for n in reg.candidates("mistral")] == ["a"]
-    assert reg.candidates("llama3")[0].node_id == "a"  # mistral's cursor did not move llama3's
-    assert [n.node_id for n in reg.candidates("LLAMA3")] == ["b", "a"]  # the full failover order
+    assert [n.node_id for n in reg.candidates("LLAMA3")] == ["a", "b"]
+    assert [n.node_id for n in reg.candidates("library/mistral:latest")] == ["a"]
+
+
+def test_what_a_node_reports_is_kept_and_shown():
+    reg, clock = make()
+    reg.register("a", "http://a", ["llama3:latest", "nomic-embed-text:latest"],
+                 slots={"llama3:latest": 4, "nomic-embed-text:latest": 1},
+                 loaded=[LoadedModel(name="llama3:latest", expires_at="2099-01-01T00:00:00.123456789Z"),
+                         LoadedModel(name="nomic-embed-text:latest", expires_at="2000-01-01T00:00:00Z")],
+                 tokens_per_s={"llama3:latest": 42.0})
+    info = reg.get("a").info(clock.now)
+    assert info.slots == {"llama3:latest": 4, "nomic-embed-text:latest": 1}
+    assert info.loaded == ["llama3:latest"]  # the other one has expired
+    assert info.tokens_per_s == 42.0 and info.active_jobs == 0
 
 
 def test_failed_nodes_get_no_jobs_until_seen_again():

@@ -90,7 +90,7 @@ def test_a_whole_json_document_that_breaks_is_cut_off_not_completed():
 
 
 def test_an_opening_refused_is_a_status_in_the_endpoints_shape():
-    async def refused() -> Opened:
+    async def refused(tell) -> Opened:
         raise ODLAError("model 'x' not found", 404)
 
     sent = run(LineStream(opening=refused, shape=OLLAMA))
@@ -103,7 +103,7 @@ def test_an_opening_refused_is_a_status_in_the_endpoints_shape():
 def test_a_client_leaving_while_the_upstream_opens_cancels_the_opening():
     events = []
 
-    async def slow_start() -> Opened:
+    async def slow_start(tell) -> Opened:
         try:
             await asyncio.sleep(10)  # Ollama loading a model
         except asyncio.CancelledError:
@@ -119,7 +119,7 @@ def test_the_opened_status_media_type_and_headers_are_sent():
     async def body():
         yield b"data: {}\n\n"
 
-    async def opened() -> Opened:
+    async def opened(tell) -> Opened:
         return Opened(body(), 201, "text/event-stream", {"x-odla-node": "n1"})
 
     start = starts(run(LineStream(opening=opened)))[0]

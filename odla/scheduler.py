@@ -1,0 +1,214 @@
+"""Which node runs a job, and a fair queue when none has a free slot.
+
+**Pick.** Among healthy nodes with the model and a free slot (the operator's own count of
+jobs it has running there below the node's slots for the model), in this order:
+
+    0  warm and idle        the model is loaded, the node runs nothing for us
+    1  warm                 loaded, with a free slot
+    2  cold and idle        Ollama must load the model, but runs nothing else
+    3  cold                 the rest
+
+within a rank the faster node (tokens per second the node measured for the model, in 10 %
+steps; a node not yet measured counts as fastest, so it gets measured), then a per-model
+cursor, so equals take turns. Claiming counts the job at once; releasing it (always, in
+``finally``) never goes below zero.
+
+**Queue.** When every node with the model is full, the job waits: per model, fair across
+callers (round-robin between API keys, first come first served within one), woken when a
+slot frees or a node's capacity grows, never by polling. A freed slot is handed to the next
+waiter directly, so a newcomer cannot take it first. Past ``max_queue`` waiting jobs a new one
+is refused (503 with Retry-After); one that waits ``queue_timeout`` gives up (504). A waiter
+whose client leaves is simply gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from .errors import ODLAError
+from .names import model_key
+from .registry import Node, Registry
+
+RETRY_AFTER_S = 5
+Place = Callable[[int], None]
+
+
+class QueueFull(ODLAError):
+    status_code = 503
+
+
+class QueueTimeout(ODLAError):
+    status_code = 504
+
+
+@dataclass
+class Claim:
+    """A slot on a node, held until ``release()``."""
+
+    node: Node
+    key: str
+    scheduler: "Scheduler"
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.scheduler._release(self)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    caller: str
+    exclude: frozenset[str]
+    granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    taken: bool = False
+    "The waiter saw its grant (else, if it left at that moment, the slot is passed on)."
+
+
+class _ModelQueue:
+    """Waiters for one model: a FIFO per caller, callers served in turn."""
+
+    def __init__(self) -> None:
+        self.callers: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.callers.values())
+
+    def add(self, waiter: _Waiter) -> None:
+        self.callers.setdefault(waiter.caller, deque()).append(waiter)
+
+    def remove(self, waiter: _Waiter) -> None:
+        queue = self.callers.get(waiter.caller)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self.callers[waiter.caller]
+
+    def order(self) -> Iterable[_Waiter]:
+        """Waiters in the order they will be served: one per caller in turn."""
+        queues = [list(q) for q in self.callers.values()]
+        for round_ in itertools.zip_longest(*queues):
+            yield from (w for w in round_ if w is not None)
+
+    def take(self, waiter: _Waiter) -> None:
+        """``waiter`` is served: out of the queue, and its caller to the back of the turn."""
+        self.remove(waiter)
+        if waiter.caller in self.callers:
+            self.callers.move_to_end(waiter.caller)
+
+    def place(self, waiter: _Waiter) -> int:
+        return next((i for i, w in enumerate(self.order(), 1) if w is waiter), 0)
+
+
+class Scheduler:
+    """Claims slots on nodes for jobs; queues jobs that find none."""
+
+    def __init__(self, registry: Registry, *, max_queue: int = 512, queue_timeout: float = 300,
+                 clock: Optional[Callable[[], float]] = None) -> None:
+        self.registry = registry
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.clock = clock or registry.clock  # the registry's time: when loaded models expire
+        self.queues: dict[str, _ModelQueue] = {}
+        self._cursors: dict[str, itertools.count] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def has_model(self, model: str, exclude: Iterable[str] = ()) -> bool:
+        return any(n.node_id not in exclude for n in self.registry.candidates(model))
+
+    def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
+        """The best free slot for ``model`` now, claimed; None when every node is full."""
+        key = model_key(model)
+        excluded = set(exclude)
+        free = [n for n in self.registry.candidates(model) if n.node_id not in excluded and n.free(key)]
+        if not free:
+            return None
+        now = self.clock()
+        ranked = sorted(free, key=lambda n: self._rank(n, key, now))
+        best = self._rank(ranked[0], key, now)
+        equals = [n for n in ranked if self._rank(n, key, now) == best]
+        node = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
+        return self._claim(node, key)
+
+    async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
+                    place: Optional[Place] = None) -> Optional[Claim]:
+        """A slot for ``model``, waiting in the queue if every node is full; None when no
+        healthy node (outside ``exclude``) has the model at all. ``place(n)`` hears the
+        job's place in the queue: at once, then when it changes, at most once a second."""
+        key = model_key(model)
+        queue = self.queues.get(key)
+        if not queue:  # nobody waits: a free slot is anyone's
+            claim = self.try_claim(model, exclude)
+            if claim is not None or not self.has_model(model, exclude):
+                return claim
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait already; "
+                            f"try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+        waiter = _Waiter(caller, frozenset(exclude))
+        queue = self.queues.setdefault(key, _ModelQueue())
+        queue.add(waiter)
+        try:
+            return await self._wait(queue, waiter, model, place)
+        finally:
+            queue.remove(waiter)
+            if not queue:
+                self.queues.pop(key, None)
+            if waiter.granted.done() and not waiter.taken:
+                waiter.granted.result().release()  # granted just as it gave up: pass it on
+
+    async def _wait(self, queue: _ModelQueue, waiter: _Waiter, model: str, place: Optional[Place]) -> Claim:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout
+        shown = 0
+        while True:
+            if place is not None and (now_place := queue.place(waiter)) != shown:
+                shown = now_place
+                place(now_place)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise QueueTimeout(f"no node with model {model} had a free slot within {self.queue_timeout:g}s")
+            done, _ = await asyncio.wait((waiter.granted,), timeout=min(left, 1.0) if place else left)
+            if done:
+                waiter.taken = True
+                return waiter.granted.result()
+
+    def _rank(self, node: Node, key: str, now: float) -> tuple[int, float]:
+        warm, idle = node.warm(key, now), node.active_jobs == 0
+        rank = 0 if warm and idle else 1 if warm else 2 if idle else 3
+        speed = node.speed(key)
+        step = -math.inf if speed is None or speed <= 0 else -round(math.log(speed, 1.1))
+        return rank, step
+
+    def _claim(self, node: Node, key: str) -> Claim:
+        node.inflight[key] = node.inflight.get(key, 0) + 1
+        node.jobs_total += 1
+        return Claim(node, key, self)
+
+    def _release(self, claim: Claim) -> None:
+        node, key = claim.node, claim.key
+        node.inflight[key] = max(0, node.inflight.get(key, 0) - 1)
+        if not node.inflight[key]:
+            del node.inflight[key]
+        self.wake(key)
+
+    def wake(self, key: Optional[str] = None) -> None:
+        """Hand free slots to waiters: after a release, or when nodes gain capacity (``key`` None: every model)."""
+        for k in [key] if key is not None else list(self.queues):
+            queue = self.queues.get(k)
+            while queue:
+                waiter = next((w for w in queue.order() if not w.granted.done()), None)
+                if waiter is None:
+                    break
+                claim = self.try_claim(k, waiter.exclude) or self.try_claim(k)
+                if claim is None:
+                    break
+                queue.take(waiter)
+                waiter.granted.set_result(claim)
