@@ -30,6 +30,14 @@ def test_tokens_stop_at_the_final_line():
     assert list(tokens(lines)) == ["a", " b"]
 
 
+def test_a_queued_place_is_heard_not_printed():
+    places = []
+    lines = ['{"queued": 3, "done": false}', '{"queued": 1, "done": false}', '{"token": "a", "done": false}',
+             '{"done": true}']
+    assert list(tokens(lines, places.append)) == ["a"]
+    assert places == [3, 1]
+
+
 def test_tokens_raise_the_error_line():
     got = []
     with pytest.raises(StreamError, match="boom"):

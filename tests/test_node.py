@@ -226,3 +226,28 @@ def test_the_node_honours_httpx_settings_such_as_proxies(sim, node, monkeypatch)
     wait_for(lambda: httpx.get(f"{n.url}/health", timeout=5).json()["status"] == "healthy")
     lines = read_stream(httpx.post(f"{n.url}/run", json={"job_id": "j", "prompt": "q", "model": "llama3"}))
     assert lines[-1] == {"done": True}
+
+
+@pytest.mark.parametrize("configured, env, slots", [
+    (None, {}, 1), (None, {"OLLAMA_NUM_PARALLEL": "4"}, 4), (None, {"OLLAMA_NUM_PARALLEL": "0"}, 1),
+    (None, {"OLLAMA_NUM_PARALLEL": "four"}, 1), (None, {"OLLAMA_NUM_PARALLEL": "-2"}, 1),
+    (2, {"OLLAMA_NUM_PARALLEL": "8"}, 2),  # config.json's num_parallel first
+])
+def test_slots_are_read_as_ollama_reads_them(configured, env, slots):
+    from odla.capacity import num_parallel
+    assert num_parallel(settings(num_parallel=configured), env) == slots
+
+
+def test_a_node_reports_slots_loaded_models_and_speed(operator, node):
+    with Sim(models=["llama3", "nomic-embed-text"], tokens=6) as sim:
+        op = operator()
+        node(op.url, sim.url, "n1", num_parallel=4, heartbeat_interval=30)  # so the report is the job's
+        wait_for(lambda: node_ids(op.url) == {"n1"})
+        row = httpx.get(f"{op.url}/nodes").json()["nodes"][0]
+        assert row["slots"] == {"llama3:latest": 4, "nomic-embed-text:latest": 1}  # embedding models: 1
+        assert row["loaded"] == [] and row["tokens_per_s"] is None
+        with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "q"}) as resp:
+            assert read_stream(resp)[-1] == {"done": True}
+        row = wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["tokens_per_s"] and
+                       httpx.get(f"{op.url}/nodes").json()["nodes"][0], timeout=3)  # reported soon after the job
+        assert row["loaded"] == ["llama3:latest"] and row["tokens_per_s"] > 0

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -373,3 +374,64 @@ def test_a_job_is_never_sent_twice(operator):
         assert infer(op.url)[0] == 200
         assert infer(op.url)[0] in (502, 503)
         assert sum(r.startswith("POST /run") for r in node.requests) == 2
+
+
+# --- issue 12: the scheduler over real sockets -------------------------------------------------
+
+@pytest.fixture
+def one_slot(sim, operator, node):
+    """An operator and one node whose Ollama runs one request at a time, the last token held."""
+    op = operator(max_queue=1, queue_timeout=1.5)
+    node(op.url, sim.url, "n1", num_parallel=1)
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    sim.configure(hold_last=True)
+    return op
+
+
+def hold_one(op, stack):
+    resp = stack.enter_context(httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "a"},
+                                            timeout=10))
+    lines = resp.iter_lines()
+    next(lines)  # the node's one slot is busy now
+    return lines
+
+
+def test_a_job_with_no_free_slot_waits_and_hears_its_place(one_slot, sim):
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        held = hold_one(one_slot, stack)  # noqa: F841 - kept: a dropped iterator closes its connection
+        with httpx.stream("POST", f"{one_slot.url}/inference", json={"model": "llama3", "prompt": "b"},
+                          timeout=10) as waiting:
+            lines = waiting.iter_lines()
+            assert json.loads(next(lines)) == {"queued": 1, "done": False}
+            sim.release()
+            rest = [json.loads(line) for line in lines if line]
+    assert [line["token"] for line in rest[:-1]] == sim_tokens("b", 6) and rest[-1] == {"done": True}
+
+
+def test_the_doors_wait_silently(one_slot, sim):
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        held = hold_one(one_slot, stack)  # noqa: F841 - kept: a dropped iterator closes its connection
+        threading.Timer(0.5, sim.release).start()  # the door says nothing until its job runs
+        with httpx.stream("POST", f"{one_slot.url}/api/generate", json={"model": "llama3", "prompt": "b"},
+                          timeout=10) as waiting:
+            parts = [json.loads(line) for line in waiting.iter_lines() if line]
+    assert "".join(part["response"] for part in parts) == "".join(sim_tokens("b", 6))  # Ollama's lines only
+
+
+def test_past_max_queue_is_503_with_retry_after_and_a_long_wait_is_504(one_slot):
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        held = hold_one(one_slot, stack)  # noqa: F841 - kept: a dropped iterator closes its connection
+        waiting = stack.enter_context(httpx.stream("POST", f"{one_slot.url}/inference", timeout=10,
+                                                   json={"model": "llama3", "prompt": "b"}))
+        lines = waiting.iter_lines()
+        assert json.loads(next(lines)) == {"queued": 1, "done": False}
+        full = httpx.post(f"{one_slot.url}/inference", json={"model": "llama3", "prompt": "c"})
+        assert full.status_code == 503 and full.headers["retry-after"] == "5"
+        assert "busy" in full.json()["error"] and full.json()["done"] is True
+        late = json.loads(next(lines))  # after queue_timeout: the stream had started, so a last line
+        assert late["done"] is True and "no node with model llama3 had a free slot" in late["error"]
+        door = httpx.post(f"{one_slot.url}/api/generate", json={"model": "llama3", "prompt": "d"}, timeout=10)
+        assert door.status_code == 504 and "free slot" in door.json()["error"]  # a door: a real status
