@@ -17,6 +17,7 @@ deregisters on shutdown.
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import ollama
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
@@ -34,7 +34,7 @@ from odla.auth import join_headers, join_token_dependency
 from odla.capacity import Capacity, num_parallel
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
-from odla.lifespan import background, tune_gc
+from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
@@ -42,6 +42,7 @@ from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
 
 log = logging.getLogger("odla.node")
 REPORT_GAP_S = 0.2
+DEFAULT_NODE_PORT = 8001
 
 # What /ollama/* relays: what the operator's doors need, and nothing that changes the machine.
 OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
@@ -58,10 +59,26 @@ class NodeState:
     models: list[str] = field(default_factory=list)
     ollama_error: Optional[str] = "not checked yet"
     registered: bool = False
+    "The last registration went through."
+    joined: bool = False
+    "A registration ever went through: on shutdown there is a row of ours to remove."
 
     @property
     def healthy(self) -> bool:
         return self.ollama_error is None
+
+
+class StartupError(Exception):
+    """The node cannot join the network as configured."""
+
+
+def default_node_id(settings: Settings) -> str:
+    """NODE_ID, else the hostname (SPEC.md), with the port when it is not the default 8001, so two
+    nodes on one machine are two nodes, not one row that flips between them."""
+    if settings.node_id:
+        return settings.node_id
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:120] or "node"
+    return host if settings.node_port == DEFAULT_NODE_PORT else f"{host}-{settings.node_port}"
 
 
 def public_url(settings: Settings) -> str:
@@ -92,7 +109,7 @@ class Node:
         self.ollama = ollama_api  # jobs and listings, through the SDK
         self.raw = raw  # the /ollama/... relay, bytes as they are
         self.http = http  # the operator
-        self.state = NodeState(node_id=settings.node_id or socket.gethostname(), url=public_url(settings))
+        self.state = NodeState(node_id=default_node_id(settings), url=public_url(settings))
         self.capacity = Capacity(ollama_api, num_parallel(settings))
         self.report_soon = asyncio.Event()  # a job ended: what is loaded, and how fast, has changed
 
@@ -129,9 +146,12 @@ class Node:
         resp = await self.http.post(f"{self.settings.operator_url}/register",
                                     content=body.model_dump_json(), headers=self._headers())
         resp.raise_for_status()
+        self.state.joined = True
 
     async def deregister(self) -> None:
-        body = p.DeregisterRequest(node_id=self.state.node_id)
+        if not self.state.joined:  # never joined: nothing of ours to remove
+            return
+        body = p.DeregisterRequest(node_id=self.state.node_id, url=self.state.url)
         with contextlib.suppress(httpx.HTTPError):
             await self.http.post(f"{self.settings.operator_url}/deregister", content=body.model_dump_json(),
                                  headers=self._headers(), timeout=2)
@@ -139,6 +159,17 @@ class Node:
 
     def _headers(self) -> dict[str, str]:
         return {"content-type": "application/json", **join_headers(self.settings.join_token)}
+
+    async def join(self) -> None:
+        """The first registration, at start-up: a node whose id is taken does not start."""
+        try:
+            await self.refresh()
+            await self.register()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 409:
+                raise StartupError(_describe_http_error(exc)) from None
+        except httpx.HTTPError:
+            pass  # the operator is not there yet: the heartbeat keeps trying
 
     async def heartbeat(self) -> None:
         """Register, then re-register every interval and soon after each job; back off (capped)
@@ -172,7 +203,8 @@ class Node:
         model = job.model or (self.state.models[0] if self.state.models else None)
         if model is None:
             raise ODLAError("this node has no models", 404)
-        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True)).__aiter__()
+        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True,
+                                            **job.ollama_fields())).__aiter__()
         try:
             first = await parts.__anext__()  # the SDK sends the request here
         except BaseException as exc:  # refused, or the operator left while Ollama was starting
@@ -252,6 +284,11 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
             node = app.state.node = Node(settings, api, raw, client)
+            try:
+                await node.join()
+            except StartupError as exc:
+                app.state.startup_error = str(exc)
+                raise
             stack.push_async_callback(node.deregister)  # once the heartbeat has stopped
             await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
             yield
@@ -308,11 +345,8 @@ def main() -> None:
         sys.exit(f"node: {exc}")
     setup_logging(settings.log_level)
     tune_gc()
-    app = create_app(settings)
-    log.info("node agent listening on %s:%d, Ollama at %s, operator at %s", settings.node_host,
-             settings.node_port, settings.ollama_host, settings.operator_url)
-    uvicorn.run(app, host=settings.node_host, port=settings.node_port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75)
+    log.info("node agent for Ollama at %s, operator at %s", settings.ollama_host, settings.operator_url)
+    serve(create_app(settings), settings.node_host, settings.node_port, "node", timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

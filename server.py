@@ -24,7 +24,6 @@ import logging
 import sys
 from typing import Annotated, AsyncIterator, Callable, Optional
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 
 from odla import protocol as p
@@ -32,7 +31,7 @@ from odla.auth import api_key_dependency, caller_of, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
-from odla.lifespan import background, tune_gc
+from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.logs import setup_logging
 from odla.nodes import NodeClient, NodeUnreachable
@@ -130,6 +129,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth)
     async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
         known = registry.get(body.node_id)
+        if known is not None and known.url != body.url and await request.app.state.router.nodes.is_node(known):
+            raise ODLAError(f"node id {body.node_id!r} is taken by a live node at {known.url}: give this one "
+                            "another NODE_ID", 409)
         # A node the operator could not reach stays out of rotation until a health check
         # from here succeeds: that it can reach us says nothing of whether we can reach it.
         doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
@@ -144,8 +146,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     @app.post("/deregister", dependencies=node_auth)
     async def deregister(body: p.DeregisterRequest) -> dict:
-        if not registry.remove(body.node_id):
-            raise ODLAError(f"unknown node: {body.node_id}", 404)
+        known = registry.get(body.node_id)
+        if known is None or body.url is not None and body.url != known.url:  # never another node's row
+            raise ODLAError(f"unknown node: {body.node_id}" + (f" at {body.url}" if body.url else ""), 404)
+        registry.remove(body.node_id)
         log.info("node %s left the network", body.node_id)
         return {"status": "deregistered", "node_id": body.node_id}
 
@@ -166,7 +170,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         """JSON lines: tokens as the node streams them, then one final line."""
         router: Router = request.app.state.router
         caller = caller_of(request.headers)
-        return LineStream(opening=lambda tell: router.open_job(body.model, body.prompt, caller, tell))
+        return LineStream(opening=lambda tell: router.open_job(body, caller, tell))
 
     app.include_router(doors_router(registry, client_auth))
     return app
@@ -193,9 +197,7 @@ def main() -> None:
     setup_logging(settings.log_level)
     tune_gc()
     warn_if_open(settings)
-    log.info("operator listening on %s:%d", settings.operator_host, settings.operator_port)
-    uvicorn.run(create_app(settings), host=settings.operator_host, port=settings.operator_port,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    serve(create_app(settings), settings.operator_host, settings.operator_port, "operator")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Background loops owned by an app's lifespan, and the process's garbage collector."""
+"""Background loops owned by an app's lifespan; the process around an app: its socket, its garbage collector."""
 
 import asyncio
 import contextlib
 import gc
-from typing import AsyncIterator, Coroutine
+import logging
+import socket
+import sys
+from typing import Any, AsyncIterator, Coroutine
+
+import uvicorn
 
 
 @contextlib.asynccontextmanager
@@ -26,3 +31,24 @@ def tune_gc() -> None:
     for 10,000 tokens; with these thresholds 0.06 s and 0.10 s. Objects without cycles are
     still freed at once by reference counting; only cycles wait a little longer."""
     gc.set_threshold(20_000, 50, 100)
+
+
+def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> None:
+    """Bind ``host:port`` first, then start the app on it: a port that is taken ends the process
+    with a clear message before the app starts (a node must not register, or deregister a running
+    node of the same id, when it cannot even listen), and "listening" is only said once it is true."""
+    log = logging.getLogger(f"odla.{name}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    log.info("%s listening on %s:%d", name, host, port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            **uvicorn_options)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:  # the app's start-up failed; it says why in app.state.startup_error
+        sys.exit(f"{name}: {getattr(app.state, 'startup_error', 'could not start')}")

@@ -125,6 +125,14 @@ class NodeClient:
         status, data = await self.get_json(node, "/health")
         return status, HealthResponse.model_validate_json(data)
 
+    async def is_node(self, node: Node) -> bool:
+        """Does a node answer at ``node.url`` under ``node.node_id`` (healthy or not)?"""
+        try:
+            _, answer = await self.health(node)
+        except (NodeUnreachable, ValueError):
+            return False
+        return answer.node_id == node.node_id
+
     async def alive(self, node: Node) -> bool:
         """Does the node answer its health check, healthy? One probe at a time per node."""
         probe = self._probes.get(node.node_id)

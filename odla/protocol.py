@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring  # C-accelerated string quoting
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -80,6 +80,8 @@ class DeregisterRequest(_Body):
     """``POST /deregister`` on the operator: a node leaving the network on shutdown."""
 
     node_id: NodeId
+    url: Optional[str] = Field(None, max_length=2048)
+    "The leaving node's URL: the row is removed only if it is still this node's."
 
 
 class NodeInfo(BaseModel):
@@ -109,14 +111,30 @@ class NodesResponse(BaseModel):
     nodes: list[NodeInfo]
 
 
-class InferenceRequest(_Body):
+class GenerateOptions(_Body):
+    """What ``/inference`` passes to Ollama's ``/api/generate`` unchanged (all optional)."""
+
+    options: Optional[dict[str, Any]] = Field(None, max_length=256)
+    """Ollama's model options, e.g. ``{"num_predict": 64, "temperature": 0.2}``."""
+    system: Optional[str] = None
+    "A system prompt, instead of the model's own."
+    format: Optional[Union[Literal["json"], dict[str, Any]]] = None
+    """``"json"``, or a JSON schema the answer must follow."""
+    keep_alive: Optional[Union[float, str]] = None
+    """How long Ollama keeps the model loaded afterwards: seconds, or a duration such as ``"10m"``."""
+
+    def ollama_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in ((f, getattr(self, f)) for f in GenerateOptions.model_fields) if v is not None}
+
+
+class InferenceRequest(GenerateOptions):
     """``POST /inference`` on the operator."""
 
     model: ModelName
     prompt: str = Field(min_length=1)
 
 
-class RunRequest(_Body):
+class RunRequest(GenerateOptions):
     """``POST /run`` on a node (sent by the operator)."""
 
     job_id: str = Field(min_length=1, max_length=128)

@@ -36,11 +36,12 @@ class Router:
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
-    async def open_job(self, model: str, prompt: str, caller: str = "", tell: Optional[Tell] = None) -> Opened:
+    async def open_job(self, job: p.InferenceRequest, caller: str = "", tell: Optional[Tell] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
-        body = p.RunRequest(job_id=uuid.uuid4().hex, model=model, prompt=prompt).model_dump_json().encode()
+        run = p.RunRequest(job_id=uuid.uuid4().hex, model=job.model, prompt=job.prompt, **job.ollama_fields())
+        body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
-        claim, resp = await self.open(model, "POST", "/run", body, caller, place)
+        claim, resp = await self.open(job.model, "POST", "/run", body, caller, place)
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)

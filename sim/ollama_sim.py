@@ -116,6 +116,7 @@ class Simulator:
                       "errors": 0}
         self.release = asyncio.Event()
         self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
+        self.last_request: dict = {}  # the last /api/generate or /api/chat body, for tests: GET /_sim/last
         self._running = 0
         self._waiting = 0
         self._slot: Optional[asyncio.Condition] = None
@@ -305,7 +306,7 @@ class Simulator:
 
     async def v1_answer(self, req: dict, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         prompt = self.prompt_of(req, chat)
-        tokens = sim_tokens(prompt, self.b.tokens)
+        tokens = sim_tokens(prompt, self.count(req, openai=True))
         ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
         usage = {"prompt_tokens": 1, "completion_tokens": len(tokens), "total_tokens": len(tokens) + 1}
         base = {"id": ident, "object": "chat.completion" if chat else "text_completion",
@@ -360,6 +361,9 @@ class Simulator:
     async def sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, self.stats)
 
+    async def sim_last(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, self.last_request)
+
     # --- generation --------------------------------------------------------------
 
     async def parse(self, body: bytes, send: Send) -> Optional[dict]:
@@ -397,6 +401,7 @@ class Simulator:
             await respond_json(send, 503, {"error": BUSY_MESSAGE})
             return
         self.stats["requests"] += 1
+        self.last_request = req
         prompt = self.prompt_of(req, chat)
         watcher = asyncio.ensure_future(wait_disconnect(receive))
         try:
@@ -416,6 +421,12 @@ class Simulator:
             await first_of(asyncio.sleep(self.b.load_delay), watcher)
         return not watcher.done()
 
+    def count(self, req: dict, openai: bool = False) -> int:
+        """Tokens in the answer: ``--tokens``, or fewer when the request caps them (``num_predict``;
+        OpenAI's ``max_tokens``)."""
+        cap = req.get("max_tokens") if openai else (req.get("options") or {}).get("num_predict")
+        return min(self.b.tokens, cap) if isinstance(cap, int) and cap >= 0 else self.b.tokens
+
     @staticmethod
     def prompt_of(req: dict, chat: bool) -> str:
         if not chat:
@@ -429,7 +440,7 @@ class Simulator:
 
     async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         model, b = req["model"], self.b
-        tokens = sim_tokens(prompt, b.tokens)
+        tokens = sim_tokens(prompt, self.count(req))
         started = time.perf_counter_ns()
         if req.get("stream") is False:
             await self.answer_whole(model, tokens, started, chat, watcher)(send)
@@ -653,8 +664,9 @@ ROUTES = {
     "/_sim/config": Simulator.sim_config,
     "/_sim/release": Simulator.sim_release,
     "/_sim/stats": Simulator.sim_stats,
+    "/_sim/last": Simulator.sim_last,
 }
-GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/_sim/stats"}
+GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/_sim/stats", "/_sim/last"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -196,3 +196,21 @@ def test_a_stopped_node_costs_a_client_at_most_connect_plus_health_timeout(net):
         assert net.listing()["n1"]["healthy"] is False
     finally:
         stopped.send_signal(signal.SIGCONT)  # so that it can be stopped by its pid
+
+
+def test_a_second_node_with_a_taken_id_or_port_does_not_start_and_harms_nothing(net):
+    sim = net.sim()
+    net.operator()
+    first = net.node("n1", sim)
+    net.wait_nodes("n1")
+    url = net.listing()["n1"]["url"]
+    port = url.rsplit(":", 1)[1]
+    same_id = net.start("node.py", NODE_ID="n1", NODE_PORT=str(free_port()), OLLAMA_HOST=sim)
+    assert same_id.proc.wait(timeout=20) != 0
+    assert "taken by a live node" in same_id.output()
+    same_port = net.start("node.py", NODE_ID="n1", NODE_PORT=port, OLLAMA_HOST=sim)
+    assert same_port.proc.wait(timeout=20) != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in same_port.output() and "listening" not in same_port.output()
+    assert net.listing()["n1"]["url"] == url  # the running node's row, untouched
+    assert client(net, "still here", "--model", "llama3").returncode == 0
+    assert first.proc.poll() is None

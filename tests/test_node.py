@@ -251,3 +251,11 @@ def test_a_node_reports_slots_loaded_models_and_speed(operator, node):
         row = wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["tokens_per_s"] and
                        httpx.get(f"{op.url}/nodes").json()["nodes"][0], timeout=3)  # reported soon after the job
         assert row["loaded"] == ["llama3:latest"] and row["tokens_per_s"] > 0
+
+
+def test_a_node_without_node_id_is_named_by_host_and_port(monkeypatch):
+    import socket
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu box")
+    assert node_agent.default_node_id(settings(node_port=8001)) == "gpu-box"  # SPEC.md: the hostname
+    assert node_agent.default_node_id(settings(node_port=8002)) == "gpu-box-8002"  # a second one on the machine
+    assert node_agent.default_node_id(settings(node_id="mine", node_port=8002)) == "mine"

@@ -435,3 +435,40 @@ def test_past_max_queue_is_503_with_retry_after_and_a_long_wait_is_504(one_slot)
         assert late["done"] is True and "no node with model llama3 had a free slot" in late["error"]
         door = httpx.post(f"{one_slot.url}/api/generate", json={"model": "llama3", "prompt": "d"}, timeout=10)
         assert door.status_code == 504 and "free slot" in door.json()["error"]  # a door: a real status
+
+
+def test_ollama_options_reach_ollama_unchanged(sim, operator, node):
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    extra = {"options": {"num_predict": 3, "temperature": 0.2}, "system": "be brief", "format": "json",
+             "keep_alive": "10m"}
+    status, lines = infer_with(op.url, {"model": "llama3", "prompt": "q", **extra})
+    assert status == 200 and [line["token"] for line in lines[:-1]] == sim_tokens("q", 3)  # num_predict held
+    sent = httpx.get(f"{sim.url}/_sim/last").json()
+    assert {k: sent[k] for k in extra} == extra and sent["prompt"] == "q"
+
+
+def infer_with(url, body):
+    resp = httpx.post(f"{url}/inference", json=body, timeout=30)
+    return resp.status_code, [json.loads(line) for line in resp.text.splitlines() if line]
+
+
+def test_a_node_id_taken_by_a_live_node_is_409_and_a_dead_ones_is_free(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A")
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    taken = register(op, "A", elsewhere, ["llama3:latest"])
+    assert taken.status_code == 409 and "give this one another NODE_ID" in taken.json()["error"]
+    assert register(op, "gone", f"http://127.0.0.1:{free_port()}", ["llama3:latest"]).status_code == 200
+    assert register(op, "gone", elsewhere, ["llama3:latest"]).status_code == 200  # nobody answers as "gone"
+
+
+def test_deregister_removes_only_the_callers_own_row(operator, start):
+    op = operator(health_check_interval=60)
+    srv = fake(start, op, "A")
+    row = httpx.get(f"{op.url}/nodes").json()["nodes"][0]
+    gone = httpx.post(f"{op.url}/deregister", json={"node_id": "A", "url": "http://127.0.0.1:1"})
+    assert gone.status_code == 404 and node_ids(op.url) == {"A"}
+    assert httpx.post(f"{op.url}/deregister", json={"node_id": "A", "url": row["url"]}).status_code == 200
+    assert node_ids(op.url) == set() and srv.jobs == []
