@@ -103,6 +103,8 @@ class NodeInfo(BaseModel):
     "Models in memory."
     tokens_per_s: Optional[float] = None
     "Measured: a moving average of eval tokens per second."
+    resting_until: Optional[str] = None
+    "ISO 8601, UTC: after failing several jobs in a row the node gets none until then."
 
 
 class NodesResponse(BaseModel):

@@ -16,6 +16,10 @@ from .names import display_name, model_key
 from .protocol import LoadedModel, NodeInfo
 
 Clock = Callable[[], float]
+REST_AFTER = 3  # failures in a row before a node rests
+REST_BASE_S = 5.0  # the first rest; each further failure doubles it
+REST_MAX_S = 120.0
+ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
 
 
 @dataclass
@@ -37,6 +41,23 @@ class Node:
     "Per model key, as the node measured it."
     inflight: dict[str, int] = field(default_factory=dict)
     "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
+    failures: int = 0
+    "Jobs that failed here in a row (unreachable, refused, broken off)."
+    errors: float = 0.0
+    "Moving average of failed jobs (0: none of late, 1: all)."
+    resting_until: Optional[float] = None
+    "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
+
+    def outcome(self, ok: bool, now: float) -> None:
+        """A job here ended: ``ok``, or it failed because of the node. Rests only ever get longer."""
+        self.errors = ERROR_WEIGHT * (0.0 if ok else 1.0) + (1 - ERROR_WEIGHT) * self.errors
+        self.failures = 0 if ok else self.failures + 1
+        if self.failures >= REST_AFTER:
+            rest = min(REST_MAX_S, REST_BASE_S * 2 ** (self.failures - REST_AFTER))
+            self.resting_until = max(self.resting_until or 0.0, now + rest)
+
+    def resting(self, now: float) -> bool:
+        return self.resting_until is not None and self.resting_until > now
 
     @property
     def active_jobs(self) -> int:
@@ -61,19 +82,19 @@ class Node:
         return sum(self.tokens_per_s.values()) / len(self.tokens_per_s) if self.tokens_per_s else None
 
     def info(self, now: float) -> NodeInfo:
-        seen = datetime.fromtimestamp(self.last_seen, tz=timezone.utc)
         speeds = list(self.tokens_per_s.values())
         return NodeInfo(
             node_id=self.node_id,
             url=self.url,
             models=list(self.models),
-            last_seen=seen.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            last_seen=_iso(self.last_seen),
             healthy=self.healthy,
             active_jobs=self.active_jobs,
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
+            resting_until=_iso(self.resting_until) if self.resting(now) else None,
         )
 
 
@@ -155,3 +176,7 @@ def _epoch(stamp: Optional[str]) -> Optional[float]:
         return datetime.fromisoformat(head + (zone if rest else "")).timestamp()
     except ValueError:
         return None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

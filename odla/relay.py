@@ -80,6 +80,7 @@ class Router:
             return None
         if resp.status not in RETRY_ELSEWHERE and resp.status < 500:
             return resp
+        node.outcome(False, self.registry.clock())
         try:
             message = message_of(await self.nodes.read(resp), resp.status)
         except NodeUnreachable:
@@ -99,6 +100,7 @@ class Router:
 
     def failed(self, node: Node) -> None:
         """The node did not answer: no new jobs until a health check passes, and a check soon."""
+        node.outcome(False, self.registry.clock())
         self.registry.mark_failed(node.node_id)
         self.on_failure(node)
 
@@ -135,7 +137,9 @@ class Router:
             streams.discard(resp)
             await body.aclose()  # a client that left cancels the job at the node
         if protocol and not p.is_final(tail):
+            node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
+        node.outcome(not (protocol and b'"error"' in tail), self.registry.clock())
 
 
 def _last_line(tail: bytes, chunk: bytes) -> bytes:

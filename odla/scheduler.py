@@ -8,9 +8,10 @@ jobs it has running there below the node's slots for the model), in this order:
     2  cold and idle        Ollama must load the model, but runs nothing else
     3  cold                 the rest
 
-within a rank the faster node (tokens per second the node measured for the model, in 10 %
-steps; a node not yet measured counts as fastest, so it gets measured), then a per-model
-cursor, so equals take turns. Claiming counts the job at once; releasing it (always, in
+within a rank the node that failed fewer jobs of late, then the faster one (tokens per
+second the node measured for the model, in 10 % steps; a node not yet measured counts as
+fastest, so it gets measured), then a per-model cursor, so equals take turns. A node that
+failed several jobs in a row rests (odla/registry.py) and gets none unless no other can. Claiming counts the job at once; releasing it (always, in
 ``finally``) never goes below zero.
 
 **Queue.** When every node with the model is full, the job waits: per model, fair across
@@ -127,11 +128,12 @@ class Scheduler:
     def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
         """The best free slot for ``model`` now, claimed; None when every node is full."""
         key = model_key(model)
-        excluded = set(exclude)
-        free = [n for n in self.registry.candidates(model) if n.node_id not in excluded and n.free(key)]
+        excluded, now = set(exclude), self.clock()
+        nodes = [n for n in self.registry.candidates(model) if n.node_id not in excluded]
+        awake = [n for n in nodes if not n.resting(now)]
+        free = [n for n in awake or nodes if n.free(key)]  # resting nodes only when no other can
         if not free:
             return None
-        now = self.clock()
         ranked = sorted(free, key=lambda n: self._rank(n, key, now))
         best = self._rank(ranked[0], key, now)
         equals = [n for n in ranked if self._rank(n, key, now) == best]
@@ -180,12 +182,12 @@ class Scheduler:
                 waiter.taken = True
                 return waiter.granted.result()
 
-    def _rank(self, node: Node, key: str, now: float) -> tuple[int, float]:
+    def _rank(self, node: Node, key: str, now: float) -> tuple[int, int, float]:
         warm, idle = node.warm(key, now), node.active_jobs == 0
         rank = 0 if warm and idle else 1 if warm else 2 if idle else 3
         speed = node.speed(key)
         step = -math.inf if speed is None or speed <= 0 else -round(math.log(speed, 1.1))
-        return rank, step
+        return rank, round(node.errors * 4), step  # a node that failed of late comes after its equals
 
     def _claim(self, node: Node, key: str) -> Claim:
         node.inflight[key] = node.inflight.get(key, 0) + 1

@@ -472,3 +472,12 @@ def test_deregister_removes_only_the_callers_own_row(operator, start):
     assert gone.status_code == 404 and node_ids(op.url) == {"A"}
     assert httpx.post(f"{op.url}/deregister", json={"node_id": "A", "url": row["url"]}).status_code == 200
     assert node_ids(op.url) == set() and srv.jobs == []
+
+
+def test_a_node_that_fails_job_after_job_rests_and_says_so(operator, start):
+    op = operator(health_check_interval=60)
+    fake(start, op, "A", status=500)
+    for _ in range(3):
+        assert infer(op.url)[0] == 502
+    row = httpx.get(f"{op.url}/nodes").json()["nodes"][0]
+    assert row["resting_until"] is not None and row["resting_until"].endswith("Z")

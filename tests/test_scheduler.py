@@ -174,3 +174,22 @@ def test_a_waiter_that_leaves_leaves_no_trace_and_its_grant_is_passed_on():
         (await stayer).release()
         assert reg.get("a").active_jobs == 0 and sched.waiting == 0
     asyncio.run(go())
+
+
+def test_a_node_that_keeps_failing_rests_and_its_rest_only_grows():
+    sched, reg = cluster(a={"slots": 4, "warm": True}, b={"slots": 4, "warm": True})
+    a = reg.get("a")
+    for _ in range(2):
+        a.outcome(False, NOW)
+    assert a.resting_until is None and a.errors > 0
+    assert pick(sched) == "b"  # equal otherwise: the one that failed of late comes after
+    a.outcome(False, NOW)  # the third in a row
+    first = a.resting_until
+    assert first > NOW and a.info(NOW).resting_until is not None
+    assert {pick(sched) for _ in range(3)} == {"b"}
+    a.outcome(False, NOW - 100)  # a late report of an older failure cannot shorten the rest
+    assert a.resting_until >= first
+    reg.get("b").resting_until = NOW + 10  # every node rests: they still serve rather than no one
+    assert pick(sched) in ("a", "b")
+    a.outcome(True, NOW)
+    assert a.failures == 0
