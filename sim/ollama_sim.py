@@ -81,7 +81,11 @@ class Behaviour:
     busy: bool = False
     hold_last: bool = False
     load_delay: float = 0.0
-    "Seconds before the first token (a model load, a long prompt being read)."
+    "Seconds before every first token (a long prompt being read)."
+    load_ms: float = 0.0
+    "Milliseconds to load a model that is not in memory."
+    max_loaded: int = 0
+    "Models in memory at once (OLLAMA_MAX_LOADED_MODELS; 0: no limit); the least recently used idle one goes."
     num_parallel: int = 0
     "Requests that run at once (0: no limit)."
     max_queue: int = 512
@@ -113,13 +117,15 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "errors": 0}
+                      "errors": 0, "loads": 0}
         self.release = asyncio.Event()
         self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
         self.last_request: dict = {}  # the last /api/generate or /api/chat body, for tests: GET /_sim/last
-        self._running = 0
+        self._running: dict[str, int] = {}  # per model key
         self._waiting = 0
-        self._slot: Optional[asyncio.Condition] = None
+        self._cond: Optional[asyncio.Condition] = None
+        self.loading_until: dict[str, float] = {}  # model key -> when its load ends (epoch seconds)
+        self.last_used: dict[str, float] = {}
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -294,8 +300,8 @@ class Simulator:
         self.stats["requests"] += 1
         watcher = asyncio.ensure_future(wait_disconnect(receive))
         try:
-            async with self.slot(watcher) as got_slot:
-                if not got_slot or not await self.load(watcher):
+            async with self.slot(watcher, req["model"]) as slot:
+                if not slot.held or not await self.load(watcher):
                     self.stats["cancelled"] += 1
                     self.stats["cancelled_early"] += 1
                     return
@@ -405,13 +411,13 @@ class Simulator:
         prompt = self.prompt_of(req, chat)
         watcher = asyncio.ensure_future(wait_disconnect(receive))
         try:
-            async with self.slot(watcher) as got_slot:  # Ollama drops a queued request whose client left
-                if not got_slot or not await self.load(watcher):
+            async with self.slot(watcher, req["model"]) as slot:  # Ollama drops a queued request whose client left
+                if not slot.held or not await self.load(watcher):
                     self.stats["cancelled"] += 1
                     self.stats["cancelled_early"] += 1
                     return
                 self.used(req["model"], req.get("keep_alive"))
-                await self.answer(req, prompt, watcher, send, chat=chat)
+                await self.answer(req, prompt, watcher, send, chat=chat, waited_s=slot.waited_s)
         finally:
             watcher.cancel()
 
@@ -435,15 +441,19 @@ class Simulator:
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         return str(last.get("content", ""))
 
-    def slot(self, watcher: asyncio.Future) -> "_Slot":
-        return _Slot(self, watcher)
+    def slot(self, watcher: asyncio.Future, model: str) -> "_Slot":
+        return _Slot(self, watcher, model)
 
-    async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
+    def is_loaded(self, key: str) -> bool:
+        return self.loaded.get(key, 0.0) > time.time()
+
+    async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool,
+                     waited_s: float = 0.0) -> None:
         model, b = req["model"], self.b
         tokens = sim_tokens(prompt, self.count(req))
         started = time.perf_counter_ns()
         if req.get("stream") is False:
-            await self.answer_whole(model, tokens, started, chat, watcher)(send)
+            await self.answer_whole(model, tokens, started, chat, watcher, waited_s)(send)
             return
         self.stats["active"] += 1
         try:
@@ -469,13 +479,14 @@ class Simulator:
                 await send_body(send, self.part(model, token, chat) + b"\n")
             if not tokens:
                 await send_start(send, 200, "application/x-ndjson")
-            final = self.final(model, tokens, started, chat)
+            final = self.final(model, tokens, started, chat, waited_s)
             await send_body(send, _compact(final) + b"\n", more=False)
             self.stats["completed"] += 1
         finally:
             self.stats["active"] -= 1
 
-    def answer_whole(self, model: str, tokens: list[str], started: int, chat: bool, watcher: asyncio.Future):
+    def answer_whole(self, model: str, tokens: list[str], started: int, chat: bool, watcher: asyncio.Future,
+                     waited_s: float = 0.0):
         """``"stream": false``: the whole answer, sent once generated (nothing before it)."""
         async def whole(send: Send) -> None:
             if self.b.error_after is not None and self.b.error_after < len(tokens):
@@ -486,7 +497,7 @@ class Simulator:
                 self.stats["cancelled"] += 1
                 self.stats["cancelled_early"] += 1
                 return
-            final = self.final(model, tokens, started, chat)
+            final = self.final(model, tokens, started, chat, waited_s)
             if chat:
                 final["message"]["content"] = "".join(tokens)
             else:
@@ -510,7 +521,7 @@ class Simulator:
         return _compact({"model": model, "created_at": now, "response": token, "done": False})
 
     @staticmethod
-    def final(model: str, tokens: list[str], started: int, chat: bool) -> dict:
+    def final(model: str, tokens: list[str], started: int, chat: bool, waited_s: float = 0.0) -> dict:
         took = time.perf_counter_ns() - started
         out: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
         if chat:
@@ -520,56 +531,93 @@ class Simulator:
         out.update(done=True, done_reason="stop")
         if not chat:
             out["context"] = list(range(1, len(tokens) + 1))
-        out.update(total_duration=took, load_duration=1000, prompt_eval_count=1,
+        out.update(total_duration=took, load_duration=max(1000, int(waited_s * 1e9)), prompt_eval_count=1,
                    prompt_eval_duration=1000, eval_count=len(tokens), eval_duration=max(took, 1))
         return out
 
 
 class _Slot:
-    """OLLAMA_NUM_PARALLEL: a request waits here for a free runner, unless its client leaves."""
+    """A runner slot for one model, as Ollama's scheduler gives it.
 
-    def __init__(self, sim: Simulator, watcher: asyncio.Future) -> None:
+    ``num_parallel`` requests run per model at once (OLLAMA_NUM_PARALLEL); the rest wait, in
+    arrival order, and a waiter whose client leaves is dropped. A model that is not in memory
+    is loaded first (``load_ms``), after evicting the least recently used idle model when
+    ``max_loaded`` are loaded already (OLLAMA_MAX_LOADED_MODELS); with none idle, the request
+    waits for one. ``waited_s`` is the time spent waiting and loading: Ollama counts it in
+    ``load_duration``.
+    """
+
+    def __init__(self, sim: Simulator, watcher: asyncio.Future, model: str) -> None:
         self.sim = sim
         self.watcher = watcher
+        self.key = model_key(model)
         self.held = False
+        self.waited_s = 0.0
 
-    async def __aenter__(self) -> bool:
+    async def __aenter__(self) -> "_Slot":
         sim = self.sim
-        if not sim.b.num_parallel:
-            return True
-        if sim._slot is None:
-            sim._slot = asyncio.Condition()
+        began = time.perf_counter()
+        if sim._cond is None:
+            sim._cond = asyncio.Condition()
         waiting = asyncio.ensure_future(self._wait())
         await asyncio.wait((waiting, self.watcher), return_when=asyncio.FIRST_COMPLETED)
         if not waiting.done():
             waiting.cancel()
             await asyncio.wait((waiting,))
         self.held = waiting.done() and not waiting.cancelled()
+        if self.held and not self.watcher.done():
+            loading = sim.loading_until.get(self.key, 0.0) - time.time()
+            if loading > 0:
+                await first_of(asyncio.sleep(loading), self.watcher)
         if self.held and self.watcher.done():  # got the slot as the client left: give it back
             await self._release()
-        return self.held
+        self.waited_s = time.perf_counter() - began
+        return self
+
+    def _can_run(self) -> bool:
+        sim, b = self.sim, self.sim.b
+        if b.num_parallel and sim._running.get(self.key, 0) >= b.num_parallel:
+            return False
+        return sim.is_loaded(self.key) or not b.max_loaded or self._room() is not None
+
+    def _room(self) -> Optional[str]:
+        """"" when a model can be loaded as it is, else the idle model to evict first; None: wait."""
+        sim = self.sim
+        loaded = [k for k in sim.loaded if sim.is_loaded(k)]
+        if len(loaded) < sim.b.max_loaded:
+            return ""
+        idle = [k for k in loaded if not sim._running.get(k)]
+        return min(idle, key=lambda k: sim.last_used.get(k, 0.0)) if idle else None
 
     async def _wait(self) -> None:
-        sim = self.sim
-        async with sim._slot:
+        sim, b = self.sim, self.sim.b
+        async with sim._cond:
             sim._waiting += 1
             try:
-                await sim._slot.wait_for(lambda: sim._running < sim.b.num_parallel)
+                await sim._cond.wait_for(self._can_run)
             finally:
                 sim._waiting -= 1
-            sim._running += 1
+            sim._running[self.key] = sim._running.get(self.key, 0) + 1
+            if not sim.is_loaded(self.key):
+                evict = self._room() if b.max_loaded else ""
+                if evict:
+                    sim.loaded.pop(evict, None)
+                sim.loaded[self.key] = time.time() + KEEP_ALIVE_S
+                sim.loading_until[self.key] = time.time() + b.load_ms / 1000
+                sim.stats["loads"] += 1
 
     async def __aexit__(self, *exc: object) -> None:
         await self._release()
 
     async def _release(self) -> None:
         sim = self.sim
-        if not self.held or sim._slot is None:
+        if not self.held or sim._cond is None:
             return
         self.held = False
-        async with sim._slot:
-            sim._running -= 1
-            sim._slot.notify()
+        async with sim._cond:
+            sim._running[self.key] -= 1
+            sim.last_used[self.key] = time.time()
+            sim._cond.notify_all()
 
 
 def _duration(value: Any) -> Optional[float]:
@@ -680,18 +728,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds before the first token")
-    p.add_argument("--num-parallel", type=int, default=0, help="requests run at once (0: no limit)")
+    p.add_argument("--num-parallel", "--parallel", type=int, default=0,
+                   help="requests each model runs at once (0: no limit)")
+    p.add_argument("--load-ms", type=float, default=0.0, help="milliseconds to load a model not in memory")
+    p.add_argument("--max-loaded", type=int, default=0, help="models in memory at once (0: no limit)")
+    p.add_argument("--preload", default="", help="comma-separated models in memory at start")
     p.add_argument("--max-queue", type=int, default=512, help="requests that may wait before 503")
     return p.parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> Simulator:
-    return Simulator(Behaviour(
+    sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, busy=args.busy, load_delay=args.load_delay,
+        error_after=args.error_after, busy=args.busy, load_delay=args.load_delay, load_ms=args.load_ms,
+        max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue,
     ))
+    for model in filter(None, (m.strip() for m in args.preload.split(","))):
+        sim.used(model)
+    return sim
 
 
 def main(argv: Optional[list[str]] = None) -> None:

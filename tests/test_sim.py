@@ -1,0 +1,60 @@
+"""The simulator's Ollama scheduler: slots per model, loads, eviction, keep_alive, as Ollama behaves."""
+
+import threading
+import time
+
+import httpx
+
+from tests.helpers import Sim
+
+
+def generate(sim, model, **body):
+    resp = httpx.post(f"{sim.url}/api/generate", json={"model": model, "prompt": "q", "stream": False, **body},
+                      timeout=30)
+    return resp.json()
+
+
+def loaded(sim):
+    return [m["name"] for m in httpx.get(f"{sim.url}/api/ps").json()["models"]]
+
+
+def test_a_cold_model_loads_and_load_duration_counts_the_wait():
+    with Sim(models=["llama3", "mistral"], tokens=2, load_ms=300) as sim:
+        cold = generate(sim, "llama3")
+        warm = generate(sim, "llama3")
+        assert cold["load_duration"] >= 0.3e9 > warm["load_duration"]
+        assert loaded(sim) == ["llama3:latest"] and sim.stats()["loads"] == 1
+        expires = httpx.get(f"{sim.url}/api/ps").json()["models"][0]["expires_at"]
+        assert expires.endswith("Z") and expires > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 200))
+
+
+def test_max_loaded_evicts_the_least_recently_used_idle_model():
+    with Sim(models=["a", "b", "c"], tokens=1, max_loaded=2) as sim:
+        for model in ("a", "b", "a", "c"):
+            generate(sim, model)
+        assert sorted(loaded(sim)) == ["a:latest", "c:latest"]  # b was used least recently
+        assert sim.stats()["loads"] == 3
+
+
+def test_a_model_waits_when_every_loaded_model_is_busy():
+    with Sim(models=["a", "b"], tokens=2, delay=0.3, max_loaded=1) as sim:
+        busy = threading.Thread(target=generate, args=(sim, "a"))
+        busy.start()
+        time.sleep(0.1)
+        began = time.monotonic()
+        generate(sim, "b")  # a is running: b cannot be loaded until it ends
+        busy.join()
+        assert time.monotonic() - began > 0.4
+        assert loaded(sim) == ["b:latest"]
+
+
+def test_slots_are_per_model_and_keep_alive_zero_unloads():
+    with Sim(models=["a", "b"], tokens=2, delay=0.3, num_parallel=1) as sim:
+        other = threading.Thread(target=generate, args=(sim, "a"))
+        other.start()
+        time.sleep(0.1)
+        began = time.monotonic()
+        generate(sim, "b", keep_alive=0)  # a's one slot is a's: b runs at once
+        other.join()
+        assert time.monotonic() - began < 0.9
+        assert loaded(sim) == ["a:latest"]
