@@ -1,11 +1,11 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make test   install what the tests need and run them
-# make bench  the relay benchmark (bench/README in the main README)
+# make bench  the relay and cluster benchmarks (Performance in the README)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench docker-tools clean
+.PHONY: demo test bench test-tools clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,17 +19,21 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 demo: $(VENV)/.runtime
 	$(PY) scripts/demo.py
 
-# docker-compose (Debian's package) checks docker-compose.yml statically; installed when missing and root.
-docker-tools:
-	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
-		|| echo "note: docker-compose not installed; the compose-file test needs it (apt-get install docker-compose)"; }
+# Debian's docker-compose checks docker-compose.yml statically; nginx is the benchmarks' floor and baseline.
+# Installed when missing and root.
+TOOLS := docker-compose nginx
+test-tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+		|| echo "note:$$missing not installed; the tests that need them say so (apt-get install$$missing)"; }
 
-test: $(VENV)/.dev docker-tools
+test: $(VENV)/.dev test-tools
 	$(PY) -m pytest
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py
+	$(PY) bench/cluster_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results
