@@ -38,7 +38,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relay_bench import PY, ROOT, Procs, free_port, pct, wait_port, wait_registered  # noqa: E402
+from relay_bench import (NGINX_CONF, PY, ROOT, Procs, free_port, nginx_location, pct,  # noqa: E402
+                         wait_port, wait_registered)
 
 NODES = {  # name: (seconds per token, slots, models in memory at most, models)
     "A": (0.008, 4, 2, "llama3,mistral"),
@@ -50,25 +51,6 @@ LOAD_MS = 1500
 GIVE_UP_S = 25.0
 MEAN_TOKENS = 90  # 30-150, uniform
 
-NGINX_CONF = """
-worker_processes 1;
-error_log {dir}/nginx-error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-{upstreams}
-  server {{
-    listen 127.0.0.1:{port};
-{locations}
-  }}
-}}
-"""
 
 
 @dataclass
@@ -197,9 +179,7 @@ def nginx_conf(workdir: Path, port: int, sim_ports: dict[str, int], balance: str
     for model in ("llama3", "mistral"):
         servers = "".join(f"    server 127.0.0.1:{sim_ports[n]};\n" for n, spec in NODES.items() if model in spec[3])
         upstreams.append(f"  upstream {model} {{\n    {balance}\n{servers}    keepalive 64;\n  }}")
-        locations.append(f"    location /{model}/ {{\n      proxy_pass http://{model}/;\n      proxy_http_version 1.1;\n"
-                         f"      proxy_set_header Connection \"\";\n      proxy_buffering off;\n"
-                         f"      proxy_read_timeout 600s;\n    }}")
+        locations.append(nginx_location(f"/{model}/", model))
     return NGINX_CONF.format(dir=workdir, port=port, upstreams="\n".join(upstreams), locations="\n".join(locations))
 
 

@@ -199,19 +199,21 @@ http {{
   fastcgi_temp_path {dir}/fastcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
-  upstream ollama {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+{upstreams}
   server {{
     listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://ollama;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 600s;
-    }}
+{locations}
   }}
 }}
 """
+
+
+def nginx_location(prefix: str, upstream: str) -> str:
+    """A streaming reverse proxy to ``upstream``: no buffering, keep-alive upstream connections."""
+    return (f"    location {prefix} {{\n      proxy_pass http://{upstream}{'/' if prefix != '/' else ''};\n"
+            f"      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n"
+            f"      proxy_read_timeout 600s;\n    }}")
+
 
 
 # --- load shapes --------------------------------------------------------------------------------
@@ -402,8 +404,9 @@ def main() -> None:
                                                           "OLLAMA_HOST": f"127.0.0.1:{ports['sim']}",
                                                           "OLLAMA_NUM_PARALLEL": "4096"})
         if have_nginx:
-            (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=ports["nginx"],
-                                                                  upstream=ports["sim"]))
+            upstream = f"  upstream ollama {{ server 127.0.0.1:{ports['sim']}; keepalive 1024; }}"
+            (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=ports["nginx"], upstreams=upstream,
+                                                                  locations=nginx_location("/", "ollama")))
             procs.start("nginx", ["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
                                   "-g", "daemon off;"])
         for port in [*ports.values(), *node_ports] if have_nginx else [ports["sim"], ports["operator"], *node_ports]:
