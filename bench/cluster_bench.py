@@ -16,6 +16,8 @@ Open-loop Poisson arrivals, 80 % llama3 and 20 % mistral, 30-150 output tokens e
     round-robin   nginx, per model (the seed's round-robin: only nodes with the model)
     least_conn    nginx ``least_conn``, per model
     odla          the operator's Ollama door (``/api/generate``), four nodes in front of the four
+    odla-told     the same operator and nodes again, on fresh simulators: now it knows each node's
+                  speed, slots and loaded models, so it stands for the router that is told the truth
 
 Each router gets freshly started simulators. Reported: completed, errors and give-ups seen by
 clients, p50/p95/p99 end-to-end latency and time to first token, tokens/s, each node's share,
@@ -196,13 +198,15 @@ def main() -> None:
     procs = Procs(workdir)
     sim_ports = {name: free_port() for name in NODES}
     results: dict[str, dict] = {}
-    routers = (["round-robin", "least_conn"] if shutil.which("nginx") else []) + ["odla"]
+    routers = (["round-robin", "least_conn"] if shutil.which("nginx") else []) + ["odla", "odla-told"]
     print(f"cluster bench: {len(plan)} requests over {low + high:g}s; routers: {', '.join(routers)}", flush=True)
     try:
         for router in routers:
             start_sims(procs, sim_ports, router, pace)
             if router == "odla":
                 url_of = start_odla(procs, workdir, sim_ports)
+            elif router == "odla-told":  # the same operator and nodes: they know every node's speed now
+                time.sleep(3)  # a heartbeat: what the fresh simulators hold in memory
             else:
                 port = free_port()
                 conf = workdir / f"nginx-{router}.conf"
