@@ -22,13 +22,14 @@ from .protocol import LoadedModel
 
 log = logging.getLogger("odla.node")
 ALPHA = 0.3  # weight of the newest measurement in the moving average
+PARALLEL_ENV = "OLLAMA_NUM_PARALLEL"  # read here, as Ollama reads it, not through config.ENV_KEYS
 
 
 def num_parallel(settings: Settings, env: Mapping[str, str] = os.environ) -> int:
     """Requests a (completion) model runs at once on this node's Ollama."""
     if settings.num_parallel is not None:
         return settings.num_parallel
-    raw = env.get("OLLAMA_NUM_PARALLEL", "").strip()
+    raw = env.get(PARALLEL_ENV, "").strip()
     if not raw:
         return 1
     if not raw.isdigit():

@@ -8,10 +8,11 @@ import sys
 import pytest
 import yaml
 
+from odla.capacity import PARALLEL_ENV
 from odla.config import ENV_KEYS
 from tests.helpers import ROOT
 
-READ_BY_SCRIPTS = set(ENV_KEYS) | {"ODLA_CONFIG"}
+READ_BY_SCRIPTS = set(ENV_KEYS) | {"ODLA_CONFIG", PARALLEL_ENV}
 
 
 def docker_compose() -> str:
