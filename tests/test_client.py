@@ -175,3 +175,21 @@ def test_ctrl_c_exits_130_and_closes_the_connection(network, sim):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_queued_job_shows_its_place_on_stderr(network, sim):
+    """The node has one slot (num_parallel 1 by default); a second job waits and says so."""
+    import threading
+
+    import httpx
+
+    sim.configure(hold_last=True)
+    with httpx.stream("POST", f"{network.url}/inference", json={"model": "llama3", "prompt": "first"},
+                      timeout=10) as busy:
+        lines = busy.iter_lines()  # kept: a dropped iterator closes its connection
+        next(lines)
+        threading.Timer(1.5, sim.release).start()
+        result = cli("second", "--model", "llama3", "--operator", network.url)
+    assert result.exit_code == 0, result.output
+    assert "[queued: next in line]" in result.stderr
+    assert result.stdout == "".join(sim_tokens("second", 6)) + "\n"
