@@ -110,9 +110,17 @@ def run_demo() -> int:
     cli = [sys.executable, "client.py"]
     say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --show-node')
     first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT)
-    say(f'python client.py "Explain distributed systems" --model {model} --show-node   (round-robin: the other node)')
-    second = subprocess.call([*cli, "Explain distributed systems", "--model", model, "--operator", operator,
-                              "--show-node"], cwd=ROOT)
+    say("Two prompts at once: each node's Ollama runs one request at a time (OLLAMA_NUM_PARALLEL=1), "
+        "so the scheduler gives one to each")
+    both = [subprocess.Popen([*cli, prompt, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for prompt in ("Explain distributed systems", "What is a quorum?")]
+    for proc in both:  # printed one after the other, not interleaved
+        out, err = proc.communicate(timeout=300)
+        sys.stderr.write(err)
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    second = max(proc.returncode for proc in both)
     say(f"python client.py nodes --operator {operator}")
     listed = subprocess.call([*cli, "nodes", "--operator", operator], cwd=ROOT)
     return first or second or listed
