@@ -1,4 +1,4 @@
-"""ODLA operator: the node registry, round-robin routing and the token-stream relay.
+"""ODLA operator: the node registry, the scheduler and the token-stream relay.
 
     python server.py        (config.json; env operator_port / OPERATOR_PORT, ODLA_CONFIG)
 
@@ -6,15 +6,17 @@ Endpoints:
     POST /register      {node_id, url, models}  node joins, or heartbeats (node-facing)
     POST /deregister    {node_id}               node leaves (node-facing)
     GET  /nodes         {"nodes": [...]}        the network
-    POST /inference     {model, prompt}         JSON-lines token stream from a node
+    POST /inference     {model, prompt, ...}    JSON-lines token stream from a node
+    GET  /metrics       Prometheus text format
     GET  /health        the operator itself
 
 Ollama's API (GET|HEAD /, /api/version, /api/tags, /api/ps, /api/show, /api/generate,
 /api/chat, /api/embed, /api/embeddings) and OpenAI's (/v1/models, /v1/chat/completions,
 /v1/completions, /v1/embeddings) are served too: see odla/doors.py.
 
-Nodes are health-checked every ``health_check_interval`` seconds, all at once; a node
-that fails gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
+Jobs go to the node the scheduler picks (odla/scheduler.py), or wait in a fair queue. Nodes
+are health-checked every ``health_check_interval`` seconds, all at once; a node that fails
+gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
 """
 
 import asyncio
@@ -25,6 +27,7 @@ import sys
 from typing import Annotated, AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
 
 from odla import protocol as p
 from odla.auth import api_key_dependency, caller_of, join_token_dependency
@@ -34,6 +37,8 @@ from odla.errors import ODLAError
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.logs import setup_logging
+from odla.metrics import CONTENT_TYPE as METRICS_TYPE
+from odla.metrics import exposition, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
 from odla.relay import Router
@@ -157,6 +162,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def nodes() -> p.NodesResponse:
         now = registry.clock()
         return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
+
+    prom = metrics_registry(registry, scheduler)
+
+    @app.get("/metrics", dependencies=client_auth, response_class=Response,
+             summary="Prometheus metrics (text format)")
+    async def metrics() -> Response:
+        return Response(exposition(prom), media_type=METRICS_TYPE)
 
     @app.get("/health")
     async def health() -> dict:

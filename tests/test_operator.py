@@ -404,6 +404,7 @@ def test_a_job_with_no_free_slot_waits_and_hears_its_place(one_slot, sim):
                           timeout=10) as waiting:
             lines = waiting.iter_lines()
             assert json.loads(next(lines)) == {"queued": 1, "done": False}
+            assert 'odla_queue_depth{model="llama3:latest"} 1.0' in httpx.get(f"{one_slot.url}/metrics").text
             sim.release()
             rest = [json.loads(line) for line in lines if line]
     assert [line["token"] for line in rest[:-1]] == sim_tokens("b", 6) and rest[-1] == {"done": True}
@@ -481,3 +482,25 @@ def test_a_node_that_fails_job_after_job_rests_and_says_so(operator, start):
         assert infer(op.url)[0] == 502
     row = httpx.get(f"{op.url}/nodes").json()["nodes"][0]
     assert row["resting_until"] is not None and row["resting_until"].endswith("Z")
+
+
+def test_metrics_show_the_network_as_it_is(sim, operator, node):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    op = operator(api_keys=["k"])
+    node(op.url, sim.url, "n1", num_parallel=2)
+    auth = {"authorization": "Bearer k"}
+    wait_for(lambda: node_ids(op.url, headers=auth) == {"n1"})
+    assert httpx.get(f"{op.url}/metrics").status_code == 401  # behind the API keys, like /nodes
+    assert infer(op.url, headers=auth)[0] == 200
+    wait_for(lambda: "odla_node_model_loaded" in httpx.get(f"{op.url}/metrics", headers=auth).text)
+    resp = httpx.get(f"{op.url}/metrics", headers=auth)  # no /metrics -> /metrics/ redirect
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(resp.text) for s in family.samples}
+    assert samples[("odla_node_up", (("node", "n1"),))] == 1
+    assert samples[("odla_node_slots", (("model", "llama3:latest"), ("node", "n1")))] == 2
+    assert samples[("odla_node_inflight_requests", (("model", "llama3:latest"), ("node", "n1")))] == 0
+    assert samples[("odla_node_model_loaded", (("model", "llama3:latest"), ("node", "n1")))] == 1
+    assert samples[("odla_node_model_loaded", (("model", "mistral:latest"), ("node", "n1")))] == 0
+    assert samples[("odla_info", (("version", "0.1.0"),))] == 1

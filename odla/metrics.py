@@ -1,0 +1,63 @@
+"""The operator's Prometheus metrics (``GET /metrics``), on prometheus_client, one registry per app.
+
+What the network *is* is read when Prometheus scrapes, from the registry and the scheduler, so
+nothing on the hot path keeps it: whether each node is up, its slots, the jobs it runs for this
+operator, its loaded models, each model's queue, and the version. One ``odla_`` prefix, seconds,
+no per-request labels.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .names import display_name, model_key
+from .registry import Registry
+from .scheduler import Scheduler
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class NetworkCollector(Collector):
+    """The nodes and queues as they are at scrape time."""
+
+    def __init__(self, registry: Registry, scheduler: Scheduler) -> None:
+        self.registry = registry
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator:
+        now = self.registry.clock()
+        up = GaugeMetricFamily("odla_node_up", "1 when the node answers and is given jobs", labels=["node"])
+        slots = GaugeMetricFamily("odla_node_slots", "Requests the node's Ollama runs at once", labels=["node", "model"])
+        inflight = GaugeMetricFamily("odla_node_inflight_requests", "Jobs this operator has running on the node",
+                                     labels=["node", "model"])
+        loaded = GaugeMetricFamily("odla_node_model_loaded", "1 when the model is in the node's memory",
+                                   labels=["node", "model"])
+        for node in self.registry.nodes():
+            up.add_metric([node.node_id], 1.0 if node.healthy and not node.resting(now) else 0.0)
+            for model in node.models:
+                key = model_key(model)
+                slots.add_metric([node.node_id, model], node.slots_for(key))
+                inflight.add_metric([node.node_id, model], node.inflight.get(key, 0))
+                loaded.add_metric([node.node_id, model], 1.0 if node.warm(key, now) else 0.0)
+        depth = GaugeMetricFamily("odla_queue_depth", "Jobs waiting for a free slot", labels=["model"])
+        for key, queue in list(self.scheduler.queues.items()):
+            depth.add_metric([display_name(key)], len(queue))
+        info = InfoMetricFamily("odla", "The operator's version")
+        info.add_metric([], {"version": __version__})
+        yield from (up, slots, inflight, loaded, depth, info)
+
+
+def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:
+    """One Prometheus registry per app (never the global one: tests build many apps)."""
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(NetworkCollector(registry, scheduler))
+    return prom
+
+
+def exposition(prom: CollectorRegistry) -> bytes:
+    return generate_latest(prom)
