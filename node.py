@@ -220,24 +220,31 @@ class Node:
         return Opened(self.relay(job.job_id, first, parts))
 
     async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
-        """Ollama's parts as protocol lines; always ends with one final line."""
+        """Ollama's parts as protocol lines; always ends with one final line. Logs one line per job."""
+        tokens, outcome, speed = 0, "cancelled", ""
         try:
             while True:
                 if part.response:
+                    tokens += 1
                     yield p.token_line(part.response)
                 if part.done:
                     self.capacity.measured(part.model, part.eval_count, part.eval_duration)
+                    tokens, outcome = part.eval_count or tokens, "ok"
+                    if part.eval_count and part.eval_duration:
+                        speed = f", {part.eval_count / (part.eval_duration / 1e9):.1f} tok/s"
                     yield p.DONE_LINE
                     return
                 part = await parts.__anext__()
         except StopAsyncIteration:
-            yield p.error_line("Ollama ended the stream without a final message")
+            outcome = "error: Ollama ended the stream without a final message"
+            yield p.error_line(outcome[len("error: "):])
         except OLLAMA_FAILURES as exc:
             message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
                 exc, self.settings.ollama_host).message
-            log.warning("job %s failed mid-stream: %s", job_id, message)
+            outcome = f"error: {message}"
             yield p.error_line(message)
         finally:
+            log.info("job %s %s: %d tokens%s, %s", job_id, part.model, tokens, speed, outcome)
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 

@@ -41,7 +41,7 @@ from odla.metrics import CONTENT_TYPE as METRICS_TYPE
 from odla.metrics import exposition, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
-from odla.relay import Router
+from odla.relay import Router, new_job_id
 from odla.scheduler import Scheduler
 from odla.responses import STREAM_RESPONSES, LineStream
 
@@ -181,8 +181,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def inference(body: InferenceBody, request: Request) -> LineStream:
         """JSON lines: tokens as the node streams them, then one final line."""
         router: Router = request.app.state.router
-        caller = caller_of(request.headers)
-        return LineStream(opening=lambda tell: router.open_job(body, caller, tell))
+        caller, job_id = caller_of(request.headers), new_job_id()
+        return LineStream(opening=lambda tell: router.open_job(body, caller, tell, job_id),
+                          headers={"x-odla-job": job_id})
 
     app.include_router(doors_router(registry, client_auth))
     return app

@@ -23,7 +23,7 @@ from .auth import caller_of
 from .errors import NoNodeError, ODLAError, shape_for
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
-from .relay import Router
+from .relay import Router, new_job_id
 from .responses import LineStream, Opened
 
 log = logging.getLogger("odla.operator")
@@ -49,7 +49,8 @@ def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
         router: Router = request.app.state.router
         path, caller = request.url.path, caller_of(request.headers)
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
-        return LineStream(opening=lambda tell: _open(router, model, path, body, caller), shape=shape_for(path))
+        return LineStream(opening=lambda tell: _open(router, model, path, body, caller), shape=shape_for(path),
+                          headers={"x-odla-job": new_job_id()})
 
     for path in ROUTED:
         api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=auth)

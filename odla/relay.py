@@ -36,9 +36,10 @@ class Router:
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
-    async def open_job(self, job: p.InferenceRequest, caller: str = "", tell: Optional[Tell] = None) -> Opened:
+    async def open_job(self, job: p.InferenceRequest, caller: str = "", tell: Optional[Tell] = None,
+                       job_id: Optional[str] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
-        run = p.RunRequest(job_id=uuid.uuid4().hex, model=job.model, prompt=job.prompt, **job.ollama_fields())
+        run = p.RunRequest(job_id=job_id or new_job_id(), model=job.model, prompt=job.prompt, **job.ollama_fields())
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
         claim, resp = await self.open(job.model, "POST", "/run", body, caller, place)
@@ -140,6 +141,11 @@ class Router:
             node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
         node.outcome(not (protocol and b'"error"' in tail), self.registry.clock())
+
+
+def new_job_id() -> str:
+    """A job's id: in the ``X-ODLA-Job`` header, the node's logs and (to come) its receipt."""
+    return uuid.uuid4().hex
 
 
 def _last_line(tail: bytes, chunk: bytes) -> bytes:

@@ -74,6 +74,7 @@ class LineStream(StreamingResponse):
                  status_code: int = 200, headers: Optional[Mapping[str, str]] = None,
                  media_type: str = NDJSON) -> None:
         super().__init__(content if content is not None else _nothing(), status_code, headers, media_type)
+        self.base_headers = dict(headers or {})  # kept when the opened upstream adds its own
         self.opening = opening
         self.shape = shape
         self.is_stream = Opened(self.body_iterator, media_type=media_type).is_stream
@@ -137,12 +138,14 @@ class LineStream(StreamingResponse):
             return True
         self.body_iterator, self.status_code = opened.body, opened.status_code
         self.media_type, self.is_stream = opened.media_type, opened.is_stream
-        self.init_headers(opened.headers)
+        self.init_headers({**self.base_headers, **opened.headers})
         return True
 
     async def _error(self, exc: ODLAError, scope: Scope, send: Send) -> None:
         if not self.started:
-            await self.shape.error(exc)(scope, _never, send)
+            response = self.shape.error(exc)
+            response.headers.update(self.base_headers)
+            await response(scope, _never, send)
             return
         await self._send(send, self._separator() + self.shape.line(exc.message))
         await send({"type": "http.response.body", "body": b"", "more_body": False})

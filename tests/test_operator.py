@@ -11,7 +11,7 @@ import pytest
 from odla import protocol as p
 from sim.ollama_sim import sim_tokens
 from tests.fakes import FakeNode, RawNode
-from tests.helpers import free_port, infer, node_ids, wait_for
+from tests.helpers import free_port, infer, node_ids, read_stream, wait_for
 
 
 def register(op, node_id, url, models, **kw):
@@ -504,3 +504,21 @@ def test_metrics_show_the_network_as_it_is(sim, operator, node):
     assert samples[("odla_node_model_loaded", (("model", "llama3:latest"), ("node", "n1")))] == 1
     assert samples[("odla_node_model_loaded", (("model", "mistral:latest"), ("node", "n1")))] == 0
     assert samples[("odla_info", (("version", "0.1.0"),))] == 1
+
+
+def test_every_job_has_an_id_the_node_logs_too(sim, operator, node, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="odla.node")
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "q"}) as resp:
+        job = resp.headers["x-odla-job"]
+        assert read_stream(resp)[-1] == {"done": True}  # the lines stay exactly as they were
+    assert len(job) == 32
+    wait_for(lambda: any(f"job {job} llama3: 6 tokens" in r.getMessage() and r.getMessage().endswith("ok")
+                         for r in caplog.records))
+    door = httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "q", "stream": False})
+    refused = httpx.post(f"{op.url}/api/generate", json={"model": "nope", "prompt": "q"})
+    assert len(door.headers["x-odla-job"]) == 32 and len(refused.headers["x-odla-job"]) == 32
+    assert refused.status_code == 404
