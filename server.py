@@ -38,10 +38,11 @@ from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, json_body, openapi_body
 from odla.logs import setup_logging
 from odla.metrics import CONTENT_TYPE as METRICS_TYPE
-from odla.metrics import exposition, metrics_registry
+from odla.metrics import RequestMetrics, exposition, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
-from odla.relay import Router, new_job_id
+from odla.jobs import Job, door_of
+from odla.relay import Router
 from odla.scheduler import Scheduler
 from odla.responses import STREAM_RESPONSES, LineStream
 
@@ -112,6 +113,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     """The operator's app. ``clock`` moves time in tests."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
     scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout)
+    prom = metrics_registry(registry, scheduler)
+    counted = RequestMetrics(prom)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,6 +133,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     app.state.registry = registry
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
+
+    async def new_job(request: Request) -> None:
+        """Every request that asks for a job gets its record, before its body is read."""
+        request.state.job = Job(door=door_of(request.url.path), caller=caller_of(request.headers),
+                                on_end=counted.observe)
+
+    job_auth = [*client_auth, Depends(new_job)]
 
     @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth)
     async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
@@ -163,7 +173,6 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         now = registry.clock()
         return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
 
-    prom = metrics_registry(registry, scheduler)
 
     @app.get("/metrics", dependencies=client_auth, response_class=Response,
              summary="Prometheus metrics (text format)")
@@ -176,16 +185,17 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     InferenceBody = Annotated[p.InferenceRequest, Depends(json_body(p.InferenceRequest, settings))]
 
-    @app.post("/inference", response_class=LineStream, dependencies=client_auth, responses=STREAM_RESPONSES,
+    @app.post("/inference", response_class=LineStream, dependencies=job_auth, responses=STREAM_RESPONSES,
               openapi_extra=openapi_body(p.InferenceRequest), summary="Run an inference request")
     async def inference(body: InferenceBody, request: Request) -> LineStream:
         """JSON lines: tokens as the node streams them, then one final line."""
         router: Router = request.app.state.router
-        caller, job_id = caller_of(request.headers), new_job_id()
-        return LineStream(opening=lambda tell: router.open_job(body, caller, tell, job_id),
-                          headers={"x-odla-job": job_id})
+        job: Job = request.state.job
+        job.model = body.model
+        return LineStream(opening=lambda tell: router.open_job(body, job, tell), headers={"x-odla-job": job.id},
+                          job=job)
 
-    app.include_router(doors_router(registry, client_auth))
+    app.include_router(doors_router(registry, client_auth, job_auth))
     return app
 
 

@@ -19,11 +19,11 @@ from typing import Any, Optional, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .auth import caller_of
 from .errors import NoNodeError, ODLAError, shape_for
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
-from .relay import Router, new_job_id
+from .jobs import Job
+from .relay import Router
 from .responses import LineStream, Opened
 
 log = logging.getLogger("odla.operator")
@@ -33,9 +33,10 @@ ROUTED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/s
 LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
 
 
-def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
+def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any]) -> APIRouter:
     """The doors' routes; ``auth`` (the operator's client auth) guards all but ``/`` and
-    ``/api/version``, which Ollama clients ask first, before any credentials."""
+    ``/api/version``, which Ollama clients ask first, before any credentials; ``job_auth``
+    also opens a job's record, for the routes that run a model."""
     api = APIRouter(tags=["Ollama and OpenAI doors"])
 
     @api.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
@@ -47,13 +48,14 @@ def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
         body = await request.body()
         model = _model_of(body)
         router: Router = request.app.state.router
-        path, caller = request.url.path, caller_of(request.headers)
+        path, job = request.url.path, request.state.job
+        job.model = model
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
-        return LineStream(opening=lambda tell: _open(router, model, path, body, caller), shape=shape_for(path),
-                          headers={"x-odla-job": new_job_id()})
+        return LineStream(opening=lambda tell: _open(router, model, path, body, job), shape=shape_for(path),
+                          headers={"x-odla-job": job.id}, job=job)
 
     for path in ROUTED:
-        api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=auth)
+        api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=job_auth)
 
     async def listing(request: Request) -> JSONResponse:
         """Every healthy node's listing, one entry per model."""
@@ -82,14 +84,14 @@ def doors_router(registry: Registry, auth: Sequence[Any]) -> APIRouter:
     return api
 
 
-async def _open(router: Router, model: str, path: str, body: bytes, caller: str) -> Opened:
+async def _open(router: Router, model: str, path: str, body: bytes, job: Job) -> Opened:
     try:
-        claim, resp = await router.open(model, "POST", "/ollama" + path, body, caller)
+        claim, resp = await router.open(model, "POST", "/ollama" + path, body, job)
     except NoNodeError:
         raise ODLAError(f"model '{model}' not found", 404) from None
     media = resp.headers.get("content-type", "application/json")
     headers = {"x-odla-node": claim.node.node_id}
-    return Opened(router.relay(claim, resp, protocol=False), resp.status, media, headers)
+    return Opened(router.relay(claim, resp, protocol=False, job=job), resp.status, media, headers)
 
 
 async def _ask_all(router: Router, registry: Registry, path: str) -> list[dict]:

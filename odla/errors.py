@@ -166,22 +166,30 @@ def describe_validation(errors: Sequence[Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves with its status, in the shape of the endpoint it came from."""
+    """Every error leaves with its status, in the shape of the endpoint it came from. A request
+    that had opened a job (``request.state.job``) ends it here, refused, and names it."""
+
+    def answer(request: Request, error: ODLAError) -> Response:
+        response = error_response(error, request.url.path)
+        job = getattr(request.state, "job", None)
+        if job is not None:
+            job.refused(error)
+            response.headers["x-odla-job"] = job.id
+        return response
 
     @app.exception_handler(ODLAError)
     async def _odla(request: Request, exc: ODLAError) -> Response:
-        return error_response(exc, request.url.path)
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(invalid_body(exc.errors()), request.url.path)
+        return answer(request, invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        error = ODLAError(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
-        return error_response(error, request.url.path)
+        return answer(request, ODLAError(str(exc.detail), exc.status_code, getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(ODLAError("internal error", 500), request.url.path)
+        return answer(request, ODLAError("internal error", 500))

@@ -2,19 +2,21 @@
 
 What the network *is* is read when Prometheus scrapes, from the registry and the scheduler, so
 nothing on the hot path keeps it: whether each node is up, its slots, the jobs it runs for this
-operator, its loaded models, each model's queue, and the version. One ``odla_`` prefix, seconds,
-no per-request labels.
+operator, its loaded models, each model's queue, and the version. What *happened* is counted
+once per job, when it ends (``RequestMetrics.observe``): its outcome, duration, time to first
+token and failovers. One ``odla_`` prefix, seconds, no per-request labels.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .jobs import Job
 from .names import display_name, model_key
 from .registry import Registry
 from .scheduler import Scheduler
@@ -50,6 +52,35 @@ class NetworkCollector(Collector):
         info = InfoMetricFamily("odla", "The operator's version")
         info.add_metric([], {"version": __version__})
         yield from (up, slots, inflight, loaded, depth, info)
+
+
+# Inference takes from milliseconds to minutes: buckets to match.
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RequestMetrics:
+    """Counts every job once, when it ends."""
+
+    def __init__(self, prom: CollectorRegistry) -> None:
+        self.requests = Counter("odla_requests", "Jobs by how they ended", ["model", "node", "door", "outcome"],
+                                registry=prom)
+        self.duration = Histogram("odla_request_duration_seconds", "From the request to the job's end",
+                                  ["model", "node"], buckets=SECONDS, registry=prom)
+        self.ttft = Histogram("odla_time_to_first_token_seconds", "From the request to the first token sent",
+                              ["model", "node"], buckets=SECONDS, registry=prom)
+        self.failovers = Counter("odla_failovers", "Nodes that did not take a job another node then ran",
+                                 registry=prom)
+
+    def observe(self, job: Job) -> None:
+        if not job.door or job.outcome is None:
+            return
+        self.requests.labels(job.model, job.node, job.door, job.outcome).inc()
+        if job.finished is not None:
+            self.duration.labels(job.model, job.node).observe(job.finished - job.started)
+        if job.first_token is not None:
+            self.ttft.labels(job.model, job.node).observe(job.first_token - job.started)
+        if job.failovers:
+            self.failovers.inc(job.failovers)
 
 
 def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:

@@ -9,11 +9,11 @@ exactly one final line.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
+from .jobs import Job, new_job_id
 from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell
@@ -36,19 +36,18 @@ class Router:
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
-    async def open_job(self, job: p.InferenceRequest, caller: str = "", tell: Optional[Tell] = None,
-                       job_id: Optional[str] = None) -> Opened:
+    async def open_job(self, request: p.InferenceRequest, job: Job, tell: Optional[Tell] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
-        run = p.RunRequest(job_id=job_id or new_job_id(), model=job.model, prompt=job.prompt, **job.ollama_fields())
+        run = p.RunRequest(job_id=job.id, model=request.model, prompt=request.prompt, **request.ollama_fields())
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
-        claim, resp = await self.open(job.model, "POST", "/run", body, caller, place)
+        claim, resp = await self.open(request.model, "POST", "/run", body, job, place)
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
-        return Opened(self.relay(claim, resp), headers={"x-odla-node": claim.node.node_id})
+        return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id})
 
-    async def open(self, model: str, method: str, path: str, body: bytes, caller: str = "",
+    async def open(self, model: str, method: str, path: str, body: bytes, job: Optional[Job] = None,
                    place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it.
 
@@ -57,6 +56,7 @@ class Router:
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
+        caller = job.caller if job is not None else ""
         while True:
             claim = await self.scheduler.claim(model, caller, [node.node_id for node, _, _ in failures], place)
             if claim is None:
@@ -68,6 +68,8 @@ class Router:
                 if resp is None:  # refused, unreachable, or the client left
                     claim.release()
             if resp is not None:
+                if job is not None:
+                    job.node, job.failovers = claim.node.node_id, len(failures)
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
@@ -112,7 +114,8 @@ class Router:
             resp.close()
         return len(streams)
 
-    async def relay(self, claim: Claim, resp: ClientResponse, protocol: bool = True) -> AsyncIterator[bytes]:
+    async def relay(self, claim: Claim, resp: ClientResponse, protocol: bool = True,
+                    job: Optional[Job] = None) -> AsyncIterator[bytes]:
         """The node's body, byte for byte; raises ``StreamBroken`` if it broke off. Releases the claim.
 
         With ``protocol`` (ODLA's own JSON lines), a stream that ends without its final
@@ -140,12 +143,10 @@ class Router:
         if protocol and not p.is_final(tail):
             node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
-        node.outcome(not (protocol and b'"error"' in tail), self.registry.clock())
-
-
-def new_job_id() -> str:
-    """A job's id: in the ``X-ODLA-Job`` header, the node's logs and (to come) its receipt."""
-    return uuid.uuid4().hex
+        failed = protocol and b'"error"' in tail
+        node.outcome(not failed, self.registry.clock())
+        if failed and job is not None:  # the node said so in the last line: Ollama failed mid-stream
+            job.error = message_of(tail, 502)
 
 
 def _last_line(tail: bytes, chunk: bytes) -> bytes:

@@ -30,6 +30,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .errors import ODLA, ODLAError, Shape
+from .jobs import Job
 from .protocol import NDJSON, ErrorLine
 
 log = logging.getLogger("odla")
@@ -72,9 +73,10 @@ class LineStream(StreamingResponse):
     def __init__(self, content: Optional[AsyncIterator[bytes]] = None, *,
                  opening: Optional[Callable[[Tell], Awaitable[Opened]]] = None, shape: Shape = ODLA,
                  status_code: int = 200, headers: Optional[Mapping[str, str]] = None,
-                 media_type: str = NDJSON) -> None:
+                 media_type: str = NDJSON, job: Optional[Job] = None) -> None:
         super().__init__(content if content is not None else _nothing(), status_code, headers, media_type)
         self.base_headers = dict(headers or {})  # kept when the opened upstream adds its own
+        self.job = job or Job(door="")  # how it ends is recorded here, and counted when it has a door
         self.opening = opening
         self.shape = shape
         self.is_stream = Opened(self.body_iterator, media_type=media_type).is_stream
@@ -89,6 +91,7 @@ class LineStream(StreamingResponse):
             await self._stream(watcher, send)
         finally:
             watcher.cancel()
+            self.job.end("client_cancel")  # a no-op when an earlier step said how it ended
 
     async def _open(self, watcher: asyncio.Future, scope: Scope, send: Send) -> bool:
         """Wait for the upstream while listening for the client; False when there is nothing to stream.
@@ -131,6 +134,7 @@ class LineStream(StreamingResponse):
             if not isinstance(exc, ODLAError):
                 log.error("unexpected error opening %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
                 exc = ODLAError("internal error", 500)
+            self.job.refused(exc)
             await self._error(exc, scope, send)
             return False
         if self.started:  # what the upstream answers goes on after the lines told so far
@@ -160,9 +164,12 @@ class LineStream(StreamingResponse):
                 buf.ready.clear()
                 data = buf.take()
                 last = producer.done() and not buf.pieces
+                if data:
+                    self.job.first()
                 if last and producer.exception() is None:  # the last data and the end in one write
                     self.started = self.started or await self._start(send)
                     await send({"type": "http.response.body", "body": data, "more_body": False})
+                    self._ended()
                     return
                 if data:
                     self.started = self.started or await self._start(send)
@@ -179,6 +186,10 @@ class LineStream(StreamingResponse):
                 producer.exception()  # retrieved: _finish has reported it, or the client left
             await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
 
+    def _ended(self, error: Optional[str] = None) -> None:
+        """The body is done: ok, unless it broke or its last line said the node failed."""
+        self.job.end("node_error" if error or self.job.error else "ok", error)
+
     async def _finish(self, producer: asyncio.Task, send: Send) -> None:
         """End the response after the body: cleanly, with an error line, or cut off."""
         exc = producer.exception()
@@ -189,6 +200,7 @@ class LineStream(StreamingResponse):
             else:
                 log.error("unexpected error in a stream", exc_info=exc)
             message = str(exc) if broken else "internal error"
+            self._ended(message)
             if not self.started and not self.is_stream:
                 await self.shape.response(message, 502 if broken else 500)({"type": "http"}, _never, send)
                 return
@@ -196,6 +208,7 @@ class LineStream(StreamingResponse):
                 return  # cut off: the server closes the connection mid-body, the client sees it broken
             self.started = self.started or await self._start(send)
             await self._send(send, self._separator() + self.shape.line(message))
+        self._ended()
         if not self.started:
             await self._start(send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

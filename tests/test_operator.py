@@ -522,3 +522,36 @@ def test_every_job_has_an_id_the_node_logs_too(sim, operator, node, caplog):
     refused = httpx.post(f"{op.url}/api/generate", json={"model": "nope", "prompt": "q"})
     assert len(door.headers["x-odla-job"]) == 32 and len(refused.headers["x-odla-job"]) == 32
     assert refused.status_code == 404
+
+
+def test_metrics_count_every_job_once_by_how_it_ended(sim, operator, node):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    for i in range(3):
+        assert infer(op.url, prompt=f"ok {i}")[0] == 200  # ok
+    assert httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "q", "stream": False}).status_code == 200
+    assert infer(op.url, model="llama9")[0] == 404  # no_node
+    assert httpx.post(f"{op.url}/inference", content=b"{not json").status_code == 400  # bad_request
+    sim.configure(load_delay=3)
+    with pytest.raises(httpx.TimeoutException):  # client_cancel
+        httpx.post(f"{op.url}/inference", json={"model": "llama3", "prompt": "gone"}, timeout=0.5)
+    sim.configure(load_delay=0, error_after=2)
+    status, lines = infer(op.url, prompt="breaks")  # Ollama fails mid-stream: node_error
+    assert status == 200 and "error" in lines[-1]
+
+    def counts() -> dict:
+        text = httpx.get(f"{op.url}/metrics").text
+        return {(s.labels.get("door"), s.labels.get("outcome")): s.value
+                for f in text_string_to_metric_families(text) if f.name == "odla_requests"
+                for s in f.samples if s.name == "odla_requests_total"}
+
+    expected = {("inference", "ok"): 3, ("ollama", "ok"): 1, ("inference", "no_node"): 1,
+                ("inference", "bad_request"): 1, ("inference", "client_cancel"): 1, ("inference", "node_error"): 1}
+    wait_for(lambda: counts() == expected)  # the cancelled one ends when the operator sees the client gone
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{op.url}/metrics").text)}
+    ttft = sum(s.value for s in families["odla_time_to_first_token_seconds"].samples
+               if s.name.endswith("_count"))
+    assert ttft == 5  # every job that sent a token: 3 + 1 door + the one that broke after two

@@ -1,0 +1,68 @@
+"""One job's record, from the request that asked for it to its end: what the metrics count
+(and, to come, its receipt). Every job ends exactly once, with one of ``OUTCOMES``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .errors import NoNodeError, ODLAError
+
+OUTCOMES = ("ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request")
+
+
+def new_job_id() -> str:
+    """A job's id: in the ``X-ODLA-Job`` header and the node's log line for it."""
+    return uuid.uuid4().hex
+
+
+def door_of(path: str) -> str:
+    return "openai" if path.startswith("/v1/") else "ollama" if path.startswith("/api/") else "inference"
+
+
+@dataclass
+class Job:
+    """A job as the operator saw it."""
+
+    door: str
+    model: str = ""
+    caller: str = ""
+    id: str = field(default_factory=new_job_id)
+    started: float = field(default_factory=time.time)
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+    node: str = ""
+    outcome: Optional[str] = None
+    error: Optional[str] = None
+    failovers: int = 0
+    on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
+
+    def first(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.time()
+
+    def end(self, outcome: str, error: Optional[str] = None) -> None:
+        """Record how the job ended; only the first call counts."""
+        if self.outcome is not None:
+            return
+        self.outcome, self.finished = outcome, time.time()
+        self.error = error if error is not None else self.error
+        self.on_end(self)
+
+    def refused(self, exc: ODLAError) -> None:
+        """The job ended before any answer, with ``exc``."""
+        from .scheduler import QueueFull, QueueTimeout  # the scheduler imports the registry, not jobs
+
+        if isinstance(exc, QueueFull):
+            outcome = "queue_full"
+        elif isinstance(exc, QueueTimeout):
+            outcome = "queue_timeout"
+        elif isinstance(exc, NoNodeError) or exc.status_code == 404 and not self.node:
+            outcome = "no_node"
+        elif exc.status_code in (400, 413, 422):
+            outcome = "bad_request"
+        else:
+            outcome = "node_error"
+        self.end(outcome, exc.message)
