@@ -129,7 +129,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         finally:
             await nodes.aclose()
 
-    app = build_app("ODLA operator", lifespan, settings)
+    app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused)
     app.state.registry = registry
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]

@@ -22,14 +22,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from .errors import NoNodeError, ODLAError, shape_for
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
-from .jobs import Job
+from .jobs import JOB_PATHS, Job
 from .relay import Router
 from .responses import LineStream, Opened
 
 log = logging.getLogger("odla.operator")
 
-ROUTED = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
-          "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ROUTED = tuple(sorted(JOB_PATHS - {"/inference"}))
 LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
 
 

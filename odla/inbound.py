@@ -18,12 +18,14 @@ from .errors import ODLAError, install_error_handlers, invalid_body, shape_for
 M = TypeVar("M", bound=BaseModel)
 
 
-def build_app(title: str, lifespan: Any, settings: Settings) -> FastAPI:
+def build_app(title: str, lifespan: Any, settings: Settings,
+              on_refused: Callable[[str], None] = lambda path: None) -> FastAPI:
     """A FastAPI app as the operator and the node both need it: bounded bodies, one error
-    table, and no OpenTelemetry hooks (FastAPI's look at the environment on every request)."""
+    table, and no OpenTelemetry hooks (FastAPI's look at the environment on every request).
+    ``on_refused(path)`` hears of a request refused before routing (its body is too large)."""
     app = FastAPI(title=title, lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refused=on_refused)
     install_error_handlers(app)
     return app
 
@@ -31,9 +33,10 @@ def build_app(title: str, lifespan: Any, settings: Settings) -> FastAPI:
 class BodyLimit:
     """ASGI middleware: 413 for a body over ``limit`` bytes, by its Content-Length or as it streams in."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, on_refused: Callable[[str], None] = lambda path: None) -> None:
         self.app = app
         self.limit = limit
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,6 +50,7 @@ class BodyLimit:
         else:
             await self.app(scope, self._counting(receive), send)
             return
+        self.on_refused(scope["path"])
         await shape_for(scope["path"]).error(error)(scope, receive, send)
 
     @property

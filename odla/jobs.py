@@ -11,6 +11,9 @@ from typing import Callable, Optional
 from .errors import NoNodeError, ODLAError
 
 OUTCOMES = ("ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request")
+JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
+                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+"The operator's paths that run a model: each request to one is a job."
 
 
 def new_job_id() -> str:

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .jobs import Job
+from .jobs import JOB_PATHS, Job, door_of
 from .names import display_name, model_key
 from .registry import Registry
 from .scheduler import Scheduler
@@ -70,6 +70,11 @@ class RequestMetrics:
                               ["model", "node"], buckets=SECONDS, registry=prom)
         self.failovers = Counter("odla_failovers", "Nodes that did not take a job another node then ran",
                                  registry=prom)
+
+    def refused(self, path: str) -> None:
+        """A job's request refused before it was routed (a body over the limit)."""
+        if path in JOB_PATHS:
+            self.requests.labels("", "", door_of(path), "bad_request").inc()
 
     def observe(self, job: Job) -> None:
         if not job.door or job.outcome is None:

@@ -555,3 +555,13 @@ def test_metrics_count_every_job_once_by_how_it_ended(sim, operator, node):
     ttft = sum(s.value for s in families["odla_time_to_first_token_seconds"].samples
                if s.name.endswith("_count"))
     assert ttft == 5  # every job that sent a token: 3 + 1 door + the one that broke after two
+
+
+def test_a_body_refused_for_its_size_is_counted_too(operator):
+    op = operator(max_prompt_chars=10)
+    too_big = b'{"model": "llama3", "prompt": "' + b"x" * 70_000 + b'"}'
+    assert httpx.post(f"{op.url}/inference", content=too_big).status_code == 413
+    assert httpx.post(f"{op.url}/api/chat", content=too_big).status_code == 413
+    text = httpx.get(f"{op.url}/metrics").text
+    assert 'odla_requests_total{door="inference",model="",node="",outcome="bad_request"} 1.0' in text
+    assert 'odla_requests_total{door="ollama",model="",node="",outcome="bad_request"} 1.0' in text
