@@ -40,6 +40,8 @@ class Job:
     outcome: Optional[str] = None
     error: Optional[str] = None
     failovers: int = 0
+    queue_wait: Optional[float] = None
+    "Seconds it waited for a free slot, when it had to."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:

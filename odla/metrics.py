@@ -70,6 +70,8 @@ class RequestMetrics:
                               ["model", "node"], buckets=SECONDS, registry=prom)
         self.failovers = Counter("odla_failovers", "Nodes that did not take a job another node then ran",
                                  registry=prom)
+        self.queue_wait = Histogram("odla_queue_wait_seconds", "How long jobs that found no free slot waited",
+                                    ["model"], buckets=SECONDS, registry=prom)
 
     def refused(self, path: str) -> None:
         """A job's request refused before it was routed (a body over the limit)."""
@@ -86,6 +88,8 @@ class RequestMetrics:
             self.ttft.labels(job.model, job.node).observe(job.first_token - job.started)
         if job.failovers:
             self.failovers.inc(job.failovers)
+        if job.queue_wait is not None:
+            self.queue_wait.labels(job.model).observe(job.queue_wait)
 
 
 def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:

@@ -61,6 +61,8 @@ class Router:
             claim = await self.scheduler.claim(model, caller, [node.node_id for node, _, _ in failures], place)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else NoNodeError(model)
+            if claim.waited and job is not None:
+                job.queue_wait = (job.queue_wait or 0.0) + claim.waited
             resp = None
             try:
                 resp = await self._try(claim.node, method, path, body, failures)

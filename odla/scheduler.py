@@ -55,6 +55,8 @@ class Claim:
     key: str
     scheduler: "Scheduler"
     released: bool = False
+    waited: float = 0.0
+    "Seconds the job waited in the queue for this slot (0: it had one at once)."
 
     def release(self) -> None:
         if not self.released:
@@ -157,8 +159,11 @@ class Scheduler:
         waiter = _Waiter(caller, frozenset(exclude))
         queue = self.queues.setdefault(key, _ModelQueue())
         queue.add(waiter)
+        began = asyncio.get_running_loop().time()
         try:
-            return await self._wait(queue, waiter, model, place)
+            claim = await self._wait(queue, waiter, model, place)
+            claim.waited = asyncio.get_running_loop().time() - began
+            return claim
         finally:
             queue.remove(waiter)
             if not queue:
