@@ -81,15 +81,18 @@ class RequestMetrics:
     def observe(self, job: Job) -> None:
         if not job.door or job.outcome is None:
             return
-        self.requests.labels(job.model, job.node, job.door, job.outcome).inc()
+        # a model no node has is whatever a caller typed: one label value for all of them, so no
+        # caller can grow the metrics without bound
+        model = job.model if job.node or job.outcome not in ("no_node", "bad_request") else ""
+        self.requests.labels(model, job.node, job.door, job.outcome).inc()
         if job.finished is not None:
-            self.duration.labels(job.model, job.node).observe(job.finished - job.started)
+            self.duration.labels(model, job.node).observe(job.finished - job.started)
         if job.first_token is not None:
-            self.ttft.labels(job.model, job.node).observe(job.first_token - job.started)
+            self.ttft.labels(model, job.node).observe(job.first_token - job.started)
         if job.failovers:
             self.failovers.inc(job.failovers)
         if job.queue_wait is not None:
-            self.queue_wait.labels(job.model).observe(job.queue_wait)
+            self.queue_wait.labels(model).observe(job.queue_wait)
 
 
 def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:

@@ -550,6 +550,7 @@ def test_metrics_count_every_job_once_by_how_it_ended(sim, operator, node):
                 for f in text_string_to_metric_families(text) if f.name == "odla_requests"
                 for s in f.samples if s.name == "odla_requests_total"}
 
+    assert 'model="llama9"' not in httpx.get(f"{op.url}/metrics").text  # a caller's typo is not a series
     expected = {("inference", "ok"): 3, ("ollama", "ok"): 1, ("inference", "no_node"): 1,
                 ("inference", "bad_request"): 1, ("inference", "client_cancel"): 1, ("inference", "node_error"): 1}
     wait_for(lambda: counts() == expected)  # the cancelled one ends when the operator sees the client gone
