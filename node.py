@@ -146,7 +146,10 @@ class Node:
         resp = await self.http.post(f"{self.settings.operator_url}/register",
                                     content=body.model_dump_json(), headers=self._headers())
         resp.raise_for_status()
-        self.state.joined = True
+        if not self.state.registered:
+            log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url,
+                     self.settings.operator_url)
+        self.state.registered = self.state.joined = True
 
     async def deregister(self) -> None:
         if not self.state.joined:  # never joined: nothing of ours to remove
@@ -172,10 +175,14 @@ class Node:
             pass  # the operator is not there yet: the heartbeat keeps trying
 
     async def heartbeat(self) -> None:
-        """Register, then re-register every interval and soon after each job; back off (capped)
-        while the operator is away."""
+        """Re-register every interval and soon after each job (right away when not registered, as
+        when ``join`` could not reach the operator); back off (capped) while the operator is away."""
         backoff = 0.5
         while True:
+            if self.state.registered:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.report_soon.wait(), self.settings.heartbeat_interval)
+                    await asyncio.sleep(REPORT_GAP_S)  # jobs that end together make one report
             try:
                 self.report_soon.clear()
                 await self.refresh()
@@ -190,13 +197,7 @@ class Node:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval)
                 continue
-            if not self.state.registered:
-                log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url,
-                         self.settings.operator_url)
-            self.state.registered, backoff = True, 0.5
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.report_soon.wait(), self.settings.heartbeat_interval)
-                await asyncio.sleep(REPORT_GAP_S)  # jobs that end together make one report
+            backoff = 0.5
 
     async def open_job(self, job: p.RunRequest) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""

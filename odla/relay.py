@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
-from .jobs import Job, new_job_id
+from .jobs import Job
 from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell

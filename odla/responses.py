@@ -116,7 +116,7 @@ class LineStream(StreamingResponse):
                 await ready.wait()
                 ready.clear()
                 if told and not watcher.done():
-                    self.started = self.started or await self._start(send)
+                    await self._start(send)
                     await self._send(send, b"".join(told))
                     told.clear()
         except asyncio.CancelledError:  # this task itself was cancelled (the server is stopping)
@@ -167,12 +167,12 @@ class LineStream(StreamingResponse):
                 if data:
                     self.job.first()
                 if last and producer.exception() is None:  # the last data and the end in one write
-                    self.started = self.started or await self._start(send)
+                    await self._start(send)
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     self._ended()
                     return
                 if data:
-                    self.started = self.started or await self._start(send)
+                    await self._start(send)
                     await self._send(send, data)
                 if last:  # what came during the last send has gone too
                     break
@@ -202,15 +202,14 @@ class LineStream(StreamingResponse):
             message = str(exc) if broken else "internal error"
             self._ended(message)
             if not self.started and not self.is_stream:
-                await self.shape.response(message, 502 if broken else 500)({"type": "http"}, _never, send)
+                await self._error(ODLAError(message, 502 if broken else 500), {"type": "http"}, send)
                 return
             if not self.is_stream:
                 return  # cut off: the server closes the connection mid-body, the client sees it broken
-            self.started = self.started or await self._start(send)
+            await self._start(send)
             await self._send(send, self._separator() + self.shape.line(message))
         self._ended()
-        if not self.started:
-            await self._start(send)
+        await self._start(send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _separator(self) -> bytes:
@@ -218,9 +217,11 @@ class LineStream(StreamingResponse):
         missing = len(end) - (len(self.tail) - len(self.tail.rstrip(b"\n")))
         return b"\n" * max(0, missing)
 
-    async def _start(self, send: Send) -> bool:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        return True
+    async def _start(self, send: Send) -> None:
+        """Send the status line and headers, once."""
+        if not self.started:
+            self.started = True
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
 
     async def _send(self, send: Send, data: bytes) -> None:
         self.tail = data[-2:]

@@ -136,9 +136,9 @@ class Scheduler:
         free = [n for n in awake or nodes if n.free(key)]  # resting nodes only when no other can
         if not free:
             return None
-        ranked = sorted(free, key=lambda n: self._rank(n, key, now))
-        best = self._rank(ranked[0], key, now)
-        equals = [n for n in ranked if self._rank(n, key, now) == best]
+        ranks = {n.node_id: self._rank(n, key, now) for n in free}
+        best = min(ranks.values())
+        equals = [n for n in free if ranks[n.node_id] == best]
         node = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
         return self._claim(node, key)
 

@@ -50,6 +50,12 @@ class FakeNode:
         yield p.DONE_LINE
 
 
+def ndjson_reply(body: bytes) -> bytes:
+    """A whole HTTP/1.1 200 answer of JSON lines, with its Content-Length."""
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body)
+
+
 class RawNode:
     """A node that speaks raw bytes over TCP, for answers no HTTP framework would give.
 

@@ -10,7 +10,7 @@ import pytest
 
 from odla import protocol as p
 from sim.ollama_sim import sim_tokens
-from tests.fakes import FakeNode, RawNode
+from tests.fakes import FakeNode, RawNode, ndjson_reply
 from tests.helpers import free_port, infer, node_ids, read_stream, wait_for
 
 
@@ -287,9 +287,7 @@ def test_a_silent_node_loses_the_job_within_connect_plus_health_timeout(operator
 def test_a_node_that_is_slow_but_answers_its_health_check_is_waited_for(operator, start):
     async def slow(first, reader, writer):
         await asyncio.sleep(3)  # Ollama loading a model: longer than grace + health timeout
-        body = b'{"token": "slow", "done": false}\n{"done": true}\n'
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        writer.write(ndjson_reply(b'{"token": "slow", "done": false}\n{"done": true}\n'))
         return True
 
     op = operator(health_check_interval=60, connect_timeout=1, health_check_timeout=1)
@@ -322,8 +320,7 @@ def test_100_continue_is_not_the_answer(operator):
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.2)  # on its own, as a slow node sends it
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(ndjson_reply(body))
         return True
 
     op = operator(health_check_interval=60)
@@ -363,9 +360,7 @@ def test_a_job_is_never_sent_twice(operator):
     async def first_ok_then_drop(first, reader, writer):
         if sum(r.startswith("POST /run") for r in node.requests) > 1:
             return False  # read the job, then closed the connection without an answer
-        body = b'{"token": "1", "done": false}\n{"done": true}\n'
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        writer.write(ndjson_reply(b'{"token": "1", "done": false}\n{"done": true}\n'))
         return True
 
     op = operator(health_check_interval=60)
