@@ -35,7 +35,7 @@ from odla.capacity import Capacity, num_parallel
 from odla.config import ConfigError, Settings, load_settings
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background, serve, tune_gc
-from odla.inbound import build_app, json_body, openapi_body
+from odla.inbound import build_app, openapi_body, read_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
 from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
@@ -324,12 +324,11 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         await node.refresh_models()
         return p.ModelsResponse(node_id=node.state.node_id, models=node.state.models)
 
-    RunBody = Annotated[p.RunRequest, Depends(json_body(p.RunRequest, settings))]
-
     @app.post("/run", response_class=LineStream, dependencies=operator_only, responses=STREAM_RESPONSES,
               openapi_extra=openapi_body(p.RunRequest), summary="Execute an inference job (operator only)")
-    async def run(job: RunBody, node: NodeDep) -> LineStream:
+    async def run(request: Request, node: NodeDep) -> LineStream:
         """JSON lines: tokens as Ollama makes them, then one final line."""
+        job = await read_body(request, p.RunRequest, settings)
         return LineStream(opening=lambda tell: node.open_job(job))
 
     @app.api_route("/ollama/{path:path}", methods=["GET", "POST"], dependencies=operator_only,

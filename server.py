@@ -24,18 +24,18 @@ import contextlib
 import ipaddress
 import logging
 import sys
-from typing import Annotated, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from odla import protocol as p
-from odla.auth import api_key_dependency, caller_of, join_token_dependency
+from odla.auth import api_key_dependency, caller_of, check_api_key, join_token_dependency
 from odla.config import ConfigError, Settings, load_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
 from odla.lifespan import background, serve, tune_gc
-from odla.inbound import build_app, json_body, openapi_body
+from odla.inbound import build_app, openapi_body, read_body
 from odla.logs import setup_logging
 from odla.metrics import CONTENT_TYPE as METRICS_TYPE
 from odla.metrics import RequestMetrics, exposition, metrics_registry
@@ -135,11 +135,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
 
     async def new_job(request: Request) -> None:
-        """Every request that asks for a job gets its record, before its body is read."""
-        request.state.job = Job(door=door_of(request.url.path), caller=caller_of(request.headers),
+        """A caller allowed to run jobs (``api_keys``) gets its job's record, before its body is
+        read. One dependency rather than the API-key one and this: FastAPI's cost is per dependency."""
+        check_api_key(request.headers, settings.api_keys)
+        request.state.job = Job(door=door_of(request.scope["path"]), caller=caller_of(request.headers),
                                 on_end=counted.observe)
 
-    job_auth = [*client_auth, Depends(new_job)]
+    job_auth = [Depends(new_job)]
 
     @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth)
     async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
@@ -183,12 +185,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "healthy", "nodes": len(registry)}
 
-    InferenceBody = Annotated[p.InferenceRequest, Depends(json_body(p.InferenceRequest, settings))]
-
     @app.post("/inference", response_class=LineStream, dependencies=job_auth, responses=STREAM_RESPONSES,
               openapi_extra=openapi_body(p.InferenceRequest), summary="Run an inference request")
-    async def inference(body: InferenceBody, request: Request) -> LineStream:
+    async def inference(request: Request) -> LineStream:
         """JSON lines: tokens as the node streams them, then one final line."""
+        body = await read_body(request, p.InferenceRequest, settings)
         router: Router = request.app.state.router
         job: Job = request.state.job
         job.model = body.model

@@ -33,6 +33,14 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def freeze_gc() -> None:
+    """Move everything alive now (modules, the app, its routes) out of the collector's sight:
+    the full collections that 1,000 open streams still cause then scan only what the
+    streams made, not the whole program (measured: 7% of the operator's CPU before)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> None:
     """Bind ``host:port`` first, then start the app on it: a port that is taken ends the process
     with a clear message before the app starts (a node must not register, or deregister a running
@@ -49,6 +57,7 @@ def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             **uvicorn_options)
     server = uvicorn.Server(config)
+    freeze_gc()
     server.run(sockets=[sock])
     if not server.started:  # the app's start-up failed; it says why in app.state.startup_error
         sys.exit(f"{name}: {getattr(app.state, 'startup_error', 'could not start')}")

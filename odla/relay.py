@@ -45,7 +45,8 @@ class Router:
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
-        return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id})
+        return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id},
+                      gathered=True)
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Optional[Job] = None,
                    place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:

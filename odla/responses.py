@@ -8,10 +8,13 @@ A Starlette ``StreamingResponse`` with three things the relay needs:
   the client leaving the whole time: a client that leaves while Ollama queues the job,
   loads the model or reads the prompt cancels the opening, which closes the upstream
   connection, and so the work at Ollama.
-- **batches.** The body is read by a producer task that runs until it would wait, while
-  the sender takes everything gathered so far: a burst of tokens costs one write, not
-  one per token. What waits for a slow client is bounded (``_Buffer.LIMIT``), so a slow
-  client slows its upstream down (TCP back-pressure) instead of filling memory.
+- **batches.** A body that yields line by line (the node's, from the ollama SDK) is read
+  by a producer task that runs until it would wait, while the sender takes everything
+  gathered so far: a burst of tokens costs one write, not one per token. What waits for
+  a slow client is bounded (``_Buffer.LIMIT``), so a slow client slows its upstream down
+  (TCP back-pressure) instead of filling memory. A body that already gathers whatever has
+  arrived (``Opened.gathered``: the operator's relay of a node's socket) is batched by
+  its source, so one task pumps it, a write per arrival, and waits on each write.
 - **always ends properly.** One place maps failures, with a "response already started"
   guard: before the first byte an error is a status with a body in the endpoint's shape;
   after it, a stream (JSON lines or server-sent events) ends with one error line, and a
@@ -58,6 +61,8 @@ class Opened:
     status_code: int = 200
     media_type: str = NDJSON
     headers: Mapping[str, str] = field(default_factory=dict)
+    gathered: bool = False
+    "Each piece of ``body`` is everything that had arrived: no batching needed."
 
     @property
     def is_stream(self) -> bool:
@@ -82,6 +87,7 @@ class LineStream(StreamingResponse):
         self.is_stream = Opened(self.body_iterator, media_type=media_type).is_stream
         self.tail = b"\n"  # the last bytes sent: an error line must start on a line of its own
         self.started = False
+        self.gathered = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(_disconnected(receive))
@@ -140,6 +146,7 @@ class LineStream(StreamingResponse):
         if self.started:  # what the upstream answers goes on after the lines told so far
             self.body_iterator = opened.body
             return True
+        self.gathered = opened.gathered
         self.body_iterator, self.status_code = opened.body, opened.status_code
         self.media_type, self.is_stream = opened.media_type, opened.is_stream
         self.init_headers({**self.base_headers, **opened.headers})
@@ -155,6 +162,9 @@ class LineStream(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream(self, watcher: asyncio.Future, send: Send) -> None:
+        if self.gathered:
+            await self._pump(watcher, send)
+            return
         buf = _Buffer()
         producer = asyncio.create_task(self._produce(buf))
         watcher.add_done_callback(lambda _: buf.ready.set())
@@ -185,6 +195,31 @@ class LineStream(StreamingResponse):
             if not producer.cancelled():
                 producer.exception()  # retrieved: _finish has reported it, or the client left
             await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
+
+    async def _pump(self, watcher: asyncio.Future, send: Send) -> None:
+        """Stream a gathered body with one task: half the task switches per token of the
+        producer and sender, and the wait on each write is the back-pressure."""
+        pump = asyncio.ensure_future(self._forward(send))
+        watcher.add_done_callback(lambda _: pump.cancel())
+        try:
+            try:
+                await pump
+            except asyncio.CancelledError:
+                if not watcher.done():
+                    raise
+                return
+            except Exception:  # noqa: BLE001 - _finish reports it
+                pass
+            await self._finish(pump, send)
+        finally:
+            await _close(self.body_iterator)
+
+    async def _forward(self, send: Send) -> None:
+        async for data in self.body_iterator:
+            if data:
+                self.job.first()
+                await self._start(send)
+                await self._send(send, data)
 
     def _ended(self, error: Optional[str] = None) -> None:
         """The body is done: ok, unless it broke or its last line said the node failed."""

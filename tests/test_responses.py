@@ -3,8 +3,15 @@
 import asyncio
 import json
 
-from odla.errors import ODLA, OLLAMA, ODLAError
-from odla.responses import LineStream, Opened, StreamBroken
+import pytest
+
+from odla.errors import ODLA, OLLAMA, ODLAError, Shape
+from odla.protocol import NDJSON
+from odla.responses import LineStream, Opened, StreamBroken, _Buffer
+
+# Both ways a body is streamed: batched by LineStream's own producer (a body that yields line
+# by line, as the node's), or pumped as it comes (one that gathers what has arrived, the relay's).
+BOTH = pytest.mark.parametrize("gathered", [False, True], ids=["batched", "pumped"])
 
 
 def run(response: LineStream, disconnect_after: float = 60) -> list[dict]:
@@ -19,6 +26,15 @@ def run(response: LineStream, disconnect_after: float = 60) -> list[dict]:
 
     asyncio.run(response({"type": "http", "method": "POST", "path": "/x"}, receive, send))
     return sent
+
+
+def streamed(body, gathered: bool, shape: Shape = ODLA, media_type: str = NDJSON) -> LineStream:
+    if not gathered:
+        return LineStream(body, shape=shape, media_type=media_type)
+
+    async def opening(tell) -> Opened:
+        return Opened(body, media_type=media_type, gathered=True)
+    return LineStream(opening=opening, shape=shape)
 
 
 def bodies(sent: list[dict]) -> list[bytes]:
@@ -42,7 +58,8 @@ def test_lines_ready_together_leave_in_one_send():
     assert sent[-1]["more_body"] is False  # the last data and the end leave in one write
 
 
-def test_disconnect_cancels_and_closes_the_body():
+@BOTH
+def test_disconnect_cancels_and_closes_the_body(gathered):
     closed = []
 
     async def endless():
@@ -53,40 +70,72 @@ def test_disconnect_cancels_and_closes_the_body():
         finally:
             closed.append(True)
 
-    sent = run(LineStream(endless()), disconnect_after=0.05)
+    sent = run(streamed(endless(), gathered), disconnect_after=0.05)
     assert closed == [True]
     assert all(m.get("more_body", True) for m in sent)  # never claimed to have finished
 
 
-def test_a_body_failing_after_the_start_ends_with_one_error_line_and_one_start():
+@BOTH
+def test_a_body_failing_after_the_start_ends_with_one_error_line_and_one_start(gathered):
     async def breaks():
         yield b'{"token": "a", "done": false}\n{"tok'  # cut mid-line
         raise RuntimeError("bug")
 
-    sent = run(LineStream(breaks()))
+    sent = run(streamed(breaks(), gathered))
     assert len(starts(sent)) == 1
     text = b"".join(bodies(sent)).decode()
     assert text.endswith('\n{"error": "internal error", "done": true}\n')
     assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-def test_a_broken_stream_says_why_in_the_endpoints_shape():
+@BOTH
+def test_a_broken_stream_says_why_in_the_endpoints_shape(gathered):
     async def breaks():
         yield b'{"response": "a", "done": false}\n'
         raise StreamBroken("node n1 failed mid-stream")
 
-    sent = run(LineStream(breaks(), shape=OLLAMA))
+    sent = run(streamed(breaks(), gathered, shape=OLLAMA))
     assert bodies(sent)[-2].endswith(b'{"error": "node n1 failed mid-stream"}\n')
 
 
-def test_a_whole_json_document_that_breaks_is_cut_off_not_completed():
+@BOTH
+def test_a_whole_json_document_that_breaks_is_cut_off_not_completed(gathered):
     async def half():
         yield b'{"model": "llama3", "respo'
         raise StreamBroken("lost")
 
-    sent = run(LineStream(half(), media_type="application/json"))
+    sent = run(streamed(half(), gathered, media_type="application/json"))
     assert b"".join(bodies(sent)) == b'{"model": "llama3", "respo'
     assert all(m.get("more_body", True) for m in sent)  # the server closes the connection mid-body
+
+
+@BOTH
+def test_a_client_that_does_not_read_holds_the_body_back(gathered):
+    """What waits for a slow client is bounded: the body is not read ahead without limit."""
+    pulled = 0
+
+    async def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield b"x" * 999 + b"\n"
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        async def receive():
+            await asyncio.sleep(60)
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                await asyncio.Future()  # the client never reads: the write never completes
+
+        task = asyncio.ensure_future(streamed(endless(), gathered)({"type": "http"}, receive, send))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.wait((task,))
+
+    asyncio.run(main())
+    assert 0 < pulled <= _Buffer.LIMIT // 1000 + 2
 
 
 def test_an_opening_refused_is_a_status_in_the_endpoints_shape():
