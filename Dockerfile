@@ -16,7 +16,11 @@ COPY odla/ odla/
 COPY scripts/healthcheck.py scripts/
 COPY server.py node.py client.py config.json ./
 
-RUN groupadd --gid 10001 odla && useradd --create-home --uid 10001 --gid 10001 odla
+# The operator's job receipts live in /data (a volume in docker-compose.yml), writable by the app's user.
+RUN groupadd --gid 10001 odla && useradd --create-home --uid 10001 --gid 10001 odla \
+    && mkdir /data && chown 10001:10001 /data
+ENV ODLA_JOBS_DB=/data/jobs.db
+VOLUME ["/data"]
 USER 10001:10001
 
 EXPOSE 8000 8001

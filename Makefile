@@ -19,9 +19,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 demo: $(VENV)/.runtime
 	$(PY) scripts/demo.py
 
-# Debian's docker-compose checks docker-compose.yml statically; nginx is the benchmarks' floor and baseline.
-# Installed when missing and root.
-TOOLS := docker-compose nginx
+# Debian's docker-compose checks docker-compose.yml statically; nginx is the benchmarks' floor and baseline;
+# chromium runs the dashboard's browser test. Installed when missing and root.
+TOOLS := docker-compose nginx chromium
 test-tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

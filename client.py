@@ -3,7 +3,9 @@
     python client.py "Explain quantum entanglement" --model llama3
     python client.py infer "prompt" --model llama3 --operator http://remote-host:8000
     cat notes.txt | python client.py - --model llama3
+    python client.py "Why is the sky blue?" --verbose     (Ollama's stats after the answer, on stderr)
     python client.py nodes [--json]
+    python client.py jobs [--limit 20] [--json]
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
@@ -14,7 +16,7 @@ import json
 import os
 import signal
 import sys
-from datetime import datetime, timezone
+import time
 from typing import Annotated, Callable, Iterator, Optional
 
 import httpx
@@ -22,9 +24,10 @@ import typer
 
 from odla import protocol as p
 from odla.config import ConfigError, Settings, load_settings
+from odla.report import jobs_table, nodes_table, verbose_stats
 from odla.streaming import StreamError, tokens
 
-COMMANDS = {"infer", "nodes"}
+COMMANDS = {"infer", "nodes", "jobs"}
 EXIT_ERROR, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -79,16 +82,30 @@ def _unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
     return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
 
 
+def get_json(http: httpx.Client, operator: str, path: str, params: Optional[dict] = None) -> dict:
+    """GET one of the operator's listings; its refusal or absence as a ``Failure``."""
+    try:
+        resp = http.get(path, params=params)
+    except httpx.HTTPError as exc:
+        raise _unreachable(operator, exc) from exc
+    if resp.status_code != 200:
+        raise _refused(resp)
+    return resp.json()
+
+
 def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str,
                      on_node: Callable[[str], None] = lambda node: None,
-                     on_queued: Callable[[int], None] = lambda place: None) -> Iterator[str]:
+                     on_queued: Callable[[int], None] = lambda place: None,
+                     on_job: Callable[[str], None] = lambda job_id: None) -> Iterator[str]:
     """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it (when the
-    job did not wait in the queue), ``on_queued`` its place while it waits."""
+    job did not wait in the queue), ``on_queued`` its place while it waits, ``on_job`` its id."""
     body = p.InferenceRequest(model=model, prompt=prompt).model_dump_json()
     try:
         with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
             if resp.status_code != 200:
                 raise _refused(resp)
+            if p.JOB_HEADER in resp.headers:
+                on_job(resp.headers[p.JOB_HEADER])
             if "x-odla-node" in resp.headers:
                 on_node(resp.headers["x-odla-node"])
             yield from tokens(resp.iter_lines(), on_queued)
@@ -147,6 +164,8 @@ def infer(
     operator: OperatorOpt = None,
     api_key: ApiKeyOpt = None,
     show_node: Annotated[bool, typer.Option("--show-node", help="Say on stderr which node answers")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="After the answer, Ollama's stats on stderr, "
+                                          "as 'ollama run --verbose' prints them, then the node and the job")] = False,
 ) -> None:
     """Stream a model's answer to PROMPT (the default command)."""
 
@@ -160,12 +179,18 @@ def infer(
         def on_queued(place: int) -> None:
             typer.echo(f"[queued: place {place} in line]" if place > 1 else "[queued: next in line]", err=True)
 
+        job_ids: list[str] = []
         try:
             with exit_at_once_on_ctrl_c(), _http(url, api_key) as http:
-                for token in stream_inference(http, url, model or conf.default_model, text, on_node, on_queued):
+                for token in stream_inference(http, url, model or conf.default_model, text, on_node, on_queued,
+                                              job_ids.append):
                     typer.echo(token, nl=False)
                     printed = True
-            printed = True
+                typer.echo()  # the answer ends its line, even an empty answer
+                printed = False
+                if verbose:
+                    stats = verbose_stats(receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
+                    typer.echo("\n" + stats, err=True)
         finally:
             if printed:  # the answer's line ends before any error is printed below it
                 typer.echo()
@@ -184,42 +209,42 @@ def nodes(
     def action() -> None:
         url = (operator or settings().operator_url).rstrip("/")
         with _http(url, api_key) as http:
-            try:
-                resp = http.get("/nodes")
-            except httpx.HTTPError as exc:
-                raise _unreachable(url, exc) from exc
-        if resp.status_code != 200:
-            raise _refused(resp)
-        if as_json:
-            typer.echo(json.dumps(resp.json(), indent=2))
-            return
-        typer.echo(nodes_table(p.NodesResponse.model_validate(resp.json())))
+            listing = get_json(http, url, "/nodes")
+        typer.echo(json.dumps(listing, indent=2) if as_json else nodes_table(p.NodesResponse.model_validate(listing)))
 
     run(action)
 
 
-def nodes_table(listing: p.NodesResponse, now: Optional[datetime] = None) -> str:
-    """The network as a plain-text table."""
-    if not listing.nodes:
-        return "no nodes registered"
-    now = now or datetime.now(timezone.utc)
-    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "JOBS")]
-    for n in listing.nodes:
-        rows.append((n.node_id, n.url, ", ".join(n.models) or "-", _ago(n.last_seen, now),
-                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+@app.command()
+def jobs(
+    operator: OperatorOpt = None,
+    api_key: ApiKeyOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="How many, newest first")] = 20,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model")] = None,
+    node: Annotated[Optional[str], typer.Option("--node", help="Only this node")] = None,
+    outcome: Annotated[Optional[str], typer.Option("--outcome", help="Only this outcome (ok, node_error, ...)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the operator's raw JSON")] = False,
+) -> None:
+    """List recent jobs: their receipts, newest first."""
+
+    def action() -> None:
+        url = (operator or settings().operator_url).rstrip("/")
+        query = {k: v for k, v in (("limit", limit), ("model", model), ("node", node), ("outcome", outcome)) if v}
+        with _http(url, api_key) as http:
+            listing = get_json(http, url, "/jobs", query)
+        typer.echo(json.dumps(listing, indent=2) if as_json else jobs_table(p.JobsResponse.model_validate(listing).jobs))
+
+    run(action)
 
 
-def _ago(stamp: str, now: datetime) -> str:
-    try:
-        seen = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return stamp
-    if seen.tzinfo is None:
-        seen = seen.replace(tzinfo=timezone.utc)
-    secs = max(0, int((now - seen).total_seconds()))
-    return f"{secs}s ago" if secs < 120 else f"{secs // 60}m ago"
+def receipt(http: httpx.Client, operator: str, job_id: str, wait: float = 2.0) -> p.JobReceipt:
+    """A job's receipt once it has ended (the operator records the end just after the last line)."""
+    deadline = time.monotonic() + wait
+    while True:
+        job = p.JobReceipt.model_validate(get_json(http, operator, f"/jobs/{job_id}"))
+        if job.outcome is not None or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
 
 
 def with_default_command(argv: list[str]) -> list[str]:

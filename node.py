@@ -16,6 +16,7 @@ deregisters on shutdown.
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -39,6 +40,7 @@ from odla.inbound import build_app, openapi_body, read_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
 from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
+from odla.usage import Tail, Usage
 
 log = logging.getLogger("odla.node")
 REPORT_GAP_S = 0.2
@@ -221,19 +223,18 @@ class Node:
         return Opened(self.relay(job.job_id, first, parts))
 
     async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
-        """Ollama's parts as protocol lines; always ends with one final line. Logs one line per job."""
-        tokens, outcome, speed = 0, "cancelled", ""
+        """Ollama's parts as protocol lines; always ends with one final line, which carries
+        Ollama's counts for the operator (``stats``). Logs one line per job."""
+        tokens, outcome, usage = 0, "cancelled", Usage()
         try:
             while True:
                 if part.response:
                     tokens += 1
                     yield p.token_line(part.response)
                 if part.done:
+                    usage, outcome = Usage.from_ollama(part), "ok"
                     self.capacity.measured(part.model, part.eval_count, part.eval_duration)
-                    tokens, outcome = part.eval_count or tokens, "ok"
-                    if part.eval_count and part.eval_duration:
-                        speed = f", {part.eval_count / (part.eval_duration / 1e9):.1f} tok/s"
-                    yield p.DONE_LINE
+                    yield p.node_done_line(usage.stats())
                     return
                 part = await parts.__anext__()
         except StopAsyncIteration:
@@ -245,11 +246,11 @@ class Node:
             outcome = f"error: {message}"
             yield p.error_line(message)
         finally:
-            log.info("job %s %s: %d tokens%s, %s", job_id, part.model, tokens, speed, outcome)
+            log.info("%s", summary(job_id, part.model, usage, tokens, outcome))
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
-    async def open_ollama(self, method: str, path: str, query: str, body: bytes) -> Opened:
+    async def open_ollama(self, method: str, path: str, query: str, body: bytes, job_id: str = "") -> Opened:
         """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors)."""
         request = self.raw.build_request(method, path, content=body, params=query or None,
                                          headers={"content-type": "application/json"})
@@ -258,16 +259,44 @@ class Node:
         except httpx.HTTPError as exc:
             raise ollama_failure(exc, self.settings.ollama_host) from exc
         media = resp.headers.get("content-type", "application/json")
-        return Opened(self.ollama_body(resp), resp.status_code, media)
+        job = (job_id, _model_of(body)) if method == "POST" and resp.status_code == 200 else None
+        return Opened(self.ollama_body(resp, job), resp.status_code, media)
 
-    async def ollama_body(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+    async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None) -> AsyncIterator[bytes]:
+        """Ollama's answer as it comes; for a job (its id and model), a log line at its end."""
+        tail, outcome = Tail(), "cancelled"
         try:
             async for data in resp.aiter_raw():
+                if job is not None:
+                    tail.add(data)
                 yield data
+            outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
         except httpx.HTTPError as exc:
+            outcome = "error: lost connection to Ollama"
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
         finally:
             await resp.aclose()
+            if job is not None:
+                log.info("%s", summary(job[0], job[1], tail.usage(), None, outcome))
+
+
+def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcome: str) -> str:
+    """One job's log line: ``job 3f2a… llama3: 26 prompt + 290 output tokens, 64.4 tok/s, ok``."""
+    output = usage.output_tokens if usage.output_tokens is not None else tokens
+    counts = [f"{usage.prompt_tokens} prompt"] if usage.prompt_tokens is not None else []
+    counts += [f"{output} output"] if output is not None else []
+    speed = (f", {usage.output_tokens / (usage.eval_duration / 1e9):.1f} tok/s"
+             if usage.output_tokens and usage.eval_duration else "")
+    return f"job {job_id or '-'} {model or '?'}: {' + '.join(counts) or 'no'} tokens{speed}, {outcome}"
+
+
+def _model_of(body: bytes) -> str:
+    try:
+        data = json.loads(body or b"null")
+    except ValueError:
+        return ""
+    model = data.get("model") or data.get("name") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else ""
 
 
 def _describe_http_error(exc: httpx.HTTPError) -> str:
@@ -339,8 +368,9 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         if (method, path) not in OLLAMA_DOORS:  # never pull, delete, create or push through a node
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
         body = await request.body()
-        query = request.url.query
-        return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body), shape=shape_for(path))
+        query, job_id = request.url.query, request.headers.get(p.JOB_HEADER, "")
+        return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body, job_id),
+                          shape=shape_for(path))
 
     return app
 

@@ -7,8 +7,8 @@ Endpoints:
     POST /deregister    {node_id}               node leaves (node-facing)
     GET  /nodes         {"nodes": [...]}        the network
     POST /inference     {model, prompt, ...}    JSON-lines token stream from a node
-    GET  /metrics       Prometheus text format
     GET  /health        the operator itself
+    GET  /metrics, /jobs, /jobs/{id}, /dashboard    seeing the network: see odla/watch.py
 
 Ollama's API (GET|HEAD /, /api/version, /api/tags, /api/ps, /api/show, /api/generate,
 /api/chat, /api/embed, /api/embeddings) and OpenAI's (/v1/models, /v1/chat/completions,
@@ -27,7 +27,6 @@ import sys
 from typing import AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
 
 from odla import protocol as p
 from odla.auth import api_key_dependency, caller_of, check_api_key, join_token_dependency
@@ -37,14 +36,16 @@ from odla.errors import ODLAError
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
 from odla.logs import setup_logging
-from odla.metrics import CONTENT_TYPE as METRICS_TYPE
-from odla.metrics import RequestMetrics, exposition, metrics_registry
+from odla.metrics import Activity, RequestMetrics, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry
 from odla.jobs import Job, door_of
+from odla.receipts import Receipts, ReceiptsError
+from odla.receipts import connect as receipts_db
 from odla.relay import Router
 from odla.scheduler import Scheduler
 from odla.responses import STREAM_RESPONSES, LineStream
+from odla.watch import watch_router
 
 log = logging.getLogger("odla.operator")
 
@@ -115,31 +116,45 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout)
     prom = metrics_registry(registry, scheduler)
     counted = RequestMetrics(prom)
+    activity = Activity()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        receipts = app.state.receipts = Receipts(settings.jobs_db, settings.jobs_keep_days)
+        try:
+            await receipts.open()
+        except ReceiptsError as exc:
+            app.state.startup_error = str(exc)
+            raise
         nodes = NodeClient(settings)
         try:
             router = app.state.router = Router(registry, nodes, scheduler)
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
-            async with background(checker.run(), "health-checks"):
+            async with background(checker.run(), "health-checks"), background(receipts.run(), "receipts"):
                 yield
         finally:
             await nodes.aclose()
+            await receipts.aclose()  # writes the last receipts
 
     app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused)
     app.state.registry = registry
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
 
+    def job_ended(job: Job) -> None:
+        counted.observe(job)
+        activity.add(job)
+        app.state.receipts.ended(job)
+
     async def new_job(request: Request) -> None:
         """A caller allowed to run jobs (``api_keys``) gets its job's record, before its body is
         read. One dependency rather than the API-key one and this: FastAPI's cost is per dependency."""
         check_api_key(request.headers, settings.api_keys)
-        request.state.job = Job(door=door_of(request.scope["path"]), caller=caller_of(request.headers),
-                                on_end=counted.observe)
+        job = request.state.job = Job(door=door_of(request.scope["path"]), caller=caller_of(request.headers),
+                                      on_end=job_ended)
+        app.state.receipts.started(job)
 
     job_auth = [Depends(new_job)]
 
@@ -175,12 +190,6 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         now = registry.clock()
         return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
 
-
-    @app.get("/metrics", dependencies=client_auth, response_class=Response,
-             summary="Prometheus metrics (text format)")
-    async def metrics() -> Response:
-        return Response(exposition(prom), media_type=METRICS_TYPE)
-
     @app.get("/health")
     async def health() -> dict:
         return {"status": "healthy", "nodes": len(registry)}
@@ -193,10 +202,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         router: Router = request.app.state.router
         job: Job = request.state.job
         job.model = body.model
-        return LineStream(opening=lambda tell: router.open_job(body, job, tell), headers={"x-odla-job": job.id},
+        return LineStream(opening=lambda tell: router.open_job(body, job, tell), headers={p.JOB_HEADER: job.id},
                           job=job)
 
     app.include_router(doors_router(registry, client_auth, job_auth))
+    app.include_router(watch_router(prom, activity, client_auth))
     return app
 
 
@@ -219,6 +229,10 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"operator: {exc}")
     setup_logging(settings.log_level)
+    try:  # a jobs_db that cannot be used stops the operator before it listens
+        receipts_db(settings.jobs_db).close()
+    except ReceiptsError as exc:
+        sys.exit(f"operator: {exc}")
     tune_gc()
     warn_if_open(settings)
     serve(create_app(settings), settings.operator_host, settings.operator_port, "operator")

@@ -30,6 +30,7 @@ ENV_KEYS: dict[str, str] = {
     "ODLA_JOIN_TOKEN": "join_token",
     "ODLA_API_KEYS": "api_keys",
     "ODLA_LOG_LEVEL": "log_level",
+    "ODLA_JOBS_DB": "jobs_db",
 }
 
 
@@ -75,6 +76,10 @@ class Settings(BaseModel):
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
     queue_timeout: float = Field(300, gt=0)
     "Seconds a job waits for a free slot before 504."
+    jobs_db: str = Field("jobs.db", min_length=1)
+    "The operator's SQLite file of job receipts; a relative path is next to the config file; ``:memory:`` keeps none."
+    jobs_keep_days: float = Field(30, gt=0)
+    "Days a job's receipt is kept."
     num_parallel: Optional[int] = Field(None, ge=1, le=65536)
     "Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads it, else 1."
 
@@ -129,9 +134,12 @@ def load_settings(
             origin[key] = f"environment {var}"
     values.update(overrides)
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from exc
+    if settings.jobs_db != ":memory:" and not Path(settings.jobs_db).is_absolute():
+        settings.jobs_db = str(path.resolve().parent / settings.jobs_db)  # next to config.json
+    return settings
 
 
 def _read_file(path: Path) -> dict[str, object]:

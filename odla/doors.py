@@ -24,6 +24,7 @@ from .nodes import NodeUnreachable
 from .registry import Node, Registry
 from .jobs import JOB_PATHS, Job
 from .relay import Router
+from .protocol import JOB_HEADER
 from .responses import LineStream, Opened
 
 log = logging.getLogger("odla.operator")
@@ -51,7 +52,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         job.model = model
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
         return LineStream(opening=lambda tell: _open(router, model, path, body, job), shape=shape_for(path),
-                          headers={"x-odla-job": job.id}, job=job)
+                          headers={JOB_HEADER: job.id}, job=job)
 
     for path in ROUTED:
         api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=job_auth)

@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from ollama import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ErrorLine, error_line
+from .protocol import JOB_HEADER, ErrorLine, error_line
 
 log = logging.getLogger("odla")
 
@@ -174,7 +174,7 @@ def install_error_handlers(app: FastAPI) -> None:
         job = getattr(request.state, "job", None)
         if job is not None:
             job.refused(error)
-            response.headers["x-odla-job"] = job.id
+            response.headers[JOB_HEADER] = job.id
         return response
 
     @app.exception_handler(ODLAError)

@@ -1,16 +1,19 @@
 """One job's record, from the request that asked for it to its end: what the metrics count
-(and, to come, its receipt). Every job ends exactly once, with one of ``OUTCOMES``."""
+and what its receipt says. Every job ends exactly once, with one of ``OUTCOMES``."""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, get_args
 
 from .errors import NoNodeError, ODLAError
+from .protocol import JobReceipt, Outcome
+from .times import iso
+from .usage import Usage
 
-OUTCOMES = ("ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request")
+OUTCOMES = get_args(Outcome)
 JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                        "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 "The operator's paths that run a model: each request to one is a job."
@@ -43,6 +46,8 @@ class Job:
     failovers: int = 0
     queue_wait: Optional[float] = None
     "Seconds it waited for a free slot, when it had to."
+    usage: Usage = field(default_factory=Usage)
+    "Ollama's counts, as the node forwarded them."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -72,3 +77,10 @@ class Job:
         else:
             outcome = "node_error"
         self.end(outcome, exc.message)
+
+    def receipt(self) -> JobReceipt:
+        stamp = lambda t: iso(t, "milliseconds") if t is not None else None  # noqa: E731
+        return JobReceipt(id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
+                          error=self.error, caller=self.caller or None, started_at=stamp(self.started),
+                          first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
+                          failovers=self.failovers, queue_wait_s=self.queue_wait, **self.usage.stats())

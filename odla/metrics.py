@@ -4,12 +4,13 @@ What the network *is* is read when Prometheus scrapes, from the registry and the
 nothing on the hot path keeps it: whether each node is up, its slots, the jobs it runs for this
 operator, its loaded models, each model's queue, and the version. What *happened* is counted
 once per job, when it ends (``RequestMetrics.observe``): its outcome, duration, time to first
-token and failovers. One ``odla_`` prefix, seconds, no per-request labels.
+token, time per output token, tokens in and out (Ollama's counts) and failovers. One ``odla_`` prefix, seconds, no per-request labels.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -20,6 +21,7 @@ from .jobs import JOB_PATHS, Job, door_of
 from .names import display_name, model_key
 from .registry import Registry
 from .scheduler import Scheduler
+from .times import iso
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -56,6 +58,8 @@ class NetworkCollector(Collector):
 
 # Inference takes from milliseconds to minutes: buckets to match.
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A token takes from a millisecond (a small model on a big GPU) to a second (a big one on a CPU).
+PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 
 class RequestMetrics:
@@ -68,6 +72,13 @@ class RequestMetrics:
                                   ["model", "node"], buckets=SECONDS, registry=prom)
         self.ttft = Histogram("odla_time_to_first_token_seconds", "From the request to the first token sent",
                               ["model", "node"], buckets=SECONDS, registry=prom)
+        self.tpot = Histogram("odla_time_per_output_token_seconds",
+                              "From the first token to the end, per further output token", ["model", "node"],
+                              buckets=PER_TOKEN, registry=prom)
+        self.output_tokens = Counter("odla_output_tokens", "Tokens generated (Ollama's eval_count)", ["model", "node"],
+                                     registry=prom)
+        self.input_tokens = Counter("odla_input_tokens", "Prompt tokens read (Ollama's prompt_eval_count)",
+                                    ["model", "node"], registry=prom)
         self.failovers = Counter("odla_failovers", "Nodes that did not take a job another node then ran",
                                  registry=prom)
         self.queue_wait = Histogram("odla_queue_wait_seconds", "How long jobs that found no free slot waited",
@@ -89,6 +100,13 @@ class RequestMetrics:
             self.duration.labels(model, job.node).observe(job.finished - job.started)
         if job.first_token is not None:
             self.ttft.labels(model, job.node).observe(job.first_token - job.started)
+        output, prompt = job.usage.output_tokens, job.usage.prompt_tokens
+        if output:
+            self.output_tokens.labels(model, job.node).inc(output)
+            if output > 1 and job.first_token is not None and job.finished is not None:
+                self.tpot.labels(model, job.node).observe((job.finished - job.first_token) / (output - 1))
+        if prompt:
+            self.input_tokens.labels(model, job.node).inc(prompt)
         if job.failovers:
             self.failovers.inc(job.failovers)
         if job.queue_wait is not None:
@@ -104,3 +122,33 @@ def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegis
 
 def exposition(prom: CollectorRegistry) -> bytes:
     return generate_latest(prom)
+
+
+class Activity:
+    """Jobs and output tokens per ``step`` seconds over the last ``span``: the dashboard's chart.
+
+    A ring of buckets, advanced as jobs end and as it is read; each ended job adds to one."""
+
+    def __init__(self, step: int = 5, span: int = 600, clock: Callable[[], float] = time.time) -> None:
+        self.step, self.size, self.clock = step, span // step, clock
+        self.requests = [0] * self.size
+        self.tokens = [0] * self.size
+        self.last = int(clock() // step)  # the bucket now being filled
+
+    def add(self, job: Job) -> None:
+        self._advance()
+        self.requests[self.last % self.size] += 1
+        self.tokens[self.last % self.size] += job.usage.output_tokens or 0
+
+    def series(self) -> dict:
+        """Oldest first; the last bucket is still filling."""
+        self._advance()
+        order = [(self.last + 1 + i) % self.size for i in range(self.size)]
+        return {"step_s": self.step, "until": iso((self.last + 1) * self.step),
+                "requests": [self.requests[i] for i in order], "output_tokens": [self.tokens[i] for i in order]}
+
+    def _advance(self) -> None:
+        now = int(self.clock() // self.step)
+        for bucket in range(self.last + 1, min(now, self.last + self.size) + 1):
+            self.requests[bucket % self.size] = self.tokens[bucket % self.size] = 0
+        self.last = max(self.last, now)

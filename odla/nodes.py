@@ -26,7 +26,7 @@ import aiohttp
 
 from .auth import join_headers
 from .config import Settings
-from .protocol import HealthResponse
+from .protocol import JOB_HEADER, HealthResponse
 from .registry import Node
 
 log = logging.getLogger("odla.operator")
@@ -58,7 +58,7 @@ class NodeClient:
     async def aclose(self) -> None:
         await self.session.close()
 
-    async def send(self, node: Node, method: str, path: str, body: bytes = b"") -> ClientResponse:
+    async def send(self, node: Node, method: str, path: str, body: bytes = b"", job_id: str = "") -> ClientResponse:
         """Send a request and return the response once its headers are in; see "Silent or slow?".
 
         The wait is not a task of its own (a task and a timed wait per request cost more than
@@ -69,7 +69,7 @@ class NodeClient:
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
-            return await self._request(method, f"{node.url}{path}", body)
+            return await self._request(method, f"{node.url}{path}", body, job_id)
         except asyncio.CancelledError:
             if not watch.abandoned:
                 raise
@@ -81,10 +81,12 @@ class NodeClient:
             timer.cancel()
             watch.stop()
 
-    async def _request(self, method: str, url: str, body: bytes) -> ClientResponse:
+    async def _request(self, method: str, url: str, body: bytes, job_id: str = "") -> ClientResponse:
+        headers = {"Content-Type": "application/json"} if body else {}
+        if job_id:
+            headers[JOB_HEADER] = job_id  # for the node's log line
         try:
-            return await self.session.request(method, url, data=body or None,
-                                              headers={"Content-Type": "application/json"} if body else None)
+            return await self.session.request(method, url, data=body or None, headers=headers)
         except FAILURES as exc:
             raise NodeUnreachable(describe(exc)) from exc
 

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 NDJSON = "application/x-ndjson"
+JOB_HEADER = "x-odla-job"
+"Every job's answer names its id here (``GET /jobs/{id}``); the operator tells its node the same way."
 
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
@@ -161,6 +163,48 @@ class ModelsResponse(BaseModel):
     models: list[str]
 
 
+Outcome = Literal["ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request"]
+"How a job ended: the values of ``odla_requests_total``'s ``outcome`` and of a receipt's."
+
+
+class JobReceipt(BaseModel):
+    """One job as the operator saw it: ``GET /jobs/{id}``, and the rows of ``GET /jobs``."""
+
+    id: str
+    "Also the ``X-ODLA-Job`` header of the job's answer."
+    model: str
+    node: Optional[str] = None
+    "The node that ran it (after any failover); null when none did."
+    door: Literal["inference", "ollama", "openai"]
+    outcome: Optional[Outcome] = None
+    "How it ended; null while it runs."
+    error: Optional[str] = None
+    caller: Optional[str] = None
+    "Who asked: a hash of the API key (never the key); null without keys."
+    started_at: str
+    "ISO 8601, UTC, like the other times."
+    first_token_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    failovers: int = 0
+    "Nodes that did not take the job before one did."
+    queue_wait_s: Optional[float] = None
+    "Seconds it waited for a free slot, when it had to."
+    prompt_tokens: Optional[int] = None
+    "Ollama's count (``prompt_eval_count``), as are ``output_tokens`` (``eval_count``) and the durations."
+    output_tokens: Optional[int] = None
+    total_duration: Optional[int] = None
+    "Nanoseconds, as Ollama gives them; so are the other durations."
+    load_duration: Optional[int] = None
+    prompt_eval_duration: Optional[int] = None
+    eval_duration: Optional[int] = None
+
+
+class JobsResponse(BaseModel):
+    """Answer to ``GET /jobs``: newest first."""
+
+    jobs: list[JobReceipt]
+
+
 class TokenLine(BaseModel):
     """A piece of the answer."""
 
@@ -183,6 +227,13 @@ class DoneLine(BaseModel):
     done: Literal[True] = True
 
 
+class NodeDoneLine(DoneLine):
+    """A node's final line to the operator: also Ollama's counts, which the operator keeps
+    for the job's receipt and takes off the line before the client sees it."""
+
+    stats: dict[str, int] = Field(default_factory=dict)
+
+
 class ErrorLine(BaseModel):
     """The final line of a stream that failed, or an error body before any stream."""
 
@@ -197,6 +248,13 @@ StreamLine = Union[TokenLine, QueuedLine, ErrorLine, DoneLine]
 # models above (tests/test_protocol.py holds them equal), without a model per token.
 
 DONE_LINE = b'{"done": true}\n'
+NODE_DONE = b'{"done": true, "stats": '
+"How a node's final line with Ollama's counts starts (``node_done_line``)."
+
+
+def node_done_line(stats: dict[str, int]) -> bytes:
+    """Encode one ``NodeDoneLine``; without counts it is the plain final line."""
+    return NODE_DONE + json.dumps(stats).encode() + b"}\n" if stats else DONE_LINE
 
 
 def token_line(token: str) -> bytes:

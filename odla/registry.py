@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, Iterable, Mapping, Optional
 
 from .names import display_name, model_key
 from .protocol import LoadedModel, NodeInfo
+from .times import epoch, iso
 
 Clock = Callable[[], float]
 REST_AFTER = 3  # failures in a row before a node rests
@@ -87,14 +87,14 @@ class Node:
             node_id=self.node_id,
             url=self.url,
             models=list(self.models),
-            last_seen=_iso(self.last_seen),
+            last_seen=iso(self.last_seen),
             healthy=self.healthy,
             active_jobs=self.active_jobs,
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
-            resting_until=_iso(self.resting_until) if self.resting(now) else None,
+            resting_until=iso(self.resting_until) if self.resting(now) else None,
         )
 
 
@@ -126,7 +126,7 @@ class Registry:
         node.url, node.last_seen, node.healthy = url, self.clock(), healthy
         self.set_models(node, models)
         node.slots = {model_key(m): n for m, n in (slots or {}).items()}
-        node.loaded = {model_key(m.name): _epoch(m.expires_at) for m in loaded}
+        node.loaded = {model_key(m.name): epoch(m.expires_at) for m in loaded}
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         return node
 
@@ -164,19 +164,3 @@ class Registry:
         for node_id in gone:
             del self._nodes[node_id]
         return gone
-
-
-def _epoch(stamp: Optional[str]) -> Optional[float]:
-    """An RFC 3339 time (Ollama's ``expires_at``, nanoseconds and all) as epoch seconds; None if unreadable."""
-    if not stamp:
-        return None
-    try:
-        head, _, rest = stamp.replace("Z", "+00:00").partition(".")
-        zone = rest[rest.find("+"):] if "+" in rest else (rest[rest.rfind("-"):] if "-" in rest else "")
-        return datetime.fromisoformat(head + (zone if rest else "")).timestamp()
-    except ValueError:
-        return None
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -2,12 +2,13 @@
 
 The relay does not decode tokens: the node already speaks the protocol, so its
 bytes go to the client as they arrive, several lines per send when they come
-together. Only the last line is looked at, to make sure an ODLA stream ends with
-exactly one final line.
+together. Only the last line is looked at: to make sure an ODLA stream ends with
+exactly one final line, and to take off it the counts the node adds for the job's receipt.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import AsyncIterator, Callable, Optional
 
@@ -18,6 +19,7 @@ from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell
 from .scheduler import Claim, Place, Scheduler
+from .usage import Tail, Usage
 
 WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
 
@@ -66,7 +68,7 @@ class Router:
                 job.queue_wait = (job.queue_wait or 0.0) + claim.waited
             resp = None
             try:
-                resp = await self._try(claim.node, method, path, body, failures)
+                resp = await self._try(claim.node, method, path, body, failures, job.id if job is not None else "")
             finally:
                 if resp is None:  # refused, unreachable, or the client left
                     claim.release()
@@ -76,9 +78,9 @@ class Router:
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
-                   failures: list) -> Optional[ClientResponse]:
+                   failures: list, job_id: str = "") -> Optional[ClientResponse]:
         try:
-            resp = await self.nodes.send(node, method, path, body)
+            resp = await self.nodes.send(node, method, path, body, job_id)
         except NodeUnreachable as exc:
             log.warning("node %s unreachable (%s); trying the next one", node.node_id, exc)
             self.failed(node)
@@ -119,22 +121,33 @@ class Router:
 
     async def relay(self, claim: Claim, resp: ClientResponse, protocol: bool = True,
                     job: Optional[Job] = None) -> AsyncIterator[bytes]:
-        """The node's body, byte for byte; raises ``StreamBroken`` if it broke off. Releases the claim.
+        """The node's body as it arrives; raises ``StreamBroken`` if it broke off. Releases the claim.
 
-        With ``protocol`` (ODLA's own JSON lines), a stream that ends without its final
-        line counts as broken too.
+        With ``protocol`` (ODLA's JSON lines, from ``/run``): whole lines only (the start of
+        a line waits for its end), the node's final line without its ``stats`` (they go to
+        the job), and a stream that ends without a final line counts as broken. Otherwise (a
+        door: Ollama's own answer) byte for byte, its end read for Ollama's counts and for
+        an error it ended with.
         """
+        job = job if job is not None else Job(door="")
         node = claim.node
         node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
         streams = self.streams.setdefault(node.node_id, set())
         streams.add(resp)
-        tail = b""  # the stream's last (maybe partial) line
+        lines = _Lines(job) if protocol else None
+        tail = Tail() if not protocol else None
         body = self.nodes.body(resp)
         try:
             async for chunk in body:
+                if lines is not None:
+                    chunk = lines.take(chunk)
+                    if not chunk:
+                        continue
+                else:
+                    tail.add(chunk)
+                    if job.first_token is None and not chunk.startswith(b'{"error"'):
+                        job.first()
                 yield chunk
-                if protocol:
-                    tail = _last_line(tail, chunk)
         except NodeUnreachable as exc:
             log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
             self.failed(node)
@@ -143,16 +156,41 @@ class Router:
             claim.release()
             streams.discard(resp)
             await body.aclose()  # a client that left cancels the job at the node
-        if protocol and not p.is_final(tail):
+        if lines is not None and not lines.ended:
             node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
-        failed = protocol and b'"error"' in tail
-        node.outcome(not failed, self.registry.clock())
-        if failed and job is not None:  # the node said so in the last line: Ollama failed mid-stream
-            job.error = message_of(tail, 502)
+        if tail is not None:
+            job.usage, job.error = tail.usage(), tail.error()
+        # an error in the last line: Ollama failed mid-stream (the node's line, or Ollama's own)
+        node.outcome(job.error is None, self.registry.clock())
 
 
-def _last_line(tail: bytes, chunk: bytes) -> bytes:
-    buf = tail + chunk if not tail.endswith(b"\n") else chunk
-    cut = buf.rfind(b"\n", 0, len(buf) - 1)
-    return buf[cut + 1:] if cut >= 0 else buf
+class _Lines:
+    """A node's ``/run`` stream, passed on whole lines at a time, its final line noted."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.partial = b""
+        self.ended = False
+
+    def take(self, chunk: bytes) -> bytes:
+        """The whole lines ``chunk`` completes, the last one's ``stats`` taken off."""
+        if self.partial:
+            chunk = self.partial + chunk
+        end = chunk.rfind(b"\n") + 1
+        chunk, self.partial = (chunk[:end], chunk[end:]) if end < len(chunk) else (chunk, b"")
+        if not chunk:
+            return chunk
+        start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
+        last = chunk[start:]
+        self.ended = b'"done": true' in last and p.is_final(last)
+        if not self.ended or start:  # a token came
+            self.job.first()
+        if not self.ended:
+            return chunk
+        if last.startswith(p.NODE_DONE):
+            self.job.usage = Usage.from_stats(json.loads(last).get("stats"))
+            return chunk[:start] + p.DONE_LINE
+        if last.startswith(b'{"error"'):
+            self.job.error = message_of(last, 502)
+        return chunk

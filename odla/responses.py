@@ -174,8 +174,6 @@ class LineStream(StreamingResponse):
                 buf.ready.clear()
                 data = buf.take()
                 last = producer.done() and not buf.pieces
-                if data:
-                    self.job.first()
                 if last and producer.exception() is None:  # the last data and the end in one write
                     await self._start(send)
                     await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -217,7 +215,6 @@ class LineStream(StreamingResponse):
     async def _forward(self, send: Send) -> None:
         async for data in self.body_iterator:
             if data:
-                self.job.first()
                 await self._start(send)
                 await self._send(send, data)
 

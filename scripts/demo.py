@@ -94,10 +94,14 @@ def run_demo() -> int:
                             "--tokens", "24", "--delay", "0.08"], {})
         wait_until(lambda: httpx.get(ollama_host, timeout=1).status_code == 200, "the simulator")
 
+    receipts = ROOT / ".venv" / "demo-jobs.db"
+    for stale in (receipts, *receipts.parent.glob("demo-jobs.db-*")):  # this demo's jobs only
+        stale.unlink(missing_ok=True)
     op_port = free_port()
     operator = f"http://127.0.0.1:{op_port}"
     say(f"Starting the operator on {operator}")
-    start("operator", ["server.py"], {"operator_port": str(op_port), "OPERATOR_HOST": "127.0.0.1"})
+    start("operator", ["server.py"], {"operator_port": str(op_port), "OPERATOR_HOST": "127.0.0.1",
+                                      "ODLA_JOBS_DB": str(receipts)})
     wait_until(lambda: httpx.get(f"{operator}/health", timeout=1).status_code == 200, "the operator")
 
     for node_id in ("node1", "node2"):
@@ -108,8 +112,9 @@ def run_demo() -> int:
                "both nodes to register")
 
     cli = [sys.executable, "client.py"]
-    say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --show-node')
-    first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT)
+    say(f"The dashboard, while the demo runs: {operator}/dashboard")
+    say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --verbose')
+    first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--verbose"], cwd=ROOT)
     say("Two prompts at once: each node's Ollama runs one request at a time (OLLAMA_NUM_PARALLEL=1), "
         "so the scheduler gives one to each")
     both = [subprocess.Popen([*cli, prompt, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT,
@@ -123,7 +128,9 @@ def run_demo() -> int:
     second = max(proc.returncode for proc in both)
     say(f"python client.py nodes --operator {operator}")
     listed = subprocess.call([*cli, "nodes", "--operator", operator], cwd=ROOT)
-    return first or second or listed
+    say(f"python client.py jobs --operator {operator}")
+    jobs = subprocess.call([*cli, "jobs", "--operator", operator], cwd=ROOT)
+    return first or second or listed or jobs
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.helpers import ServerThread, Sim, bound_socket, settings
+from tests.helpers import Network, ServerThread, Sim, bound_socket, settings
 
 import node as node_agent
 import server as operator_app
@@ -46,3 +46,10 @@ def node(start) -> Callable[..., ServerThread]:
                         node_port=port, node_url=f"http://127.0.0.1:{port}", **values)
         return start(node_agent.create_app(conf), sock)
     return _node
+
+
+@pytest.fixture
+def net(tmp_path) -> Iterator[Network]:
+    """The network as real processes (``python X.py``), all stopped by pid at the end."""
+    with contextlib.ExitStack() as stack:
+        yield Network(tmp_path, stack)

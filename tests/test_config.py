@@ -53,3 +53,17 @@ def test_missing_or_broken_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_settings(env={"ODLA_CONFIG": str(tmp_path / "bad.json")})
+
+
+def test_jobs_db_is_next_to_the_config_file(tmp_path, monkeypatch):
+    path = tmp_path / "conf" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"jobs_keep_days": 7}))
+    conf = load_settings(env={"ODLA_CONFIG": str(path)})
+    assert conf.jobs_db == str(path.parent / "jobs.db") and conf.jobs_keep_days == 7
+    assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": ":memory:"}).jobs_db == ":memory:"
+    assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": "/data/jobs.db"}).jobs_db == "/data/jobs.db"
+    monkeypatch.chdir(tmp_path)  # relative to the config file, not to where the operator was started
+    assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": "r.db"}).jobs_db == str(path.parent / "r.db")
+    with pytest.raises(ConfigError, match="jobs_keep_days"):
+        load_settings(env={"ODLA_CONFIG": str(path)}, jobs_keep_days=0)

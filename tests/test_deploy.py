@@ -80,6 +80,7 @@ def test_demo_runs_the_network_and_stops_everything():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SIMULATOR" in result.stdout and "Demo finished" in result.stdout
     assert "node1" in result.stdout and "node2" in result.stdout
+    assert "eval rate:" in result.stderr and "JOB" in result.stdout  # --verbose's stats, then client.py jobs
     pids = [int(word) for line in result.stdout.splitlines() if "(pid " in line
             for word in [line.rsplit("(pid ", 1)[1].split(")")[0]]]
     assert len(pids) == 4  # simulator, operator, two nodes

@@ -5,7 +5,6 @@ process it started, by pid, even when it fails.
 """
 
 import asyncio
-import contextlib
 import json
 import signal
 import subprocess
@@ -13,60 +12,9 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from sim.ollama_sim import sim_tokens
-from tests.helpers import ROOT, Proc, free_port, wait_for, wait_http
-
-FAST = {"health_check_interval": 0.5, "health_check_timeout": 1, "heartbeat_interval": 0.5,
-        "prune_after": 3, "connect_timeout": 1}
-
-
-class Network:
-    """Starts processes and remembers them, so the fixture can stop them all."""
-
-    def __init__(self, tmp_path, stack: contextlib.ExitStack) -> None:
-        self.stack = stack
-        self.config = tmp_path / "config.json"
-        self.op_port = free_port()
-        self.op_url = f"http://127.0.0.1:{self.op_port}"
-        self.config.write_text(json.dumps({**FAST, "operator_url": self.op_url, "operator_host": "127.0.0.1",
-                                           "node_host": "127.0.0.1"}))
-        self.nodes: dict[str, Proc] = {}
-
-    def start(self, *args: str, **env: str) -> Proc:
-        return self.stack.enter_context(Proc(*args, env={"ODLA_CONFIG": str(self.config), **env}))
-
-    def sim(self, *flags: str) -> str:
-        port = free_port()
-        self.start("sim/ollama_sim.py", "--port", str(port), "--models", "llama3", *flags)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url)
-        return url
-
-    def operator(self) -> Proc:
-        proc = self.start("server.py", operator_port=str(self.op_port))
-        wait_http(f"{self.op_url}/health")
-        return proc
-
-    def node(self, node_id: str, ollama_url: str, **env: str) -> Proc:
-        port = free_port()
-        proc = self.nodes[node_id] = self.start("node.py", NODE_ID=node_id, NODE_PORT=str(port),
-                                                OLLAMA_HOST=ollama_url, **env)
-        return proc
-
-    def listing(self) -> dict:
-        return {n["node_id"]: n for n in httpx.get(f"{self.op_url}/nodes", timeout=5).json()["nodes"]}
-
-    def wait_nodes(self, *ids: str, timeout: float = 15) -> None:
-        wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
-
-
-@pytest.fixture
-def net(tmp_path):
-    with contextlib.ExitStack() as stack:
-        yield Network(tmp_path, stack)
-
+from tests.helpers import FAST, ROOT, free_port, wait_for
 
 def client(net, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "client.py", *args, "--operator", net.op_url], cwd=ROOT,
