@@ -128,7 +128,10 @@ class GenerateOptions(_Body):
     """How long Ollama keeps the model loaded afterwards: seconds, or a duration such as ``"10m"``."""
 
     def ollama_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in ((f, getattr(self, f)) for f in GenerateOptions.model_fields) if v is not None}
+        return {k: v for k, v in ((f, getattr(self, f)) for f in OLLAMA_FIELDS) if v is not None}
+
+
+OLLAMA_FIELDS = tuple(GenerateOptions.model_fields)  # once: pydantic builds the mapping on each access
 
 
 class InferenceRequest(GenerateOptions):
@@ -286,9 +289,10 @@ def parse_line(line: Union[str, bytes]) -> StreamLine:
     return TokenLine.model_validate(data)
 
 
-def is_final(line: Union[str, bytes]) -> bool:
-    """True when ``line`` is a complete final line (``"done": true``)."""
+def final_line(line: Union[str, bytes]) -> Optional[dict[str, Any]]:
+    """``line`` decoded when it is a complete final line (``"done": true``), else None."""
     try:
-        return json.loads(line).get("done") is True
-    except (ValueError, AttributeError):
-        return False
+        data = json.loads(line)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("done") is True else None

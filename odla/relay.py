@@ -8,7 +8,6 @@ exactly one final line, and to take off it the counts the node adds for the job'
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import AsyncIterator, Callable, Optional
 
@@ -40,7 +39,9 @@ class Router:
 
     async def open_job(self, request: p.InferenceRequest, job: Job, tell: Optional[Tell] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
-        run = p.RunRequest(job_id=job.id, model=request.model, prompt=request.prompt, **request.ollama_fields())
+        # already validated as an InferenceRequest: built without validating it again
+        run = p.RunRequest.model_construct(job_id=job.id, model=request.model, prompt=request.prompt,
+                                           **request.ollama_fields())
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
         claim, resp = await self.open(request.model, "POST", "/run", body, job, place)
@@ -183,14 +184,15 @@ class _Lines:
             return chunk
         start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
         last = chunk[start:]
-        self.ended = b'"done": true' in last and p.is_final(last)
-        if not self.ended or start:  # a token came
+        final = p.final_line(last) if b'"done": true' in last else None
+        self.ended = final is not None
+        if final is None or start:  # a token came
             self.job.first()
-        if not self.ended:
+        if final is None:
             return chunk
-        if last.startswith(p.NODE_DONE):
-            self.job.usage = Usage.from_stats(json.loads(last).get("stats"))
+        if "stats" in final:
+            self.job.usage = Usage.from_stats(final["stats"])
             return chunk[:start] + p.DONE_LINE
-        if last.startswith(b'{"error"'):
+        if "error" in final:
             self.job.error = message_of(last, 502)
         return chunk

@@ -26,8 +26,9 @@ def test_parse_line_tells_the_three_kinds_apart():
     assert p.parse_line('{"error": "x", "done": true}') == p.ErrorLine(error="x")
     with pytest.raises(ValueError):
         p.parse_line("[1, 2]")
-    assert p.is_final(b'{"done": true}\n') and not p.is_final(b'{"token": "a", "done": false}')
-    assert not p.is_final(b'{"done": tr')
+    assert p.final_line(b'{"done": true}\n') == {"done": True}
+    assert p.final_line(b'{"token": "a", "done": false}') is None and p.final_line(b'{"done": tr') is None
+    assert p.final_line(b'[{"done": true}]') is None
 
 
 @pytest.mark.parametrize("body", [
