@@ -1,11 +1,12 @@
-"""ODLA client: send a prompt into the network and stream the answer to the terminal.
+"""ODLA client: prompts and conversations on an ODLA network, and a look at the network.
 
     python client.py "Explain quantum entanglement" --model llama3
-    python client.py infer "prompt" --model llama3 --operator http://remote-host:8000
+    python client.py infer "prompt" --model llama3 --operator remote-host:8000
     cat notes.txt | python client.py - --model llama3
+    python client.py -- "-1 is a number"                 (a prompt that starts with -)
     python client.py "Why is the sky blue?" --verbose     (Ollama's stats after the answer, on stderr)
-    python client.py nodes [--json]
-    python client.py jobs [--limit 20] [--json]
+    python client.py chat --model llama3                  (also: python client.py, on a terminal)
+    python client.py list | ps | show MODEL | nodes | jobs
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
@@ -16,103 +17,70 @@ import json
 import os
 import signal
 import sys
-import time
-from typing import Annotated, Callable, Iterator, Optional
+from collections import Counter
+from typing import Annotated, Any, Iterator, Optional
 
 import httpx
 import typer
 
+from odla import __version__
 from odla import protocol as p
+from odla.chat import run_chat
+from odla.clientlib import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers, call, http_client, job_extras,
+                            operator_url, receipt, stream_inference, unreachable)
 from odla.config import ConfigError, Settings, load_settings
-from odla.report import jobs_table, nodes_table, verbose_stats
-from odla.streaming import StreamError, tokens
+from odla.report import jobs_table, nodes_table, table, verbose_stats
+from odla.terminal import Spinner, is_terminal
 
-COMMANDS = {"infer", "nodes", "jobs"}
-EXIT_ERROR, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 130
+COMMANDS = {"infer", "chat", "list", "ps", "show", "nodes", "jobs"}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run prompts on an ODLA network and look at its nodes.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Run prompts and chats on an ODLA network, and look at its models, nodes and jobs.")
 
 OperatorOpt = Annotated[Optional[str], typer.Option(
-    "--operator", envvar="ODLA_OPERATOR_URL", show_envvar=True,
-    help="Operator URL [default: operator_url in config.json]")]
+    "--operator", envvar="ODLA_OPERATOR_URL", show_envvar=True, show_default="operator_url in config.json",
+    help="The operator: http://host:port, or host:port")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option(
     "--api-key", envvar="ODLA_API_KEY", show_envvar=True, help="API key, when the operator asks for one")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", show_default="default_model in config.json",
+                                                 help="Model")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the operator's raw JSON")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="After each answer, Ollama's stats "
+                                          "on stderr as 'ollama run --verbose' prints them, then the node and job")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt, instead of the model's own")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="json, or a JSON schema the answer must follow")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="Ollama's temperature option")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="An Ollama option as key=value "
+                                                        "(repeatable), e.g. -o num_ctx=8192 -o seed=42")]
+KeepaliveOpt = Annotated[Optional[str], typer.Option("--keepalive", help="How long the model stays loaded "
+                                                     "afterwards: a duration such as 10m, or seconds")]
 
 
-class Failure(Exception):
-    """A one-sentence error for stderr, with the exit code it calls for."""
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"client.py (ODLA) {__version__}")
+        raise typer.Exit()
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
+
+@app.callback()
+def main_options(version: Annotated[bool, typer.Option("--version", metavar="", callback=version_callback,
+                                                       is_eager=True, help="Print the version and exit")] = False,
+                 ) -> None:
+    """Run prompts and chats on an ODLA network, and look at its models, nodes and jobs."""
 
 
 def settings() -> Settings:
     try:
-        return load_settings()
+        return load_settings(role="client")
     except ConfigError as exc:
-        raise Failure(str(exc), EXIT_UNREACHABLE) from exc
+        raise Failure(str(exc), EXIT_USAGE) from exc
 
 
-def _headers(api_key: Optional[str]) -> dict[str, str]:
-    return {"authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def _http(operator: str, api_key: Optional[str]) -> httpx.Client:
-    return httpx.Client(base_url=operator, headers=_headers(api_key),
-                        timeout=httpx.Timeout(10, read=None))
-
-
-def _refused(resp: httpx.Response) -> Failure:
-    resp.read()
-    try:
-        message = resp.json().get("error") or resp.text
-    except (ValueError, AttributeError):
-        message = resp.text.strip() or f"HTTP {resp.status_code}"
-    return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
-
-
-def _unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
-    if isinstance(exc, httpx.ConnectError):
-        return Failure(f"cannot reach the operator at {operator}: is it running? Start it with "
-                       "'python server.py', or point --operator / ODLA_OPERATOR_URL at it.", EXIT_UNREACHABLE)
-    if isinstance(exc, httpx.TimeoutException):
-        return Failure(f"the operator at {operator} did not answer in time", EXIT_UNREACHABLE)
-    return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
-
-
-def get_json(http: httpx.Client, operator: str, path: str, params: Optional[dict] = None) -> dict:
-    """GET one of the operator's listings; its refusal or absence as a ``Failure``."""
-    try:
-        resp = http.get(path, params=params)
-    except httpx.HTTPError as exc:
-        raise _unreachable(operator, exc) from exc
-    if resp.status_code != 200:
-        raise _refused(resp)
-    return resp.json()
-
-
-def stream_inference(http: httpx.Client, operator: str, model: str, prompt: str,
-                     on_node: Callable[[str], None] = lambda node: None,
-                     on_queued: Callable[[int], None] = lambda place: None,
-                     on_job: Callable[[str], None] = lambda job_id: None) -> Iterator[str]:
-    """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it (when the
-    job did not wait in the queue), ``on_queued`` its place while it waits, ``on_job`` its id."""
-    body = p.InferenceRequest(model=model, prompt=prompt).model_dump_json()
-    try:
-        with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
-            if resp.status_code != 200:
-                raise _refused(resp)
-            if p.JOB_HEADER in resp.headers:
-                on_job(resp.headers[p.JOB_HEADER])
-            if "x-odla-node" in resp.headers:
-                on_node(resp.headers["x-odla-node"])
-            yield from tokens(resp.iter_lines(), on_queued)
-    except httpx.HTTPError as exc:
-        raise _unreachable(operator, exc) from exc
-    except StreamError as exc:
-        raise Failure(str(exc)) from exc
+def ask(operator: Optional[str], api_key: Optional[str], method: str, path: str, **kw) -> Any:
+    """One JSON answer from the operator (``--operator``, else config.json's)."""
+    url = operator_url(operator or settings().operator_url)
+    with http_client(url, api_key) as http:
+        return call(http, url, method, path, **kw)
 
 
 @contextlib.contextmanager
@@ -124,7 +92,7 @@ def exit_at_once_on_ctrl_c() -> Iterator[None]:
     closes the socket, which is what tells the operator, the node and Ollama to stop.
     """
     def leave(signum: int, frame: object) -> None:
-        os.write(2, b"\ninterrupted\n")
+        os.write(2, b"\r\x1b[K\ninterrupted\n" if is_terminal(sys.stderr) else b"\ninterrupted\n")
         os._exit(EXIT_INTERRUPTED)
 
     try:
@@ -141,7 +109,7 @@ def exit_at_once_on_ctrl_c() -> Iterator[None]:
 def read_prompt(prompt: str) -> str:
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text.strip():
-        raise Failure("the prompt is empty", EXIT_UNREACHABLE)
+        raise Failure("the prompt is empty", EXIT_USAGE)
     return text
 
 
@@ -159,33 +127,49 @@ def run(action) -> None:
 
 @app.command()
 def infer(
-    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model [default: default_model in config.json]")] = None,
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input; "
+                                               "one that starts with '-' goes after --")],
+    model: ModelOpt = None,
     operator: OperatorOpt = None,
     api_key: ApiKeyOpt = None,
-    show_node: Annotated[bool, typer.Option("--show-node", help="Say on stderr which node answers")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="After the answer, Ollama's stats on stderr, "
-                                          "as 'ollama run --verbose' prints them, then the node and the job")] = False,
+    show_node: Annotated[bool, typer.Option("--show-node", metavar="", help="Say on stderr which node answers")] = False,
+    verbose: VerboseOpt = False,
+    system: SystemOpt = None,
+    fmt: FormatOpt = None,
+    temperature: TemperatureOpt = None,
+    option: OptionOpt = None,
+    keepalive: KeepaliveOpt = None,
 ) -> None:
     """Stream a model's answer to PROMPT (the default command)."""
 
     def action() -> None:
         conf = settings()
-        url = (operator or conf.operator_url).rstrip("/")
-        text = read_prompt(prompt)
+        url = operator_url(operator or conf.operator_url)
+        extras = job_extras(system, fmt, temperature, option or [], keepalive)
+        request = p.InferenceRequest(model=model or conf.default_model, prompt=read_prompt(prompt), **extras)
         printed = False
-        on_node = (lambda node: typer.echo(f"[node {node}]", err=True)) if show_node else (lambda node: None)
+        job_ids: list[str] = []
+        spinner = Spinner()
+
+        def on_node(node: str) -> None:
+            if show_node:
+                spinner.stop()
+                typer.echo(f"[node {node}]", err=True)
 
         def on_queued(place: int) -> None:
-            typer.echo(f"[queued: place {place} in line]" if place > 1 else "[queued: next in line]", err=True)
+            words = f"queued: place {place} in line" if place > 1 else "queued: next in line"
+            if spinner.active:
+                spinner.say(words)
+            else:
+                typer.echo(f"[{words}]", err=True)
 
-        job_ids: list[str] = []
         try:
-            with exit_at_once_on_ctrl_c(), _http(url, api_key) as http:
-                for token in stream_inference(http, url, model or conf.default_model, text, on_node, on_queued,
-                                              job_ids.append):
-                    typer.echo(token, nl=False)
-                    printed = True
+            with exit_at_once_on_ctrl_c(), http_client(url, api_key) as http:
+                with spinner:
+                    for token in stream_inference(http, url, request, on_node, on_queued, job_ids.append):
+                        spinner.stop()
+                        typer.echo(token, nl=False)
+                        printed = True
                 typer.echo()  # the answer ends its line, even an empty answer
                 printed = False
                 if verbose:
@@ -199,17 +183,93 @@ def infer(
 
 
 @app.command()
-def nodes(
+def chat(
+    model: ModelOpt = None,
     operator: OperatorOpt = None,
     api_key: ApiKeyOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the operator's raw JSON")] = False,
+    verbose: VerboseOpt = False,
+    system: SystemOpt = None,
+    fmt: FormatOpt = None,
+    temperature: TemperatureOpt = None,
+    option: OptionOpt = None,
+    keepalive: KeepaliveOpt = None,
 ) -> None:
+    """Chat with a model, as 'ollama run MODEL' does: /bye or Ctrl-D leaves, Ctrl-C stops an answer."""
+
+    def action() -> None:
+        conf = settings()
+        url = operator_url(operator or conf.operator_url)
+        extras = job_extras(None, fmt, temperature, option or [], keepalive)
+        try:
+            run_chat(url, auth_headers(api_key), model or conf.default_model, extras, system, verbose)
+        except httpx.HTTPError as exc:
+            raise unreachable(url, exc) from exc
+
+    run(action)
+
+
+@app.command("list")
+def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """The models the network has, and how many healthy nodes have each."""
+
+    def action() -> None:
+        listing = p.NodesResponse.model_validate(ask(operator, api_key, "GET", "/nodes"))
+        counts = Counter(m for n in listing.nodes if n.healthy for m in n.models)
+        loaded = Counter(m for n in listing.nodes if n.healthy for m in n.loaded)
+        if as_json:
+            typer.echo(json.dumps({"models": [{"name": m, "nodes": c, "loaded_on": loaded[m]}
+                                              for m, c in sorted(counts.items())]}, indent=2))
+            return
+        rows = [("NAME", "NODES", "LOADED ON")] + [(m, str(c), str(loaded[m])) for m, c in sorted(counts.items())]
+        typer.echo(table(rows) if counts else "no models: no healthy node has joined")
+
+    run(action)
+
+
+@app.command()
+def ps(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """The models in memory now, node by node."""
+
+    def action() -> None:
+        listing = p.NodesResponse.model_validate(ask(operator, api_key, "GET", "/nodes"))
+        rows = [(m, n.node_id, str(n.active_jobs)) for n in listing.nodes for m in n.loaded]
+        if as_json:
+            typer.echo(json.dumps({"models": [{"name": m, "node": node, "active_jobs": int(a)}
+                                              for m, node, a in rows]}, indent=2))
+            return
+        typer.echo(table([("NAME", "NODE", "NODE'S ACTIVE JOBS"), *rows]) if rows else "no model is loaded")
+
+    run(action)
+
+
+@app.command()
+def show(model: Annotated[str, typer.Argument(help="The model")], operator: OperatorOpt = None,
+         api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """A model's details, from a node that has it (Ollama's /api/show)."""
+
+    def action() -> None:
+        info = ask(operator, api_key, "POST", "/api/show", body={"model": model})
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        details = info.get("details") or {}
+        rows = [(k.replace("_", " "), str(details[k])) for k in ("family", "parameter_size", "quantization_level",
+                                                                   "format") if details.get(k)]
+        rows += [("capabilities", ", ".join(info["capabilities"]))] if info.get("capabilities") else []
+        lines = ["  Model\n" + "\n".join(f"    {k:<16}{v}" for k, v in rows)]
+        if info.get("parameters"):
+            lines.append("  Parameters\n" + "\n".join(f"    {line}" for line in info["parameters"].splitlines()))
+        typer.echo("\n\n".join(lines))
+
+    run(action)
+
+
+@app.command()
+def nodes(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
     """List the nodes registered with the operator."""
 
     def action() -> None:
-        url = (operator or settings().operator_url).rstrip("/")
-        with _http(url, api_key) as http:
-            listing = get_json(http, url, "/nodes")
+        listing = ask(operator, api_key, "GET", "/nodes")
         typer.echo(json.dumps(listing, indent=2) if as_json else nodes_table(p.NodesResponse.model_validate(listing)))
 
     run(action)
@@ -223,39 +283,32 @@ def jobs(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model")] = None,
     node: Annotated[Optional[str], typer.Option("--node", help="Only this node")] = None,
     outcome: Annotated[Optional[str], typer.Option("--outcome", help="Only this outcome (ok, node_error, ...)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the operator's raw JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List recent jobs: their receipts, newest first."""
 
     def action() -> None:
-        url = (operator or settings().operator_url).rstrip("/")
         query = {k: v for k, v in (("limit", limit), ("model", model), ("node", node), ("outcome", outcome)) if v}
-        with _http(url, api_key) as http:
-            listing = get_json(http, url, "/jobs", query)
+        listing = ask(operator, api_key, "GET", "/jobs", params=query)
         typer.echo(json.dumps(listing, indent=2) if as_json else jobs_table(p.JobsResponse.model_validate(listing).jobs))
 
     run(action)
 
 
-def receipt(http: httpx.Client, operator: str, job_id: str, wait: float = 2.0) -> p.JobReceipt:
-    """A job's receipt once it has ended (the operator records the end just after the last line)."""
-    deadline = time.monotonic() + wait
-    while True:
-        job = p.JobReceipt.model_validate(get_json(http, operator, f"/jobs/{job_id}"))
-        if job.outcome is not None or time.monotonic() > deadline:
-            return job
-        time.sleep(0.05)
-
-
-def with_default_command(argv: list[str]) -> list[str]:
-    """``client.py "prompt"`` means ``client.py infer "prompt"``."""
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("--help", "-h"):
+def with_default_command(argv: list[str], interactive: bool = False) -> list[str]:
+    """``client.py "prompt"`` means ``client.py infer "prompt"``; no arguments on a terminal, a chat."""
+    if not argv:
+        return ["chat"] if interactive else argv
+    if argv[0].startswith("-") and any(c.isspace() for c in argv[0]):
+        return ["infer", *argv[1:], "--", argv[0]]  # a prompt that starts with "-": no option has a space in it
+    if argv[0] not in COMMANDS and argv[0] not in ("--help", "-h", "--version"):
         return ["infer", *argv]
     return argv
 
 
 def main() -> None:
-    app(args=with_default_command(sys.argv[1:]), prog_name="client.py")
+    app(args=with_default_command(sys.argv[1:], is_terminal(sys.stdin) and is_terminal(sys.stdout)),
+        prog_name="client.py")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import socket
-import sys
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Optional
 from urllib.parse import urlsplit
@@ -33,7 +32,7 @@ from fastapi.responses import Response
 from odla import protocol as p
 from odla.auth import join_headers, join_token_dependency
 from odla.capacity import Capacity, num_parallel
-from odla.config import ConfigError, Settings, load_settings
+from odla.config import Settings, script_settings
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
@@ -376,10 +375,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
 
 
 def main() -> None:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        sys.exit(f"node: {exc}")
+    settings = script_settings("node")
     setup_logging(settings.log_level)
     tune_gc()
     log.info("node agent for Ollama at %s, operator at %s", settings.ollama_host, settings.operator_url)

@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI, Request
 
 from odla import protocol as p
 from odla.auth import api_key_dependency, caller_of, check_api_key, join_token_dependency
-from odla.config import ConfigError, Settings, load_settings
+from odla.config import Settings, script_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
 from odla.lifespan import background, serve, tune_gc
@@ -224,10 +224,7 @@ def warn_if_open(settings: Settings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        sys.exit(f"operator: {exc}")
+    settings = script_settings("operator")
     setup_logging(settings.log_level)
     try:  # a jobs_db that cannot be used stops the operator before it listens
         receipts_db(settings.jobs_db).close()

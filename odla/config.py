@@ -6,8 +6,10 @@ raises ``ConfigError`` with a message that names the key it came from.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -31,6 +33,18 @@ ENV_KEYS: dict[str, str] = {
     "ODLA_API_KEYS": "api_keys",
     "ODLA_LOG_LEVEL": "log_level",
     "ODLA_JOBS_DB": "jobs_db",
+}
+
+
+# What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
+# does not stop the client. Keys outside every role are still errors.
+SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars"}
+ROLES: dict[str, set[str]] = {
+    "client": {"operator_url", "default_model"},
+    "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
+                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days"},
+    "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
+                      "num_parallel", "health_check_interval"},
 }
 
 
@@ -121,9 +135,11 @@ class Settings(BaseModel):
 def load_settings(
     path: Optional[os.PathLike | str] = None,
     env: Optional[Mapping[str, str]] = None,
+    role: Optional[str] = None,
     **overrides: object,
 ) -> Settings:
-    """Read ``path`` (default ``$ODLA_CONFIG`` or config.json), then ``env``, then ``overrides``."""
+    """Read ``path`` (default ``$ODLA_CONFIG`` or config.json), then ``env``, then ``overrides``.
+    With a ``role`` (``ROLES``), only that script's settings are read; the rest keep their defaults."""
     env = os.environ if env is None else env
     path = Path(path or env.get("ODLA_CONFIG") or DEFAULT_CONFIG)
     values: dict[str, object] = _read_file(path) if path.exists() or "ODLA_CONFIG" in env else {}
@@ -133,6 +149,9 @@ def load_settings(
             values[key] = env[var]
             origin[key] = f"environment {var}"
     values.update(overrides)
+    if role is not None:
+        known = set(Settings.model_fields)
+        values = {k: v for k, v in values.items() if k in ROLES[role] or k not in known}
     try:
         settings = Settings.model_validate(values)
     except ValidationError as exc:
@@ -164,3 +183,26 @@ def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
         else:
             problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration: " + "; ".join(problems)
+
+
+SCRIPTS = {"operator": ("server.py", "The ODLA operator: the node registry, the scheduler and the relay."),
+           "node": ("node.py", "The ODLA node agent: joins this machine's Ollama to the operator's network.")}
+
+
+def script_settings(role: str, argv: Optional[list[str]] = None) -> Settings:
+    """The settings of ``python server.py`` or ``python node.py``: the config file, the environment,
+    then the command line (``--config``, ``--host``, ``--port``). ``--help`` prints the usage; a bad
+    value ends the process with a message that names it."""
+    prog, description = SCRIPTS[role]
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog="Every setting is in config.json and the environment: see README.md.")
+    parser.add_argument("--config", metavar="FILE", help="the config file (default: $ODLA_CONFIG, else config.json)")
+    parser.add_argument("--host", help=f"the address to listen on (default: {role}_host)")
+    parser.add_argument("--port", type=int, help=f"the port to listen on (default: {role}_port)")
+    args = parser.parse_args(argv)
+    overrides = {f"{role}_{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    env = {**os.environ, "ODLA_CONFIG": args.config} if args.config else None
+    try:
+        return load_settings(env=env, role=role, **overrides)
+    except ConfigError as exc:
+        sys.exit(f"{role}: {exc}")

@@ -47,8 +47,8 @@ class ODLAError(Exception):
 class NoNodeError(ODLAError):
     status_code = 404
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"No node available with model: {model}")
+    def __init__(self, model: str, why: str = "") -> None:
+        super().__init__(f"No node available with model: {model}" + (f" ({why})" if why else ""))
 
 
 class UpstreamError(ODLAError):

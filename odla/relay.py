@@ -15,6 +15,7 @@ from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
 from .jobs import Job
 from .nodes import ClientResponse, NodeClient, NodeUnreachable
+from .names import model_key
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell
 from .scheduler import Claim, Place, Scheduler
@@ -64,7 +65,7 @@ class Router:
         while True:
             claim = await self.scheduler.claim(model, caller, [node.node_id for node, _, _ in failures], place)
             if claim is None:
-                raise self._all_failed(model, failures) if failures else NoNodeError(model)
+                raise self._all_failed(model, failures) if failures else self.no_node(model)
             if claim.waited and job is not None:
                 job.queue_wait = (job.queue_wait or 0.0) + claim.waited
             resp = None
@@ -97,6 +98,19 @@ class Router:
         log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id, resp.status, message)
         failures.append((node, resp.status, message))
         return None
+
+    def no_node(self, model: str) -> NoNodeError:
+        """Why no node could take the job, in the user's terms."""
+        key, now = model_key(model), self.registry.clock()
+        having = [n for n in self.registry.nodes() if key in n.keys]
+        if having:
+            states = ", ".join(f"{n.node_id} {'resting' if n.resting(now) else 'unhealthy'}" for n in having)
+            return NoNodeError(model, f"{len(having)} node(s) have it, none can take jobs now: {states}")
+        models = sorted({m for n in self.registry.nodes() if n.healthy for m in n.models})
+        if not models:
+            return NoNodeError(model, "no healthy node has joined the network")
+        listed = ", ".join(models[:20]) + (f" and {len(models) - 20} more" if len(models) > 20 else "")
+        return NoNodeError(model, f"the network has {listed}")
 
     @staticmethod
     def _all_failed(model: str, failures: list[tuple[Node, int, str]]) -> ODLAError:

@@ -67,10 +67,10 @@ def nodes_table(listing: NodesResponse, now: Optional[datetime] = None) -> str:
     if not listing.nodes:
         return "no nodes registered"
     now = now or datetime.now(timezone.utc)
-    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "JOBS")]
+    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL")]
     for n in listing.nodes:
         rows.append((n.node_id, n.url, ", ".join(n.models) or "-", ago(n.last_seen, now),
-                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs)))
+                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total)))
     return table(rows)
 
 

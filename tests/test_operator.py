@@ -78,8 +78,18 @@ def test_no_node_with_model_is_404_with_spec_message(operator, start):
     op = operator(health_check_interval=60)
     fake(start, op, "A")
     status, body = infer(op.url, model="llama9")
+    assert status == 404  # SPEC's message, then what the network has
+    assert body == [{"error": "No node available with model: llama9 (the network has llama3:latest)", "done": True}]
+
+
+def test_no_node_says_when_the_nodes_with_the_model_are_unhealthy(operator, start):
+    op = operator(health_check_interval=60)
+    for name in ("A", "B"):  # up, but their Ollama does not answer
+        assert register(op, name, f"http://127.0.0.1:{free_port()}", ["llama3:latest"], healthy=False).status_code == 200
+    status, body = infer(op.url)
     assert status == 404
-    assert body == [{"error": "No node available with model: llama9", "done": True}]
+    assert body[0]["error"] == ("No node available with model: llama3 "
+                                "(2 node(s) have it, none can take jobs now: A unhealthy, B unhealthy)")
 
 
 def test_failover_from_an_unreachable_node(operator, start):
