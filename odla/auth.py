@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from typing import Awaitable, Callable, Iterable, Mapping, Optional
 
 from starlette.requests import Request
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from .errors import AuthError
 
 JOIN_HEADER = "x-odla-join-token"
+log = logging.getLogger("odla")
 
 
 def _matches(presented: Optional[str], secrets: Iterable[str]) -> bool:
@@ -61,5 +63,11 @@ def api_key_dependency(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
 def join_token_dependency(token: Optional[str]) -> Callable[[Request], Awaitable[None]]:
     """A dependency that lets through only callers holding the join token (anyone when unset)."""
     async def node_auth(request: Request) -> None:
-        check_join_token(request.headers, token)
+        try:
+            check_join_token(request.headers, token)
+        except AuthError:  # said where it is looked for: a node that cannot join
+            client = request.client.host if request.client else "?"
+            log.warning("refused %s %s from %s: missing or wrong join token", request.method,
+                        request.url.path, client)
+            raise
     return node_auth

@@ -31,6 +31,16 @@ def test_register_needs_the_join_token(locked, headers, status):
         assert "join token" in resp.json()["error"] and resp.json()["done"] is True
 
 
+def test_a_refused_join_is_logged_with_the_nodes_address(locked, caplog):
+    op, _ = locked
+    caplog.set_level(logging.WARNING, logger="odla")
+    body = {"node_id": "n9", "url": "http://127.0.0.1:1", "models": ["x"]}
+    assert httpx.post(f"{op.url}/register", json=body, headers=WRONG).status_code == 401
+    assert any("refused POST /register from 127.0.0.1: missing or wrong join token" in r.getMessage()
+               for r in caplog.records)
+    assert not any(TOKEN in r.getMessage() or "nope" in r.getMessage() for r in caplog.records)  # no secrets
+
+
 @pytest.mark.parametrize("headers, status", [(NO, 401), (WRONG, 401), ({"x-odla-join-token": TOKEN}, 200)])
 def test_deregister_needs_the_join_token(locked, headers, status):
     op, _ = locked
