@@ -30,7 +30,7 @@ from odla.clientlib import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers,
                             operator_url, receipt, stream_inference, unreachable)
 from odla.config import ConfigError, Settings, load_settings
 from odla.report import jobs_table, nodes_table, table, verbose_stats
-from odla.terminal import Spinner, is_terminal
+from odla.terminal import Spinner, colour_wanted, is_terminal
 
 COMMANDS = {"infer", "chat", "list", "ps", "show", "nodes", "jobs"}
 
@@ -118,7 +118,8 @@ def run(action) -> None:
     try:
         action()
     except Failure as exc:
-        typer.echo(f"error: {exc}", err=True)
+        prefix = "\x1b[1;31merror:\x1b[0m" if colour_wanted(sys.stderr) else "error:"
+        typer.echo(f"{prefix} {exc}", err=True)
         raise typer.Exit(exc.code) from None
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
@@ -221,7 +222,7 @@ def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json
                                               for m, c in sorted(counts.items())]}, indent=2))
             return
         rows = [("NAME", "NODES", "LOADED ON")] + [(m, str(c), str(loaded[m])) for m, c in sorted(counts.items())]
-        typer.echo(table(rows) if counts else "no models: no healthy node has joined")
+        typer.echo(table(rows, colour_wanted()) if counts else "no models: no healthy node has joined")
 
     run(action)
 
@@ -237,7 +238,8 @@ def ps(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt
             typer.echo(json.dumps({"models": [{"name": m, "node": node, "active_jobs": int(a)}
                                               for m, node, a in rows]}, indent=2))
             return
-        typer.echo(table([("NAME", "NODE", "NODE'S ACTIVE JOBS"), *rows]) if rows else "no model is loaded")
+        heading = ("NAME", "NODE", "NODE'S ACTIVE JOBS")
+        typer.echo(table([heading, *rows], colour_wanted()) if rows else "no model is loaded")
 
     run(action)
 
@@ -270,7 +272,8 @@ def nodes(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: Json
 
     def action() -> None:
         listing = ask(operator, api_key, "GET", "/nodes")
-        typer.echo(json.dumps(listing, indent=2) if as_json else nodes_table(p.NodesResponse.model_validate(listing)))
+        typer.echo(json.dumps(listing, indent=2) if as_json else
+                   nodes_table(p.NodesResponse.model_validate(listing), bold=colour_wanted()))
 
     run(action)
 
@@ -290,7 +293,8 @@ def jobs(
     def action() -> None:
         query = {k: v for k, v in (("limit", limit), ("model", model), ("node", node), ("outcome", outcome)) if v}
         listing = ask(operator, api_key, "GET", "/jobs", params=query)
-        typer.echo(json.dumps(listing, indent=2) if as_json else jobs_table(p.JobsResponse.model_validate(listing).jobs))
+        typer.echo(json.dumps(listing, indent=2) if as_json else
+                   jobs_table(p.JobsResponse.model_validate(listing).jobs, bold=colour_wanted()))
 
     run(action)
 

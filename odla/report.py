@@ -57,12 +57,16 @@ def verbose_stats(job: JobReceipt) -> str:
     return "\n".join(lines)
 
 
-def table(rows: Sequence[Sequence[str]]) -> str:
+def table(rows: Sequence[Sequence[str]], bold_heading: bool = False) -> str:
+    """Columns padded to their widest cell; the heading in bold when asked (a terminal with colour)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if bold_heading:
+        lines[0] = f"\x1b[1m{lines[0]}\x1b[0m"
+    return "\n".join(lines)
 
 
-def nodes_table(listing: NodesResponse, now: Optional[datetime] = None) -> str:
+def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bool = False) -> str:
     """The network as a plain-text table."""
     if not listing.nodes:
         return "no nodes registered"
@@ -71,10 +75,10 @@ def nodes_table(listing: NodesResponse, now: Optional[datetime] = None) -> str:
     for n in listing.nodes:
         rows.append((n.node_id, n.url, ", ".join(n.models) or "-", ago(n.last_seen, now),
                      "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total)))
-    return table(rows)
+    return table(rows, bold)
 
 
-def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None) -> str:
+def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold: bool = False) -> str:
     """Receipts as a plain-text table, as listed (newest first)."""
     if not jobs:
         return "no jobs"
@@ -85,7 +89,7 @@ def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None) -> st
             if j.output_tokens is not None else "-"
         rows.append((j.id[:12], ago(j.started_at, now), j.model, j.node or "-", j.outcome or "running", tokens,
                      _between(j.started_at, j.first_token_at), _between(j.started_at, j.finished_at)))
-    return table(rows)
+    return table(rows, bold)
 
 
 def _between(start: str, end: Optional[str]) -> str:

@@ -370,3 +370,24 @@ def test_the_spinner_spins_on_a_terminal_only():
     with Spinner(pipe, interval=0.01):
         time.sleep(0.05)
     assert pipe.getvalue() == ""
+
+
+def test_colour_on_a_terminal_only_and_never_with_no_color(monkeypatch):
+    import io
+
+    from odla.report import table
+    from odla.terminal import colour_wanted
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert colour_wanted(Tty()) and not colour_wanted(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not colour_wanted(Tty())
+    assert table([("A", "B"), ("1", "2")], bold_heading=True).startswith("\x1b[1mA  B\x1b[0m\n")
+    assert "\x1b" not in table([("A", "B"), ("1", "2")])
+    piped = cli("nodes", "--operator", "http://127.0.0.1:9")  # not a terminal: no colour in the error either
+    assert piped.stderr.startswith("error: ")
+
