@@ -30,7 +30,7 @@ from odla.clientlib import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers,
                             operator_url, receipt, stream_inference, unreachable)
 from odla.config import ConfigError, Settings, load_settings
 from odla.report import jobs_table, nodes_table, table, verbose_stats
-from odla.terminal import Spinner, colour_wanted, is_terminal
+from odla.terminal import Spinner, colour_wanted, is_terminal, width
 
 COMMANDS = {"infer", "chat", "list", "ps", "show", "nodes", "jobs"}
 
@@ -222,7 +222,7 @@ def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json
                                               for m, c in sorted(counts.items())]}, indent=2))
             return
         rows = [("NAME", "NODES", "LOADED ON")] + [(m, str(c), str(loaded[m])) for m, c in sorted(counts.items())]
-        typer.echo(table(rows, colour_wanted()) if counts else "no models: no healthy node has joined")
+        typer.echo(table(rows, colour_wanted(), width()) if counts else "no models: no healthy node has joined")
 
     run(action)
 
@@ -239,7 +239,7 @@ def ps(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt
                                               for m, node, a in rows]}, indent=2))
             return
         heading = ("NAME", "NODE", "NODE'S ACTIVE JOBS")
-        typer.echo(table([heading, *rows], colour_wanted()) if rows else "no model is loaded")
+        typer.echo(table([heading, *rows], colour_wanted(), width()) if rows else "no model is loaded")
 
     run(action)
 
@@ -273,7 +273,7 @@ def nodes(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: Json
     def action() -> None:
         listing = ask(operator, api_key, "GET", "/nodes")
         typer.echo(json.dumps(listing, indent=2) if as_json else
-                   nodes_table(p.NodesResponse.model_validate(listing), bold=colour_wanted()))
+                   nodes_table(p.NodesResponse.model_validate(listing), bold=colour_wanted(), width=width()))
 
     run(action)
 
@@ -294,7 +294,7 @@ def jobs(
         query = {k: v for k, v in (("limit", limit), ("model", model), ("node", node), ("outcome", outcome)) if v}
         listing = ask(operator, api_key, "GET", "/jobs", params=query)
         typer.echo(json.dumps(listing, indent=2) if as_json else
-                   jobs_table(p.JobsResponse.model_validate(listing).jobs, bold=colour_wanted()))
+                   jobs_table(p.JobsResponse.model_validate(listing).jobs, bold=colour_wanted(), width=width()))
 
     run(action)
 

@@ -57,16 +57,20 @@ def verbose_stats(job: JobReceipt) -> str:
     return "\n".join(lines)
 
 
-def table(rows: Sequence[Sequence[str]], bold_heading: bool = False) -> str:
-    """Columns padded to their widest cell; the heading in bold when asked (a terminal with colour)."""
+def table(rows: Sequence[Sequence[str]], bold_heading: bool = False, width: Optional[int] = None) -> str:
+    """Columns padded to their widest cell; the heading in bold when asked (a terminal with colour);
+    lines cut to ``width`` with an ellipsis (a terminal's width; never when piped)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if width is not None and width > 10:
+        lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
     if bold_heading:
         lines[0] = f"\x1b[1m{lines[0]}\x1b[0m"
     return "\n".join(lines)
 
 
-def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bool = False) -> str:
+def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bool = False,
+                width: Optional[int] = None) -> str:
     """The network as a plain-text table."""
     if not listing.nodes:
         return "no nodes registered"
@@ -75,10 +79,11 @@ def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bo
     for n in listing.nodes:
         rows.append((n.node_id, n.url, ", ".join(n.models) or "-", ago(n.last_seen, now),
                      "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total)))
-    return table(rows, bold)
+    return table(rows, bold, width)
 
 
-def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold: bool = False) -> str:
+def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold: bool = False,
+               width: Optional[int] = None) -> str:
     """Receipts as a plain-text table, as listed (newest first)."""
     if not jobs:
         return "no jobs"
@@ -89,7 +94,7 @@ def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold:
             if j.output_tokens is not None else "-"
         rows.append((j.id[:12], ago(j.started_at, now), j.model, j.node or "-", j.outcome or "running", tokens,
                      _between(j.started_at, j.first_token_at), _between(j.started_at, j.finished_at)))
-    return table(rows, bold)
+    return table(rows, bold, width)
 
 
 def _between(start: str, end: Optional[str]) -> str:

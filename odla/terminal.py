@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 from typing import Optional, TextIO
@@ -20,6 +21,11 @@ def is_terminal(stream: TextIO) -> bool:
 def colour_wanted(stream: TextIO = sys.stdout) -> bool:
     """Colour only on a terminal, and never with ``NO_COLOR`` set (https://no-color.org)."""
     return is_terminal(stream) and not os.environ.get("NO_COLOR")
+
+
+def width(stream: TextIO = sys.stdout) -> Optional[int]:
+    """The terminal's width in columns; None when ``stream`` is not a terminal (nothing is cut)."""
+    return shutil.get_terminal_size().columns if is_terminal(stream) else None
 
 
 class Spinner:

@@ -117,6 +117,8 @@ def run_demo() -> int:
     first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--verbose"], cwd=ROOT)
     say("Two prompts at once: each node's Ollama runs one request at a time (OLLAMA_NUM_PARALLEL=1), "
         "so the scheduler gives one to each")
+    for prompt in ("Explain distributed systems", "What is a quorum?"):
+        say(f'python client.py "{prompt}" --model {model} --operator {operator} --show-node &')
     both = [subprocess.Popen([*cli, prompt, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for prompt in ("Explain distributed systems", "What is a quorum?")]

@@ -388,6 +388,8 @@ def test_colour_on_a_terminal_only_and_never_with_no_color(monkeypatch):
     assert not colour_wanted(Tty())
     assert table([("A", "B"), ("1", "2")], bold_heading=True).startswith("\x1b[1mA  B\x1b[0m\n")
     assert "\x1b" not in table([("A", "B"), ("1", "2")])
+    cut = table([("NAME", "MODELS"), ("n1", "x" * 100)], width=40).splitlines()
+    assert len(cut[1]) == 40 and cut[1].endswith("…")  # a terminal's width; never cut when piped
     piped = cli("nodes", "--operator", "http://127.0.0.1:9")  # not a terminal: no colour in the error either
     assert piped.stderr.startswith("error: ")
 
