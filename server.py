@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import sys
+from urllib.parse import urlsplit
 from typing import AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
@@ -138,7 +140,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             await nodes.aclose()
             await receipts.aclose()  # writes the last receipts
 
-    app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused)
+    # With API keys, the API's description is behind them too; /docs and /redoc, which could not
+    # send a key, are off.
+    app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused, docs=not settings.api_keys)
     app.state.registry = registry
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
@@ -158,8 +162,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     job_auth = [Depends(new_job)]
 
-    @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth)
-    async def register(body: p.RegisterRequest, request: Request) -> p.RegisterResponse:
+    # Bodies are read by the endpoints, after the join token is checked: no credentials, no read.
+    @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth,
+              openapi_extra=openapi_body(p.RegisterRequest))
+    async def register(request: Request) -> p.RegisterResponse:
+        body = await read_body(request, p.RegisterRequest, settings)
+        if is_self(body.url, settings):
+            raise ODLAError(f"url {body.url} is this operator's own address, not a node's", 422)
         known = registry.get(body.node_id)
         if known is not None and known.url != body.url and await request.app.state.router.nodes.is_node(known):
             raise ODLAError(f"node id {body.node_id!r} is taken by a live node at {known.url}: give this one "
@@ -176,8 +185,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
         return p.RegisterResponse(node_id=node.node_id, models=node.models)
 
-    @app.post("/deregister", dependencies=node_auth)
-    async def deregister(body: p.DeregisterRequest) -> dict:
+    @app.post("/deregister", dependencies=node_auth, openapi_extra=openapi_body(p.DeregisterRequest))
+    async def deregister(request: Request) -> dict:
+        body = await read_body(request, p.DeregisterRequest, settings)
         known = registry.get(body.node_id)
         if known is None or body.url is not None and body.url != known.url:  # never another node's row
             raise ODLAError(f"unknown node: {body.node_id}" + (f" at {body.url}" if body.url else ""), 404)
@@ -207,7 +217,33 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     app.include_router(doors_router(registry, client_auth, job_auth))
     app.include_router(watch_router(prom, activity, client_auth))
+    if settings.api_keys:
+        @app.get("/openapi.json", dependencies=client_auth, include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
     return app
+
+
+def is_self(url: str, settings: Settings) -> bool:
+    """Would requests to ``url`` reach this operator? (A node registered at the operator's own
+    address would make every job call the operator from itself, without end.)"""
+    parts = urlsplit(url)
+    if parts.port != settings.operator_port and not (parts.port is None and settings.operator_port in (80, 443)):
+        return False
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", settings.operator_host.lower()) or host == urlsplit(settings.operator_url).hostname:
+        return True
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(host)
+        return address.is_loopback or address.is_unspecified or (
+            settings.operator_host in ("0.0.0.0", "::") and host in _own_addresses())
+    return False
+
+
+def _own_addresses() -> set[str]:
+    with contextlib.suppress(OSError):
+        return {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return set()
 
 
 def warn_if_open(settings: Settings) -> None:

@@ -39,7 +39,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     also opens a job's record, for the routes that run a model."""
     api = APIRouter(tags=["Ollama and OpenAI doors"])
 
-    @api.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @api.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
         return "Ollama is running"
 
@@ -62,8 +62,13 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         path = request.url.path
         key, seen, merged = LISTINGS[path], set(), []
         for answer in await _ask_all(request.app.state.router, registry, path):
-            for entry in answer.get(key) or []:
-                name = entry.get("name") or entry.get("id") or entry.get("model")
+            entries = answer.get(key)
+            if not isinstance(entries, list):  # one node's odd answer must not break everyone's listing
+                continue
+            for entry in entries:
+                name = (entry.get("name") or entry.get("id") or entry.get("model")) if isinstance(entry, dict) else None
+                if not isinstance(name, str):
+                    continue
                 if name not in seen:
                     seen.add(name)
                     merged.append(entry)
@@ -115,6 +120,8 @@ def _model_of(body: bytes) -> str:
         data = json.loads(body or b"null")
     except ValueError as exc:
         raise ODLAError(f"invalid JSON: {exc}", 400) from None
+    except RecursionError:
+        raise ODLAError("invalid JSON: nested too deeply", 400) from None
     if not isinstance(data, dict):
         raise ODLAError("request body must be a JSON object", 400)
     model = data.get("model") or data.get("name")

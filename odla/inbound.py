@@ -19,11 +19,13 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(title: str, lifespan: Any, settings: Settings,
-              on_refused: Callable[[str], None] = lambda path: None) -> FastAPI:
+              on_refused: Callable[[str], None] = lambda path: None, docs: bool = True) -> FastAPI:
     """A FastAPI app as the operator and the node both need it: bounded bodies, one error
     table, and no OpenTelemetry hooks (FastAPI's look at the environment on every request).
-    ``on_refused(path)`` hears of a request refused before routing (its body is too large)."""
-    app = FastAPI(title=title, lifespan=lifespan,
+    ``on_refused(path)`` hears of a request refused before routing (its body is too large).
+    Without ``docs``, no /docs, /redoc or /openapi.json (a locked operator serves its own)."""
+    pages = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title=title, lifespan=lifespan, **pages,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refused=on_refused)
     install_error_handlers(app)

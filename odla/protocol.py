@@ -25,7 +25,30 @@ JOB_HEADER = "x-odla-job"
 "Every job's answer names its id here (``GET /jobs/{id}``); the operator tells its node the same way."
 
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True)]
+# No control characters: a name is written into log lines, which it must not be able to forge.
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True,
+                                             pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def node_url(value: str) -> str:
+    """A node's base URL as the operator will use it: ``http(s)://host[:port][/base]``, nothing else
+    (no query, fragment or credentials, a real port, an ASCII host); ValueError otherwise."""
+    from urllib.parse import urlsplit  # noqa: PLC0415 - only for registrations
+
+    text = value.strip().rstrip("/")
+    try:
+        text.encode("ascii")
+        parts = urlsplit(text)
+        port = parts.port  # raises for :99999 or :8x
+    except (UnicodeEncodeError, ValueError):
+        raise ValueError("url must be an http:// or https:// URL with an ASCII host and a port 1-65535") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+        raise ValueError("url must be an http:// or https:// URL")
+    if parts.query or parts.fragment or "@" in parts.netloc or "?" in text or "#" in text:
+        raise ValueError("url must be scheme://host:port with an optional base path: no query, fragment or user")
+    if port == 0:
+        raise ValueError("url must have a port 1-65535")
+    return text
 
 
 class _Body(BaseModel):
@@ -63,11 +86,7 @@ class RegisterRequest(_Body):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme.lower() not in ("http", "https") or not rest or any(c.isspace() for c in rest):
-            raise ValueError("url must be an http:// or https:// URL")
-        return value
+        return node_url(value)
 
 
 class RegisterResponse(BaseModel):

@@ -88,8 +88,8 @@ class Router:
             self.failed(node)
             failures.append((node, 503, "not reachable"))
             return None
-        if resp.status not in RETRY_ELSEWHERE and resp.status < 500:
-            return resp
+        if resp.status == 200 or 400 <= resp.status < 500 and resp.status not in RETRY_ELSEWHERE:
+            return resp  # an answer, or the request's own fault; 1xx, 204, 3xx or 5xx: the node's
         node.outcome(False, self.registry.clock())
         try:
             message = message_of(await self.nodes.read(resp), resp.status)

@@ -121,6 +121,7 @@ def test_a_known_mix_is_counted_exactly_and_receipts_survive_a_restart(net):
         assert json.loads(next(lines))["token"]  # one token, then the client leaves
         sent[resp.headers[p.JOB_HEADER]] = "client_cancel"
 
+    wait_for(lambda: all(n["active_jobs"] == 0 for n in net.listing().values()))  # the one that left has ended
     httpx.post(f"{sim}/_sim/config", json={"delay": 0.0, "hold_last": True})
     cli = subprocess.Popen([sys.executable, "client.py", "held", "--model", "llama3", "--operator", net.op_url],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,119 @@
+"""Hostile input and hostile nodes (issue 15): each finding fixed so far, over real sockets."""
+
+import socket
+
+import httpx
+import pytest
+
+import server as operator_app
+from tests.fakes import RawNode
+from tests.helpers import bound_socket, free_port, infer, node_ids, settings, wait_for
+
+TOKEN = "join-s3cret"
+
+
+def test_no_join_token_no_body_read(operator):
+    """Credentials before the body: a caller without the token is refused before sending it."""
+    op = operator(join_token=TOKEN)
+    host, port = op.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 3000000\r\n\r\n" + b" " * 1000)  # 3 MB announced, 1 kB sent
+        s.settimeout(2)
+        answer = s.recv(4096)  # before the other 2,999,000 bytes: nothing waits for them
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8001/api/generate?x=", "http://127.0.0.1:8001#frag", "http://user:pw@127.0.0.1:8001",
+    "http://127.0.0.1:99999", "http://127.0.0.1:8x", "http://[::1", "http://nodé.example:8001", "http://h:0",
+])
+def test_a_node_url_is_scheme_host_port_and_a_base_path_only(operator, url):
+    op = operator()
+    resp = httpx.post(f"{op.url}/register", json={"node_id": "n1", "url": url, "models": ["llama3"]})
+    assert resp.status_code == 422 and "url" in resp.json()["error"], resp.text
+    assert node_ids(op.url) == set()
+
+
+def test_a_node_cannot_be_registered_at_the_operators_own_address(start):
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    op = start(operator_app.create_app(settings(operator_port=port)), sock)
+    for url in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/base", f"http://0.0.0.0:{port}"):
+        resp = httpx.post(f"{op.url}/register", json={"node_id": "loop", "url": url, "models": ["llama3"]})
+        assert resp.status_code == 422 and "own address" in resp.json()["error"], url
+    assert node_ids(op.url) == set()
+    assert httpx.post(f"{op.url}/register", json={"node_id": "ok", "url": f"http://127.0.0.1:{free_port()}",
+                                                    "models": ["llama3"]}).status_code == 200
+
+
+def test_names_with_control_characters_are_refused(operator):
+    op = operator()
+    for models in (["llama3\nFAKE LOG LINE"], ["a\x1b[2Jb"], ["x\x00"]):
+        resp = httpx.post(f"{op.url}/register", json={"node_id": "n1", "url": "http://127.0.0.1:9", "models": models})
+        assert resp.status_code == 422, models
+    assert infer(op.url, model="llama3\r\nX: y")[0] == 422
+
+
+@pytest.mark.parametrize("status", [101, 204, 304])
+def test_a_nodes_odd_status_is_its_failure_not_the_clients_answer(operator, start, status):
+    async def odd(first, reader, writer):
+        writer.write(b"HTTP/1.1 %d Odd\r\nContent-Length: 0\r\n\r\n" % status)
+        await writer.drain()
+        writer.close()
+
+    op = operator(health_check_interval=60)
+    with RawNode(odd) as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "odd", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        code, body = infer(op.url)
+    assert code == 502 and "odd" in body[0]["error"] and body[0]["done"] is True
+
+
+def test_deeply_nested_json_on_the_doors_is_400_in_the_doors_shape(operator):
+    op = operator()
+    deep = b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/api/generate", "/api/chat", "/v1/chat/completions"):
+        resp = httpx.post(f"{op.url}{path}", content=deep)
+        assert resp.status_code == 400, (path, resp.status_code)
+        error = resp.json()["error"]
+        assert "nested" in (error["message"] if isinstance(error, dict) else error)
+
+
+def test_one_nodes_malformed_listing_does_not_break_everyones(sim, operator, node, start):
+    from fastapi import FastAPI
+
+    op = operator()
+    node(op.url, sim.url, "good")
+    bad = FastAPI()
+
+    @bad.get("/ollama/api/tags")
+    async def tags() -> list:
+        return [1, 2]
+
+    @bad.get("/ollama/api/ps")
+    async def ps() -> dict:
+        return {"models": [1, {"name": 5}, "x"]}
+
+    @bad.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "node_id": "bad", "models": ["llama3:latest"]}
+
+    srv = start(bad)
+    assert httpx.post(f"{op.url}/register", json={"node_id": "bad", "url": srv.url,
+                                                  "models": ["llama3:latest"]}).status_code == 200
+    wait_for(lambda: node_ids(op.url) == {"good", "bad"})
+    for path in ("/api/tags", "/api/ps", "/v1/models"):
+        resp = httpx.get(f"{op.url}{path}")
+        assert resp.status_code == 200, (path, resp.text)
+    assert "llama3:latest" in {m["name"] for m in httpx.get(f"{op.url}/api/tags").json()["models"]}
+
+
+def test_with_api_keys_the_api_description_is_behind_them_too(operator):
+    locked = operator(api_keys=["k"])
+    assert httpx.get(f"{locked.url}/openapi.json").status_code == 401
+    assert httpx.get(f"{locked.url}/openapi.json", headers={"authorization": "Bearer k"}).json()["paths"]
+    for page in ("/docs", "/redoc"):
+        assert httpx.get(f"{locked.url}{page}").status_code == 404
+    open_ = operator()
+    assert httpx.get(f"{open_.url}/openapi.json").status_code == 200 and httpx.get(f"{open_.url}/docs").status_code == 200
