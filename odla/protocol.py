@@ -173,9 +173,10 @@ class HealthResponse(BaseModel):
     """Answer to a node's ``GET /health``."""
 
     status: Literal["healthy", "unhealthy"]
-    node_id: str
-    models: list[str]
-    error: Optional[str] = None
+    node_id: str = Field(max_length=128)
+    models: list[ModelName] = Field(max_length=4096)
+    "Bounded like a registration's: a node cannot make the operator hold millions of names."
+    error: Optional[str] = Field(None, max_length=4096)
 
 
 class ModelsResponse(BaseModel):

@@ -180,6 +180,10 @@ class Router:
         node.outcome(job.error is None, self.registry.clock())
 
 
+MAX_LINE = 1 << 20
+"The longest line a node's /run stream may send (a token is a few bytes; its final line a few hundred)."
+
+
 class _Lines:
     """A node's ``/run`` stream, passed on whole lines at a time, its final line noted."""
 
@@ -194,6 +198,8 @@ class _Lines:
             chunk = self.partial + chunk
         end = chunk.rfind(b"\n") + 1
         chunk, self.partial = (chunk[:end], chunk[end:]) if end < len(chunk) else (chunk, b"")
+        if len(self.partial) > MAX_LINE:  # a node that never ends its line must not fill memory
+            raise StreamBroken(f"node sent a line longer than {MAX_LINE} bytes")
         if not chunk:
             return chunk
         start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1

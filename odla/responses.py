@@ -270,7 +270,7 @@ class LineStream(StreamingResponse):
 class _Buffer:
     """What the body produced and the client has not been sent yet, bounded."""
 
-    LIMIT = 1 << 20
+    LIMIT = 64 << 10  # tens of KiB beyond the socket buffers: back-pressure reaches the node, not memory
 
     def __init__(self) -> None:
         self.pieces: list[bytes] = []

@@ -1,6 +1,8 @@
 """Hostile input and hostile nodes (issue 15): each finding fixed so far, over real sockets."""
 
+import asyncio
 import socket
+import time
 
 import httpx
 import pytest
@@ -117,3 +119,41 @@ def test_with_api_keys_the_api_description_is_behind_them_too(operator):
         assert httpx.get(f"{locked.url}{page}").status_code == 404
     open_ = operator()
     assert httpx.get(f"{open_.url}/openapi.json").status_code == 200 and httpx.get(f"{open_.url}/docs").status_code == 200
+
+
+def test_a_line_without_end_is_cut_with_an_error_line_not_held(operator):
+    async def endless_line(first, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b'{"token": "' + b"x" * 65536
+        for _ in range(40):  # 2.6 MB, no newline
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            piece = b"x" * 65536
+        await asyncio.sleep(5)
+
+    op = operator(health_check_interval=60)
+    with RawNode(endless_line) as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "long", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        began = time.monotonic()
+        code, lines = infer(op.url)
+    assert code == 200 and lines == [{"error": "node sent a line longer than 1048576 bytes", "done": True}]
+    assert time.monotonic() - began < 4
+
+
+def test_a_nodes_health_answer_is_bounded(operator, start):
+    from fastapi import FastAPI
+
+    op = operator(health_check_interval=0.3)
+    flood = FastAPI()
+
+    @flood.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "node_id": "flood", "models": [f"m{i}" for i in range(5000)]}
+
+    srv = start(flood)
+    assert httpx.post(f"{op.url}/register", json={"node_id": "flood", "url": srv.url,
+                                                  "models": ["llama3:latest"]}).status_code == 200
+    # 5,000 names is not a node's health answer: it is not taken, and the node is not counted healthy
+    wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False, timeout=5)
+    assert httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"] == ["llama3:latest"]
