@@ -329,7 +329,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
             yield
 
-    app = build_app("ODLA node agent", lifespan, settings)
+    app = build_app("ODLA node agent", lifespan, settings, listen_host=settings.node_host)
     operator_only = [Depends(join_token_dependency(settings.join_token))]
 
     # async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request

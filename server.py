@@ -142,7 +142,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
 
     # With API keys, the API's description is behind them too; /docs and /redoc, which could not
     # send a key, are off.
-    app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused, docs=not settings.api_keys)
+    app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused, docs=not settings.api_keys,
+                    listen_host=settings.operator_host)
     app.state.registry = registry
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]

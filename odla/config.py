@@ -38,7 +38,8 @@ ENV_KEYS: dict[str, str] = {
 
 # What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
 # does not stop the client. Keys outside every role are still errors.
-SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars"}
+SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars",
+          "allowed_hosts", "allowed_origins"}
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
@@ -90,6 +91,10 @@ class Settings(BaseModel):
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
     queue_timeout: float = Field(300, gt=0)
     "Seconds a job waits for a free slot before 504."
+    allowed_hosts: Optional[list[str]] = None
+    "Host names a request may be addressed to; default: any, or only localhost's when listening on loopback."
+    allowed_origins: list[str] = Field(default_factory=list)
+    "Web origins (https://app.example) whose pages may call the API from a browser; the dashboard is same-origin."
     jobs_db: str = Field("jobs.db", min_length=1)
     "The operator's SQLite file of job receipts; a relative path is next to the config file; ``:memory:`` keeps none."
     jobs_keep_days: float = Field(30, gt=0)

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from typing import Any, Callable, Type, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,7 +22,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(title: str, lifespan: Any, settings: Settings,
-              on_refused: Callable[[str], None] = lambda path: None, docs: bool = True) -> FastAPI:
+              on_refused: Callable[[str], None] = lambda path: None, docs: bool = True,
+              listen_host: str = "0.0.0.0") -> FastAPI:
     """A FastAPI app as the operator and the node both need it: bounded bodies, one error
     table, and no OpenTelemetry hooks (FastAPI's look at the environment on every request).
     ``on_refused(path)`` hears of a request refused before routing (its body is too large).
@@ -28,8 +32,51 @@ def build_app(title: str, lifespan: Any, settings: Settings,
     app = FastAPI(title=title, lifespan=lifespan, **pages,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_refused=on_refused)
+    # DNS rebinding: a web page must not reach a loopback listener under its own name, nor read
+    # or write across origins (the outermost checks: nothing else runs for such a request).
+    app.add_middleware(OriginCheck, allowed=settings.allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings, listen_host))
     install_error_handlers(app)
     return app
+
+
+LOCAL_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+
+def allowed_hosts(settings: Settings, listen_host: str) -> list[str]:
+    """``allowed_hosts`` as set; unset, only localhost's names on a loopback listener, else any,
+    as Ollama does (OLLAMA_HOST=127.0.0.1 answers only to them)."""
+    if settings.allowed_hosts is not None:
+        return settings.allowed_hosts
+    loopback = listen_host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(listen_host).is_loopback
+    return LOCAL_NAMES if loopback else ["*"]
+
+
+class OriginCheck:
+    """ASGI middleware: 403 for a browser request from another web origin (its ``Origin`` header
+    names neither this server nor one of ``allowed``). Requests without ``Origin`` (curl, the
+    SDKs, nodes, the dashboard's own GETs) pass."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = {o.rstrip("/").lower() for o in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
+            if origin is not None and not self._same(origin.decode("latin-1").lower(), scope):
+                await shape_for(scope["path"]).error(ODLAError("cross-origin request refused (allowed_origins)",
+                                                               403))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _same(self, origin: str, scope: Scope) -> bool:
+        if origin in self.allowed or "*" in self.allowed:
+            return True
+        host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1").lower()
+        return origin in (f"http://{host}", f"https://{host}")
 
 
 class BodyLimit:

@@ -51,6 +51,9 @@ def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> 
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # Listening before the app starts: a node registers during its start-up, and a job sent
+        # to it at once waits in the backlog until it serves, rather than being refused.
+        sock.listen(2048)
     except OSError as exc:
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)

@@ -19,7 +19,7 @@ def test_no_join_token_no_body_read(operator):
     op = operator(join_token=TOKEN)
     host, port = op.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 3000000\r\n\r\n" + b" " * 1000)  # 3 MB announced, 1 kB sent
         s.settimeout(2)
         answer = s.recv(4096)  # before the other 2,999,000 bytes: nothing waits for them
@@ -157,3 +157,29 @@ def test_a_nodes_health_answer_is_bounded(operator, start):
     # 5,000 names is not a node's health answer: it is not taken, and the node is not counted healthy
     wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False, timeout=5)
     assert httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"] == ["llama3:latest"]
+
+
+def test_dns_rebinding_a_loopback_operator_answers_only_to_its_own_names(operator):
+    op = operator()  # listening on 127.0.0.1, as the tests' operators do
+    port = op.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "attacker.127.0.0.1.nip.io"):
+        assert httpx.get(f"{op.url}/nodes", headers={"host": host}).status_code == 400, host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(f"{op.url}/nodes", headers={"host": host}).status_code == 200, host
+    named = operator(allowed_hosts=["odla.lan"])
+    assert httpx.get(f"{named.url}/nodes", headers={"host": "odla.lan"}).status_code == 200
+    assert httpx.get(f"{named.url}/nodes").status_code == 400  # only what is listed
+
+
+def test_a_page_from_another_origin_cannot_call_the_api(operator):
+    op = operator()
+    evil = {"origin": "http://evil.example"}
+    resp = httpx.post(f"{op.url}/register", headers=evil,
+                      json={"node_id": "spy", "url": "http://127.0.0.1:9", "models": ["llama3"]})
+    assert resp.status_code == 403 and "cross-origin" in resp.json()["error"]
+    assert httpx.get(f"{op.url}/nodes", headers=evil).status_code == 403
+    assert httpx.post(f"{op.url}/api/generate", headers=evil, json={"model": "x"}).json()["error"].startswith("cross")
+    assert httpx.get(f"{op.url}/nodes", headers={"origin": op.url}).status_code == 200  # the dashboard, same-origin
+    friendly = operator(allowed_origins=["https://app.example"])
+    assert httpx.get(f"{friendly.url}/nodes", headers={"origin": "https://app.example"}).status_code == 200
+    assert httpx.get(f"{friendly.url}/nodes", headers=evil).status_code == 403

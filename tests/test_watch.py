@@ -123,10 +123,10 @@ def test_a_known_mix_is_counted_exactly_and_receipts_survive_a_restart(net):
 
     wait_for(lambda: all(n["active_jobs"] == 0 for n in net.listing().values()))  # the one that left has ended
     httpx.post(f"{sim}/_sim/config", json={"delay": 0.0, "hold_last": True})
-    cli = subprocess.Popen([sys.executable, "client.py", "held", "--model", "llama3", "--operator", net.op_url],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen([sys.executable, "client.py", "held", "--model", "llama3", "--operator", net.op_url,
+                            "--show-node"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        busy = wait_for(lambda: [i for i, n in net.listing().items() if n["active_jobs"] == 1])
+        busy = [cli.stderr.readline().strip().removeprefix("[node ").removesuffix("]")]  # the node serving it
         net.nodes[busy[0]].send_signal(signal.SIGKILL)
         out, err = cli.communicate(timeout=15)
         assert cli.returncode == 1 and "failed mid-stream" in err
