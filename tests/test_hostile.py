@@ -183,3 +183,20 @@ def test_a_page_from_another_origin_cannot_call_the_api(operator):
     friendly = operator(allowed_origins=["https://app.example"])
     assert httpx.get(f"{friendly.url}/nodes", headers={"origin": "https://app.example"}).status_code == 200
     assert httpx.get(f"{friendly.url}/nodes", headers=evil).status_code == 403
+
+
+def test_a_nodes_response_headers_are_bounded(operator):
+    """Finding 7 was the hand-written client's; aiohttp's defaults (128 headers of 8 KiB) hold it. Kept."""
+    async def many_headers(first, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(5000))
+                     + b"Content-Length: 0\r\n\r\n")  # 5 MB of headers
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    op = operator(health_check_interval=60)
+    with RawNode(many_headers) as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "heavy", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        code, body = infer(op.url)
+    assert code == 503 and "heavy" in body[0]["error"]  # refused as the node's failure, not held
+
