@@ -50,6 +50,7 @@ from odla.responses import STREAM_RESPONSES, LineStream
 from odla.watch import watch_router
 
 log = logging.getLogger("odla.operator")
+CONCURRENT_CHECKS = 256
 
 
 class HealthChecker:
@@ -63,7 +64,7 @@ class HealthChecker:
         self.settings = settings
         self.on_unreachable = on_unreachable
         self.on_healthy = on_healthy
-        self.rechecks: set[asyncio.Task] = set()
+        self.rechecks: dict[str, asyncio.Task] = {}  # by node id: one pending recheck per node, found at once
 
     async def run(self) -> None:
         try:
@@ -71,24 +72,30 @@ class HealthChecker:
                 await asyncio.sleep(self.settings.health_check_interval)
                 await self.check_all()
         finally:
-            for task in self.rechecks:
+            for task in list(self.rechecks.values()):
                 task.cancel()
 
     def suspect(self, node: Node) -> None:
         """A job could not reach the node: check it again soon, not only at the next round."""
-        if any(task.get_name() == node.node_id for task in self.rechecks):
+        if node.node_id in self.rechecks:
             return
-        task = asyncio.create_task(self._recheck(node), name=node.node_id)
-        self.rechecks.add(task)
-        task.add_done_callback(self.rechecks.discard)
+        task = self.rechecks[node.node_id] = asyncio.create_task(self._recheck(node), name=node.node_id)
+        task.add_done_callback(lambda _: self.rechecks.pop(node.node_id, None))
 
     async def _recheck(self, node: Node) -> None:
         await asyncio.sleep(min(1.0, self.settings.health_check_interval))
         await self.check(node)
 
     async def check_all(self) -> None:
-        results = await asyncio.gather(*(self.check(node) for node in self.registry.nodes()),
-                                       return_exceptions=True)
+        """Every node, at most ``CONCURRENT_CHECKS`` at a time: thousands of nodes cost bounded
+        sockets and memory, and the event loop keeps serving in between."""
+        room = asyncio.Semaphore(CONCURRENT_CHECKS)
+
+        async def bounded(node: Node) -> None:
+            async with room:
+                await self.check(node)
+
+        results = await asyncio.gather(*(bounded(node) for node in self.registry.nodes()), return_exceptions=True)
         for error in (r for r in results if isinstance(r, Exception)):  # the loop outlives a bad check
             log.error("health check failed unexpectedly", exc_info=error)
         for node_id in self.registry.prune():
@@ -171,6 +178,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         if is_self(body.url, settings):
             raise ODLAError(f"url {body.url} is this operator's own address, not a node's", 422)
         known = registry.get(body.node_id)
+        if known is None and len(registry) >= settings.max_nodes:
+            raise ODLAError(f"the network is full: {settings.max_nodes} nodes are registered (max_nodes)", 503)
         if known is not None and known.url != body.url and await request.app.state.router.nodes.is_node(known):
             raise ODLAError(f"node id {body.node_id!r} is taken by a live node at {known.url}: give this one "
                             "another NODE_ID", 409)

@@ -43,7 +43,7 @@ SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout"
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
-                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days"},
+                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval"},
 }
@@ -87,6 +87,8 @@ class Settings(BaseModel):
     api_keys: list[str] = Field(default_factory=list, repr=False)
     "When non-empty, clients must send one as ``Authorization: Bearer``."
     log_level: str = "info"
+    max_nodes: int = Field(1000, ge=1)
+    "Nodes the operator keeps at once; a new one past it gets 503."
     max_queue: int = Field(512, ge=0)
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
     queue_timeout: float = Field(300, gt=0)

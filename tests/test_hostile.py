@@ -200,3 +200,42 @@ def test_a_nodes_response_headers_are_bounded(operator):
         code, body = infer(op.url)
     assert code == 503 and "heavy" in body[0]["error"]  # refused as the node's failure, not held
 
+
+
+def test_the_registry_is_bounded(operator):
+    op = operator(max_nodes=2)
+    def reg(name):
+        return httpx.post(f"{op.url}/register", json={"node_id": name, "url": f"http://127.0.0.1:{free_port()}",
+                                                      "models": ["llama3"]})
+    assert reg("n1").status_code == 200 and reg("n2").status_code == 200
+    full = reg("n3")
+    assert full.status_code == 503 and "max_nodes" in full.json()["error"]
+    assert httpx.post(f"{op.url}/register", json={"node_id": "n1", "url": f"http://127.0.0.1:{free_port()}",
+                                                  "models": ["llama3"]}).status_code in (200, 409)
+
+
+def test_two_thousand_dead_nodes_do_not_stall_the_operator(operator):
+    op = operator(health_check_interval=2, max_nodes=5000)
+    dead = free_port()  # nothing listens there
+    with httpx.Client(base_url=op.url) as http:
+        for i in range(2000):
+            assert http.post("/register", json={"node_id": f"d{i}", "url": f"http://127.0.0.1:{dead}",
+                                                "models": ["llama3"]}).status_code == 200
+    slowest = 0.0
+    done = []
+
+    def run_one() -> None:
+        done.append(infer(op.url)[0])
+
+    import threading
+    job = threading.Thread(target=run_one)
+    job.start()
+    while job.is_alive():  # the operator keeps answering while one job fails over and the checks run
+        began = time.monotonic()
+        assert httpx.get(f"{op.url}/health", timeout=10).status_code == 200
+        slowest = max(slowest, time.monotonic() - began)
+        time.sleep(0.05)
+    job.join()
+    assert done[0] in (502, 503)
+    wait_for(lambda: not any(n["healthy"] for n in httpx.get(f"{op.url}/nodes").json()["nodes"]), timeout=10)
+    assert slowest < 1.0, slowest
