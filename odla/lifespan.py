@@ -9,6 +9,7 @@ import sys
 from typing import Any, AsyncIterator, Coroutine
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 @contextlib.asynccontextmanager
@@ -41,6 +42,17 @@ def freeze_gc() -> None:
     gc.freeze()
 
 
+class FirstRequestTimeout(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, with its keep-alive timeout running from the moment a connection
+    opens and not only between requests: a connection that never sends a byte (half-open, or held
+    to use up the descriptors) is closed after ``timeout_keep_alive``, like an idle one. uvicorn
+    cancels the timer when data arrives, as it does between requests."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
 def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> None:
     """Bind ``host:port`` first, then start the app on it: a port that is taken ends the process
     with a clear message before the app starts (a node must not register, or deregister a running
@@ -58,7 +70,7 @@ def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> 
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            **uvicorn_options)
+                            http=FirstRequestTimeout, **uvicorn_options)
     server = uvicorn.Server(config)
     freeze_gc()
     server.run(sockets=[sock])

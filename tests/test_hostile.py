@@ -239,3 +239,24 @@ def test_two_thousand_dead_nodes_do_not_stall_the_operator(operator):
     assert done[0] in (502, 503)
     wait_for(lambda: not any(n["healthy"] for n in httpx.get(f"{op.url}/nodes").json()["nodes"]), timeout=10)
     assert slowest < 1.0, slowest
+
+
+def test_connections_that_never_send_a_request_are_closed(net):
+    """Half-open connections (finding 11): closed after timeout_keep_alive (5 s), not held for ever."""
+    net.operator()
+    host, port = "127.0.0.1", net.op_port
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(200)]
+    try:
+        time.sleep(6.5)
+        closed = 0
+        for s in idle:
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(idle)
+        assert httpx.get(f"{net.op_url}/health").status_code == 200  # and the operator serves on
+    finally:
+        for s in idle:
+            s.close()
