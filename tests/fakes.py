@@ -112,8 +112,15 @@ class RawNode:
                     if not self.healthy:
                         await asyncio.Future()  # never answers
                     body = p.HealthResponse(status="healthy", node_id="raw", models=self.models).model_dump_json()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (len(body), body.encode()))
+                    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                              % (len(body), body.encode()))
+                    if self.healthy == "drip":  # a byte every half second: each read is quick, the whole is not
+                        for i in range(len(answer)):
+                            writer.write(answer[i:i + 1])
+                            await writer.drain()
+                            await asyncio.sleep(0.5)
+                    else:
+                        writer.write(answer)
                 elif not await self.script(first, reader, writer):
                     return
                 await writer.drain()

@@ -260,3 +260,19 @@ def test_connections_that_never_send_a_request_are_closed(net):
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_node_dripping_its_health_answer_fails_its_check_in_time(operator, start):
+    """Finding 8: a health check has a total deadline (health_check_timeout), not a per-read one."""
+    op = operator(health_check_interval=0.5, health_check_timeout=1, prune_after=30)
+
+    async def unused(first, reader, writer):
+        return False
+
+    with RawNode(unused, healthy="drip") as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "drip", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        began = time.monotonic()
+        wait_for(lambda: httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is False, timeout=5)
+        assert time.monotonic() - began < 3  # an interval and one timeout, not the minutes the drip takes
+
