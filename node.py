@@ -16,7 +16,6 @@ deregisters on shutdown.
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import socket
@@ -38,6 +37,7 @@ from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
+from odla.names import model_named
 from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
 from odla.usage import Tail, Usage
 
@@ -258,7 +258,12 @@ class Node:
         except httpx.HTTPError as exc:
             raise ollama_failure(exc, self.settings.ollama_host) from exc
         media = resp.headers.get("content-type", "application/json")
-        job = (job_id, _model_of(body)) if method == "POST" and resp.status_code == 200 else None
+        job = None
+        if method == "POST" and resp.status_code == 200:  # a job: its log line names the model, if it can
+            try:
+                job = (job_id, model_named(body))
+            except ValueError:
+                job = (job_id, "")
         return Opened(self.ollama_body(resp, job), resp.status_code, media)
 
     async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None) -> AsyncIterator[bytes]:
@@ -287,15 +292,6 @@ def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcom
     speed = (f", {usage.output_tokens / (usage.eval_duration / 1e9):.1f} tok/s"
              if usage.output_tokens and usage.eval_duration else "")
     return f"job {job_id or '-'} {model or '?'}: {' + '.join(counts) or 'no'} tokens{speed}, {outcome}"
-
-
-def _model_of(body: bytes) -> str:
-    try:
-        data = json.loads(body or b"null")
-    except ValueError:
-        return ""
-    model = data.get("model") or data.get("name") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else ""
 
 
 def _describe_http_error(exc: httpx.HTTPError) -> str:

@@ -21,6 +21,7 @@ gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -250,10 +251,12 @@ def is_self(url: str, settings: Settings) -> bool:
     return False
 
 
-def _own_addresses() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _own_addresses() -> frozenset[str]:
+    """This host's addresses, looked up once (a blocking lookup: not again on each registration)."""
     with contextlib.suppress(OSError):
-        return {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
-    return set()
+        return frozenset(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None))
+    return frozenset()
 
 
 def warn_if_open(settings: Settings) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import httpx
 
+from .errors import error_in
 from .protocol import JOB_HEADER, JobReceipt
 from .report import verbose_stats
 from .terminal import Spinner, is_terminal
@@ -52,7 +53,7 @@ async def ask(operator: str, headers: dict[str, str], body: dict[str, Any],
         async with http.stream("POST", "/api/chat", json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
-                raise ChatError(_error_of(resp))
+                raise ChatError(error_in(resp.content) or resp.text.strip() or f"HTTP {resp.status_code}")
             answer.job_id, answer.node = resp.headers.get(JOB_HEADER, ""), resp.headers.get("x-odla-node", "")
             async for line in resp.aiter_lines():
                 if not line.strip():
@@ -71,16 +72,6 @@ async def ask(operator: str, headers: dict[str, str], body: dict[str, Any],
                     answer.final = data
                     return answer
     raise ChatError("the answer ended before Ollama's final message")
-
-
-def _error_of(resp: httpx.Response) -> str:
-    try:
-        error = resp.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict):
-        error = error.get("message")
-    return str(error or resp.text.strip() or f"HTTP {resp.status_code}")
 
 
 def run_chat(operator: str, headers: dict[str, str], model: str, extras: dict[str, Any],

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import protocol as p
+from .errors import error_in
 from .streaming import StreamError, tokens
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -54,21 +55,14 @@ def auth_headers(api_key: Optional[str]) -> dict[str, str]:
 
 def refused(resp: httpx.Response, operator: str) -> Failure:
     """What a refusal means, in the user's terms."""
-    resp.read()
-    try:
-        body = resp.json()
-        message = body.get("error") if isinstance(body, dict) else None
-    except ValueError:
-        body, message = None, None
-    if isinstance(message, dict):
-        message = message.get("message")
-    if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and not (isinstance(body, dict) and "error" in body):
+    message = error_in(resp.read())
+    if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and message is None:
         return Failure(f"{operator} is not an ODLA operator (it answered {resp.status_code} "
                        f"{resp.text.strip()[:60]!r}); point --operator or ODLA_OPERATOR_URL at one", EXIT_USAGE)
     if resp.status_code == 401:
         return Failure(f"{message or 'an API key is needed'}: pass --api-key KEY or set ODLA_API_KEY")
     message = message or resp.text.strip() or f"HTTP {resp.status_code}"
-    return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else str(message))
+    return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
 
 
 def unreachable(operator: str, exc: httpx.HTTPError) -> Failure:

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .errors import NoNodeError, ODLAError, shape_for
+from .names import model_named
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
 from .jobs import JOB_PATHS, Job
@@ -115,19 +116,11 @@ async def _ask(router: Router, node: Node, path: str) -> Optional[dict]:
 
 
 def _model_of(body: bytes) -> str:
-    """The ``model`` (or ``/api/show``'s older ``name``) a request names; 400 like Ollama when none."""
+    """The model a request names; 400 like Ollama when none."""
     try:
-        data = json.loads(body or b"null")
+        return model_named(body)
     except ValueError as exc:
-        raise ODLAError(f"invalid JSON: {exc}", 400) from None
-    except RecursionError:
-        raise ODLAError("invalid JSON: nested too deeply", 400) from None
-    if not isinstance(data, dict):
-        raise ODLAError("request body must be a JSON object", 400)
-    model = data.get("model") or data.get("name")
-    if not isinstance(model, str) or not model.strip():
-        raise ODLAError("model is required", 400)
-    return model
+        raise ODLAError(str(exc), 400) from None
 
 
 def _version_key(version: str) -> tuple:

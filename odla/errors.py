@@ -134,13 +134,18 @@ def error_response(exc: ODLAError, path: str) -> Response:
 
 def message_of(body: bytes, status_code: int) -> str:
     """The message in an error body of any of the three shapes."""
+    return error_in(body) or f"HTTP {status_code}"
+
+
+def error_in(body: bytes) -> Optional[str]:
+    """The ``error`` of a body in any of the three shapes (OpenAI's: its ``message``); None without one."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        error = None
+        return None
     if isinstance(error, dict):
         error = error.get("message")
-    return str(error) if error else f"HTTP {status_code}"
+    return None if error is None else str(error)
 
 
 def invalid_body(errors: Sequence[Any]) -> ODLAError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 DEFAULT_HOST = "registry.ollama.ai/"
 DEFAULT_NAMESPACE = "library/"
 DEFAULT_TAG = "latest"
@@ -33,3 +35,20 @@ def display_name(name: str) -> str:
     if ":" not in shown.rsplit("/", 1)[-1]:
         shown = f"{shown}:{DEFAULT_TAG}"
     return shown
+
+
+def model_named(body: bytes) -> str:
+    """The ``model`` (or ``/api/show``'s older ``name``) an Ollama API request names;
+    ``ValueError`` saying why when it names none."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError("request body must be a JSON object")
+    model = data.get("model") or data.get("name")
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("model is required")
+    return model

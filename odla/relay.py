@@ -52,7 +52,7 @@ class Router:
         return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id},
                       gathered=True)
 
-    async def open(self, model: str, method: str, path: str, body: bytes, job: Optional[Job] = None,
+    async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
                    place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it.
 
@@ -61,22 +61,20 @@ class Router:
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
-        caller = job.caller if job is not None else ""
         while True:
-            claim = await self.scheduler.claim(model, caller, [node.node_id for node, _, _ in failures], place)
+            claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
-            if claim.waited and job is not None:
+            if claim.waited:
                 job.queue_wait = (job.queue_wait or 0.0) + claim.waited
             resp = None
             try:
-                resp = await self._try(claim.node, method, path, body, failures, job.id if job is not None else "")
+                resp = await self._try(claim.node, method, path, body, failures, job.id)
             finally:
                 if resp is None:  # refused, unreachable, or the client left
                     claim.release()
             if resp is not None:
-                if job is not None:
-                    job.node, job.failovers = claim.node.node_id, len(failures)
+                job.node, job.failovers = claim.node.node_id, len(failures)
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
@@ -134,8 +132,8 @@ class Router:
             resp.close()
         return len(streams)
 
-    async def relay(self, claim: Claim, resp: ClientResponse, protocol: bool = True,
-                    job: Optional[Job] = None) -> AsyncIterator[bytes]:
+    async def relay(self, claim: Claim, resp: ClientResponse, job: Job,
+                    protocol: bool = True) -> AsyncIterator[bytes]:
         """The node's body as it arrives; raises ``StreamBroken`` if it broke off. Releases the claim.
 
         With ``protocol`` (ODLA's JSON lines, from ``/run``): whole lines only (the start of
@@ -144,7 +142,6 @@ class Router:
         door: Ollama's own answer) byte for byte, its end read for Ollama's counts and for
         an error it ended with.
         """
-        job = job if job is not None else Job(door="")
         node = claim.node
         node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
         streams = self.streams.setdefault(node.node_id, set())
