@@ -375,7 +375,8 @@ def main() -> None:
     setup_logging(settings.log_level)
     tune_gc()
     log.info("node agent for Ollama at %s, operator at %s", settings.ollama_host, settings.operator_url)
-    serve(create_app(settings), settings.node_host, settings.node_port, "node", timeout_keep_alive=75)
+    serve(create_app(settings), settings.node_host, settings.node_port, "node", timeout_keep_alive=75,
+          request_timeout=settings.request_timeout)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import sys
+import time
 from urllib.parse import urlsplit
 from typing import AsyncIterator, Callable, Optional
 
@@ -88,17 +89,23 @@ class HealthChecker:
         await self.check(node)
 
     async def check_all(self) -> None:
-        """Every node, at most ``CONCURRENT_CHECKS`` at a time: thousands of nodes cost bounded
+        """Every node, by ``CONCURRENT_CHECKS`` workers: thousands of nodes cost bounded tasks,
         sockets and memory, and the event loop keeps serving in between."""
-        room = asyncio.Semaphore(CONCURRENT_CHECKS)
+        began, nodes = time.monotonic(), self.registry.nodes()
+        queue = iter(nodes)  # shared by the workers: each takes the next node when it is free
 
-        async def bounded(node: Node) -> None:
-            async with room:
-                await self.check(node)
+        async def worker() -> None:
+            for node in queue:
+                try:
+                    await self.check(node)
+                except Exception:  # the loop outlives a bad check
+                    log.exception("health check of node %s failed unexpectedly", node.node_id)
 
-        results = await asyncio.gather(*(bounded(node) for node in self.registry.nodes()), return_exceptions=True)
-        for error in (r for r in results if isinstance(r, Exception)):  # the loop outlives a bad check
-            log.error("health check failed unexpectedly", exc_info=error)
+        await asyncio.gather(*(worker() for _ in range(min(CONCURRENT_CHECKS, len(nodes)))))
+        took = time.monotonic() - began
+        if took > self.settings.health_check_interval:
+            log.warning("health checks of %d nodes took %.1fs, longer than health_check_interval (%gs)",
+                        len(nodes), took, self.settings.health_check_interval)
         for node_id in self.registry.prune():
             log.warning("node %s pruned: not seen for %.0fs", node_id, self.settings.prune_after)
 
@@ -281,7 +288,8 @@ def main() -> None:
         sys.exit(f"operator: {exc}")
     tune_gc()
     warn_if_open(settings)
-    serve(create_app(settings), settings.operator_host, settings.operator_port, "operator")
+    serve(create_app(settings), settings.operator_host, settings.operator_port, "operator",
+          request_timeout=settings.request_timeout, limit_concurrency=settings.max_connections)
 
 
 if __name__ == "__main__":

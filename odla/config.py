@@ -39,11 +39,12 @@ ENV_KEYS: dict[str, str] = {
 # What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
 # does not stop the client. Keys outside every role are still errors.
 SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars",
-          "allowed_hosts", "allowed_origins"}
+          "allowed_hosts", "allowed_origins", "request_timeout"}
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
-                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes"},
+                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
+                          "max_connections"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval"},
 }
@@ -89,6 +90,10 @@ class Settings(BaseModel):
     log_level: str = "info"
     max_nodes: int = Field(1000, ge=1)
     "Nodes the operator keeps at once; a new one past it gets 503."
+    request_timeout: float = Field(30, gt=0)
+    "Seconds a request may take to arrive whole (headers and body); a slower one's connection is closed."
+    max_connections: int = Field(10_000, ge=1)
+    "Connections and requests the operator holds at once (uvicorn's limit_concurrency); past it, 503."
     max_queue: int = Field(512, ge=0)
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
     queue_timeout: float = Field(300, gt=0)

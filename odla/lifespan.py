@@ -6,7 +6,7 @@ import gc
 import logging
 import socket
 import sys
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any, AsyncIterator, Coroutine, Optional
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -42,18 +42,50 @@ def freeze_gc() -> None:
     gc.freeze()
 
 
-class FirstRequestTimeout(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, with its keep-alive timeout running from the moment a connection
-    opens and not only between requests: a connection that never sends a byte (half-open, or held
-    to use up the descriptors) is closed after ``timeout_keep_alive``, like an idle one. uvicorn
-    cancels the timer when data arrives, as it does between requests."""
+class TimelyHttp(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with the two deadlines it lacks (per connection, a timer each):
+
+    - **a connection that never sends a byte** (half-open, or held to use up the descriptors) is
+      closed after ``timeout_keep_alive``, like an idle one: the keep-alive timer runs from the
+      moment the connection opens, not only between requests (uvicorn cancels it when data comes);
+    - **a request must arrive whole**, headers and body, within ``request_timeout`` of its first
+      byte (the first request's: of the connection's opening): a client that trickles it a byte at
+      a time (slowloris, or a slow body) is closed instead of holding a connection and a task.
+    """
+
+    request_timeout: float = 30.0  # set per server by serve()
+    _deadline: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+    def on_message_complete(self) -> None:
+        self._no_deadline()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._no_deadline()
+        super().connection_lost(exc)
+
+    def _no_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
-def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> None:
+def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30.0, **uvicorn_options: Any) -> None:
     """Bind ``host:port`` first, then start the app on it: a port that is taken ends the process
     with a clear message before the app starts (a node must not register, or deregister a running
     node of the same id, when it cannot even listen), and "listening" is only said once it is true."""
@@ -70,7 +102,8 @@ def serve(app: Any, host: str, port: int, name: str, **uvicorn_options: Any) -> 
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            http=FirstRequestTimeout, **uvicorn_options)
+                            http=type("TimelyHttp", (TimelyHttp,), {"request_timeout": request_timeout}),
+                            **uvicorn_options)
     server = uvicorn.Server(config)
     freeze_gc()
     server.run(sockets=[sock])

@@ -25,6 +25,8 @@ WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loa
 
 log = logging.getLogger("odla.operator")
 RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
+MAX_TRIES = 8
+"Nodes one job is sent to at most: past it the job fails, rather than walk a registry of dead nodes."
 
 
 class Router:
@@ -56,12 +58,15 @@ class Router:
                    place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it.
 
-        A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped;
+        A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped (at
+        most ``MAX_TRIES`` nodes are tried);
         any other answer (200, or the request's own fault such as 400) is returned with the
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
         while True:
+            if len(failures) >= MAX_TRIES:
+                raise self._all_failed(model, failures)
             claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)

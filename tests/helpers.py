@@ -212,7 +212,10 @@ class Network:
         wait_http(url)
         return url
 
-    def operator(self) -> Proc:
+    def operator(self, **config: Any) -> Proc:
+        """The operator, with ``config`` added to the network's config file (which nodes started later read too)."""
+        if config:
+            self.config.write_text(json.dumps({**json.loads(self.config.read_text()), **config}))
         proc = self.start("server.py", operator_port=str(self.op_port))
         wait_http(f"{self.op_url}/health")
         return proc

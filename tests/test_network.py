@@ -5,6 +5,7 @@ process it started, by pid, even when it fails.
 """
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -167,3 +168,61 @@ def test_a_second_node_with_a_taken_id_or_port_does_not_start_and_harms_nothing(
     assert net.listing()["n1"]["url"] == url  # the running node's row, untouched
     assert client(net, "still here", "--model", "llama3").returncode == 0
     assert first.proc.poll() is None
+
+
+def established_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` from this machine (the operator's, in these tests)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            remote, state = row.split()[2:4]
+            count += state == "01" and int(remote.split(":")[1], 16) == port
+    return count
+
+
+def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
+    """Finding 10: requests that clients gave up on while a node was stopped (kill -STOP) leave no
+    socket open to it, and a node stopped mid-stream ends the stream with one error line within a
+    health check."""
+    sim = net.sim("--tokens", "40", "--delay", "0.1")
+    net.operator()
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL="100")  # every request reaches the node
+    net.wait_nodes("n1")
+    stopped = net.nodes["n1"]
+    reached: list[int] = []
+    node_port = int(net.listing()["n1"]["url"].rsplit(":", 1)[1])
+    before = established_to(node_port)  # the health checks' keep-alive connection, if any
+
+    async def during() -> None:
+        await asyncio.sleep(0.25)
+        reached.append(established_to(node_port))
+
+    async def give_up() -> None:
+        async with httpx.AsyncClient(timeout=0.3, limits=httpx.Limits(max_connections=None)) as http:
+            async def one(i: int) -> None:
+                with contextlib.suppress(httpx.TimeoutException):
+                    await http.post(f"{net.op_url}/inference", json={"model": "llama3", "prompt": f"p{i}"})
+            await asyncio.gather(*(one(i) for i in range(100)), during())
+
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        asyncio.run(give_up())
+        assert reached[0] >= before + 90  # they did reach the stopped node
+        assert established_to(node_port) <= before + 1, "given-up requests left their sockets open"
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    net.wait_nodes("n1")
+
+    with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "p"}, timeout=30) as resp:
+        lines = resp.iter_lines()
+        assert "token" in json.loads(next(lines))
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            rest = [json.loads(line) for line in lines]
+            took = time.monotonic() - began
+        finally:
+            stopped.send_signal(signal.SIGCONT)
+    assert rest[-1] == {"error": "node n1 failed mid-stream: connection lost", "done": True}, rest[-1]
+    assert all("error" not in line for line in rest[:-1])
+    assert took < FAST["health_check_interval"] + FAST["health_check_timeout"] + 1.5, took  # one failed check
