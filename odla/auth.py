@@ -10,6 +10,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Optional
 from starlette.requests import Request
 
 from .errors import AuthError
+from .logs import Throttle
 
 JOIN_HEADER = "x-odla-join-token"
 log = logging.getLogger("odla")
@@ -61,13 +62,19 @@ def api_key_dependency(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
 
 
 def join_token_dependency(token: Optional[str]) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that lets through only callers holding the join token (anyone when unset)."""
+    """A dependency that lets through only callers holding the join token (anyone when unset).
+    A refusal is logged (where it is looked for: a node that cannot join), once a minute per
+    address and path at most."""
+    throttle = Throttle()
+
     async def node_auth(request: Request) -> None:
         try:
             check_join_token(request.headers, token)
-        except AuthError:  # said where it is looked for: a node that cannot join
+        except AuthError:
             client = request.client.host if request.client else "?"
-            log.warning("refused %s %s from %s: missing or wrong join token", request.method,
-                        request.url.path, client)
+            held = throttle((client, request.url.path))
+            if held is not None:
+                log.warning("refused %s %s from %s: missing or wrong join token%s", request.method,
+                            request.url.path, client, f" ({held} more refused since the last such line)" if held else "")
             raise
     return node_auth

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 import server as operator_app
+from odla.logs import Throttle
 from tests.helpers import infer, node_ids, settings, wait_for
 from tests.test_client import cli
 
@@ -39,6 +40,26 @@ def test_a_refused_join_is_logged_with_the_nodes_address(locked, caplog):
     assert any("refused POST /register from 127.0.0.1: missing or wrong join token" in r.getMessage()
                for r in caplog.records)
     assert not any(TOKEN in r.getMessage() or "nope" in r.getMessage() for r in caplog.records)  # no secrets
+
+
+def test_a_flood_of_refused_joins_is_one_log_line_a_minute(locked, caplog):
+    op, _ = locked
+    caplog.set_level(logging.WARNING, logger="odla")
+    body = {"node_id": "n9", "url": "http://127.0.0.1:1", "models": ["x"]}
+    with httpx.Client() as http:
+        for _ in range(200):
+            assert http.post(f"{op.url}/register", json=body, headers=WRONG).status_code == 401
+    assert sum("missing or wrong join token" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_throttled_line_says_how_many_it_held_back():
+    now = [0.0]
+    throttle = Throttle(seconds=60, max_keys=2, clock=lambda: now[0])
+    assert throttle("a") == 0 and throttle("a") is None and throttle("a") is None
+    now[0] = 61
+    assert throttle("a") == 2  # said again, with the two held back
+    assert throttle("b") == 0 and throttle("c") == 0  # past max_keys the memory starts over: bounded
+    assert len(throttle.said) <= 2
 
 
 @pytest.mark.parametrize("headers, status", [(NO, 401), (WRONG, 401), ({"x-odla-join-token": TOKEN}, 200)])
