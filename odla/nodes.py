@@ -32,6 +32,8 @@ from .registry import Node
 log = logging.getLogger("odla.operator")
 ClientResponse = aiohttp.ClientResponse
 FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
+MAX_ANSWER = 16 << 20
+"The largest health answer or listing read from a node (a full one, 4,096 long model names, is under 10 MB)."
 
 
 class NodeUnreachable(Exception):
@@ -96,20 +98,24 @@ class NodeClient:
         return Body(resp)
 
     async def read(self, resp: ClientResponse, limit: int = 1 << 20) -> bytes:
-        """A whole (small) body, for error messages and listings; the response is released."""
+        """A (small) body, for error messages: its first ``limit`` bytes, within
+        ``health_check_timeout`` (a node that drips it holds no job); the response is released."""
         try:
-            data = await resp.content.read(limit)
+            return (await asyncio.wait_for(_read_upto(resp, limit), self.health_timeout.total))[0]
         except FAILURES as exc:
             raise NodeUnreachable(describe(exc)) from exc
         finally:
             _done_with(resp)
-        return data
 
-    async def get_json(self, node: Node, path: str) -> tuple[int, bytes]:
-        """``GET path`` within ``health_check_timeout``: (status, body)."""
+    async def get_json(self, node: Node, path: str, limit: int = MAX_ANSWER) -> tuple[int, bytes]:
+        """``GET path`` within ``health_check_timeout``: (status, the whole body). Raises
+        ``NodeUnreachable``, or ``ValueError`` for a body over ``limit`` bytes (not read further)."""
         try:
             async with self.session.get(f"{node.url}{path}", timeout=self.health_timeout) as resp:
-                return resp.status, await resp.content.read(16 << 20)
+                data, more = await _read_upto(resp, limit)
+                if more:
+                    raise ValueError(f"answer larger than {limit} bytes")
+                return resp.status, data
         except FAILURES as exc:
             raise NodeUnreachable(describe(exc)) from exc
 
@@ -174,6 +180,17 @@ class Body:
 
     async def aclose(self) -> None:
         _done_with(self.resp)
+
+
+async def _read_upto(resp: ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body's first ``limit`` bytes, read as they arrive (aiohttp's ``read(n)`` returns after
+    the first piece), and whether there was more."""
+    pieces, size = [], 0
+    while size <= limit and (data := await resp.content.readany()):
+        pieces.append(data)
+        size += len(data)
+    body = b"".join(pieces)
+    return body[:limit], size > limit
 
 
 def _done_with(resp: ClientResponse) -> None:

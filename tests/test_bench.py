@@ -7,29 +7,41 @@ import sys
 from tests.helpers import ROOT
 
 
-def test_benchmark_smoke_run(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/relay_bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180)
+def smoke_run(tmp_path, script: str, timeout: float = 180) -> tuple[dict, str]:
+    """``bench/<script> --smoke``: what it wrote, and what it printed."""
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_benchmark_smoke_run(tmp_path):
+    data, printed = smoke_run(tmp_path, "relay_bench.py")
     assert set(data["shapes"]) == {"serial", "paced-100", "saturation-50", "open-1000"}
     for shape in data["shapes"].values():
         assert shape["odla"]["failures"] == 0 and shape["direct"]["failures"] == 0
         assert shape["odla"]["tokens"] == shape["direct"]["tokens"] > 0
         assert shape["odla"]["cpu_us_per_token_operator"] > 0
-    assert "ttft p50 ms" in result.stdout and data["peak_rss_mb"]["operator"] > 0
+    assert "ttft p50 ms" in printed and data["peak_rss_mb"]["operator"] > 0
 
 
 def test_cluster_benchmark_smoke_run(tmp_path):
     """Every router is driven with the same arrivals, and ODLA loses none of them."""
-    out = tmp_path / "cluster.json"
-    result = subprocess.run([sys.executable, "bench/cluster_bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(out.read_text())
+    data, _ = smoke_run(tmp_path, "cluster_bench.py", timeout=240)
     odla = data["results"]["odla"]
     assert odla["sent"] == data["requests"] > 0
     assert odla["completed"] == odla["sent"] and odla["errors"] == odla["gave_up"] == 0
     assert sum(odla["share"].values()) >= odla["sent"]
     assert all(r["sent"] == data["requests"] for r in data["results"].values())
+
+
+def test_hostile_benchmark_smoke_run(tmp_path):
+    """Every attack runs, the honest client is served throughout, and the targets are checked."""
+    data, _ = smoke_run(tmp_path, "hostile_bench.py")
+    attackers, load = data["attackers"], data["load"]
+    assert attackers["registrations_401"] == load["registrations"]
+    assert attackers["never_reading_open"] == attackers["never_reading_streaming"] == load["readers"]
+    assert attackers["silent_open_max"] == load["silent"]
+    assert attackers["fat_health_answers"] >= 2
+    assert data["honest_under_attack_s"]["count"] >= 5 and all(data["targets"].values())

@@ -329,3 +329,40 @@ def test_a_request_trickled_a_byte_at_a_time_is_closed_after_request_timeout(net
         took = time.monotonic() - began
     assert 1.5 < took < 3.5, took
     assert httpx.get(f"{net.op_url}/health").status_code == 200
+
+
+def test_a_large_honest_health_answer_is_read_whole(operator, start):
+    """A health answer bigger than one read (4,000 long model names, about 450 KB) is read to its end."""
+    from fastapi import FastAPI
+
+    op = operator(health_check_interval=0.3)
+    big = FastAPI()
+    names = [f"library/model-with-a-long-name-number-{i:05d}-{'x' * 60}:latest" for i in range(4000)]
+
+    @big.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "node_id": "big", "models": names}
+
+    srv = start(big)
+    assert httpx.post(f"{op.url}/register", json={"node_id": "big", "url": srv.url,
+                                                  "models": ["llama3:latest"]}).status_code == 200
+    wait_for(lambda: len(httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"]) == 4000, timeout=5)
+    assert httpx.get(f"{op.url}/nodes").json()["nodes"][0]["healthy"] is True
+
+
+def test_a_node_dripping_its_refusal_holds_the_job_no_longer_than_health_check_timeout(operator):
+    async def drip(first, reader, writer):
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):  # one byte every half second: minutes in all
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(0.5)
+
+    op = operator(health_check_interval=60, health_check_timeout=1)
+    with RawNode(drip) as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "drip", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        began = time.monotonic()
+        code, body = infer(op.url)
+    assert code == 503 and "drip" in body[0]["error"], body
+    assert time.monotonic() - began < 2.5
