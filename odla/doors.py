@@ -39,6 +39,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     ``/api/version``, which Ollama clients ask first, before any credentials; ``job_auth``
     also opens a job's record, for the routes that run a model."""
     api = APIRouter(tags=["Ollama and OpenAI doors"])
+    ask = AskAll(registry)
 
     @api.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
@@ -62,7 +63,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         """Every healthy node's listing, one entry per model."""
         path = request.url.path
         key, seen, merged = LISTINGS[path], set(), []
-        for answer in await _ask_all(request.app.state.router, registry, path):
+        for answer in await ask(request.app.state.router, path):
             entries = answer.get(key)
             if not isinstance(entries, list):  # one node's odd answer must not break everyone's listing
                 continue
@@ -81,7 +82,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     @api.get("/api/version")
     async def version(request: Request) -> dict:
         """The lowest Ollama version among the healthy nodes: what every node can do."""
-        answers = await _ask_all(request.app.state.router, registry, "/api/version")
+        answers = await ask(request.app.state.router, "/api/version")
         versions = [a["version"] for a in answers if isinstance(a.get("version"), str)]
         if not versions:
             raise ODLAError("no healthy node", 503)
@@ -100,10 +101,34 @@ async def _open(router: Router, model: str, path: str, body: bytes, job: Job) ->
     return Opened(router.relay(claim, resp, protocol=False, job=job), resp.status, media, headers)
 
 
-async def _ask_all(router: Router, registry: Registry, path: str) -> list[dict]:
-    nodes = [n for n in registry.nodes() if n.healthy]
-    answers = await asyncio.gather(*(_ask(router, n, path) for n in nodes))
-    return [a for a in answers if isinstance(a, dict)]
+class AskAll:
+    """Asks every healthy node's Ollama the same question (a listing, the version), at most
+    ``AT_ONCE`` nodes at a time; callers asking the same path while the answers are being
+    gathered share them, so a burst of cheap client requests is not a burst of node requests
+    times the number of nodes."""
+
+    AT_ONCE = 64
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.pending: dict[str, asyncio.Future] = {}
+
+    async def __call__(self, router: Router, path: str) -> list[dict]:
+        future = self.pending.get(path)
+        if future is None:
+            future = self.pending[path] = asyncio.ensure_future(self._gather(router, path))
+            future.add_done_callback(lambda _: self.pending.pop(path, None))
+        return await asyncio.shield(future)
+
+    async def _gather(self, router: Router, path: str) -> list[dict]:
+        room = asyncio.Semaphore(self.AT_ONCE)
+
+        async def one(node: Node) -> Optional[dict]:
+            async with room:
+                return await _ask(router, node, path)
+
+        answers = await asyncio.gather(*(one(n) for n in self.registry.nodes() if n.healthy))
+        return [a for a in answers if isinstance(a, dict)]
 
 
 async def _ask(router: Router, node: Node, path: str) -> Optional[dict]:

@@ -366,3 +366,33 @@ def test_a_node_dripping_its_refusal_holds_the_job_no_longer_than_health_check_t
         code, body = infer(op.url)
     assert code == 503 and "drip" in body[0]["error"], body
     assert time.monotonic() - began < 2.5
+
+
+def test_a_burst_of_listings_is_one_question_to_each_node(operator, start):
+    """One cheap client request fans out to every node: a burst of them shares one fan-out."""
+    from fastapi import FastAPI
+
+    op = operator(health_check_interval=60)
+    asked = []
+    node = FastAPI()
+
+    @node.get("/health")
+    async def health() -> dict:
+        return {"status": "healthy", "node_id": "n1", "models": ["llama3:latest"]}
+
+    @node.get("/ollama/api/tags")
+    async def tags() -> dict:
+        asked.append(1)
+        await asyncio.sleep(0.5)
+        return {"models": [{"name": "llama3:latest", "model": "llama3:latest"}]}
+
+    srv = start(node)
+    assert httpx.post(f"{op.url}/register", json={"node_id": "n1", "url": srv.url,
+                                                  "models": ["llama3:latest"]}).status_code == 200
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=op.url, timeout=10) as http:
+            return await asyncio.gather(*(http.get("/api/tags") for _ in range(50)))
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 and a.json()["models"][0]["name"] == "llama3:latest" for a in answers)
+    assert len(asked) <= 3, len(asked)  # 50 without sharing
