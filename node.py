@@ -11,7 +11,8 @@ Endpoints:
 
 It registers with the operator on start-up, re-registers every ``heartbeat_interval``
 (so an operator restart or an ``ollama pull`` shows within one interval), and
-deregisters on shutdown.
+deregisters on shutdown. With ``link: dial`` (NODE_LINK=dial) it listens on no port: it
+dials the operator and serves these same endpoints down that link (``odla.dial``).
 """
 
 import asyncio
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import re
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Optional
 from urllib.parse import urlsplit
@@ -32,6 +34,7 @@ from odla import protocol as p
 from odla.auth import join_headers, join_token_dependency
 from odla.capacity import Capacity, num_parallel
 from odla.config import Settings, script_settings
+from odla.dial import Dialer, run_dialled
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
@@ -316,6 +319,12 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
             node = app.state.node = Node(settings, api, raw, client)
+            if settings.link == "dial":  # no registration: the link is the node's presence
+                dialer = app.state.dialer = Dialer(app, node, settings)
+                await stack.enter_async_context(background(dialer.run(), "link"))
+                stack.push_async_callback(dialer.close)  # before the loop stops: a clean close
+                yield
+                return
             try:
                 await node.join()
             except StartupError as exc:
@@ -375,6 +384,9 @@ def main() -> None:
     setup_logging(settings.log_level)
     tune_gc()
     log.info("node agent for Ollama at %s, operator at %s", settings.ollama_host, settings.operator_url)
+    if settings.link == "dial":
+        refused = run_dialled(create_app(settings))
+        sys.exit(f"node: {refused}" if refused else 0)
     serve(create_app(settings), settings.node_host, settings.node_port, "node", timeout_keep_alive=75,
           request_timeout=settings.request_timeout)
 

@@ -37,6 +37,7 @@ from odla.auth import api_key_dependency, caller_of, check_api_key, join_token_d
 from odla.config import Settings, script_settings
 from odla.doors import doors_router
 from odla.errors import ODLAError
+from odla.link import link_router
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
 from odla.logs import setup_logging
@@ -234,6 +235,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                           job=job)
 
     app.include_router(doors_router(registry, client_auth, job_auth))
+    app.include_router(link_router(registry, settings, on_change=scheduler.wake,
+                                   is_live=lambda node: app.state.router.nodes.is_node(node)))
     app.include_router(watch_router(prom, activity, client_auth))
     if settings.api_keys:
         @app.get("/openapi.json", dependencies=client_auth, include_in_schema=False)

@@ -237,7 +237,8 @@ class Run:
     cpu: dict[str, int] = field(default_factory=dict)
 
 
-async def drive(port: int, path: str, shape: Shape, tag: str, extra: Optional[dict] = None) -> Run:
+async def drive(port: int, path: str, shape: Shape, tag: str, extra: Optional[dict] = None,
+                model: str = "llama3") -> Run:
     run = Run()
     queue = list(range(shape.requests))
 
@@ -246,7 +247,7 @@ async def drive(port: int, path: str, shape: Shape, tag: str, extra: Optional[di
         try:
             while queue:
                 i = queue.pop()
-                body = json.dumps({**(extra or {}), "model": "llama3", "prompt": f"{tag} request {i}"}).encode()
+                body = json.dumps({**(extra or {}), "model": model, "prompt": f"{tag} request {i}"}).encode()
                 try:
                     first, lines, last = await conn.post_stream(path, body)
                     final = json.loads(last)
@@ -290,10 +291,10 @@ def summarise(runs: list[Run]) -> dict:
 
 
 async def measure(path_name: str, port: int, path: str, shape: Shape, watch: dict[str, list[int]],
-                  round_no: int) -> Run:
+                  round_no: int, model: str) -> Run:
     before = {name: cpu_ns(pids) for name, pids in watch.items()}
     extra = {"job_id": f"bench-{round_no}"} if path == "/run" else None
-    run = await drive(port, path, shape, f"{shape.name}-{path_name}-{round_no}", extra)
+    run = await drive(port, path, shape, f"{shape.name}-{path_name}-{round_no}", extra, model)
     run.cpu = {name: cpu_ns(pids) - before[name] for name, pids in watch.items()}
     return run
 
@@ -308,23 +309,28 @@ async def set_sim(port: int, **values) -> None:
 
 async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool) -> dict:
     results = {}
-    paths = [("direct", ports["sim"], "/api/generate", {"sim": watch["sim"]})]
+    direct = {"sim": watch["sim"]}
+    paths = [("direct", ports["sim"], "/api/generate", direct, "llama3")]
     if have_nginx:
-        paths.append(("nginx", ports["nginx"], "/api/generate", {"sim": watch["sim"], "nginx": watch["nginx"]}))
+        paths.append(("nginx", ports["nginx"], "/api/generate", {**direct, "nginx": watch["nginx"]}, "llama3"))
     paths.append(("odla", ports["operator"], "/inference",
-                  {"sim": watch["sim"], "operator": watch["operator"], "node": watch["node"]}))
+                  {**direct, "operator": watch["operator"], "node": watch["node"]}, "llama3"))
+    # The same through a node that dialled in (link: dial), with a simulator of its own ("dialled").
+    paths.append(("odla-dial", ports["operator"], "/inference",
+                  {"sim": watch["sim_dial"], "operator": watch["operator"], "node": watch["node_dial"]}, "dialled"))
     # One request at a time, also straight at the node: what each hop adds, the node's and the operator's.
-    node_path = ("node", ports["node"], "/run", {"sim": watch["sim"], "node": watch["node"][:1]})
+    node_path = ("node", ports["node"], "/run", {**direct, "node": watch["node"][:1]}, "llama3")
     for shape in shapes:
-        paths = [*paths[:-1], node_path, paths[-1]] if shape.name == "serial" else [p for p in paths if p[0] != "node"]
-        await set_sim(ports["sim"], tokens=shape.tokens, delay=shape.delay)
+        shape_paths = [*paths[:-2], node_path, *paths[-2:]] if shape.name == "serial" else paths
+        for sim in ("sim", "sim_dial"):
+            await set_sim(ports[sim], tokens=shape.tokens, delay=shape.delay)
         warm = Shape(shape.name, min(shape.concurrency, 20), min(shape.concurrency, 20), shape.tokens, 0, 1)
-        for name, port, path, _ in paths:
-            await drive(port, path, warm, "warm-" + name, {"job_id": "warm"} if path == "/run" else None)
-        runs: dict[str, list[Run]] = {name: [] for name, *_ in paths}
+        for name, port, path, _, model in shape_paths:
+            await drive(port, path, warm, "warm-" + name, {"job_id": "warm"} if path == "/run" else None, model)
+        runs: dict[str, list[Run]] = {name: [] for name, *_ in shape_paths}
         for round_no in range(shape.rounds):
-            for name, port, path, w in paths:
-                runs[name].append(await measure(name, port, path, shape, w, round_no))
+            for name, port, path, w, model in shape_paths:
+                runs[name].append(await measure(name, port, path, shape, w, round_no, model))
         results[shape.name] = {name: summarise(r) for name, r in runs.items()}
         results[shape.name]["shape"] = asdict(shape)
         print(f"  {shape.name}: done", flush=True)
@@ -350,11 +356,11 @@ def table(result: dict) -> str:
              "CPU µs/tok relay", "fail")]
     for shape, per_path in result["shapes"].items():
         direct = per_path["direct"]
-        for name in ("direct", "nginx", "node", "odla"):
+        for name in ("direct", "nginx", "node", "odla", "odla-dial"):
             r = per_path.get(name)
             if r is None:
                 continue
-            if name == "odla":
+            if name.startswith("odla"):
                 relay = f"op {r['cpu_us_per_token_operator']:.1f} + node {r['cpu_us_per_token_node']:.1f}"
             elif name == "nginx":
                 relay = f"{r['cpu_us_per_token_nginx']:.1f}"
@@ -372,7 +378,14 @@ def table(result: dict) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     rss = ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items())
-    return "\n".join(lines) + f"\n\npeak RSS: {rss}"
+    dial = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in dial_ratios(result).items())
+    return "\n".join(lines) + f"\n\npeak RSS: {rss}\noperator CPU per token, dial link / http link: {dial}"
+
+
+def dial_ratios(result: dict) -> dict[str, float]:
+    """Per shape: the operator's CPU per token through a dial node over that through an http node."""
+    return {shape: p["odla-dial"]["cpu_us_per_token_operator"] / p["odla"]["cpu_us_per_token_operator"]
+            for shape, p in result["shapes"].items() if "odla-dial" in p}
 
 
 def main() -> None:
@@ -387,11 +400,12 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="odla-bench-"))
     procs = Procs(workdir)
-    ports = {k: free_port() for k in ("sim", "operator", "nginx")}
+    ports = {k: free_port() for k in ("sim", "sim_dial", "operator", "nginx")}
     node_ports = [free_port() for _ in range(args.nodes)]
     have_nginx = shutil.which("nginx") is not None
     try:
         procs.start("sim", [PY, "sim/ollama_sim.py", "--port", str(ports["sim"]), "--models", "llama3"])
+        procs.start("sim_dial", [PY, "sim/ollama_sim.py", "--port", str(ports["sim_dial"]), "--models", "dialled"])
         config = workdir / "config.json"
         config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{ports['operator']}",
                                       "operator_host": "127.0.0.1", "node_host": "127.0.0.1",
@@ -403,18 +417,22 @@ def main() -> None:
             procs.start(f"node{i + 1}", [PY, "node.py"], {**env, "NODE_ID": f"node{i + 1}", "NODE_PORT": str(port),
                                                           "OLLAMA_HOST": f"127.0.0.1:{ports['sim']}",
                                                           "OLLAMA_NUM_PARALLEL": "4096"})
+        procs.start("node_dial", [PY, "node.py"], {**env, "NODE_ID": "dialled", "NODE_LINK": "dial",
+                                                   "OLLAMA_HOST": f"127.0.0.1:{ports['sim_dial']}",
+                                                   "OLLAMA_NUM_PARALLEL": "4096"})
         if have_nginx:
             upstream = f"  upstream ollama {{ server 127.0.0.1:{ports['sim']}; keepalive 1024; }}"
             (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=ports["nginx"], upstreams=upstream,
                                                                   locations=nginx_location("/", "ollama")))
             procs.start("nginx", ["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
                                   "-g", "daemon off;"])
-        for port in [*ports.values(), *node_ports] if have_nginx else [ports["sim"], ports["operator"], *node_ports]:
+        for port in [*(p for k, p in ports.items() if have_nginx or k != "nginx"), *node_ports]:
             wait_port(port)
-        wait_registered(ports["operator"], args.nodes)
+        wait_registered(ports["operator"], args.nodes + 1)
         ports["node"] = node_ports[0]
         watch = {"sim": [procs.procs["sim"].pid], "operator": [procs.procs["operator"].pid],
-                 "node": [procs.procs[f"node{i + 1}"].pid for i in range(args.nodes)]}
+                 "node": [procs.procs[f"node{i + 1}"].pid for i in range(args.nodes)],
+                 "sim_dial": [procs.procs["sim_dial"].pid], "node_dial": [procs.procs["node_dial"].pid]}
         if have_nginx:
             watch["nginx"] = pids_of(procs.procs["nginx"])
         shapes = shapes_for(args.quick, args.smoke)

@@ -16,7 +16,7 @@ JOIN_HEADER = "x-odla-join-token"
 log = logging.getLogger("odla")
 
 
-def _matches(presented: Optional[str], secrets: Iterable[str]) -> bool:
+def matches(presented: Optional[str], secrets: Iterable[str]) -> bool:
     if not presented:
         return False
     found = False
@@ -32,13 +32,13 @@ def bearer(headers: Mapping[str, str]) -> Optional[str]:
 
 def check_join_token(headers: Mapping[str, str], token: Optional[str]) -> None:
     """Node-facing endpoints: the caller must hold the network's join token, when one is set."""
-    if token and not _matches(headers.get(JOIN_HEADER), [token]):
+    if token and not matches(headers.get(JOIN_HEADER), [token]):
         raise AuthError("missing or wrong join token (header X-ODLA-Join-Token)")
 
 
 def check_api_key(headers: Mapping[str, str], keys: list[str]) -> None:
     """Client-facing endpoints: ``Authorization: Bearer <key>``, when keys are set."""
-    if keys and not _matches(bearer(headers), keys):
+    if keys and not matches(bearer(headers), keys):
         raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,6 +34,8 @@ ENV_KEYS: dict[str, str] = {
     "ODLA_API_KEYS": "api_keys",
     "ODLA_LOG_LEVEL": "log_level",
     "ODLA_JOBS_DB": "jobs_db",
+    "NODE_LINK": "link",
+    "ODLA_NODE_TOKENS": "node_tokens",
 }
 
 
@@ -44,9 +47,9 @@ ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
-                          "max_connections"},
+                          "max_connections", "node_tokens"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
-                      "num_parallel", "health_check_interval"},
+                      "num_parallel", "health_check_interval", "link"},
 }
 
 
@@ -92,6 +95,10 @@ class Settings(BaseModel):
     "Nodes the operator keeps at once; a new one past it gets 503."
     request_timeout: float = Field(30, gt=0)
     "Seconds a request may take to arrive whole (headers and body); a slower one's connection is closed."
+    link: Literal["http", "dial"] = "http"
+    "How the operator reaches a node: ``http`` (at its URL) or ``dial`` (the node dials out and listens on no port)."
+    node_tokens: Union[dict[str, str], str, None] = Field(None, repr=False)
+    "Per-node join tokens (node id -> token), or a JSON file of them; a node listed must use its own."
     max_connections: int = Field(10_000, ge=1)
     "Connections and requests the operator holds at once (uvicorn's limit_concurrency); past it, 503."
     max_queue: int = Field(512, ge=0)
@@ -170,7 +177,18 @@ def load_settings(
         raise ConfigError(_describe(exc, origin)) from exc
     if settings.jobs_db != ":memory:" and not Path(settings.jobs_db).is_absolute():
         settings.jobs_db = str(path.resolve().parent / settings.jobs_db)  # next to config.json
+    if settings.node_tokens is not None:
+        settings.node_tokens = _node_tokens(settings.node_tokens, path.resolve().parent, origin.get("node_tokens", "node_tokens"))
     return settings
+
+
+def _node_tokens(value: "dict[str, str] | str", folder: Path, origin: str) -> dict[str, str]:
+    """Per-node tokens, node id -> token: as given, or read from a JSON file (relative: next to the config)."""
+    data = _read_file(folder / value) if isinstance(value, str) else value
+    bad = [k for k, v in data.items() if not isinstance(v, str) or not v or not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", k)]
+    if bad:
+        raise ConfigError(f"{origin}: node ids must be node ids and tokens non-empty strings (not {bad[:3]})")
+    return data  # type: ignore[return-value]
 
 
 def _read_file(path: Path) -> dict[str, object]:

@@ -59,6 +59,10 @@ class AuthError(ODLAError):
     status_code = 401
 
 
+class NodeUnreachable(Exception):
+    """A node could not be reached, broke the connection (or its link), or went silent."""
+
+
 # What a failed ollama SDK call raises: the cases ollama_failure maps.
 OLLAMA_FAILURES = (ResponseError, ConnectionError, httpx.HTTPError, ValueError)
 

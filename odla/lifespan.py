@@ -70,6 +70,10 @@ class TimelyHttp(HttpToolsProtocol):
         self._no_deadline()
         super().on_message_complete()
 
+    def handle_websocket_upgrade(self) -> None:  # the connection is a WebSocket's from here on
+        self._no_deadline()
+        super().handle_websocket_upgrade()
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._no_deadline()
         super().connection_lost(exc)

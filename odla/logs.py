@@ -9,6 +9,7 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise at INFO
+    logging.getLogger("websockets").setLevel(logging.INFO)  # a line per frame is noise even at DEBUG
 
 
 class Throttle:

@@ -26,6 +26,8 @@ import aiohttp
 
 from .auth import join_headers
 from .config import Settings
+from .errors import NodeUnreachable
+from .link import LinkResponse
 from .protocol import JOB_HEADER, HealthResponse
 from .registry import Node
 
@@ -34,10 +36,6 @@ ClientResponse = aiohttp.ClientResponse
 FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 MAX_ANSWER = 16 << 20
 "The largest health answer or listing read from a node (a full one, 4,096 long model names, is under 10 MB)."
-
-
-class NodeUnreachable(Exception):
-    """The node could not be reached, broke the connection, or went silent."""
 
 
 class NodeClient:
@@ -62,12 +60,15 @@ class NodeClient:
 
     async def send(self, node: Node, method: str, path: str, body: bytes = b"", job_id: str = "") -> ClientResponse:
         """Send a request and return the response once its headers are in; see "Silent or slow?".
+        A node that dialled in gets it down its link (``odla.link``), which has its own liveness.
 
         The wait is not a task of its own (a task and a timed wait per request cost more than
         the rest of the operator's work on a short answer): a timer starts a watch only if
         the node is still silent after ``grace``, and the watch cancels the wait if the node
         fails its health check.
         """
+        if node.url.startswith("link://"):
+            return await _on_link(node, method, path, body, job_id)
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
@@ -95,11 +96,13 @@ class NodeClient:
     @staticmethod
     def body(resp: ClientResponse) -> "Body":
         """The response body as it arrives; see ``Body``."""
-        return Body(resp)
+        return resp if isinstance(resp, LinkResponse) else Body(resp)
 
     async def read(self, resp: ClientResponse, limit: int = 1 << 20) -> bytes:
         """A (small) body, for error messages: its first ``limit`` bytes, within
         ``health_check_timeout`` (a node that drips it holds no job); the response is released."""
+        if isinstance(resp, LinkResponse):
+            return await _link_read(resp, limit, self.health_timeout.total)
         try:
             return (await asyncio.wait_for(_read_upto(resp, limit), self.health_timeout.total))[0]
         except FAILURES as exc:
@@ -110,6 +113,12 @@ class NodeClient:
     async def get_json(self, node: Node, path: str, limit: int = MAX_ANSWER) -> tuple[int, bytes]:
         """``GET path`` within ``health_check_timeout``: (status, the whole body). Raises
         ``NodeUnreachable``, or ``ValueError`` for a body over ``limit`` bytes (not read further)."""
+        if node.url.startswith("link://"):
+            resp = await _on_link(node, "GET", path, b"")
+            data = await _link_read(resp, limit + 1, self.health_timeout.total)
+            if len(data) > limit:
+                raise ValueError(f"answer larger than {limit} bytes")
+            return resp.status, data
         try:
             async with self.session.get(f"{node.url}{path}", timeout=self.health_timeout) as resp:
                 data, more = await _read_upto(resp, limit)
@@ -120,7 +129,12 @@ class NodeClient:
             raise NodeUnreachable(describe(exc)) from exc
 
     async def health(self, node: Node) -> tuple[int, HealthResponse]:
-        """The node's ``/health``; raises ``NodeUnreachable``, or ``ValueError`` for a body that is not one."""
+        """The node's ``/health``; raises ``NodeUnreachable``, or ``ValueError`` for a body that is not one.
+        A linked node's health is its link's: open, and what its last status said."""
+        if node.url.startswith("link://"):
+            if node.link is None or not node.link.alive:
+                raise NodeUnreachable("its link is closed")
+            return node.link.health()
         status, data = await self.get_json(node, "/health")
         return status, HealthResponse.model_validate_json(data)
 
@@ -150,6 +164,21 @@ class NodeClient:
             log.warning("node %s is silent and unhealthy (%s)", node.node_id, answer.error)
             return False
         return True
+
+
+async def _on_link(node: Node, method: str, path: str, body: bytes, job_id: str = "") -> LinkResponse:
+    link = node.link
+    if link is None:
+        raise NodeUnreachable("its link is closed")
+    return await link.send(method, path, body, job_id)
+
+
+async def _link_read(resp: LinkResponse, limit: int, timeout: Optional[float]) -> bytes:
+    try:
+        return await asyncio.wait_for(resp.read(limit), timeout)
+    except (NodeUnreachable, asyncio.TimeoutError) as exc:
+        await resp.aclose()
+        raise NodeUnreachable(describe(exc)) from exc
 
 
 class Body:

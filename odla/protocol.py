@@ -65,13 +65,11 @@ class LoadedModel(BaseModel):
     "RFC 3339, when Ollama unloads it unless used again."
 
 
-class RegisterRequest(_Body):
-    """``POST /register`` on the operator: a node announces itself (also its heartbeat)."""
+class NodeReport(_Body):
+    """What a node says about itself: in a registration (its heartbeat) and on a dial-out link."""
 
     node_id: NodeId
     "Unique name of the node, ``[A-Za-z0-9._-]{1,128}``."
-    url: str = Field(max_length=2048)
-    "Base URL where the operator reaches the node, http(s) only."
     models: list[ModelName] = Field(default_factory=list, max_length=4096)
     "Model names as the node's Ollama lists them (``llama3:latest``)."
     healthy: bool = True
@@ -83,10 +81,42 @@ class RegisterRequest(_Body):
     tokens_per_s: dict[ModelName, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=4096)
     "Moving average of eval tokens per second per model, from Ollama's final messages."
 
+
+class RegisterRequest(NodeReport):
+    """``POST /register`` on the operator: a node announces itself (also its heartbeat)."""
+
+    url: str = Field(max_length=2048)
+    "Base URL where the operator reaches the node, http(s) only."
+
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         return node_url(value)
+
+
+# --- the dial-out link (``/nodes/link``): JSON text frames, each with its type in ``t`` ---------------
+
+LINK_PATH = "/nodes/link"
+
+
+class LinkHello(NodeReport):
+    """Node -> operator, the link's first frame."""
+
+    t: Literal["hello"]
+    version: str = Field(max_length=64)
+    heartbeat_interval: float = Field(gt=0, le=3600)
+    "The node sends a ``status`` at least this often; the operator drops a link silent for 3 x this."
+    error: Optional[str] = Field(None, max_length=4096)
+    "Why the node is unhealthy (its Ollama does not answer)."
+
+
+class LinkStatus(NodeReport):
+    """Node -> operator, every ``heartbeat_interval`` and when something changed."""
+
+    t: Literal["status"]
+    seq: int = Field(ge=0)
+    "Increases with each status: an older one arriving late is dropped."
+    error: Optional[str] = Field(None, max_length=4096)
 
 
 class RegisterResponse(BaseModel):
@@ -126,6 +156,8 @@ class NodeInfo(BaseModel):
     "Measured: a moving average of eval tokens per second."
     resting_until: Optional[str] = None
     "ISO 8601, UTC: after failing several jobs in a row the node gets none until then."
+    link: Literal["http", "dial"] = "http"
+    "``dial``: the node dialled in (``/nodes/link``) and is reached through that link."
 
 
 class NodesResponse(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .names import display_name, model_key
 from .protocol import LoadedModel, NodeInfo
@@ -47,6 +47,8 @@ class Node:
     "Moving average of failed jobs (0: none of late, 1: all)."
     resting_until: Optional[float] = None
     "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
+    link: Any = None
+    "The node's dial-out link (``odla.link.Link``) while it has one; None for a node reached at its URL."
 
     def outcome(self, ok: bool, now: float) -> None:
         """A job here ended: ``ok``, or it failed because of the node. Rests only ever get longer."""
@@ -95,6 +97,7 @@ class Node:
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
             resting_until=iso(self.resting_until) if self.resting(now) else None,
+            link="dial" if self.url.startswith("link://") else "http",
         )
 
 

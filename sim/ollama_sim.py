@@ -384,6 +384,12 @@ class Simulator:
         if not isinstance(req, dict):
             await respond_json(send, 400, {"error": "json: cannot unmarshal into Go value"})
             return None
+        options = req.get("options")
+        if options is not None and not isinstance(options, dict):  # Go's binding refuses it: 400, as Ollama does
+            kind = {str: "string", list: "array", bool: "bool"}.get(type(options), "number")
+            await respond_json(send, 400, {"error": f"json: cannot unmarshal {kind} into Go struct field "
+                                                    ".options of type map[string]interface {{}}"})
+            return None
         return req
 
     async def check_model(self, req: dict, send: Send, field_names: tuple = ("model",)) -> bool:

@@ -56,29 +56,21 @@ def ndjson_reply(body: bytes) -> bytes:
         len(body), body)
 
 
-class RawNode:
-    """A node that speaks raw bytes over TCP, for answers no HTTP framework would give.
+class TCPServerThread:
+    """An asyncio TCP server (``_serve(reader, writer)`` per connection) on its own event loop in a
+    thread, on a free port of 127.0.0.1; stopped, with every connection's task, on exit."""
 
-    ``script(first_line, reader, writer)`` answers every request but ``GET /health``,
-    which gets a healthy answer unless ``healthy`` is False (then: no answer at all).
-    Runs on its own event loop in a thread; ``requests`` lists each request line seen and
-    ``closed`` counts connections the other side closed.
-    """
-
-    def __init__(self, script, models=("llama3",), healthy: bool = True) -> None:
+    def __init__(self) -> None:
         import threading
 
         from tests.helpers import bound_socket
 
-        self.script, self.models, self.healthy = script, list(models), healthy
-        self.requests: list[str] = []
-        self.closed = 0
         self.sock = bound_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
-    def __enter__(self) -> "RawNode":
+    def __enter__(self):
         self.sock.listen(64)
         self.thread.start()
         started = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, sock=self.sock), self.loop)
@@ -94,6 +86,25 @@ class RawNode:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.sock.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawNode(TCPServerThread):
+    """A node that speaks raw bytes over TCP, for answers no HTTP framework would give.
+
+    ``script(first_line, reader, writer)`` answers every request but ``GET /health``,
+    which gets a healthy answer unless ``healthy`` is False (then: no answer at all).
+    Runs on its own event loop in a thread; ``requests`` lists each request line seen and
+    ``closed`` counts connections the other side closed.
+    """
+
+    def __init__(self, script, models=("llama3",), healthy: bool = True) -> None:
+        super().__init__()
+        self.script, self.models, self.healthy = script, list(models), healthy
+        self.requests: list[str] = []
+        self.closed = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -128,3 +139,40 @@ class RawNode:
             self.closed += 1
         finally:
             writer.close()
+
+
+class Cutter(TCPServerThread):
+    """A TCP forwarder to ``127.0.0.1:port`` whose connections can be cut at once (``cut()``):
+    a network that fails between a node and the operator while both live."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.target = port
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
+        super().__exit__(*exc)
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            for writer in self.writers:
+                writer.transport.abort()
+            self.writers.clear()
+        self.loop.call_soon_threadsafe(close_all)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -35,9 +35,12 @@ def test_compose_file_is_valid():
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
-def test_compose_runs_one_operator_and_two_nodes_as_spec_describes():
+def test_compose_runs_one_operator_and_two_nodes_as_spec_describes_and_one_that_dials():
     services = compose_config()["services"]
-    assert set(services) == {"operator", "node1", "node2"}
+    assert set(services) == {"operator", "node1", "node2", "node3"}
+    dialler = services["node3"]
+    assert dialler["environment"]["NODE_LINK"] == "dial" and "ports" not in dialler
+    assert dialler["environment"]["COORDINATOR_URL"] == "http://operator:8000"
     assert services["operator"]["ports"] == ["8000:8000"] or \
         services["operator"]["ports"][0]["published"] in (8000, "8000")
     for name, port in (("node1", "8001"), ("node2", "8002")):
