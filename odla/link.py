@@ -39,8 +39,8 @@ from .registry import Node, Registry
 
 log = logging.getLogger("odla.operator")
 
-WINDOW = 8
-"Chunks of one job the node may send ahead of the operator's credit."
+WINDOW = 16
+"Chunks of one job the node may send ahead of the operator's credit (granted by halves)."
 HELLO_TIMEOUT_S = 10.0
 REFUSED, REPLACED, TAKEN, BAD_FRAME, SILENT = 4401, 4000, 4409, 4400, 4408
 
@@ -277,21 +277,34 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[[], 
         on_change()
         writer = asyncio.ensure_future(this.writer())
         this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval})
-        reason, code = "closed", 1000
-        try:
-            while True:
-                text = await asyncio.wait_for(ws.receive_text(), 3 * this.heartbeat)
-                status = this.take(json.loads(text))
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]
+
+        async def read() -> None:
+            while True:  # no timer per frame: the watchdog below looks for silence
+                status = this.take(json.loads(await ws.receive_text()))
+                heard[0] = loop.time()
                 if status is not None:
                     _report(registry, this, status, peer)
                     on_change()
-        except asyncio.TimeoutError:
-            reason, code = f"silent for {3 * this.heartbeat:g}s", SILENT
+
+        reader = asyncio.ensure_future(read())
+        reason, code = "closed", 1000
+        try:
+            while not reader.done():
+                await asyncio.wait([reader], timeout=this.heartbeat)
+                if not reader.done() and loop.time() - heard[0] > 3 * this.heartbeat:
+                    reader.cancel()
+                    reason, code = f"silent for {3 * this.heartbeat:g}s", SILENT
+                    break
+            else:
+                reader.result()
         except WebSocketDisconnect as exc:
             reason, code = f"closed by the node ({exc.code})", exc.code
         except (ValueError, ValidationError) as exc:
             reason, code = f"bad frame: {str(exc)[:200]}", BAD_FRAME
         finally:
+            reader.cancel()
             this.lost(reason)
             writer.cancel()
             if node.link is this:
