@@ -195,6 +195,17 @@ def test_a_silent_link_is_dropped_after_three_heartbeats_and_its_streams_end(net
     wait_for(lambda: net.listing()["dial"]["healthy"], timeout=10)  # it redials when it runs again
 
 
+def test_a_link_outlives_request_timeout(net):
+    """The operator's deadline for a request to arrive whole ends with the WebSocket's handshake."""
+    sim = net.sim("--tokens", "3")
+    net.operator(request_timeout=1)
+    dialled = net.node("dial", sim, **DIAL)
+    net.wait_nodes("dial")
+    time.sleep(2.5)
+    assert "redialling" not in dialled.output()
+    assert tokens(stream(net.op_url, "llama3", "later")[1]) == sim_tokens("later", 3)
+
+
 def test_the_node_redials_with_jittered_delays_within_the_cap_and_a_restart_replaces_its_link(net):
     sim = net.sim("--tokens", "3")
     operator = net.operator()
