@@ -118,6 +118,9 @@ class Dialer:
                 reason = _closed(exc)
             except (OSError, asyncio.TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - the link must outlive any one failure
+                log.exception("the link failed unexpectedly")
+                reason = repr(exc)
             finally:
                 await self.cancel_all()
             if self.closing:
@@ -155,7 +158,10 @@ class Dialer:
         statuses = asyncio.ensure_future(self.statuses(ws))
         try:
             async for text in ws:
-                self.take(ws, json.loads(text))
+                try:
+                    self.take(ws, json.loads(text))
+                except (ValueError, TypeError, AttributeError) as exc:  # one bad frame is not the link's end
+                    log.warning("bad frame from the operator (%s): %.80r", exc, text)
         finally:
             self.node.state.registered = False
             statuses.cancel()

@@ -73,6 +73,8 @@ class LinkResponse:
             self.started.set_result(self)
         data = frame.get("data")
         if data:
+            if not isinstance(data, str):
+                raise ValueError("a chunk's data is text")
             if len(self.pieces) >= WINDOW:  # beyond its credit: a node that ignores the window
                 self.fail("node sent beyond its credit")
                 self.link.cancel(self.id)
@@ -203,7 +205,10 @@ class Link:
             await self.ws.send_text(text)
 
     def take(self, frame: dict) -> Optional[p.LinkStatus]:
-        """A frame from the node; a newer ``status`` is returned for the registry."""
+        """A frame from the node; a newer ``status`` is returned for the registry. ValueError
+        (or TypeError) for a frame that is not one."""
+        if not isinstance(frame, dict):
+            raise ValueError("a frame is a JSON object")
         kind = frame.get("t")
         if kind == "chunk" or kind == "end":
             resp = self.jobs.get(str(frame.get("id")))
@@ -301,7 +306,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[[], 
                 reader.result()
         except WebSocketDisconnect as exc:
             reason, code = f"closed by the node ({exc.code})", exc.code
-        except (ValueError, ValidationError) as exc:
+        except (ValueError, TypeError, AttributeError, ValidationError) as exc:
             reason, code = f"bad frame: {str(exc)[:200]}", BAD_FRAME
         finally:
             reader.cancel()

@@ -299,3 +299,53 @@ def test_an_unknown_link_mode_stops_the_node_with_a_message():
     result = subprocess.run([sys.executable, "node.py"], cwd=ROOT, capture_output=True, text=True, timeout=20,
                             env={**os.environ, "NODE_LINK": "pigeon"})
     assert result.returncode != 0 and "NODE_LINK" in result.stderr
+
+
+def test_bad_frames_from_a_node_close_its_link_and_harm_nothing(net):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    sim = net.sim("--tokens", "3")
+    net.operator()
+    net.node("web", sim)
+    net.wait_nodes("web")
+    hello = {"t": "hello", "node_id": "odd", "version": "x", "heartbeat_interval": 1, "models": ["llama3:latest"]}
+
+    async def send_after_hello(frame) -> tuple[int, str]:
+        async with connect(f"ws://127.0.0.1:{net.op_port}/nodes/link") as ws:
+            if frame != "no hello":
+                await ws.send(json.dumps(hello))
+                assert json.loads(await ws.recv())["t"] == "welcome"
+            await ws.send(json.dumps(frame) if frame != "no hello" else "[]")
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.recv()
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    for frame in ([1, 2], {"t": "status", "node_id": "other", "seq": 1}, {"t": "status", "seq": "z"},
+                  {"t": "launch"}, "no hello"):
+        code, reason = asyncio.run(send_after_hello(frame))
+        assert code == 4400, (frame, code, reason)
+    assert set(net.listing()) >= {"web"}
+    assert tokens(stream(net.op_url, "llama3", "fine")[1]) == sim_tokens("fine", 3)
+
+
+def test_bad_frames_from_the_operator_are_logged_and_the_link_goes_on(net, fake_operator):
+    sim = net.sim("--tokens", "3")
+
+    async def scenario() -> None:
+        async with ws_serve(fake_operator.handler, "127.0.0.1", fake_operator.port):
+            node = net.node("dial", sim, ODLA_OPERATOR_URL=fake_operator.url, **DIAL)
+            await fake_operator.next("hello")
+            ws = fake_operator.ws
+            await ws.send(json.dumps({"t": "welcome"}))
+            for bad in ("[1]", "not json", json.dumps({"t": "credit", "id": "j", "n": "lots"}), json.dumps({"t": "x"})):
+                await ws.send(bad)
+            await ws.send(json.dumps({"t": "run", "id": "j1", "method": "POST", "path": "/run",
+                                      "body": json.dumps({"job_id": "j1", "model": "llama3", "prompt": "ok"})}))
+            data = ""
+            while (frame := await fake_operator.next("chunk", "end"))["t"] == "chunk":
+                data += frame["data"]
+            assert [json.loads(line).get("token") for line in data.splitlines()][:3] == sim_tokens("ok", 3)
+            assert "bad frame from the operator" in node.output() and "redialling" not in node.output()
+    asyncio.run(scenario())
