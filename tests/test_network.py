@@ -208,7 +208,8 @@ def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
     try:
         asyncio.run(give_up())
         assert reached[0] >= before + 90  # they did reach the stopped node
-        assert established_to(node_port) <= before + 1, "given-up requests left their sockets open"
+        # closed as the operator hears each client leave (a moment under load), not left open for ever
+        wait_for(lambda: established_to(node_port) <= before + 1, timeout=5)
     finally:
         stopped.send_signal(signal.SIGCONT)
     net.wait_nodes("n1")
