@@ -20,8 +20,9 @@ demo: $(VENV)/.runtime
 	$(PY) scripts/demo.py
 
 # Debian's docker-compose checks docker-compose.yml statically; nginx is the benchmarks' floor and baseline;
-# chromium runs the dashboard's browser test. Installed when missing and root.
-TOOLS := docker-compose nginx chromium
+# chromium runs the dashboard's browser test; redis-server is shared state's real Redis (each test starts
+# its own on a free port). Installed when missing and root.
+TOOLS := docker-compose nginx chromium redis-server
 test-tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.helpers import Network, ServerThread, Sim, bound_socket, settings
+from tests.helpers import Network, RedisServer, ServerThread, Sim, bound_socket, settings
 
 import node as node_agent
 import server as operator_app
@@ -53,3 +55,14 @@ def net(tmp_path) -> Iterator[Network]:
     """The network as real processes (``python X.py``), all stopped by pid at the end."""
     with contextlib.ExitStack() as stack:
         yield Network(tmp_path, stack)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port; stopped by its pid."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI: make test installs Debian's redis-server")
+        pytest.skip("redis-server not installed (make test installs it when run as root)")
+    with RedisServer() as server:
+        yield server

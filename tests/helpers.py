@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,3 +232,37 @@ class Network:
 
     def wait_nodes(self, *ids: str, timeout: float = 15) -> None:
         wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
+
+
+class RedisServer:
+    """Debian's redis-server on a free port of 127.0.0.1, with no persistence; stopped by its pid."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is missing: make test installs Debian's redis-server"
+        self.proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return self
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.__exit__()
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
