@@ -201,8 +201,11 @@ class Link:
         self.outbox.put_nowait(None)
 
     async def writer(self) -> None:
-        while (text := await self.outbox.get()) is not None:
-            await self.ws.send_text(text)
+        try:
+            while (text := await self.outbox.get()) is not None:
+                await self.ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the reader sees the link go, and cleans up
 
     def take(self, frame: dict) -> Optional[p.LinkStatus]:
         """A frame from the node; a newer ``status`` is returned for the registry. ValueError
