@@ -94,6 +94,7 @@ class Dialer:
         self.refused: Optional[str] = None
         self.ws: Optional[ClientConnection] = None
         self.closing = False
+        self.linked = False
         self.stopped = asyncio.Event()
         "Set when the operator refused the node: the process ends, saying why (``refused``)."
 
@@ -102,13 +103,12 @@ class Dialer:
         attempt = 0
         headers = {"Authorization": f"Bearer {self.settings.join_token}"} if self.settings.join_token else {}
         while True:
-            reason = "closed"
+            reason, self.linked = "closed", False
             try:
                 async with connect(self.url, additional_headers=headers, open_timeout=self.settings.connect_timeout,
                                    ping_interval=self.heartbeat, ping_timeout=2 * self.heartbeat,
                                    max_size=self.settings.max_body_bytes + 65536, user_agent_header=None) as ws:
                     await self.serve(ws)
-                    attempt = 0
             except Refused as exc:
                 self.refused = str(exc)
                 log.error("the operator at %s refused this node: %s", self.settings.operator_url, exc)
@@ -125,6 +125,8 @@ class Dialer:
                 await self.cancel_all()
             if self.closing:
                 return
+            if self.linked:  # a link that was up starts the back-off over
+                attempt = 0
             delay = redial_delay(attempt, self.heartbeat)
             attempt += 1
             log.warning("link to operator at %s lost or refused (%s); redialling in %.2fs",
@@ -154,7 +156,7 @@ class Dialer:
         if welcome.get("t") != "welcome":
             raise ConnectionClosed(None, None)
         log.info("linked to operator at %s as %s", self.settings.operator_url, self.node.state.node_id)
-        self.node.state.registered = True
+        self.node.state.registered = self.linked = True
         statuses = asyncio.ensure_future(self.statuses(ws))
         try:
             async for text in ws:
@@ -175,6 +177,10 @@ class Dialer:
 
     async def statuses(self, ws: ClientConnection) -> None:
         """A ``status`` every ``heartbeat_interval``, and soon after a job ends (the node's report)."""
+        with contextlib.suppress(ConnectionClosed):  # the reader sees the link go
+            await self._statuses(ws)
+
+    async def _statuses(self, ws: ClientConnection) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.node.report_soon.wait(), self.heartbeat)
