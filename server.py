@@ -49,6 +49,7 @@ from odla.receipts import Receipts, ReceiptsError
 from odla.receipts import connect as receipts_db
 from odla.relay import Router
 from odla.scheduler import Scheduler
+from odla.shared import SharedState
 from odla.responses import STREAM_RESPONSES, LineStream
 from odla.watch import watch_router
 
@@ -145,22 +146,30 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             app.state.startup_error = str(exc)
             raise
         nodes = NodeClient(settings)
+        shared = app.state.shared = SharedState(settings, registry, scheduler.wake) if settings.redis_url else None
         try:
-            router = app.state.router = Router(registry, nodes, scheduler)
+            router = app.state.router = Router(registry, nodes, scheduler, shared=shared)
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
-            async with background(checker.run(), "health-checks"), background(receipts.run(), "receipts"):
+            async with contextlib.AsyncExitStack() as loops:
+                await loops.enter_async_context(background(checker.run(), "health-checks"))
+                await loops.enter_async_context(background(receipts.run(), "receipts"))
+                if shared is not None:
+                    await loops.enter_async_context(background(shared.run(), "shared-state"))
                 yield
         finally:
             await nodes.aclose()
             await receipts.aclose()  # writes the last receipts
+            if shared is not None:
+                await shared.aclose()
 
     # With API keys, the API's description is behind them too; /docs and /redoc, which could not
     # send a key, are off.
     app = build_app("ODLA operator", lifespan, settings, on_refused=counted.refused, docs=not settings.api_keys,
                     listen_host=settings.operator_host)
     app.state.registry = registry
+    app.state.shared = None  # set by the lifespan when redis_url is
     node_auth = [Depends(join_token_dependency(settings.join_token))]
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
 
@@ -202,6 +211,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         scheduler.wake()  # its slots may have grown
         if known is None:
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
+        if request.app.state.shared is not None:
+            await request.app.state.shared.publish(body)
         return p.RegisterResponse(node_id=node.node_id, models=node.models)
 
     @app.post("/deregister", dependencies=node_auth, openapi_extra=openapi_body(p.DeregisterRequest))
@@ -211,6 +222,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         if known is None or body.url is not None and body.url != known.url:  # never another node's row
             raise ODLAError(f"unknown node: {body.node_id}" + (f" at {body.url}" if body.url else ""), 404)
         registry.remove(body.node_id)
+        if request.app.state.shared is not None:
+            await request.app.state.shared.withdraw(body.node_id)
         log.info("node %s left the network", body.node_id)
         return {"status": "deregistered", "node_id": body.node_id}
 
@@ -220,7 +233,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        shared = request.app.state.shared
+        if shared is not None and not shared.ok:  # serving from its last view of the network
+            return {"status": "degraded", "nodes": len(registry), "error": shared.error}
         return {"status": "healthy", "nodes": len(registry)}
 
     @app.post("/inference", response_class=LineStream, dependencies=job_auth, responses=STREAM_RESPONSES,

@@ -36,6 +36,7 @@ ENV_KEYS: dict[str, str] = {
     "ODLA_JOBS_DB": "jobs_db",
     "NODE_LINK": "link",
     "ODLA_NODE_TOKENS": "node_tokens",
+    "ODLA_REDIS_URL": "redis_url",
 }
 
 
@@ -47,7 +48,7 @@ ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
-                          "max_connections", "node_tokens"},
+                          "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval", "link"},
 }
@@ -99,6 +100,10 @@ class Settings(BaseModel):
     "How the operator reaches a node: ``http`` (at its URL) or ``dial`` (the node dials out and listens on no port)."
     node_tokens: Union[dict[str, str], str, None] = Field(None, repr=False)
     "Per-node join tokens (node id -> token), or a JSON file of them; a node listed must use its own."
+    redis_url: Optional[str] = Field(None, repr=False)
+    "Several operators share their nodes and slots through this Redis (``redis://host:6379/0``); none: alone."
+    lease_seconds: float = Field(30, gt=0)
+    "With Redis: how long a job's claim on a slot lasts unless renewed (an operator that died frees its slots so)."
     max_connections: int = Field(10_000, ge=1)
     "Connections and requests the operator holds at once (uvicorn's limit_concurrency); past it, 503."
     max_queue: int = Field(512, ge=0)

@@ -8,8 +8,9 @@ exactly one final line, and to take off it the counts the node adds for the job'
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
@@ -18,13 +19,15 @@ from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .names import model_key
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell
-from .scheduler import Claim, Place, Scheduler
+from .scheduler import Claim, Place, QueueTimeout, Scheduler
 from .usage import Tail, Usage
 
 WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
 
 log = logging.getLogger("odla.operator")
 RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
+LEASE_RETRY_S = 0.05
+"With several operators: how soon a job that found every node full elsewhere tries again."
 MAX_TRIES = 8
 "Nodes one job is sent to at most: past it the job fails, rather than walk a registry of dead nodes."
 
@@ -33,10 +36,12 @@ class Router:
     """The scheduler's pick, failover before the first byte; every job's stream tracked per node."""
 
     def __init__(self, registry: Registry, nodes: NodeClient, scheduler: Scheduler,
-                 on_failure: Optional[Callable[[Node], None]] = None) -> None:
+                 on_failure: Optional[Callable[[Node], None]] = None, shared: Optional[Any] = None) -> None:
         self.registry = registry
         self.nodes = nodes
         self.scheduler = scheduler
+        self.shared = shared
+        "With several operators (odla/shared.py): each claim is confirmed by a lease across them."
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
@@ -64,12 +69,26 @@ class Router:
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
+        busy: list[str] = []  # full because of other operators' jobs (their leases)
+        waited_until = asyncio.get_running_loop().time() + self.scheduler.queue_timeout
         while True:
             if len(failures) >= MAX_TRIES:
                 raise self._all_failed(model, failures)
-            claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place)
+            failed = [node.node_id for node, _, _ in failures]
+            claim = await self.scheduler.claim(model, job.caller, failed + busy, place)
+            if claim is None and busy:  # every node is full across the operators: try again shortly
+                if asyncio.get_running_loop().time() > waited_until:
+                    raise QueueTimeout(f"no node with model {model} had a free slot within "
+                                       f"{self.scheduler.queue_timeout:g}s")
+                busy.clear()
+                await asyncio.sleep(LEASE_RETRY_S)
+                continue
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
+            if self.shared is not None and not await self.shared.lease(claim):
+                claim.release()
+                busy.append(claim.node.node_id)
+                continue
             if claim.waited:
                 job.queue_wait = (job.queue_wait or 0.0) + claim.waited
             resp = None

@@ -57,11 +57,15 @@ class Claim:
     released: bool = False
     waited: float = 0.0
     "Seconds the job waited in the queue for this slot (0: it had one at once)."
+    on_release: Optional[Callable[[], None]] = None
+    "Also to do on release (the claim's lease, with several operators: odla/shared.py)."
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.scheduler._release(self)
+            if self.on_release is not None:
+                self.on_release()
 
 
 @dataclass(eq=False)

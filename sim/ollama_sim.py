@@ -15,7 +15,8 @@ Failure injection (flags, or ``POST /_sim/config`` with the same names at run ti
 ``busy`` (503 to everything), ``hold_last`` (the last token waits for
 ``POST /_sim/release``), ``load_delay`` (seconds before the first token, as while Ollama
 loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
-``GET /_sim/stats`` counts requests, finished and cancelled ones, and ``cancelled_early``:
+``GET /_sim/stats`` counts requests, finished and cancelled ones, streams generating now
+(``active``) and at most at once (``most_active``), and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for. The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
@@ -117,7 +118,7 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "errors": 0, "loads": 0}
+                      "most_active": 0, "errors": 0, "loads": 0}
         self.release = asyncio.Event()
         self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
         self.last_request: dict = {}  # the last /api/generate or /api/chat body, for tests: GET /_sim/last
@@ -462,6 +463,7 @@ class Simulator:
             await self.answer_whole(model, tokens, started, chat, watcher, waited_s)(send)
             return
         self.stats["active"] += 1
+        self.stats["most_active"] = max(self.stats["most_active"], self.stats["active"])
         try:
             for i, token in enumerate(tokens):
                 if i in (b.error_after, b.crash_after) and i == 0:

@@ -1,0 +1,200 @@
+"""Several operators on one Redis (``redis_url``): shared nodes and slots, each operator's own last view.
+
+Each operator keeps its in-memory registry (odla/registry.py) as its view of the network and
+serves from it; Redis is where the operators meet:
+
+- **nodes**: a registration (a node's heartbeat) to any operator is written to
+  ``odla:node:<id>`` and its liveness to ``odla:alive:<id>``, a key that expires
+  ``prune_after`` after the last heartbeat (no keyspace notifications are relied on). Every
+  second each operator reads them back: nodes registered elsewhere join its view, nodes alive
+  elsewhere stay in it, nodes gone everywhere leave it.
+- **slots**: every job's claim on a slot is also a lease in Redis (odla/leases.py), taken by one
+  Lua script, so two operators never put more jobs on a node than it has slots; a lease is
+  renewed every ``lease_seconds / 3`` while its job runs and expires with an operator that died.
+
+**Redis down.** Operators serve from what they last knew and claim slots on their own count
+alone; the outage is logged loudly and ``/health`` answers ``degraded``. Redis may come back
+empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health`` is
+``healthy`` again at the next read.
+
+Not yet shared (issue 17, in progress): the queue's order, health checks (each operator checks
+every node), nodes' failure/rest state, receipts, and dial-out links (a node dialled in to one
+operator is reached through that one only, and is not published).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from typing import Callable, Optional
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import protocol as p
+from .config import Settings
+from .leases import Leases
+from .registry import Registry
+from .scheduler import Claim
+
+log = logging.getLogger("odla.operator")
+SYNC_S = 1.0
+"How often an operator reads the shared nodes back."
+NODES = "odla:nodes"
+
+
+class SharedState:
+    """One operator's connection to the others, through Redis."""
+
+    def __init__(self, settings: Settings, registry: Registry, on_change: Callable[[], None] = lambda: None) -> None:
+        assert settings.redis_url
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.leases = Leases(self.redis, settings.lease_seconds)
+        self.lease_seconds = settings.lease_seconds
+        self.registry = registry
+        self.alive_ms = max(1, int((settings.prune_after or 60) * 1000))
+        self.on_change = on_change
+        self.error: Optional[str] = None
+        "Why Redis cannot be used now; None while it can."
+        self.held: dict[str, tuple[str, str]] = {}  # lease member -> (node id, model key), renewed while held
+        self.learned: set[str] = set()  # nodes in this view only because another operator has them
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            log.error("REDIS UNAVAILABLE (%s): serving from this operator's last view of the network, "
+                      "slots counted by this operator alone, until it is back", exc)
+        self.error = f"redis: {exc}"
+
+    def _recovered(self) -> None:
+        if self.error is not None:
+            log.warning("Redis is back: the network is shared again")
+        self.error = None
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    async def publish(self, body: p.RegisterRequest) -> None:
+        """A registration (or heartbeat) here, for every operator."""
+        self.learned.discard(body.node_id)
+        if not self.ok:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                record = f'{{"at": {self.registry.clock()!r}, "node": {body.model_dump_json()}}}'
+                pipe.set(f"odla:node:{body.node_id}", record)
+                pipe.set(f"odla:alive:{body.node_id}", 1, px=self.alive_ms)
+                pipe.sadd(NODES, body.node_id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def withdraw(self, node_id: str) -> None:
+        """A node left (deregistered here): gone for every operator."""
+        if not self.ok:
+            return
+        try:
+            await self.redis.delete(f"odla:node:{node_id}", f"odla:alive:{node_id}")
+            await self.redis.srem(NODES, node_id)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def sync(self) -> None:
+        """Read the shared nodes into this operator's view."""
+        ids = sorted(m.decode() for m in await self.redis.smembers(NODES))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node_id in ids:
+                pipe.get(f"odla:node:{node_id}")
+                pipe.exists(f"odla:alive:{node_id}")
+            answers = await pipe.execute()
+        self._recovered()
+        changed, present = False, set()
+        for node_id, record, alive in zip(ids, answers[::2], answers[1::2]):
+            if not alive or record is None:  # gone everywhere: its heartbeats stopped
+                await self.redis.srem(NODES, node_id)
+                continue
+            present.add(node_id)
+            known = self.registry.get(node_id)
+            if known is not None and known.link is not None:
+                continue  # dialled in here: this operator's own
+            try:
+                shared = json.loads(record)
+                body, heard = p.RegisterRequest.model_validate(shared["node"]), float(shared["at"])
+            except (ValueError, KeyError, TypeError, ValidationError):
+                continue
+            if known is None or known.url != body.url:
+                self.registry.register(body.node_id, body.url, body.models, healthy=body.healthy, slots=body.slots,
+                                       loaded=body.loaded, tokens_per_s=body.tokens_per_s)
+                self.learned.add(node_id)
+                changed = True
+            else:
+                known.last_seen = max(known.last_seen, heard)  # its last heartbeat, to whichever operator
+        for node_id in self.learned - present:  # alive nowhere now: out of this view too
+            self.learned.discard(node_id)
+            node = self.registry.get(node_id)
+            if node is not None and node.link is None:
+                self.registry.remove(node_id)
+                log.warning("node %s left the network (no heartbeat to any operator)", node_id)
+        if changed:
+            self.on_change()
+
+    # --- slots ---------------------------------------------------------------------------------
+
+    async def lease(self, claim: Claim) -> bool:
+        """Confirm a claim across the operators: False when the node's slots are taken elsewhere.
+        With Redis down, this operator's own count decides (True)."""
+        if not self.ok:
+            return True
+        member = os.urandom(8).hex()
+        node_id, key = claim.node.node_id, claim.key
+        try:
+            granted = await self.leases.claim(node_id, key, member, claim.node.slots_for(key))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return True
+        if granted:
+            self.held[member] = (node_id, key)
+            claim.on_release = lambda: self._release(member)
+        return granted
+
+    def _release(self, member: str) -> None:
+        held = self.held.pop(member, None)
+        if held is not None and self.ok:
+            asyncio.ensure_future(self._forget(*held, member))
+
+    async def _forget(self, node_id: str, key: str, member: str) -> None:
+        with contextlib.suppress(RedisError, OSError):  # else it expires by itself
+            await self.leases.release(node_id, key, member)
+
+    async def renew(self) -> None:
+        for member, (node_id, key) in list(self.held.items()):
+            if not await self.leases.renew(node_id, key, member) and member in self.held:
+                # expired (Redis was away, or came back empty): claim it again, or live with the overlap
+                await self.leases.claim(node_id, key, member, 1 << 30)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Every second: the shared nodes read back; every ``lease_seconds / 3``: leases renewed."""
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while True:
+            try:
+                await self.sync()
+                if loop.time() - renewed >= self.lease_seconds / 3:
+                    renewed = loop.time()
+                    await self.renew()
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            except Exception:  # noqa: BLE001 - the loop outlives any one failure
+                log.exception("shared state: sync failed unexpectedly")
+            await asyncio.sleep(SYNC_S)

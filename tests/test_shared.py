@@ -1,0 +1,113 @@
+"""Several operators on one real redis-server (issue 17): shared nodes, slots as leases, Redis down.
+Real processes, the simulator as Ollama."""
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from sim.ollama_sim import sim_tokens
+from tests.helpers import free_port, read_stream, wait_for, wait_http
+
+
+@pytest.fixture
+def two(net, redis_server):
+    """Two operators on one Redis; nodes register with the first (``net.op_url``)."""
+    first = net.operator(redis_url=redis_server.url, lease_seconds=2)
+    port = free_port()
+    net.start("server.py", operator_port=str(port))
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return net, f"http://127.0.0.1:{port}", first
+
+
+def tokens(lines: list[dict]) -> list[str]:
+    return [line["token"] for line in lines if "token" in line]  # queue places aside
+
+
+def listed(url: str) -> dict:
+    return {n["node_id"]: n for n in httpx.get(f"{url}/nodes", timeout=5).json()["nodes"]}
+
+
+async def ask(urls: list[str], count: int, tokens: int) -> list[list[dict]]:
+    async with httpx.AsyncClient(timeout=60) as http:
+        async def one(i: int) -> list[dict]:
+            body = {"model": "llama3", "prompt": f"p{i}"}
+            async with http.stream("POST", f"{urls[i % len(urls)]}/inference", json=body) as resp:
+                return [json.loads(line) async for line in resp.aiter_lines() if line]
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def test_two_operators_never_run_two_jobs_at_once_on_a_one_slot_node(two):
+    net, other, _ = two
+    sim = net.sim("--tokens", "4", "--delay", "0.02")
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL="1")
+    net.wait_nodes("n1")
+    wait_for(lambda: "n1" in listed(other), timeout=5)  # registered with the first, seen by the second
+    answers = asyncio.run(ask([net.op_url, other], 20, 4))
+    for i, lines in enumerate(answers):
+        assert tokens(lines) == sim_tokens(f"p{i}", 4) and lines[-1] == {"done": True}, lines
+    stats = httpx.get(f"{sim}/_sim/stats").json()
+    assert stats["completed"] == 20 and stats["most_active"] == 1, stats
+    assert httpx.get(f"{other}/health").json()["status"] == "healthy"
+
+
+def test_an_operator_killed_mid_stream_frees_its_slot_within_the_lease(two):
+    net, other, first = two
+    sim = net.sim("--tokens", "4")
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL="1")
+    net.wait_nodes("n1")
+    wait_for(lambda: "n1" in listed(other), timeout=5)
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
+    with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "held"}, timeout=30) as resp:
+        lines = resp.iter_lines()
+        assert "token" in json.loads(next(lines))
+        killed = time.monotonic()
+        first.send_signal(signal.SIGKILL)  # its lease on the node's one slot stays in Redis
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": False})
+    code, lines = 0, []
+    with httpx.stream("POST", f"{other}/inference", json={"model": "llama3", "prompt": "after"}, timeout=30) as resp:
+        code, lines = resp.status_code, read_stream(resp)
+    assert code == 200 and tokens(lines) == sim_tokens("after", 4)
+    assert time.monotonic() - killed < 2 + 2  # the dead operator's lease (2 s) expired; no longer
+    assert "n1" in listed(other)  # the node stays listed (it heartbeats to the dead one, but is alive)
+
+
+def test_a_node_that_stops_heartbeating_leaves_both_operators(two):
+    net, other, _ = two
+    sim = net.sim()
+    node = net.node("n1", sim)
+    net.wait_nodes("n1")
+    wait_for(lambda: "n1" in listed(other), timeout=5)
+    node.stop(signal.SIGKILL)  # no deregistration, no more heartbeats
+    began = time.monotonic()
+    wait_for(lambda: "n1" not in listed(net.op_url) and "n1" not in listed(other), timeout=15)
+    assert time.monotonic() - began < 3 + 2  # prune_after (3 s here) and a sync
+
+
+def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_server):
+    net, other, _ = two
+    sim = net.sim("--tokens", "30", "--delay", "0.1")
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL="8")
+    net.wait_nodes("n1")
+    wait_for(lambda: "n1" in listed(other), timeout=5)
+
+    async def under_load() -> list[list[dict]]:
+        streams = asyncio.ensure_future(ask([net.op_url, other], 4, 30))  # 3 s each, under way
+        await asyncio.sleep(0.5)
+        redis_server.__exit__()  # Redis goes away mid-stream
+        await asyncio.sleep(1.5)
+        async with httpx.AsyncClient(timeout=30) as http:
+            for url in (net.op_url, other):
+                assert (await http.get(f"{url}/health")).json()["status"] == "degraded"
+        fresh = await ask([net.op_url, other], 4, 30)  # new requests keep working
+        return [*await streams, *fresh]
+
+    for lines in asyncio.run(under_load()):
+        assert lines[-1] == {"done": True} and len(tokens(lines)) == 30
+    redis_server.__enter__()  # back, and empty (no persistence)
+    for url in (net.op_url, other):
+        wait_for(lambda: httpx.get(f"{url}/health").json()["status"] == "healthy", timeout=10)
+        wait_for(lambda: "n1" in listed(url), timeout=10)
