@@ -318,10 +318,15 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
     # The same through a node that dialled in (link: dial), with a simulator of its own ("dialled").
     paths.append(("odla-dial", ports["operator"], "/inference",
                   {"sim": watch["sim_dial"], "operator": watch["operator"], "node": watch["node_dial"]}, "dialled"))
+    if "operator_redis" in watch:  # the same through an operator on a Redis registry (with its own node)
+        paths.append(("odla-redis", ports["operator_redis"], "/inference",
+                      {**direct, "operator": watch["operator_redis"], "node": watch["node_redis"],
+                       "redis": watch["redis"]}, "llama3"))
     # One request at a time, also straight at the node: what each hop adds, the node's and the operator's.
     node_path = ("node", ports["node"], "/run", {**direct, "node": watch["node"][:1]}, "llama3")
     for shape in shapes:
-        shape_paths = [*paths[:-2], node_path, *paths[-2:]] if shape.name == "serial" else paths
+        shape_paths = [*paths[:2 if have_nginx else 1], node_path, *paths[2 if have_nginx else 1:]] \
+            if shape.name == "serial" else paths
         for sim in ("sim", "sim_dial"):
             await set_sim(ports[sim], tokens=shape.tokens, delay=shape.delay)
         warm = Shape(shape.name, min(shape.concurrency, 20), min(shape.concurrency, 20), shape.tokens, 0, 1)
@@ -356,7 +361,7 @@ def table(result: dict) -> str:
              "CPU µs/tok relay", "fail")]
     for shape, per_path in result["shapes"].items():
         direct = per_path["direct"]
-        for name in ("direct", "nginx", "node", "odla", "odla-dial"):
+        for name in ("direct", "nginx", "node", "odla", "odla-dial", "odla-redis"):
             r = per_path.get(name)
             if r is None:
                 continue
@@ -378,14 +383,17 @@ def table(result: dict) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     rss = ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb"].items())
-    dial = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in dial_ratios(result).items())
-    return "\n".join(lines) + f"\n\npeak RSS: {rss}\noperator CPU per token, dial link / http link: {dial}"
+    out = "\n".join(lines) + f"\n\npeak RSS: {rss}"
+    for path, what in (("odla-dial", "dial link / http link"), ("odla-redis", "Redis registry / in-memory")):
+        ratios = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in ratios_to_odla(result, path).items())
+        out += f"\noperator CPU per token, {what}: {ratios or 'not run'}"
+    return out
 
 
-def dial_ratios(result: dict) -> dict[str, float]:
-    """Per shape: the operator's CPU per token through a dial node over that through an http node."""
-    return {shape: p["odla-dial"]["cpu_us_per_token_operator"] / p["odla"]["cpu_us_per_token_operator"]
-            for shape, p in result["shapes"].items() if "odla-dial" in p}
+def ratios_to_odla(result: dict, path: str) -> dict[str, float]:
+    """Per shape: the operator's CPU per token on ``path`` over that on the plain ``odla`` path."""
+    return {shape: p[path]["cpu_us_per_token_operator"] / p["odla"]["cpu_us_per_token_operator"]
+            for shape, p in result["shapes"].items() if path in p}
 
 
 def main() -> None:
@@ -400,7 +408,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="odla-bench-"))
     procs = Procs(workdir)
-    ports = {k: free_port() for k in ("sim", "sim_dial", "operator", "nginx")}
+    have_redis = shutil.which("redis-server") is not None
+    ports = {k: free_port() for k in ("sim", "sim_dial", "operator", "nginx", "redis", "operator_redis")}
     node_ports = [free_port() for _ in range(args.nodes)]
     have_nginx = shutil.which("nginx") is not None
     try:
@@ -420,21 +429,38 @@ def main() -> None:
         procs.start("node_dial", [PY, "node.py"], {**env, "NODE_ID": "dialled", "NODE_LINK": "dial",
                                                    "OLLAMA_HOST": f"127.0.0.1:{ports['sim_dial']}",
                                                    "OLLAMA_NUM_PARALLEL": "4096"})
+        if have_redis:  # a second operator, alone on a Redis, with a node of its own on the same simulator
+            procs.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(ports["redis"]), "--save", "",
+                                  "--appendonly", "no"])
+            wait_port(ports["redis"])
+            procs.start("operator_redis", [PY, "server.py"], {**env, "operator_port": str(ports["operator_redis"]),
+                                                              "ODLA_REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0"})
+            procs.start("node_redis", [PY, "node.py"], {
+                **env, "NODE_ID": "node-redis", "NODE_PORT": str(free_port()), "OLLAMA_NUM_PARALLEL": "4096",
+                "OLLAMA_HOST": f"127.0.0.1:{ports['sim']}",
+                "ODLA_OPERATOR_URL": f"http://127.0.0.1:{ports['operator_redis']}"})
         if have_nginx:
             upstream = f"  upstream ollama {{ server 127.0.0.1:{ports['sim']}; keepalive 1024; }}"
             (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=ports["nginx"], upstreams=upstream,
                                                                   locations=nginx_location("/", "ollama")))
             procs.start("nginx", ["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
                                   "-g", "daemon off;"])
-        for port in [*(p for k, p in ports.items() if have_nginx or k != "nginx"), *node_ports]:
+        skip = {"nginx"} if not have_nginx else set()
+        skip |= {"redis", "operator_redis"} if not have_redis else set()
+        for port in [*(p for k, p in ports.items() if k not in skip), *node_ports]:
             wait_port(port)
         wait_registered(ports["operator"], args.nodes + 1)
+        if have_redis:
+            wait_registered(ports["operator_redis"], 1)
         ports["node"] = node_ports[0]
         watch = {"sim": [procs.procs["sim"].pid], "operator": [procs.procs["operator"].pid],
                  "node": [procs.procs[f"node{i + 1}"].pid for i in range(args.nodes)],
                  "sim_dial": [procs.procs["sim_dial"].pid], "node_dial": [procs.procs["node_dial"].pid]}
         if have_nginx:
             watch["nginx"] = pids_of(procs.procs["nginx"])
+        if have_redis:
+            watch |= {"operator_redis": [procs.procs["operator_redis"].pid], "node_redis": [procs.procs["node_redis"].pid],
+                      "redis": [procs.procs["redis"].pid]}
         shapes = shapes_for(args.quick, args.smoke)
         if args.only:
             shapes = [s for s in shapes if s.name in args.only.split(",")]
