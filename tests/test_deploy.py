@@ -37,7 +37,7 @@ def test_compose_file_is_valid():
 
 def test_compose_runs_one_operator_and_two_nodes_as_spec_describes_and_one_that_dials():
     services = compose_config()["services"]
-    assert set(services) == {"operator", "node1", "node2", "node3"}
+    assert set(services) == {"redis", "operator", "operator2", "node1", "node2", "node3"}
     dialler = services["node3"]
     assert dialler["environment"]["NODE_LINK"] == "dial" and "ports" not in dialler
     assert dialler["environment"]["COORDINATOR_URL"] == "http://operator:8000"
@@ -52,6 +52,17 @@ def test_compose_runs_one_operator_and_two_nodes_as_spec_describes_and_one_that_
         assert "host.docker.internal:host-gateway" in services[name]["extra_hosts"]
     for service in services.values():
         assert service["healthcheck"]["test"]
+
+
+def test_compose_runs_two_operators_on_one_redis():
+    services = compose_config()["services"]
+    for name in ("operator", "operator2"):
+        assert services[name]["environment"]["ODLA_REDIS_URL"] == "redis://redis:6379/0"
+        assert "redis" in services[name]["depends_on"]
+    published = {str(p["published"]) if isinstance(p, dict) else p.split(":")[0]
+                 for name in ("operator", "operator2") for p in services[name]["ports"]}
+    assert published == {"8000", "8100"}
+    assert services["redis"]["command"][:3] == ["redis-server", "--save", ""]  # nothing to persist
 
 
 def test_compose_sets_only_variables_the_scripts_read():
