@@ -68,6 +68,11 @@ class SharedState:
         return self.error is None
 
     async def aclose(self) -> None:
+        """On shutdown: this operator's leases go with it (rather than block their slots until they expire)."""
+        for member, (node_id, key) in list(self.held.items()):
+            with contextlib.suppress(RedisError, OSError):
+                await self.leases.release(node_id, key, member)
+        self.held.clear()
         await self.redis.aclose()
 
     def _failed(self, exc: BaseException) -> None:
