@@ -69,6 +69,9 @@ class HealthChecker:
         self.on_unreachable = on_unreachable
         self.on_healthy = on_healthy
         self.rechecks: dict[str, asyncio.Task] = {}  # by node id: one pending recheck per node, found at once
+        self.shared: Optional[SharedState] = None
+        "With several operators: each node checked by one of them per interval, the result shared."
+        self.found: dict[str, tuple[bool, bool, Optional[str]]] = {}  # this round's results, to share
 
     async def run(self) -> None:
         try:
@@ -94,6 +97,10 @@ class HealthChecker:
         """Every node, by ``CONCURRENT_CHECKS`` workers: thousands of nodes cost bounded tasks,
         sockets and memory, and the event loop keeps serving in between."""
         began, nodes = time.monotonic(), self.registry.nodes()
+        interval = self.settings.health_check_interval
+        if self.shared is not None:  # another operator checks some of them this round
+            mine = await self.shared.checks_for([n.node_id for n in nodes if n.link is None], interval)
+            nodes = [n for n in nodes if n.link is not None or n.node_id in mine]
         queue = iter(nodes)  # shared by the workers: each takes the next node when it is free
 
         async def worker() -> None:
@@ -104,6 +111,9 @@ class HealthChecker:
                     log.exception("health check of node %s failed unexpectedly", node.node_id)
 
         await asyncio.gather(*(worker() for _ in range(min(CONCURRENT_CHECKS, len(nodes)))))
+        if self.shared is not None:
+            found, self.found = self.found, {}
+            await self.shared.share_health(found, interval)
         took = time.monotonic() - began
         if took > self.settings.health_check_interval:
             log.warning("health checks of %d nodes took %.1fs, longer than health_check_interval (%gs)",
@@ -118,6 +128,7 @@ class HealthChecker:
             if node.healthy:
                 log.warning("node %s failed its health check (%s)", node.node_id, exc)
             self.registry.mark_failed(node.node_id)
+            self.found[node.node_id] = (False, isinstance(exc, NodeUnreachable), str(exc))
             if isinstance(exc, NodeUnreachable) and (cut := self.on_unreachable(node.node_id)):
                 log.warning("node %s does not answer: cut its %d stream(s)", node.node_id, cut)
             return
@@ -125,6 +136,7 @@ class HealthChecker:
         if healthy != node.healthy:
             log.info("node %s is now %s", node.node_id, "healthy" if healthy else f"unhealthy ({body.error})")
         self.registry.seen(node.node_id, healthy=healthy, models=body.models)
+        self.found[node.node_id] = (healthy, False, body.error)
         if healthy:
             self.on_healthy()
 
@@ -152,6 +164,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
+            if shared is not None:
+                checker.shared, shared.on_unreachable = shared, router.abort
             async with contextlib.AsyncExitStack() as loops:
                 await loops.enter_async_context(background(checker.run(), "health-checks"))
                 await loops.enter_async_context(background(receipts.run(), "receipts"))

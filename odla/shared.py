@@ -17,9 +17,13 @@ alone; the outage is logged loudly and ``/health`` answers ``degraded``. Redis m
 empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health`` is
 ``healthy`` again at the next read.
 
-Not yet shared (issue 17, in progress): the queue's order, health checks (each operator checks
-every node), nodes' failure/rest state, receipts, and dial-out links (a node dialled in to one
-operator is reached through that one only, and is not published).
+- **health checks**: each interval one operator checks a node (the first to ``SET NX PX`` its
+  ``odla:check:<id>``) and writes what it found to ``odla:health:<id>``; the others take it (a
+  node not answering cuts their streams from it too).
+
+Not yet shared (issue 17, in progress): the queue's order, nodes' failure/rest state, receipts,
+and dial-out links (a node dialled in to one operator is reached through that one only, and is
+not published).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class SharedState:
         "Why Redis cannot be used now; None while it can."
         self.held: dict[str, tuple[str, str]] = {}  # lease member -> (node id, model key), renewed while held
         self.learned: set[str] = set()  # nodes in this view only because another operator has them
+        self.me = os.urandom(6).hex()
+        "This operator, in the health results it writes."
+        self.heard: dict[str, float] = {}  # node id -> time of the last shared health result taken
+        self.on_unreachable: Callable[[str], int] = lambda node_id: 0
+        "Cut a node's streams here when another operator found it not answering (the router's abort)."
 
     @property
     def ok(self) -> bool:
@@ -120,10 +129,11 @@ class SharedState:
             for node_id in ids:
                 pipe.get(f"odla:node:{node_id}")
                 pipe.exists(f"odla:alive:{node_id}")
+                pipe.get(f"odla:health:{node_id}")
             answers = await pipe.execute()
         self._recovered()
         changed, present = False, set()
-        for node_id, record, alive in zip(ids, answers[::2], answers[1::2]):
+        for node_id, record, alive, health in zip(ids, answers[::3], answers[1::3], answers[2::3]):
             if not alive or record is None:  # gone everywhere: its heartbeats stopped
                 await self.redis.srem(NODES, node_id)
                 continue
@@ -143,6 +153,8 @@ class SharedState:
                 changed = True
             else:
                 known.last_seen = max(known.last_seen, heard)  # its last heartbeat, to whichever operator
+            if health is not None:
+                changed |= self._take_health(node_id, health)
         for node_id in self.learned - present:  # alive nowhere now: out of this view too
             self.learned.discard(node_id)
             node = self.registry.get(node_id)
@@ -151,6 +163,58 @@ class SharedState:
                 log.warning("node %s left the network (no heartbeat to any operator)", node_id)
         if changed:
             self.on_change()
+
+    # --- health checks: one operator per node per interval -------------------------------------
+
+    async def checks_for(self, node_ids: list[str], interval: float) -> set[str]:
+        """The nodes this operator checks this round: those no other operator took (``SET NX PX``).
+        With Redis down, all of them."""
+        if not self.ok or not node_ids:
+            return set(node_ids)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.set(f"odla:check:{node_id}", self.me, nx=True, px=max(1, int(interval * 1000)))
+                taken = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return set(node_ids)
+        return {node_id for node_id, ok in zip(node_ids, taken) if ok}
+
+    async def share_health(self, results: dict[str, tuple[bool, bool, Optional[str]]], interval: float) -> None:
+        """What this round's checks found, node id -> (healthy, unreachable, error), for the others."""
+        if not self.ok or not results:
+            return
+        now, ttl = self.registry.clock(), max(1, int(3 * interval * 1000))
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id, (healthy, unreachable, error) in results.items():
+                    pipe.set(f"odla:health:{node_id}", json.dumps({"by": self.me, "at": now, "healthy": healthy,
+                                                                   "unreachable": unreachable, "error": error}), px=ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    def _take_health(self, node_id: str, raw: bytes) -> bool:
+        """Another operator's check of a node, into this view; True when the node became usable."""
+        try:
+            result = json.loads(raw)
+            by, at, healthy = result["by"], float(result["at"]), bool(result["healthy"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        node = self.registry.get(node_id)
+        if by == self.me or node is None or node.link is not None or at <= self.heard.get(node_id, 0.0):
+            return False
+        self.heard[node_id] = at
+        if not healthy:
+            self.registry.mark_failed(node_id)
+            if result.get("unreachable"):
+                self.on_unreachable(node_id)
+            return False
+        became = not node.healthy
+        node.healthy = True
+        node.last_seen = max(node.last_seen, at)
+        return became
 
     # --- slots ---------------------------------------------------------------------------------
 

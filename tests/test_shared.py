@@ -111,3 +111,37 @@ def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_ser
     for url in (net.op_url, other):
         wait_for(lambda: httpx.get(f"{url}/health").json()["status"] == "healthy", timeout=10)
         wait_for(lambda: "n1" in listed(url), timeout=10)
+
+
+def test_each_node_is_checked_by_one_operator_per_interval_and_both_hear_the_result(two):
+    import threading
+
+    from tests.fakes import RawNode
+
+    net, other, _ = two
+
+    async def unused(first, reader, writer):
+        return False
+
+    with RawNode(unused, models=["llama3:latest"]) as node:
+        stop = threading.Event()
+
+        def heartbeat() -> None:  # what a node agent does: register every heartbeat_interval
+            while not stop.wait(0.5):
+                httpx.post(f"{net.op_url}/register", json={"node_id": "raw", "url": node.url,
+                                                           "models": ["llama3:latest"]})
+        beating = threading.Thread(target=heartbeat)
+        beating.start()
+        try:
+            wait_for(lambda: "raw" in listed(net.op_url) and "raw" in listed(other), timeout=5)
+            time.sleep(1)
+            before = sum(r.startswith("GET /health") for r in node.requests)
+            time.sleep(4)  # eight intervals of 0.5 s
+            checks = sum(r.startswith("GET /health") for r in node.requests) - before
+            assert 6 <= checks <= 11, checks  # about one per interval; two operators on their own: 16
+            node.healthy = False  # it stops answering its health checks
+            wait_for(lambda: not listed(net.op_url)["raw"]["healthy"] and not listed(other)["raw"]["healthy"],
+                     timeout=5)
+        finally:
+            stop.set()
+            beating.join()
