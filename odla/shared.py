@@ -21,7 +21,10 @@ empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health
   ``odla:check:<id>``) and writes what it found to ``odla:health:<id>``; the others take it (a
   node not answering cuts their streams from it too).
 
-Not yet shared (issue 17, in progress): the queue's order, nodes' failure/rest state, receipts,
+- **rests**: a node that failed several jobs in a row rests on every operator, until the latest
+  deadline any of them set.
+
+Not yet shared (issue 17, in progress): the queue's order, receipts,
 and dial-out links (a node dialled in to one operator is reached through that one only, and is
 not published).
 """
@@ -49,6 +52,8 @@ log = logging.getLogger("odla.operator")
 SYNC_S = 1.0
 "How often an operator reads the shared nodes back."
 NODES = "odla:nodes"
+RESTS = "odla:rests"
+"Node id -> when its rest ends (epoch seconds): a node that failed jobs in a row rests on every operator."
 
 
 class SharedState:
@@ -125,13 +130,25 @@ class SharedState:
     async def sync(self) -> None:
         """Read the shared nodes into this operator's view."""
         ids = sorted(m.decode() for m in await self.redis.smembers(NODES))
+        now = self.registry.clock()
+        resting = {n.node_id: n.resting_until for n in self.registry.nodes() if n.resting(now)}
         async with self.redis.pipeline(transaction=False) as pipe:
+            if resting:  # a rest only ever gets longer, whichever operator set it (ZADD GT)
+                pipe.zadd(RESTS, resting, gt=True)
+            pipe.zremrangebyscore(RESTS, "-inf", now)
+            pipe.zmscore(RESTS, ids or ["-"])
             for node_id in ids:
                 pipe.get(f"odla:node:{node_id}")
                 pipe.exists(f"odla:alive:{node_id}")
                 pipe.get(f"odla:health:{node_id}")
             answers = await pipe.execute()
         self._recovered()
+        rests = answers[2 if resting else 1]
+        answers = answers[3 if resting else 2:]
+        for node_id, until in zip(ids, rests):
+            node = self.registry.get(node_id)
+            if until is not None and node is not None and (node.resting_until or 0.0) < until:
+                node.resting_until = until  # another operator's failures rest it here too
         changed, present = False, set()
         for node_id, record, alive, health in zip(ids, answers[::3], answers[1::3], answers[2::3]):
             if not alive or record is None:  # gone everywhere: its heartbeats stopped

@@ -2,14 +2,18 @@
 Real processes, the simulator as Ollama."""
 
 import asyncio
+import contextlib
 import json
 import signal
+import threading
 import time
+from typing import Iterator
 
 import httpx
 import pytest
 
 from sim.ollama_sim import sim_tokens
+from tests.fakes import RawNode
 from tests.helpers import free_port, read_stream, wait_for, wait_http
 
 
@@ -113,35 +117,52 @@ def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_ser
         wait_for(lambda: "n1" in listed(url), timeout=10)
 
 
+@contextlib.contextmanager
+def heartbeats(operator_url: str, node_id: str, url: str) -> Iterator[None]:
+    """What a node agent does for a fake node: register every 0.5 s (heartbeat_interval here)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.5):
+            httpx.post(f"{operator_url}/register", json={"node_id": node_id, "url": url, "models": ["llama3:latest"]})
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+
+
 def test_each_node_is_checked_by_one_operator_per_interval_and_both_hear_the_result(two):
-    import threading
-
-    from tests.fakes import RawNode
-
     net, other, _ = two
 
     async def unused(first, reader, writer):
         return False
 
-    with RawNode(unused, models=["llama3:latest"]) as node:
-        stop = threading.Event()
+    with RawNode(unused, models=["llama3:latest"]) as node, heartbeats(net.op_url, "raw", node.url):
+        wait_for(lambda: "raw" in listed(net.op_url) and "raw" in listed(other), timeout=5)
+        time.sleep(1)
+        before = sum(r.startswith("GET /health") for r in node.requests)
+        time.sleep(4)  # eight intervals of 0.5 s
+        checks = sum(r.startswith("GET /health") for r in node.requests) - before
+        assert 6 <= checks <= 11, checks  # about one per interval; two operators on their own: 16
+        node.healthy = False  # it stops answering its health checks
+        wait_for(lambda: not listed(net.op_url)["raw"]["healthy"] and not listed(other)["raw"]["healthy"],
+                 timeout=5)
 
-        def heartbeat() -> None:  # what a node agent does: register every heartbeat_interval
-            while not stop.wait(0.5):
-                httpx.post(f"{net.op_url}/register", json={"node_id": "raw", "url": node.url,
-                                                           "models": ["llama3:latest"]})
-        beating = threading.Thread(target=heartbeat)
-        beating.start()
-        try:
-            wait_for(lambda: "raw" in listed(net.op_url) and "raw" in listed(other), timeout=5)
-            time.sleep(1)
-            before = sum(r.startswith("GET /health") for r in node.requests)
-            time.sleep(4)  # eight intervals of 0.5 s
-            checks = sum(r.startswith("GET /health") for r in node.requests) - before
-            assert 6 <= checks <= 11, checks  # about one per interval; two operators on their own: 16
-            node.healthy = False  # it stops answering its health checks
-            wait_for(lambda: not listed(net.op_url)["raw"]["healthy"] and not listed(other)["raw"]["healthy"],
-                     timeout=5)
-        finally:
-            stop.set()
-            beating.join()
+
+def test_a_node_resting_after_failures_on_one_operator_rests_on_the_other(two):
+    net, other, _ = two
+
+    async def fails(first, reader, writer):
+        writer.write(b"HTTP/1.1 500 Broken\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+                     b'{"error": "oops"}')
+        return True
+
+    with RawNode(fails, models=["llama3:latest"]) as node, heartbeats(net.op_url, "raw", node.url):
+        wait_for(lambda: "raw" in listed(other), timeout=5)
+        for _ in range(3):  # three failed jobs in a row, all at the first operator
+            httpx.post(f"{net.op_url}/inference", json={"model": "llama3", "prompt": "x"}, timeout=10)
+        assert listed(net.op_url)["raw"]["resting_until"] is not None
+        wait_for(lambda: listed(other)["raw"]["resting_until"] is not None, timeout=3)
