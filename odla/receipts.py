@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from .jobs import Job
 from .protocol import JobReceipt
@@ -63,6 +63,8 @@ class Receipts:
         self.pending: list[Job] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None
+        self.mirror: Optional[Callable[[list[Job]], Awaitable[None]]] = None
+        "Also gets each batch written (several operators: odla/shared.py copies it to Redis)."
 
     # --- in the event loop, per job: no I/O ---------------------------------------------------
 
@@ -97,6 +99,8 @@ class Receipts:
         if self.pending:
             batch, self.pending = self.pending, []
             await self._call(self._write, [_row(job) for job in batch])
+            if self.mirror is not None:
+                await self.mirror(batch)
 
     async def get(self, job_id: str) -> Optional[JobReceipt]:
         job = self.running.get(job_id) or next((j for j in self.pending if j.id == job_id), None)

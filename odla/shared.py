@@ -24,7 +24,11 @@ empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health
 - **rests**: a node that failed several jobs in a row rests on every operator, until the latest
   deadline any of them set.
 
-Not yet shared (issue 17, in progress): the queue's order, receipts,
+- **receipts**: each operator's SQLite keeps its own jobs (durable, while Redis need not be); ended
+  jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
+  every operator's (falling back to its own while Redis is down).
+
+Not yet shared (issue 17, in progress): the queue's order,
 and dial-out links (a node dialled in to one operator is reached through that one only, and is
 not published).
 """
@@ -44,6 +48,7 @@ from redis.exceptions import RedisError
 
 from . import protocol as p
 from .config import Settings
+from .jobs import Job
 from .leases import Leases
 from .registry import Registry
 from .scheduler import Claim
@@ -52,6 +57,8 @@ log = logging.getLogger("odla.operator")
 SYNC_S = 1.0
 "How often an operator reads the shared nodes back."
 NODES = "odla:nodes"
+JOBS = "odla:jobs"
+"Job id -> when it started: the index of the receipts kept in ``odla:job:<id>``."
 RESTS = "odla:rests"
 "Node id -> when its rest ends (epoch seconds): a node that failed jobs in a row rests on every operator."
 
@@ -64,6 +71,7 @@ class SharedState:
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
         self.leases = Leases(self.redis, settings.lease_seconds)
         self.lease_seconds = settings.lease_seconds
+        self.keep_s = max(1, int(settings.jobs_keep_days * 86400))
         self.registry = registry
         self.alive_ms = max(1, int((settings.prune_after or 60) * 1000))
         self.on_change = on_change
@@ -232,6 +240,46 @@ class SharedState:
         node.healthy = True
         node.last_seen = max(node.last_seen, at)
         return became
+
+    # --- job receipts: every operator's, readable from any -----------------------------------------
+
+    async def add_receipts(self, jobs: list[Job]) -> None:
+        """Ended jobs (each operator's SQLite keeps its own), for every operator, kept ``jobs_keep_days``."""
+        if not self.ok or not jobs:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.set(f"odla:job:{job.id}", job.receipt().model_dump_json(), ex=self.keep_s)
+                pipe.zadd(JOBS, {job.id: job.started for job in jobs})
+                pipe.zremrangebyscore(JOBS, "-inf", self.registry.clock() - self.keep_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def receipt(self, job_id: str) -> Optional[p.JobReceipt]:
+        raw = await self.redis.get(f"odla:job:{job_id}")
+        return p.JobReceipt.model_validate_json(raw) if raw else None
+
+    async def receipts(self, model: Optional[str], node: Optional[str], outcome: Optional[str],
+                       since: Optional[float], limit: int, offset: int) -> list[p.JobReceipt]:
+        """Every operator's ended jobs, newest first, filtered and paged as ``Receipts.find``."""
+        found: list[p.JobReceipt] = []
+        start, batch = 0, 500
+        while len(found) < offset + limit:
+            ids = await self.redis.zrevrangebyscore(JOBS, "+inf", since if since is not None else "-inf",
+                                                    start=start, num=batch)
+            if not ids:
+                break
+            start += len(ids)
+            for raw in await self.redis.mget([f"odla:job:{i.decode()}" for i in ids]):
+                if raw is None:
+                    continue  # expired
+                job = p.JobReceipt.model_validate_json(raw)
+                if (model is None or job.model == model) and (node is None or job.node == node) \
+                        and (outcome is None or job.outcome == outcome):
+                    found.append(job)
+        return found[offset:offset + limit]
 
     # --- slots ---------------------------------------------------------------------------------
 

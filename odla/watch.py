@@ -12,11 +12,14 @@ and keeps it in the browser's local storage.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
+from redis.exceptions import RedisError
 
 from . import protocol as p
 from .errors import ODLAError
@@ -47,11 +50,20 @@ def watch_router(prom: Any, activity: Activity, auth: Sequence[Any]) -> APIRoute
         if since is not None and after is None:
             raise ODLAError(f"since must be an ISO 8601 time such as 2026-11-28T09:00:00Z (got {since!r})", 422)
         receipts: Receipts = request.app.state.receipts
+        shared = getattr(request.app.state, "shared", None)
+        if shared is not None and shared.ok:  # every operator's, through Redis
+            await receipts.flush()
+            with contextlib.suppress(RedisError, OSError):
+                return p.JobsResponse(jobs=await shared.receipts(model, node, outcome, after, limit, offset))
         return p.JobsResponse(jobs=await receipts.find(model, node, outcome, after, limit, offset))
 
     @api.get("/jobs/{job_id}", dependencies=auth, response_model=p.JobReceipt, summary="One job's receipt")
     async def job(job_id: str, request: Request) -> p.JobReceipt:
         receipt = await request.app.state.receipts.get(job_id)
+        shared = getattr(request.app.state, "shared", None)
+        if receipt is None and shared is not None and shared.ok:  # another operator's
+            with contextlib.suppress(RedisError, OSError):
+                receipt = await shared.receipt(job_id)
         if receipt is None:
             raise ODLAError(f"unknown job: {job_id}", 404)
         return receipt

@@ -27,6 +27,15 @@ def two(net, redis_server):
     return net, f"http://127.0.0.1:{port}", first
 
 
+def one_node(net, other: str, slots: str, *sim_flags: str) -> str:
+    """A simulator and a node ``n1`` with ``slots``, registered with the first operator and seen by both."""
+    sim = net.sim(*sim_flags)
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL=slots)
+    net.wait_nodes("n1")
+    wait_for(lambda: "n1" in listed(other), timeout=5)
+    return sim
+
+
 def tokens(lines: list[dict]) -> list[str]:
     return [line["token"] for line in lines if "token" in line]  # queue places aside
 
@@ -46,10 +55,7 @@ async def ask(urls: list[str], count: int, tokens: int) -> list[list[dict]]:
 
 def test_two_operators_never_run_two_jobs_at_once_on_a_one_slot_node(two):
     net, other, _ = two
-    sim = net.sim("--tokens", "4", "--delay", "0.02")
-    net.node("n1", sim, OLLAMA_NUM_PARALLEL="1")
-    net.wait_nodes("n1")
-    wait_for(lambda: "n1" in listed(other), timeout=5)  # registered with the first, seen by the second
+    sim = one_node(net, other, "1", "--tokens", "4", "--delay", "0.02")
     answers = asyncio.run(ask([net.op_url, other], 20, 4))
     for i, lines in enumerate(answers):
         assert tokens(lines) == sim_tokens(f"p{i}", 4) and lines[-1] == {"done": True}, lines
@@ -60,10 +66,7 @@ def test_two_operators_never_run_two_jobs_at_once_on_a_one_slot_node(two):
 
 def test_an_operator_killed_mid_stream_frees_its_slot_within_the_lease(two):
     net, other, first = two
-    sim = net.sim("--tokens", "4")
-    net.node("n1", sim, OLLAMA_NUM_PARALLEL="1")
-    net.wait_nodes("n1")
-    wait_for(lambda: "n1" in listed(other), timeout=5)
+    sim = one_node(net, other, "1", "--tokens", "4")
     httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
     with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "held"}, timeout=30) as resp:
         lines = resp.iter_lines()
@@ -93,10 +96,7 @@ def test_a_node_that_stops_heartbeating_leaves_both_operators(two):
 
 def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_server):
     net, other, _ = two
-    sim = net.sim("--tokens", "30", "--delay", "0.1")
-    net.node("n1", sim, OLLAMA_NUM_PARALLEL="8")
-    net.wait_nodes("n1")
-    wait_for(lambda: "n1" in listed(other), timeout=5)
+    one_node(net, other, "8", "--tokens", "30", "--delay", "0.1")
 
     async def under_load() -> list[list[dict]]:
         streams = asyncio.ensure_future(ask([net.op_url, other], 4, 30))  # 3 s each, under way
@@ -166,3 +166,20 @@ def test_a_node_resting_after_failures_on_one_operator_rests_on_the_other(two):
             httpx.post(f"{net.op_url}/inference", json={"model": "llama3", "prompt": "x"}, timeout=10)
         assert listed(net.op_url)["raw"]["resting_until"] is not None
         wait_for(lambda: listed(other)["raw"]["resting_until"] is not None, timeout=3)
+
+
+def test_every_operators_receipts_are_read_from_any_operator(two):
+    net, other, _ = two
+    one_node(net, other, "4", "--tokens", "2")
+    ids = []
+    for i, url in enumerate([net.op_url] * 3 + [other] * 2):
+        with httpx.stream("POST", f"{url}/inference", json={"model": "llama3", "prompt": f"r{i}"}, timeout=30) as resp:
+            read_stream(resp)
+            ids.append(resp.headers["x-odla-job"])
+    for url in (net.op_url, other):
+        wait_for(lambda: len(httpx.get(f"{url}/jobs").json()["jobs"]) == 5, timeout=5)
+        listing = httpx.get(f"{url}/jobs").json()["jobs"]
+        assert [j["id"] for j in listing] == ids[::-1] and all(j["outcome"] == "ok" for j in listing)
+        assert len(httpx.get(f"{url}/jobs", params={"limit": 2, "offset": 1}).json()["jobs"]) == 2
+        for job_id in ids:
+            assert httpx.get(f"{url}/jobs/{job_id}").json()["node"] == "n1"
