@@ -62,8 +62,8 @@ class NodeState:
     url: str
     models: list[str] = field(default_factory=list)
     ollama_error: Optional[str] = "not checked yet"
-    registered: bool = False
-    "The last registration went through."
+    registered_with: set[str] = field(default_factory=set)
+    "The operators the last registration with went through."
     joined: bool = False
     "A registration ever went through: on shutdown there is a row of ours to remove."
 
@@ -140,64 +140,64 @@ class Node:
         if await self.refresh_models():
             await self.capacity.refresh(self.state.models, self.settings.health_check_timeout)
 
-    async def register(self) -> None:
+    async def register(self, operator: str) -> None:
         if not self.settings.node_url:  # derived again each time: the route may change, or resolve late
             self.state.url = public_url(self.settings)
         cap = self.capacity
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
                                  tokens_per_s=cap.tokens_per_s)
-        resp = await self.http.post(f"{self.settings.operator_url}/register",
-                                    content=body.model_dump_json(), headers=self._headers())
+        resp = await self.http.post(f"{operator}/register", content=body.model_dump_json(), headers=self._headers())
         resp.raise_for_status()
-        if not self.state.registered:
-            log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url,
-                     self.settings.operator_url)
-        self.state.registered = self.state.joined = True
+        if operator not in self.state.registered_with:
+            log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url, operator)
+        self.state.registered_with.add(operator)
+        self.state.joined = True
 
     async def deregister(self) -> None:
         if not self.state.joined:  # never joined: nothing of ours to remove
             return
         body = p.DeregisterRequest(node_id=self.state.node_id, url=self.state.url)
-        with contextlib.suppress(httpx.HTTPError):
-            await self.http.post(f"{self.settings.operator_url}/deregister", content=body.model_dump_json(),
-                                 headers=self._headers(), timeout=2)
-            log.info("deregistered from %s", self.settings.operator_url)
+        for operator in self.settings.operator_urls:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.http.post(f"{operator}/deregister", content=body.model_dump_json(),
+                                     headers=self._headers(), timeout=2)
+                log.info("deregistered from %s", operator)
 
     def _headers(self) -> dict[str, str]:
         return {"content-type": "application/json", **join_headers(self.settings.join_token)}
 
     async def join(self) -> None:
-        """The first registration, at start-up: a node whose id is taken does not start."""
-        try:
-            await self.refresh()
-            await self.register()
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 409:
-                raise StartupError(_describe_http_error(exc)) from None
-        except httpx.HTTPError:
-            pass  # the operator is not there yet: the heartbeat keeps trying
+        """The first registration, at start-up, with each operator: a node whose id is taken does not start."""
+        await self.refresh()
+        for operator in self.settings.operator_urls:
+            try:
+                await self.register(operator)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == 409:
+                    raise StartupError(_describe_http_error(exc)) from None
+            except httpx.HTTPError:
+                pass  # that operator is not there yet: its heartbeat keeps trying
 
-    async def heartbeat(self) -> None:
-        """Re-register every interval and soon after each job (right away when not registered, as
-        when ``join`` could not reach the operator); back off (capped) while the operator is away."""
+    async def heartbeat(self, operator: str) -> None:
+        """Re-register with ``operator`` every interval and soon after each job (right away when not
+        registered, as when ``join`` could not reach it); back off (capped) while it is away."""
         backoff = 0.5
         while True:
-            if self.state.registered:
+            if operator in self.state.registered_with:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.report_soon.wait(), self.settings.heartbeat_interval)
                     await asyncio.sleep(REPORT_GAP_S)  # jobs that end together make one report
             try:
                 self.report_soon.clear()
                 await self.refresh()
-                await self.register()
+                await self.register(operator)
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any one failure
                 reason = _describe_http_error(exc) if isinstance(exc, httpx.HTTPError) else repr(exc)
                 if not isinstance(exc, httpx.HTTPError):
                     log.exception("heartbeat failed unexpectedly")
-                log.warning("cannot register with operator at %s (%s); retrying in %.1fs",
-                            self.settings.operator_url, reason, backoff)
-                self.state.registered = False
+                log.warning("cannot register with operator at %s (%s); retrying in %.1fs", operator, reason, backoff)
+                self.state.registered_with.discard(operator)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval)
                 continue
@@ -319,10 +319,11 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
             node = app.state.node = Node(settings, api, raw, client)
-            if settings.link == "dial":  # no registration: the link is the node's presence
-                dialer = app.state.dialer = Dialer(app, node, settings)
-                await stack.enter_async_context(background(dialer.run(), "link"))
-                stack.push_async_callback(dialer.close)  # before the loop stops: a clean close
+            if settings.link == "dial":  # no registration: a link to each operator is the node's presence
+                dialers = app.state.dialers = [Dialer(app, node, settings, url) for url in settings.operator_urls]
+                for dialer in dialers:
+                    await stack.enter_async_context(background(dialer.run(), f"link {dialer.operator}"))
+                    stack.push_async_callback(dialer.close)  # before the loop stops: a clean close
                 yield
                 return
             try:
@@ -330,8 +331,9 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             except StartupError as exc:
                 app.state.startup_error = str(exc)
                 raise
-            stack.push_async_callback(node.deregister)  # once the heartbeat has stopped
-            await stack.enter_async_context(background(node.heartbeat(), "heartbeat"))
+            stack.push_async_callback(node.deregister)  # once the heartbeats have stopped
+            for operator in settings.operator_urls:
+                await stack.enter_async_context(background(node.heartbeat(operator), f"heartbeat {operator}"))
             yield
 
     app = build_app("ODLA node agent", lifespan, settings, listen_host=settings.node_host)
@@ -383,7 +385,7 @@ def main() -> None:
     settings = script_settings("node")
     setup_logging(settings.log_level)
     tune_gc()
-    log.info("node agent for Ollama at %s, operator at %s", settings.ollama_host, settings.operator_url)
+    log.info("node agent for Ollama at %s, operator(s) at %s", settings.ollama_host, ", ".join(settings.operator_urls))
     if settings.link == "dial":
         refused = run_dialled(create_app(settings))
         sys.exit(f"node: {refused}" if refused else 0)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.json"
 
@@ -64,7 +64,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     operator_url: str = "http://localhost:8000"
-    "Where nodes and the client reach the operator."
+    "Where nodes and the client reach the operator; a node may be given several (a JSON list, or comma-separated)."
+    _more_operators: list[str] = PrivateAttr(default_factory=list)
     operator_host: str = "0.0.0.0"
     "Address the operator listens on."
     operator_port: int = Field(8000, ge=1, le=65535)
@@ -144,6 +145,11 @@ class Settings(BaseModel):
         return None if value == "" else value
 
     @property
+    def operator_urls(self) -> list[str]:
+        """Every operator a node registers with (or dials): ``operator_url`` first."""
+        return [self.operator_url, *self._more_operators]
+
+    @property
     def max_body_bytes(self) -> int:
         """The largest request body worth reading: a longest prompt in UTF-8 (<= 4 bytes a
         character) plus room for the other fields."""
@@ -173,6 +179,12 @@ def load_settings(
             values[key] = env[var]
             origin[key] = f"environment {var}"
     values.update(overrides)
+    urls = values.get("operator_url")
+    if isinstance(urls, list) or isinstance(urls, str) and "," in urls:  # several operators (a node's)
+        urls = [str(u).strip() for u in (urls if isinstance(urls, list) else urls.split(",")) if str(u).strip()]
+        values["operator_url"] = urls[0] if urls else ""
+    else:
+        urls = []
     if role is not None:
         known = set(Settings.model_fields)
         values = {k: v for k, v in values.items() if k in ROLES[role] or k not in known}
@@ -180,6 +192,11 @@ def load_settings(
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from exc
+    for url in urls[1:]:
+        try:
+            settings._more_operators.append(Settings._http_url(url))
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration: {origin.get('operator_url', 'operator_url')}: {url!r} {exc}") from None
     if settings.jobs_db != ":memory:" and not Path(settings.jobs_db).is_absolute():
         settings.jobs_db = str(path.resolve().parent / settings.jobs_db)  # next to config.json
     if settings.node_tokens is not None:

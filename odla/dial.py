@@ -84,9 +84,10 @@ class Credit:
 class Dialer:
     """Keeps the node's link up and serves the jobs on it with ``app`` (the node's own)."""
 
-    def __init__(self, app: Any, node: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, node: Any, settings: Settings, operator: Optional[str] = None) -> None:
         self.app, self.node, self.settings = app, node, settings
-        self.url = link_url(settings.operator_url)
+        self.operator = operator or settings.operator_url
+        self.url = link_url(self.operator)
         self.heartbeat = settings.heartbeat_interval
         self.jobs: dict[str, asyncio.Task] = {}
         self.credits: dict[str, Credit] = {}
@@ -111,7 +112,7 @@ class Dialer:
                     await self.serve(ws)
             except Refused as exc:
                 self.refused = str(exc)
-                log.error("the operator at %s refused this node: %s", self.settings.operator_url, exc)
+                log.error("the operator at %s refused this node: %s", self.operator, exc)
                 self.stopped.set()
                 return
             except ConnectionClosed as exc:
@@ -130,7 +131,7 @@ class Dialer:
             delay = redial_delay(attempt, self.heartbeat)
             attempt += 1
             log.warning("link to operator at %s lost or refused (%s); redialling in %.2fs",
-                        self.settings.operator_url, reason, delay)
+                        self.operator, reason, delay)
             log.debug("redial delay %.9f s (attempt %d)", delay, attempt)
             await asyncio.sleep(delay)
 
@@ -155,8 +156,9 @@ class Dialer:
             raise
         if welcome.get("t") != "welcome":
             raise ConnectionClosed(None, None)
-        log.info("linked to operator at %s as %s", self.settings.operator_url, self.node.state.node_id)
-        self.node.state.registered = self.linked = True
+        log.info("linked to operator at %s as %s", self.operator, self.node.state.node_id)
+        self.node.state.registered_with.add(self.operator)
+        self.linked = True
         statuses = asyncio.ensure_future(self.statuses(ws))
         try:
             async for text in ws:
@@ -165,7 +167,7 @@ class Dialer:
                 except (ValueError, TypeError, AttributeError) as exc:  # one bad frame is not the link's end
                     log.warning("bad frame from the operator (%s): %.80r", exc, text)
         finally:
-            self.node.state.registered = False
+            self.node.state.registered_with.discard(self.operator)
             statuses.cancel()
             mark(False)
 
@@ -287,18 +289,18 @@ def _closed(exc: ConnectionClosed) -> str:
 
 def run_dialled(app: Any) -> Optional[str]:
     """Run the node's app with no server at all: its lifespan (which keeps the link) until
-    SIGTERM or SIGINT, or until the operator refuses the node; then why it was refused, if it was."""
+    SIGTERM or SIGINT, or until an operator refuses the node; then why it was refused, if it was."""
     async def main() -> Optional[str]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with app.router.lifespan_context(app):
-            dialer: Dialer = app.state.dialer
+            dialers: list[Dialer] = app.state.dialers
             freeze_gc()
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(dialer.stopped.wait())]
+            waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(d.stopped.wait()) for d in dialers)]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for wait in waits:
                 wait.cancel()
-            return dialer.refused
+            return next((f"{d.operator}: {d.refused}" for d in dialers if d.refused), None)
     return asyncio.run(main())

@@ -183,3 +183,23 @@ def test_every_operators_receipts_are_read_from_any_operator(two):
         assert len(httpx.get(f"{url}/jobs", params={"limit": 2, "offset": 1}).json()["jobs"]) == 2
         for job_id in ids:
             assert httpx.get(f"{url}/jobs/{job_id}").json()["node"] == "n1"
+
+
+@pytest.mark.parametrize("link", ["http", "dial"])
+def test_a_node_given_several_operators_joins_each(net, link):
+    """operator_url as a list: a node registers with (or dials) each; no Redis needed for that."""
+    sim = net.sim("--tokens", "3")
+    net.operator()
+    port = free_port()
+    net.start("server.py", operator_port=str(port))
+    other = f"http://127.0.0.1:{port}"
+    wait_http(f"{other}/health")
+    node = net.node("n1", sim, COORDINATOR_URL=f"{net.op_url},{other}", NODE_LINK=link)
+    for url in (net.op_url, other):
+        wait_for(lambda: "n1" in listed(url), timeout=10)
+        assert listed(url)["n1"]["link"] == link
+        with httpx.stream("POST", f"{url}/inference", json={"model": "llama3", "prompt": "both"}, timeout=30) as resp:
+            assert tokens(read_stream(resp)) == sim_tokens("both", 3)
+    node.stop()  # leaves both
+    for url in (net.op_url, other):
+        wait_for(lambda: "n1" not in listed(url), timeout=5)
