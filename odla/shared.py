@@ -28,9 +28,9 @@ empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health
   jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
   every operator's (falling back to its own while Redis is down).
 
-Not yet shared (issue 17, in progress): the queue's order,
-and dial-out links (a node dialled in to one operator is reached through that one only, and is
-not published).
+Not yet shared (issue 17, in progress): the queue's order. A node that dialled in is not
+published (only the operator holding its link can relay to it): such a node dials each operator
+it is given (``operator_url`` as a list).
 """
 
 from __future__ import annotations
