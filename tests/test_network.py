@@ -193,12 +193,13 @@ def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
     node_port = int(net.listing()["n1"]["url"].rsplit(":", 1)[1])
     before = established_to(node_port)  # the health checks' keep-alive connection, if any
 
-    async def during() -> None:
-        await asyncio.sleep(0.25)
-        reached.append(established_to(node_port))
+    async def during() -> None:  # the most connections to the node while the clients wait
+        for _ in range(16):
+            await asyncio.sleep(0.05)
+            reached.append(established_to(node_port))
 
-    async def give_up() -> None:
-        async with httpx.AsyncClient(timeout=0.3, limits=httpx.Limits(max_connections=None)) as http:
+    async def give_up() -> None:  # before the operator itself would (grace 1 s, then a health check)
+        async with httpx.AsyncClient(timeout=0.9, limits=httpx.Limits(max_connections=None)) as http:
             async def one(i: int) -> None:
                 with contextlib.suppress(httpx.TimeoutException):
                     await http.post(f"{net.op_url}/inference", json={"model": "llama3", "prompt": f"p{i}"})
@@ -207,7 +208,7 @@ def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
     stopped.send_signal(signal.SIGSTOP)
     try:
         asyncio.run(give_up())
-        assert reached[0] >= before + 90  # they did reach the stopped node
+        assert max(reached) >= before + 90  # they did reach the stopped node
         # closed as the operator hears each client leave (a moment under load), not left open for ever
         wait_for(lambda: established_to(node_port) <= before + 1, timeout=5)
     finally:
