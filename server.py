@@ -167,6 +167,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             if shared is not None:
                 checker.shared, shared.on_unreachable = shared, router.abort
                 receipts.mirror = shared.add_receipts
+                scheduler.slots_elsewhere = lambda: shared.ok
             async with contextlib.AsyncExitStack() as loops:
                 await loops.enter_async_context(background(checker.run(), "health-checks"))
                 await loops.enter_async_context(background(receipts.run(), "receipts"))

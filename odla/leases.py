@@ -33,6 +33,35 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
+# A claim that keeps the cluster's queue order. KEYS[1] the node and model's leases, KEYS[2] the
+# model's queue (ticket -> arrival), KEYS[3] its tickets' liveness (ticket -> expiry); ARGV: slots,
+# lease ms, ticket (the job), ticket ms. 0: claimed. n > 0: not yet, the ticket is n-th in the queue
+# (a newcomer queues behind everyone waiting, whichever operator they asked). Tickets not renewed
+# (their operator died, or the job left without taking its ticket back) drop out.
+CLAIM_IN_TURN = _NOW_MS + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, ticket in ipairs(dead) do
+  redis.call('ZREM', KEYS[2], ticket)
+  redis.call('ZREM', KEYS[3], ticket)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local rank = redis.call('ZRANK', KEYS[2], ARGV[3])
+if not rank then rank = redis.call('ZCARD', KEYS[2]) end
+if rank < free then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  return 0
+end
+redis.call('ZADD', KEYS[2], 'NX', now, ARGV[3])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) * 10)
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 10)
+return rank + 1
+"""
+
 # KEYS[1]; ARGV: lease ms, job id. 1: renewed; 0: the lease had expired (or was never held).
 RENEW = _NOW_MS + """
 local expires = redis.call('ZSCORE', KEYS[1], ARGV[2])
@@ -56,6 +85,7 @@ class Leases:
         self.redis = redis
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self._claim = redis.register_script(CLAIM)
+        self._claim_in_turn = redis.register_script(CLAIM_IN_TURN)
         self._renew = redis.register_script(RENEW)
         self._running = redis.register_script(RUNNING)
 
@@ -66,6 +96,19 @@ class Leases:
     async def claim(self, node_id: str, model: str, job_id: str, slots: int) -> bool:
         """Take one of the node's ``slots`` for ``model``, if one is free across every operator."""
         return bool(await self._claim(keys=[self.key(node_id, model)], args=[slots, self.lease_ms, job_id]))
+
+    async def claim_in_turn(self, node_id: str, model: str, ticket: str, slots: int, ticket_s: float = 2.0) -> int:
+        """``claim``, in the cluster's queue order for ``model``: 0 when claimed, else the job's place
+        in that queue (it stays queued while it asks again within ``ticket_s``)."""
+        keys = [self.key(node_id, model), f"{PREFIX}:queue:{model}", f"{PREFIX}:waiting:{model}"]
+        return int(await self._claim_in_turn(keys=keys, args=[slots, self.lease_ms, ticket, int(ticket_s * 1000)]))
+
+    async def leave(self, model: str, ticket: str) -> None:
+        """A job that waited no longer does (it left, or found its slot): out of the queue."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(f"{PREFIX}:queue:{model}", ticket)
+            pipe.zrem(f"{PREFIX}:waiting:{model}", ticket)
+            await pipe.execute()
 
     async def renew(self, node_id: str, model: str, job_id: str) -> bool:
         """Push the lease's expiry ``lease_seconds`` on; False if it had already expired."""

@@ -69,37 +69,47 @@ class Router:
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
-        busy: list[str] = []  # full because of other operators' jobs (their leases)
+        busy: list[str] = []  # full because of other operators' jobs (their leases), or its turn has not come
         waited_until = asyncio.get_running_loop().time() + self.scheduler.queue_timeout
-        while True:
-            if len(failures) >= MAX_TRIES:
-                raise self._all_failed(model, failures)
-            failed = [node.node_id for node, _, _ in failures]
-            claim = await self.scheduler.claim(model, job.caller, failed + busy, place)
-            if claim is None and busy:  # every node is full across the operators: try again shortly
-                if asyncio.get_running_loop().time() > waited_until:
-                    raise QueueTimeout(f"no node with model {model} had a free slot within "
-                                       f"{self.scheduler.queue_timeout:g}s")
-                busy.clear()
-                await asyncio.sleep(LEASE_RETRY_S)
-                continue
-            if claim is None:
-                raise self._all_failed(model, failures) if failures else self.no_node(model)
-            if self.shared is not None and not await self.shared.lease(claim):
-                claim.release()
-                busy.append(claim.node.node_id)
-                continue
-            if claim.waited:
-                job.queue_wait = (job.queue_wait or 0.0) + claim.waited
-            resp = None
-            try:
-                resp = await self._try(claim.node, method, path, body, failures, job.id)
-            finally:
-                if resp is None:  # refused, unreachable, or the client left
-                    claim.release()
-            if resp is not None:
-                job.node, job.failovers = claim.node.node_id, len(failures)
-                return claim, resp
+        shown = 0  # the place in the cluster's queue last told
+        try:
+            while True:
+                if len(failures) >= MAX_TRIES:
+                    raise self._all_failed(model, failures)
+                failed = [node.node_id for node, _, _ in failures]
+                claim = await self.scheduler.claim(model, job.caller, failed + busy, place)
+                if claim is None and busy:  # every node is full across the operators: ask again soon
+                    if asyncio.get_running_loop().time() > waited_until:
+                        raise QueueTimeout(f"no node with model {model} had a free slot within "
+                                           f"{self.scheduler.queue_timeout:g}s")
+                    busy.clear()
+                    await asyncio.sleep(LEASE_RETRY_S * min(max(shown, 1), 20))  # the head asks most often
+                    continue
+                if claim is None:
+                    raise self._all_failed(model, failures) if failures else self.no_node(model)
+                if self.shared is not None:
+                    waiting = await self.shared.lease(claim, job.id)
+                    if waiting:
+                        claim.release()
+                        busy.append(claim.node.node_id)
+                        if place is not None and waiting != shown:
+                            place(waiting)
+                        shown = waiting
+                        continue
+                if claim.waited:
+                    job.queue_wait = (job.queue_wait or 0.0) + claim.waited
+                resp = None
+                try:
+                    resp = await self._try(claim.node, method, path, body, failures, job.id)
+                finally:
+                    if resp is None:  # refused, unreachable, or the client left
+                        claim.release()
+                if resp is not None:
+                    job.node, job.failovers = claim.node.node_id, len(failures)
+                    return claim, resp
+        finally:
+            if shown and self.shared is not None:  # it waited in the cluster's queue: out of it
+                await self.shared.leave_queue(model_key(model), job.id)
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
                    failures: list, job_id: str = "") -> Optional[ClientResponse]:

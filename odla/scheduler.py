@@ -123,6 +123,10 @@ class Scheduler:
         self.clock = clock or registry.clock  # the registry's time: when loaded models expire
         self.queues: dict[str, _ModelQueue] = {}
         self._cursors: dict[str, itertools.count] = {}
+        self.slots_elsewhere: Callable[[], bool] = lambda: False
+        """True while several operators share the slots (odla/shared.py): a node is then picked
+        whatever this operator's own count, and a lease across the operators decides, in the
+        cluster's queue order (Router.open); this operator's own queue is not used."""
 
     @property
     def waiting(self) -> int:
@@ -137,7 +141,8 @@ class Scheduler:
         excluded, now = set(exclude), self.clock()
         nodes = [n for n in self.registry.candidates(model) if n.node_id not in excluded]
         awake = [n for n in nodes if not n.resting(now)]
-        free = [n for n in awake or nodes if n.free(key)]  # resting nodes only when no other can
+        shared = self.slots_elsewhere()
+        free = [n for n in awake or nodes if shared or n.free(key)]  # resting nodes only when no other can
         if not free:
             return None
         ranks = {n.node_id: self._rank(n, key, now) for n in free}

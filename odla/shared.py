@@ -11,6 +11,9 @@ serves from it; Redis is where the operators meet:
 - **slots**: every job's claim on a slot is also a lease in Redis (odla/leases.py), taken by one
   Lua script, so two operators never put more jobs on a node than it has slots; a lease is
   renewed every ``lease_seconds / 3`` while its job runs and expires with an operator that died.
+- **the queue's order**: a job that finds every slot taken joins the model's queue in Redis, by
+  arrival; a slot goes to the first in it, whichever operator each job asked, and each job's place
+  is the same seen from any operator.
 
 **Redis down.** Operators serve from what they last knew and claim slots on their own count
 alone; the outage is logged loudly and ``/health`` answers ``degraded``. Redis may come back
@@ -28,9 +31,8 @@ empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health
   jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
   every operator's (falling back to its own while Redis is down).
 
-Not yet shared (issue 17, in progress): the queue's order. A node that dialled in is not
-published (only the operator holding its link can relay to it): such a node dials each operator
-it is given (``operator_url`` as a list).
+A node that dialled in is not published (only the operator holding its link can relay to it): such
+a node dials each operator it is given (``operator_url`` as a list).
 """
 
 from __future__ import annotations
@@ -283,22 +285,27 @@ class SharedState:
 
     # --- slots ---------------------------------------------------------------------------------
 
-    async def lease(self, claim: Claim) -> bool:
-        """Confirm a claim across the operators: False when the node's slots are taken elsewhere.
-        With Redis down, this operator's own count decides (True)."""
+    async def lease(self, claim: Claim, job_id: str) -> int:
+        """Confirm a claim across the operators, in the cluster's queue order: 0 when confirmed, else
+        the job's place in the queue (the node's slots are taken elsewhere, or jobs that came earlier
+        to any operator wait). With Redis down, this operator's own count decides (0)."""
         if not self.ok:
-            return True
-        member = os.urandom(8).hex()
+            return 0
         node_id, key = claim.node.node_id, claim.key
         try:
-            granted = await self.leases.claim(node_id, key, member, claim.node.slots_for(key))
+            place = await self.leases.claim_in_turn(node_id, key, job_id, claim.node.slots_for(key))
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return True
-        if granted:
-            self.held[member] = (node_id, key)
-            claim.on_release = lambda: self._release(member)
-        return granted
+            return 0
+        if place == 0:
+            self.held[job_id] = (node_id, key)
+            claim.on_release = lambda: self._release(job_id)
+        return place
+
+    async def leave_queue(self, key: str, job_id: str) -> None:
+        if self.ok:
+            with contextlib.suppress(RedisError, OSError):
+                await self.leases.leave(key, job_id)
 
     def _release(self, member: str) -> None:
         held = self.held.pop(member, None)

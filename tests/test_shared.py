@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from sim.ollama_sim import sim_tokens
 from tests.fakes import RawNode
-from tests.helpers import free_port, read_stream, wait_for, wait_http
+from tests.helpers import ROOT, free_port, read_stream, wait_for, wait_http
 
 
 @pytest.fixture
@@ -203,3 +205,41 @@ def test_a_node_given_several_operators_joins_each(net, link):
     node.stop()  # leaves both
     for url in (net.op_url, other):
         wait_for(lambda: "n1" not in listed(url), timeout=5)
+
+
+def test_a_clients_place_is_the_same_whichever_operator_it_asked(two):
+    """Jobs that find every slot taken queue in Redis by arrival: places 1, 2, 3, 4 across both
+    operators, and slots go in that order."""
+    net, other, _ = two
+    sim = one_node(net, other, "1", "--tokens", "2")
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
+    holder = subprocess.Popen([sys.executable, "client.py", "first", "--operator", net.op_url],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, list] = {}
+    try:
+        wait_for(lambda: httpx.get(f"{sim}/_sim/stats").json()["active"] == 1, timeout=10)
+
+        async def queued(i: int, url: str) -> None:
+            await asyncio.sleep(0.4 * i)  # arrivals in order 0, 1, 2, 3, alternating operators
+            async with httpx.AsyncClient(timeout=30) as http:
+                async with http.stream("POST", f"{url}/inference", json={"model": "llama3", "prompt": f"q{i}"}) as resp:
+                    async for line in resp.aiter_lines():
+                        if line:
+                            seen.setdefault(i, []).append((time.monotonic(), json.loads(line)))
+
+        async def run() -> None:
+            jobs = [asyncio.ensure_future(queued(i, (net.op_url, other)[i % 2])) for i in range(4)]
+            await asyncio.sleep(2.5)  # all four queued
+            httpx.post(f"{sim}/_sim/config", json={"hold_last": False})
+            httpx.post(f"{sim}/_sim/release")
+            await asyncio.gather(*jobs)
+        asyncio.run(run())
+    finally:
+        holder.kill()
+        holder.wait()
+    first_places = [next(line["queued"] for _, line in seen[i] if "queued" in line) for i in range(4)]
+    assert first_places == [1, 2, 3, 4], first_places
+    started = [next(t for t, line in seen[i] if "token" in line) for i in range(4)]
+    assert started == sorted(started)  # served in that order
+    for i in range(4):
+        assert tokens([line for _, line in seen[i]]) == sim_tokens(f"q{i}", 2)
