@@ -81,6 +81,8 @@ class SharedState:
         "Why Redis cannot be used now; None while it can."
         self.held: dict[str, tuple[str, str]] = {}  # lease member -> (node id, model key), renewed while held
         self.learned: set[str] = set()  # nodes in this view only because another operator has them
+        self.releasing: list[tuple[str, str, str]] = []  # leases to release, flushed together
+        self.flusher: Optional[asyncio.Future] = None
         self.me = os.urandom(6).hex()
         "This operator, in the health results it writes."
         self.heard: dict[str, float] = {}  # node id -> time of the last shared health result taken
@@ -308,13 +310,24 @@ class SharedState:
                 await self.leases.leave(key, job_id)
 
     def _release(self, member: str) -> None:
+        """A job's slot is free: released in Redis with the others that end in the same moment
+        (one pipeline, not a command and a task per job)."""
         held = self.held.pop(member, None)
-        if held is not None and self.ok:
-            asyncio.ensure_future(self._forget(*held, member))
+        if held is None or not self.ok:
+            return  # with Redis away, it expires by itself
+        self.releasing.append((*held, member))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.ensure_future(self._flush_releases())
 
-    async def _forget(self, node_id: str, key: str, member: str) -> None:
-        with contextlib.suppress(RedisError, OSError):  # else it expires by itself
-            await self.leases.release(node_id, key, member)
+    async def _flush_releases(self) -> None:
+        await asyncio.sleep(0)  # the releases of this moment come together
+        while self.releasing:
+            batch, self.releasing = self.releasing, []
+            with contextlib.suppress(RedisError, OSError):  # else they expire by themselves
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for node_id, key, member in batch:
+                        pipe.zrem(Leases.key(node_id, key), member)
+                    await pipe.execute()
 
     async def renew(self) -> None:
         for member, (node_id, key) in list(self.held.items()):
