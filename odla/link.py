@@ -35,7 +35,7 @@ from .auth import bearer, matches
 from .config import Settings
 from .errors import NodeUnreachable
 from .logs import Throttle
-from .registry import Node, Registry
+from .registry import LINK_SCHEME, Node, Registry
 
 log = logging.getLogger("odla.operator")
 
@@ -333,7 +333,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[[], 
 
 
 def _report(registry: Registry, link: Link, report: p.NodeReport, peer: str) -> Node:
-    node = registry.register(report.node_id, f"link://{peer}", report.models, healthy=report.healthy,
+    node = registry.register(report.node_id, f"{LINK_SCHEME}{peer}", report.models, healthy=report.healthy,
                              slots=report.slots, loaded=report.loaded, tokens_per_s=report.tokens_per_s)
     node.link = link
     return node

@@ -67,7 +67,7 @@ class NodeClient:
         the node is still silent after ``grace``, and the watch cancels the wait if the node
         fails its health check.
         """
-        if node.url.startswith("link://"):
+        if node.dialled:
             return await _on_link(node, method, path, body, job_id)
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
@@ -113,7 +113,7 @@ class NodeClient:
     async def get_json(self, node: Node, path: str, limit: int = MAX_ANSWER) -> tuple[int, bytes]:
         """``GET path`` within ``health_check_timeout``: (status, the whole body). Raises
         ``NodeUnreachable``, or ``ValueError`` for a body over ``limit`` bytes (not read further)."""
-        if node.url.startswith("link://"):
+        if node.dialled:
             resp = await _on_link(node, "GET", path, b"")
             data = await _link_read(resp, limit + 1, self.health_timeout.total)
             if len(data) > limit:
@@ -131,7 +131,7 @@ class NodeClient:
     async def health(self, node: Node) -> tuple[int, HealthResponse]:
         """The node's ``/health``; raises ``NodeUnreachable``, or ``ValueError`` for a body that is not one.
         A linked node's health is its link's: open, and what its last status said."""
-        if node.url.startswith("link://"):
+        if node.dialled:
             if node.link is None or not node.link.alive:
                 raise NodeUnreachable("its link is closed")
             return node.link.health()

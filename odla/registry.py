@@ -16,6 +16,8 @@ from .protocol import LoadedModel, NodeInfo
 from .times import epoch, iso
 
 Clock = Callable[[], float]
+LINK_SCHEME = "link://"
+"The URL of a node that dialled in: ``link://<the address it dialled from>``."
 REST_AFTER = 3  # failures in a row before a node rests
 REST_BASE_S = 5.0  # the first rest; each further failure doubles it
 REST_MAX_S = 120.0
@@ -49,6 +51,11 @@ class Node:
     "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
     link: Any = None
     "The node's dial-out link (``odla.link.Link``) while it has one; None for a node reached at its URL."
+
+    @property
+    def dialled(self) -> bool:
+        """It dialled in (``link: dial``): reached only through its link, open or not."""
+        return self.url.startswith(LINK_SCHEME)
 
     def outcome(self, ok: bool, now: float) -> None:
         """A job here ended: ``ok``, or it failed because of the node. Rests only ever get longer."""
@@ -97,7 +104,7 @@ class Node:
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
             resting_until=iso(self.resting_until) if self.resting(now) else None,
-            link="dial" if self.url.startswith("link://") else "http",
+            link="dial" if self.dialled else "http",
         )
 
 

@@ -14,22 +14,19 @@ serves from it; Redis is where the operators meet:
 - **the queue's order**: a job that finds every slot taken joins the model's queue in Redis, by
   arrival; a slot goes to the first in it, whichever operator each job asked, and each job's place
   is the same seen from any operator.
+- **health checks**: each interval one operator checks a node (the first to ``SET NX PX`` its
+  ``odla:check:<id>``) and writes what it found to ``odla:health:<id>``; the others take it (a
+  node not answering cuts their streams from it too).
+- **rests**: a node that failed several jobs in a row rests on every operator, until the latest
+  deadline any of them set.
+- **receipts**: each operator's SQLite keeps its own jobs (durable, while Redis need not be); ended
+  jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
+  every operator's (falling back to its own while Redis is down).
 
 **Redis down.** Operators serve from what they last knew and claim slots on their own count
 alone; the outage is logged loudly and ``/health`` answers ``degraded``. Redis may come back
 empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health`` is
 ``healthy`` again at the next read.
-
-- **health checks**: each interval one operator checks a node (the first to ``SET NX PX`` its
-  ``odla:check:<id>``) and writes what it found to ``odla:health:<id>``; the others take it (a
-  node not answering cuts their streams from it too).
-
-- **rests**: a node that failed several jobs in a row rests on every operator, until the latest
-  deadline any of them set.
-
-- **receipts**: each operator's SQLite keeps its own jobs (durable, while Redis need not be); ended
-  jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
-  every operator's (falling back to its own while Redis is down).
 
 A node that dialled in is not published (only the operator holding its link can relay to it): such
 a node dials each operator it is given (``operator_url`` as a list).
