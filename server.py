@@ -43,7 +43,7 @@ from odla.inbound import build_app, openapi_body, read_body
 from odla.logs import setup_logging
 from odla.metrics import Activity, RequestMetrics, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
-from odla.registry import Clock, Node, Registry
+from odla.registry import Clock, Node, Registry, capacity
 from odla.jobs import Job, door_of
 from odla.receipts import Receipts, ReceiptsError
 from odla.receipts import connect as receipts_db
@@ -62,7 +62,7 @@ class HealthChecker:
 
     def __init__(self, registry: Registry, nodes: NodeClient, settings: Settings,
                  on_unreachable: Callable[[str], int] = lambda node_id: 0,
-                 on_healthy: Callable[[], None] = lambda: None) -> None:
+                 on_healthy: Callable[..., None] = lambda grown=False: None) -> None:
         self.registry = registry
         self.nodes = nodes
         self.settings = settings
@@ -135,10 +135,11 @@ class HealthChecker:
         healthy = status == 200 and body.status == "healthy"
         if healthy != node.healthy:
             log.info("node %s is now %s", node.node_id, "healthy" if healthy else f"unhealthy ({body.error})")
+        before = capacity(node)
         self.registry.seen(node.node_id, healthy=healthy, models=body.models)
         self.found[node.node_id] = (healthy, False, body.error)
         if healthy:
-            self.on_healthy()
+            self.on_healthy(grown=bool(capacity(node) - before))
 
 
 def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
@@ -160,19 +161,20 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         nodes = NodeClient(settings)
         shared = app.state.shared = SharedState(settings, registry, scheduler.wake) if settings.redis_url else None
         try:
-            router = app.state.router = Router(registry, nodes, scheduler, shared=shared)
+            router = app.state.router = Router(registry, nodes, scheduler)
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
             if shared is not None:
                 checker.shared, shared.on_unreachable = shared, router.abort
                 receipts.mirror = shared.add_receipts
-                scheduler.slots_elsewhere = lambda: shared.ok
+                scheduler.cluster = shared
             async with contextlib.AsyncExitStack() as loops:
                 await loops.enter_async_context(background(checker.run(), "health-checks"))
                 await loops.enter_async_context(background(receipts.run(), "receipts"))
                 if shared is not None:
                     await loops.enter_async_context(background(shared.run(), "shared-state"))
+                    await loops.enter_async_context(background(shared.listen(), "freed-slots"))
                 yield
         finally:
             await nodes.aclose()
@@ -220,11 +222,12 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         # A node the operator could not reach stays out of rotation until a health check
         # from here succeeds: that it can reach us says nothing of whether we can reach it.
         doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
+        before = capacity(known)
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
                                  slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s)
         if doubted:
             request.app.state.checker.suspect(node)
-        scheduler.wake()  # its slots may have grown
+        scheduler.wake(grown=bool(capacity(node) - before))  # its slots may have grown
         if known is None:
             log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
         if request.app.state.shared is not None:

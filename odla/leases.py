@@ -1,4 +1,4 @@
-"""Slots claimed by several operators at once, as leases in Redis (issue 17's foundation).
+"""Slots claimed by several operators at once, as leases in Redis, and the cluster's fair queue.
 
 Each node and model has a sorted set of the jobs running there, each scored by when its lease
 expires. A claim is one Lua script, atomic in Redis: drop the expired leases, count the live
@@ -7,17 +7,38 @@ never put more jobs on a node than it has slots, and the leases of an operator t
 expire by themselves, ``lease_seconds`` after their last renewal. Time is Redis's own clock
 (``TIME``), so the operators' clocks need not agree.
 
+``take`` is the operator's claim: it is given the nodes that could run the job, best first in
+groups of equals, and in the same script it
+
+- keeps **the queue's order**: per model, tickets in a sorted set, fair across callers (API
+  keys): a ticket's score is its caller's next *round*, then its arrival, so callers take turns
+  and one caller's burst waits behind the others' first jobs, as in the lone operator's queue
+  (odla/scheduler.py). A job is granted a slot only while fewer tickets are ahead of it than
+  there are free slots, so its place is the same whichever operator it asked. A ticket not
+  asked for again within its life (its operator died) drops out;
+- turns **the pick cursor**: among equals, the first node after the one last picked for the
+  model, by node id, whichever operator picked it.
+
+A release tells the operators (``PUBLISH odla:freed <model>``) when jobs wait for the model,
+so that a waiting job is woken rather than asking again and again.
+
     leases = Leases(redis.asyncio.Redis.from_url(url), lease_seconds=30)
-    if await leases.claim("node1", "llama3:latest", job_id, slots=2): ...
-    await leases.renew("node1", "llama3:latest", job_id)    # every lease_seconds / 3 while it runs
-    await leases.release("node1", "llama3:latest", job_id)
+    node, place = await leases.take("llama3:latest", job_id, caller, [[("n1", 2), ("n2", 2)], [("n3", 1)]])
+    await leases.renew(node, "llama3:latest", job_id)    # every lease_seconds / 3 while it runs
+    await leases.release(node, "llama3:latest", job_id)
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from redis.asyncio import Redis
 
 PREFIX = "odla:leases"
+FREED = "odla:freed"
+"The channel on which a release (or a job leaving the queue) names its model, when jobs wait for it."
+TURNS_MS = 600_000
+"How long a model's cursor and callers' rounds outlive its last claim."
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -33,33 +54,114 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
-# A claim that keeps the cluster's queue order. KEYS[1] the node and model's leases, KEYS[2] the
-# model's queue (ticket -> arrival), KEYS[3] its tickets' liveness (ticket -> expiry); ARGV: slots,
-# lease ms, ticket (the job), ticket ms. 0: claimed. n > 0: not yet, the ticket is n-th in the queue
-# (a newcomer queues behind everyone waiting, whichever operator they asked). Tickets not renewed
-# (their operator died, or the job left without taking its ticket back) drop out.
-CLAIM_IN_TURN = _NOW_MS + """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, ticket in ipairs(dead) do
-  redis.call('ZREM', KEYS[2], ticket)
-  redis.call('ZREM', KEYS[3], ticket)
+# The model's queue: KEYS[1] ticket ("<job> <caller>") -> round * ROUND + arrival, KEYS[2] ticket ->
+# when it drops out unless asked for again, KEYS[3] a hash: 'served' (the round being served), 'seq'
+# (arrivals), 'last' (the node last picked), 'c:<caller>' (the caller's last round), 'n:<caller>'
+# (its tickets queued).
+_QUEUE = """
+local ROUND = 16777216
+local queue, waiting, turns = KEYS[1], KEYS[2], KEYS[3]
+
+local function number(field, default)
+  return tonumber(redis.call('HGET', turns, field) or default)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local rank = redis.call('ZRANK', KEYS[2], ARGV[3])
-if not rank then rank = redis.call('ZCARD', KEYS[2]) end
-if rank < free then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-  redis.call('ZREM', KEYS[2], ARGV[3])
-  redis.call('ZREM', KEYS[3], ARGV[3])
-  return 0
+
+-- A ticket out of the queue: served in round ``round``, or (round nil) left or not asked for
+-- again. A caller with none left is due in the next round if it was just served, else in this one.
+local function out(ticket, round)
+  redis.call('ZREM', waiting, ticket)
+  if redis.call('ZREM', queue, ticket) == 0 then return false end
+  local caller = string.match(ticket, ' (.*)$') or ''
+  if redis.call('HINCRBY', turns, 'n:' .. caller, -1) <= 0 then
+    redis.call('HDEL', turns, 'n:' .. caller)
+    local due = round or number('served', '0') - 1
+    if number('c:' .. caller, '-1') > due then redis.call('HSET', turns, 'c:' .. caller, due) end
+  end
+  return true
 end
-redis.call('ZADD', KEYS[2], 'NX', now, ARGV[3])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) * 10)
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 10)
-return rank + 1
+"""
+
+# KEYS[1..3] the model's queue (above), KEYS[3 + i] node i's leases; ARGV: job, caller, lease ms,
+# ticket ms, then per node i: its id, its slots, its group (equals share one; groups best first,
+# ids sorted within). {0, node id}: claimed. {n}: not yet, the job is n-th in the queue.
+TAKE = _NOW_MS + _QUEUE + """
+local job, caller, lease_ms, ticket_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local ticket = job .. ' ' .. caller
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', waiting, '-inf', now)) do out(dead, nil) end
+if redis.call('ZCARD', queue) == 0 and redis.call('HLEN', turns) > 3 then
+  local last = redis.call('HGET', turns, 'last')  -- nobody waits: the callers' rounds start again
+  redis.call('DEL', turns)
+  if last then redis.call('HSET', turns, 'last', last) end
+end
+
+local score = redis.call('ZSCORE', queue, ticket)
+local queued = score ~= false and score ~= nil
+if not queued then
+  local seq = redis.call('HINCRBY', turns, 'seq', 1) % ROUND
+  score = string.format('%.0f', math.max(number('served', '0'), number('c:' .. caller, '-1') + 1) * ROUND + seq)
+end
+local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
+
+local n, free, total = (#ARGV - 4) / 3, {}, 0
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 + i], '-inf', now)
+  free[i] = tonumber(ARGV[3 + 3 * i]) - redis.call('ZCARD', KEYS[3 + i])
+  if free[i] > 0 then total = total + free[i] end
+end
+
+redis.call('PEXPIRE', turns, TURNS_MS)
+if ahead < total then
+  local last, i = redis.call('HGET', turns, 'last') or '', 1
+  while i <= n do
+    local j = i
+    while j < n and ARGV[4 + 3 * (j + 1)] == ARGV[4 + 3 * i] do j = j + 1 end
+    local size, first = j - i + 1, 0
+    for k = 0, size - 1 do
+      if ARGV[2 + 3 * (i + k)] > last then first = k; break end
+    end
+    for k = 0, size - 1 do
+      local at = i + (first + k) % size
+      if free[at] > 0 then
+        redis.call('ZADD', KEYS[3 + at], now + lease_ms, job)
+        redis.call('PEXPIRE', KEYS[3 + at], lease_ms)
+        redis.call('HSET', turns, 'last', ARGV[2 + 3 * at])
+        if queued then
+          local round = math.floor(tonumber(score) / ROUND)
+          redis.call('HSET', turns, 'served', math.max(number('served', '0'), round))
+          out(ticket, round)
+        end
+        return {0, ARGV[2 + 3 * at]}
+      end
+    end
+    i = j + 1
+  end
+end
+
+if not queued then
+  redis.call('ZADD', queue, score, ticket)
+  redis.call('HINCRBY', turns, 'n:' .. caller, 1)
+  redis.call('HSET', turns, 'c:' .. caller, math.floor(tonumber(score) / ROUND))
+end
+redis.call('ZADD', waiting, now + ticket_ms, ticket)
+redis.call('PEXPIRE', queue, ticket_ms * 2)
+redis.call('PEXPIRE', waiting, ticket_ms * 2)
+return {ahead + 1}
+""".replace("TURNS_MS", str(TURNS_MS))
+
+# KEYS[1..3] the model's queue; ARGV: the ticket, the model. A job that waited no longer does: the
+# jobs behind it move up.
+LEAVE = _QUEUE + """
+if out(ARGV[1], nil) and redis.call('ZCARD', queue) > 0 then
+  redis.call('PUBLISH', '""" + FREED + """', ARGV[2])
+end
+"""
+
+# KEYS[1] the node and model's leases, KEYS[2] the model's queue; ARGV: job id, model. When jobs
+# wait for the model, the operators hear that a slot is free.
+RELEASE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[2]) > 0 then
+  redis.call('PUBLISH', '""" + FREED + """', ARGV[2])
+end
 """
 
 # KEYS[1]; ARGV: lease ms, job id. 1: renewed; 0: the lease had expired (or was never held).
@@ -77,15 +179,20 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
+Candidates = Sequence[Sequence[tuple[str, int]]]
+"Nodes that could run a job, (node id, its slots for the model): groups of equals, best first."
+
 
 class Leases:
-    """Claims, renewals and releases of a node's slots, shared through Redis."""
+    """Claims, renewals and releases of a node's slots, shared through Redis; the cluster's queue."""
 
     def __init__(self, redis: Redis, lease_seconds: float = 30.0) -> None:
         self.redis = redis
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self._claim = redis.register_script(CLAIM)
-        self._claim_in_turn = redis.register_script(CLAIM_IN_TURN)
+        self._take = redis.register_script(TAKE)
+        self._leave = redis.register_script(LEAVE)
+        self._release = redis.register_script(RELEASE)
         self._renew = redis.register_script(RENEW)
         self._running = redis.register_script(RUNNING)
 
@@ -93,29 +200,45 @@ class Leases:
     def key(node_id: str, model: str) -> str:
         return f"{PREFIX}:{node_id}:{model}"
 
+    @staticmethod
+    def queue_keys(model: str) -> list[str]:
+        return [f"odla:queue:{model}", f"odla:waiting:{model}", f"odla:turns:{model}"]
+
+    @staticmethod
+    def ticket(job_id: str, caller: str) -> str:
+        return f"{job_id} {caller}"
+
     async def claim(self, node_id: str, model: str, job_id: str, slots: int) -> bool:
         """Take one of the node's ``slots`` for ``model``, if one is free across every operator."""
         return bool(await self._claim(keys=[self.key(node_id, model)], args=[slots, self.lease_ms, job_id]))
 
-    async def claim_in_turn(self, node_id: str, model: str, ticket: str, slots: int, ticket_s: float = 2.0) -> int:
-        """``claim``, in the cluster's queue order for ``model``: 0 when claimed, else the job's place
-        in that queue (it stays queued while it asks again within ``ticket_s``)."""
-        keys = [self.key(node_id, model), f"{PREFIX}:queue:{model}", f"{PREFIX}:waiting:{model}"]
-        return int(await self._claim_in_turn(keys=keys, args=[slots, self.lease_ms, ticket, int(ticket_s * 1000)]))
+    async def take(self, model: str, job_id: str, caller: str, candidates: Candidates,
+                   ticket_s: float = 6.0) -> tuple[Optional[str], int]:
+        """A slot for the job on the best free node, in the cluster's fair queue order: (node id, 0)
+        when claimed, else (None, the job's place in the queue). The job keeps its place while it
+        asks again within ``ticket_s``."""
+        keys, args = self.queue_keys(model), [job_id, caller, self.lease_ms, int(ticket_s * 1000)]
+        for group, nodes in enumerate(candidates):
+            for node_id, slots in sorted(nodes):
+                keys.append(self.key(node_id, model))
+                args += [node_id, slots, group]
+        answer = await self._take(keys=keys, args=args)
+        if answer[0] == 0:
+            return answer[1].decode(), 0
+        return None, int(answer[0])
 
-    async def leave(self, model: str, ticket: str) -> None:
+    async def leave(self, model: str, job_id: str, caller: str) -> None:
         """A job that waited no longer does (it left, or found its slot): out of the queue."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(f"{PREFIX}:queue:{model}", ticket)
-            pipe.zrem(f"{PREFIX}:waiting:{model}", ticket)
-            await pipe.execute()
+        await self._leave(keys=self.queue_keys(model), args=[self.ticket(job_id, caller), model])
 
     async def renew(self, node_id: str, model: str, job_id: str) -> bool:
         """Push the lease's expiry ``lease_seconds`` on; False if it had already expired."""
         return bool(await self._renew(keys=[self.key(node_id, model)], args=[self.lease_ms, job_id]))
 
-    async def release(self, node_id: str, model: str, job_id: str) -> None:
-        await self.redis.zrem(self.key(node_id, model), job_id)
+    async def release(self, node_id: str, model: str, job_id: str, client: Optional[Redis] = None) -> None:
+        """The slot is free (``client``: a pipeline, to release several at once)."""
+        await self._release(keys=[self.key(node_id, model), self.queue_keys(model)[0]], args=[job_id, model],
+                            client=client)
 
     async def running(self, node_id: str, model: str) -> int:
         """Jobs with a live lease on the node for ``model``, whichever operator holds them."""

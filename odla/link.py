@@ -35,7 +35,7 @@ from .auth import bearer, matches
 from .config import Settings
 from .errors import NodeUnreachable
 from .logs import Throttle
-from .registry import LINK_SCHEME, Node, Registry
+from .registry import LINK_SCHEME, Node, Registry, capacity
 
 log = logging.getLogger("odla.operator")
 
@@ -246,9 +246,9 @@ def may_join(settings: Settings, node_id: str, token: Optional[str]) -> bool:
     return not settings.node_tokens
 
 
-def link_router(registry: Registry, settings: Settings, on_change: Callable[[], None],
+def link_router(registry: Registry, settings: Settings, on_change: Callable[..., None],
                 is_live: Callable[[Node], Any]) -> APIRouter:
-    """``/nodes/link``. ``on_change`` hears of capacity that came or went (the scheduler's wake);
+    """``/nodes/link``. ``on_change(grown=...)`` hears of capacity that came or went (the scheduler's wake);
     ``is_live(node)`` says whether a node registered over HTTP under the same id still answers."""
     api = APIRouter()
     refusals = Throttle()
@@ -282,7 +282,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[[], 
         this = Link(ws, hello)
         node = _report(registry, this, hello, peer)
         log.info("node %s linked from %s with %s", node.node_id, peer, ", ".join(node.models) or "no models")
-        on_change()
+        on_change(grown=True)
         writer = asyncio.ensure_future(this.writer())
         this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval})
         loop = asyncio.get_running_loop()
@@ -293,8 +293,9 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[[], 
                 status = this.take(json.loads(await ws.receive_text()))
                 heard[0] = loop.time()
                 if status is not None:
+                    before = capacity(node)
                     _report(registry, this, status, peer)
-                    on_change()
+                    on_change(grown=bool(capacity(node) - before))
 
         reader = asyncio.ensure_future(read())
         reason, code = "closed", 1000

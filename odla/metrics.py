@@ -49,8 +49,8 @@ class NetworkCollector(Collector):
                 inflight.add_metric([node.node_id, model], node.inflight.get(key, 0))
                 loaded.add_metric([node.node_id, model], 1.0 if node.warm(key, now) else 0.0)
         depth = GaugeMetricFamily("odla_queue_depth", "Jobs waiting for a free slot", labels=["model"])
-        for key, queue in list(self.scheduler.queues.items()):
-            depth.add_metric([display_name(key)], len(queue))
+        for key, waiting in self.scheduler.depth().items():
+            depth.add_metric([display_name(key)], waiting)
         info = InfoMetricFamily("odla", "The operator's version")
         info.add_metric([], {"version": __version__})
         yield from (up, slots, inflight, loaded, depth, info)

@@ -108,6 +108,14 @@ class Node:
         )
 
 
+def capacity(node: Optional[Node]) -> frozenset[tuple[str, int]]:
+    """What jobs a node can take: (model key, slots) while it is healthy. A registration or a
+    check that adds to it wakes the queue (``Scheduler.wake(grown=True)``)."""
+    if node is None or not node.healthy:
+        return frozenset()
+    return frozenset((key, node.slots_for(key)) for key in node.keys)
+
+
 class Registry:
     """Nodes by id."""
 

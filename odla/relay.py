@@ -8,9 +8,8 @@ exactly one final line, and to take off it the counts the node adds for the job'
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
@@ -19,15 +18,13 @@ from .nodes import ClientResponse, NodeClient, NodeUnreachable
 from .names import model_key
 from .registry import Node, Registry
 from .responses import Opened, StreamBroken, Tell
-from .scheduler import Claim, Place, QueueTimeout, Scheduler
+from .scheduler import Claim, Place, Scheduler
 from .usage import Tail, Usage
 
 WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
 
 log = logging.getLogger("odla.operator")
 RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
-LEASE_RETRY_S = 0.05
-"With several operators: how soon a job that found every node full elsewhere tries again."
 MAX_TRIES = 8
 "Nodes one job is sent to at most: past it the job fails, rather than walk a registry of dead nodes."
 
@@ -36,12 +33,10 @@ class Router:
     """The scheduler's pick, failover before the first byte; every job's stream tracked per node."""
 
     def __init__(self, registry: Registry, nodes: NodeClient, scheduler: Scheduler,
-                 on_failure: Optional[Callable[[Node], None]] = None, shared: Optional[Any] = None) -> None:
+                 on_failure: Optional[Callable[[Node], None]] = None) -> None:
         self.registry = registry
         self.nodes = nodes
         self.scheduler = scheduler
-        self.shared = shared
-        "With several operators (odla/shared.py): each claim is confirmed by a lease across them."
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
 
@@ -69,47 +64,24 @@ class Router:
         claim on the node's slot, which the caller releases (``relay`` does).
         """
         failures: list[tuple[Node, int, str]] = []
-        busy: list[str] = []  # full because of other operators' jobs (their leases), or its turn has not come
-        waited_until = asyncio.get_running_loop().time() + self.scheduler.queue_timeout
-        shown = 0  # the place in the cluster's queue last told
-        try:
-            while True:
-                if len(failures) >= MAX_TRIES:
-                    raise self._all_failed(model, failures)
-                failed = [node.node_id for node, _, _ in failures]
-                claim = await self.scheduler.claim(model, job.caller, failed + busy, place)
-                if claim is None and busy:  # every node is full across the operators: ask again soon
-                    if asyncio.get_running_loop().time() > waited_until:
-                        raise QueueTimeout(f"no node with model {model} had a free slot within "
-                                           f"{self.scheduler.queue_timeout:g}s")
-                    busy.clear()
-                    await asyncio.sleep(LEASE_RETRY_S * min(max(shown, 1), 20))  # the head asks most often
-                    continue
-                if claim is None:
-                    raise self._all_failed(model, failures) if failures else self.no_node(model)
-                if self.shared is not None:
-                    waiting = await self.shared.lease(claim, job.id)
-                    if waiting:
-                        claim.release()
-                        busy.append(claim.node.node_id)
-                        if place is not None and waiting != shown:
-                            place(waiting)
-                        shown = waiting
-                        continue
-                if claim.waited:
-                    job.queue_wait = (job.queue_wait or 0.0) + claim.waited
-                resp = None
-                try:
-                    resp = await self._try(claim.node, method, path, body, failures, job.id)
-                finally:
-                    if resp is None:  # refused, unreachable, or the client left
-                        claim.release()
-                if resp is not None:
-                    job.node, job.failovers = claim.node.node_id, len(failures)
-                    return claim, resp
-        finally:
-            if shown and self.shared is not None:  # it waited in the cluster's queue: out of it
-                await self.shared.leave_queue(model_key(model), job.id)
+        while True:
+            if len(failures) >= MAX_TRIES:
+                raise self._all_failed(model, failures)
+            claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place,
+                                               job.id)
+            if claim is None:
+                raise self._all_failed(model, failures) if failures else self.no_node(model)
+            if claim.waited:
+                job.queue_wait = (job.queue_wait or 0.0) + claim.waited
+            resp = None
+            try:
+                resp = await self._try(claim.node, method, path, body, failures, job.id)
+            finally:
+                if resp is None:  # refused, unreachable, or the client left
+                    claim.release()
+            if resp is not None:
+                job.node, job.failovers = claim.node.node_id, len(failures)
+                return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
                    failures: list, job_id: str = "") -> Optional[ClientResponse]:

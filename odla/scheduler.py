@@ -20,6 +20,14 @@ slot frees or a node's capacity grows, never by polling. A freed slot is handed 
 waiter directly, so a newcomer cannot take it first. Past ``max_queue`` waiting jobs a new one
 is refused (503 with Retry-After); one that waits ``queue_timeout`` gives up (504). A waiter
 whose client leaves is simply gone.
+
+**Several operators** (``cluster``, odla/shared.py): the pick and the queue are the cluster's.
+The scheduler ranks the nodes as above, in groups of equals; one call to Redis claims a slot on
+the best node free across every operator (turning a cursor shared by all of them), or puts the
+job in the model's queue there, fair across callers in the same way, its place the same whichever
+operator it asked. A waiting job asks again when a slot frees anywhere (it is woken), when a node
+gains capacity, and every ``CLUSTER_POLL_S`` besides. With Redis away, this operator's own
+count and queue take over.
 """
 
 from __future__ import annotations
@@ -27,15 +35,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections import OrderedDict, deque
+import os
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 from .errors import ODLAError
 from .names import model_key
 from .registry import Node, Registry
 
 RETRY_AFTER_S = 5
+CLUSTER_POLL_S = 2.0
+"With several operators: how often a waiting job asks again, though no slot was heard to free."
 Place = Callable[[int], None]
 
 
@@ -66,6 +77,24 @@ class Claim:
             self.scheduler._release(self)
             if self.on_release is not None:
                 self.on_release()
+
+
+class Cluster(Protocol):
+    """Slots and the queue shared by several operators (odla/shared.py's SharedState)."""
+
+    @property
+    def ok(self) -> bool: ...  # False while the shared store cannot be used
+
+    async def take(self, key: str, ticket: str, caller: str,
+                   groups: list[list[Node]]) -> tuple[Optional[Node], int]: ...
+
+    async def turn(self, key: str, place: int, timeout: float) -> None: ...
+
+    async def leave(self, key: str, ticket: str, caller: str) -> None: ...
+
+    def release(self, ticket: str) -> None: ...
+
+    def wake(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -123,39 +152,60 @@ class Scheduler:
         self.clock = clock or registry.clock  # the registry's time: when loaded models expire
         self.queues: dict[str, _ModelQueue] = {}
         self._cursors: dict[str, itertools.count] = {}
-        self.slots_elsewhere: Callable[[], bool] = lambda: False
-        """True while several operators share the slots (odla/shared.py): a node is then picked
-        whatever this operator's own count, and a lease across the operators decides, in the
-        cluster's queue order (Router.open); this operator's own queue is not used."""
+        self.cluster: Optional[Cluster] = None
+        "Several operators' shared slots and queue (odla/shared.py), used while ``cluster.ok``."
+        self.waiting_in_cluster: Counter[str] = Counter()
+        "Per model key: jobs of this operator waiting in the cluster's queue."
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(q) for q in self.queues.values()) + sum(self.waiting_in_cluster.values())
+
+    def depth(self) -> dict[str, int]:
+        """Per model key: jobs of this operator waiting for a slot."""
+        depths = Counter(self.waiting_in_cluster)
+        depths.update({key: len(queue) for key, queue in self.queues.items()})
+        return {key: n for key, n in depths.items() if n}
 
     def has_model(self, model: str, exclude: Iterable[str] = ()) -> bool:
         return any(n.node_id not in exclude for n in self.registry.candidates(model))
 
-    def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
-        """The best free slot for ``model`` now, claimed; None when every node is full."""
-        key = model_key(model)
-        excluded, now = set(exclude), self.clock()
+    def _usable(self, model: str, exclude: Iterable[str], free_only: bool) -> list[Node]:
+        excluded, now, key = set(exclude), self.clock(), model_key(model)
         nodes = [n for n in self.registry.candidates(model) if n.node_id not in excluded]
         awake = [n for n in nodes if not n.resting(now)]
-        shared = self.slots_elsewhere()
-        free = [n for n in awake or nodes if shared or n.free(key)]  # resting nodes only when no other can
+        return [n for n in awake or nodes if not free_only or n.free(key)]  # resting nodes only when no other can
+
+    def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
+        """The best free slot for ``model`` now, claimed; None when every node is full."""
+        free = self._usable(model, exclude, free_only=True)
         if not free:
             return None
+        key, now = model_key(model), self.clock()
         ranks = {n.node_id: self._rank(n, key, now) for n in free}
         best = min(ranks.values())
         equals = [n for n in free if ranks[n.node_id] == best]
         node = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
-        return self._claim(node, key)
+        return self.hold(node, key)
+
+    def ranked(self, model: str, exclude: Iterable[str] = ()) -> list[list[Node]]:
+        """The nodes that could run ``model`` whatever this operator's own count (the cluster
+        counts), in groups of equals, best first."""
+        key, now = model_key(model), self.clock()
+        groups: dict[tuple, list[Node]] = {}
+        for node in self._usable(model, exclude, free_only=False):
+            groups.setdefault(self._rank(node, key, now), []).append(node)
+        return [groups[rank] for rank in sorted(groups)]
 
     async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
-                    place: Optional[Place] = None) -> Optional[Claim]:
+                    place: Optional[Place] = None, ticket: str = "") -> Optional[Claim]:
         """A slot for ``model``, waiting in the queue if every node is full; None when no
         healthy node (outside ``exclude``) has the model at all. ``place(n)`` hears the
-        job's place in the queue: at once, then when it changes, at most once a second."""
+        job's place in the queue: at once, then when it changes, at most once a second.
+        ``ticket`` (the job's id) is its name in the cluster's queue."""
+        if self.cluster is not None and self.cluster.ok:
+            return await self._claim_in_cluster(self.cluster, model, caller, exclude, place,
+                                                ticket or os.urandom(8).hex())
         key = model_key(model)
         queue = self.queues.get(key)
         if not queue:  # nobody waits: a free slot is anyone's
@@ -180,6 +230,45 @@ class Scheduler:
             if waiter.granted.done() and not waiter.taken:
                 waiter.granted.result().release()  # granted just as it gave up: pass it on
 
+    async def _claim_in_cluster(self, cluster: Cluster, model: str, caller: str, exclude: Iterable[str],
+                                place: Optional[Place], ticket: str) -> Optional[Claim]:
+        key, loop = model_key(model), asyncio.get_running_loop()
+        began = loop.time()
+        deadline, told, shown, queued = began + self.queue_timeout, -math.inf, 0, False
+        try:
+            while cluster.ok:
+                groups = self.ranked(model, exclude)
+                if not groups:
+                    return None
+                node, now_place = await cluster.take(key, ticket, caller, groups)
+                if node is not None:
+                    claim = self.hold(node, key)
+                    claim.on_release = lambda: cluster.release(ticket)
+                    claim.waited = loop.time() - began if queued else 0.0
+                    return claim
+                if not now_place:
+                    break  # the cluster went away just now
+                if not queued:
+                    if self.waiting >= self.max_queue:
+                        raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait "
+                                        f"already; try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+                    queued = True
+                    self.waiting_in_cluster[key] += 1
+                if place is not None and now_place != shown and loop.time() - told >= 1.0:
+                    shown, told = now_place, loop.time()
+                    place(now_place)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise QueueTimeout(f"no node with model {model} had a free slot within {self.queue_timeout:g}s")
+                await cluster.turn(key, now_place, min(left, CLUSTER_POLL_S))
+        finally:
+            if queued:
+                self.waiting_in_cluster[key] -= 1
+                if not self.waiting_in_cluster[key]:
+                    del self.waiting_in_cluster[key]
+                await cluster.leave(key, ticket, caller)
+        return await self.claim(model, caller, exclude, place)  # the cluster is away: this operator's own
+
     async def _wait(self, queue: _ModelQueue, waiter: _Waiter, model: str, place: Optional[Place]) -> Claim:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout
@@ -203,7 +292,8 @@ class Scheduler:
         step = -math.inf if speed is None or speed <= 0 else -round(math.log(speed, 1.1))
         return rank, round(node.errors * 4), step  # a node that failed of late comes after its equals
 
-    def _claim(self, node: Node, key: str) -> Claim:
+    def hold(self, node: Node, key: str) -> Claim:
+        """A slot on ``node`` for ``key``, counted here at once."""
         node.inflight[key] = node.inflight.get(key, 0) + 1
         node.jobs_total += 1
         return Claim(node, key, self)
@@ -215,8 +305,12 @@ class Scheduler:
             del node.inflight[key]
         self.wake(key)
 
-    def wake(self, key: Optional[str] = None) -> None:
-        """Hand free slots to waiters: after a release, or when nodes gain capacity (``key`` None: every model)."""
+    def wake(self, key: Optional[str] = None, *, grown: bool = False) -> None:
+        """Hand free slots to waiters: after a release, or when nodes may have gained capacity
+        (``key`` None: every model). ``grown``: they did (a node joined, came back, or has more
+        slots or models): the jobs waiting in the cluster's queue look again too."""
+        if grown and self.cluster is not None and self.cluster.ok:
+            self.cluster.wake()  # (a slot freed in the cluster wakes them by itself)
         for k in [key] if key is not None else list(self.queues):
             queue = self.queues.get(k)
             while queue:

@@ -8,12 +8,14 @@ serves from it; Redis is where the operators meet:
   ``prune_after`` after the last heartbeat (no keyspace notifications are relied on). Every
   second each operator reads them back: nodes registered elsewhere join its view, nodes alive
   elsewhere stay in it, nodes gone everywhere leave it.
-- **slots**: every job's claim on a slot is also a lease in Redis (odla/leases.py), taken by one
-  Lua script, so two operators never put more jobs on a node than it has slots; a lease is
-  renewed every ``lease_seconds / 3`` while its job runs and expires with an operator that died.
-- **the queue's order**: a job that finds every slot taken joins the model's queue in Redis, by
-  arrival; a slot goes to the first in it, whichever operator each job asked, and each job's place
-  is the same seen from any operator.
+- **slots and the pick**: every job's slot is a lease in Redis (odla/leases.py), taken by one Lua
+  script, so two operators never put more jobs on a node than it has slots; a lease is renewed
+  every ``lease_seconds / 3`` while its job runs and expires with an operator that died. Among
+  equal nodes the script turns one cursor for every operator.
+- **the queue**: a job that finds every slot taken joins the model's queue in Redis, fair across
+  callers (API keys) as a lone operator's; a slot goes to the first in it, whichever operator each
+  job asked, and each job's place is the same seen from any operator. A release with jobs waiting
+  is published (``odla:freed``): waiting jobs are woken, not polling.
 - **health checks**: each interval one operator checks a node (the first to ``SET NX PX`` its
   ``odla:check:<id>``) and writes what it found to ``odla:health:<id>``; the others take it (a
   node not answering cuts their streams from it too).
@@ -39,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from pydantic import ValidationError
@@ -47,14 +50,16 @@ from redis.exceptions import RedisError
 
 from . import protocol as p
 from .config import Settings
+from .scheduler import CLUSTER_POLL_S
 from .jobs import Job
-from .leases import Leases
-from .registry import Registry
-from .scheduler import Claim
+from .leases import FREED, Leases
+from .registry import Node, Registry
 
 log = logging.getLogger("odla.operator")
 SYNC_S = 1.0
 "How often an operator reads the shared nodes back."
+TICKET_S = 3 * CLUSTER_POLL_S
+"A waiting job's ticket drops out of the cluster's queue when its operator has not asked for it this long."
 NODES = "odla:nodes"
 JOBS = "odla:jobs"
 "Job id -> when it started: the index of the receipts kept in ``odla:job:<id>``."
@@ -62,10 +67,19 @@ RESTS = "odla:rests"
 "Node id -> when its rest ends (epoch seconds): a node that failed jobs in a row rests on every operator."
 
 
+@dataclass(eq=False)
+class _Turn:
+    """A job waiting here in the cluster's queue."""
+
+    place: int
+    woken: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class SharedState:
     """One operator's connection to the others, through Redis."""
 
-    def __init__(self, settings: Settings, registry: Registry, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, settings: Settings, registry: Registry,
+                 on_change: Callable[..., None] = lambda grown=False: None) -> None:
         assert settings.redis_url
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
         self.leases = Leases(self.redis, settings.lease_seconds)
@@ -76,7 +90,8 @@ class SharedState:
         self.on_change = on_change
         self.error: Optional[str] = None
         "Why Redis cannot be used now; None while it can."
-        self.held: dict[str, tuple[str, str]] = {}  # lease member -> (node id, model key), renewed while held
+        self.held: dict[str, tuple[str, str]] = {}  # job id -> (node id, model key) of its lease, renewed while held
+        self.turns: dict[str, set[_Turn]] = {}  # model key -> the jobs waiting here in the cluster's queue
         self.learned: set[str] = set()  # nodes in this view only because another operator has them
         self.releasing: list[tuple[str, str, str]] = []  # leases to release, flushed together
         self.flusher: Optional[asyncio.Future] = None
@@ -188,7 +203,7 @@ class SharedState:
                 self.registry.remove(node_id)
                 log.warning("node %s left the network (no heartbeat to any operator)", node_id)
         if changed:
-            self.on_change()
+            self.on_change(grown=True)
 
     # --- health checks: one operator per node per interval -------------------------------------
 
@@ -282,37 +297,65 @@ class SharedState:
                     found.append(job)
         return found[offset:offset + limit]
 
-    # --- slots ---------------------------------------------------------------------------------
+    # --- slots and the queue: the scheduler's cluster (odla/scheduler.py) ---------------------------
 
-    async def lease(self, claim: Claim, job_id: str) -> int:
-        """Confirm a claim across the operators, in the cluster's queue order: 0 when confirmed, else
-        the job's place in the queue (the node's slots are taken elsewhere, or jobs that came earlier
-        to any operator wait). With Redis down, this operator's own count decides (0)."""
+    async def take(self, key: str, ticket: str, caller: str, groups: list[list[Node]]) -> tuple[Optional[Node], int]:
+        """A slot for the job on the best node free across the operators, in the cluster's queue
+        order: (node, 0), or (None, its place in the queue). (None, 0): Redis failed just now."""
         if not self.ok:
-            return 0
-        node_id, key = claim.node.node_id, claim.key
+            return None, 0
+        nodes = {node.node_id: node for group in groups for node in group}
         try:
-            place = await self.leases.claim_in_turn(node_id, key, job_id, claim.node.slots_for(key))
+            node_id, place = await self.leases.take(
+                key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups], TICKET_S)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return 0
-        if place == 0:
-            self.held[job_id] = (node_id, key)
-            claim.on_release = lambda: self._release(job_id)
-        return place
+            return None, 0
+        if node_id is None:
+            return None, place
+        self.held[ticket] = (node_id, key)
+        return nodes[node_id], 0
 
-    async def leave_queue(self, key: str, job_id: str) -> None:
+    async def turn(self, key: str, place: int, timeout: float) -> None:
+        """Wait, ``place``-th in the queue for ``key``, until a slot may be this job's (one freed
+        somewhere, or a node gained capacity), or ``timeout``."""
+        turn = _Turn(place)
+        waiting = self.turns.setdefault(key, set())
+        waiting.add(turn)
+        try:
+            await asyncio.wait((turn.woken,), timeout=timeout)
+        finally:
+            waiting.discard(turn)
+            if not waiting:
+                self.turns.pop(key, None)
+
+    def _freed(self, key: str) -> None:
+        """A slot for ``key`` was freed (or a job left its queue): each waiter moves up one place in
+        its own reckoning, and those that may be first now ask."""
+        for turn in self.turns.get(key, ()):
+            turn.place -= 1
+            if turn.place <= 1 and not turn.woken.done():
+                turn.woken.set_result(None)
+
+    def wake(self) -> None:
+        """Nodes gained capacity: every waiting job asks again."""
+        for waiting in self.turns.values():
+            for turn in waiting:
+                if not turn.woken.done():
+                    turn.woken.set_result(None)
+
+    async def leave(self, key: str, ticket: str, caller: str) -> None:
         if self.ok:
             with contextlib.suppress(RedisError, OSError):
-                await self.leases.leave(key, job_id)
+                await self.leases.leave(key, ticket, caller)
 
-    def _release(self, member: str) -> None:
+    def release(self, ticket: str) -> None:
         """A job's slot is free: released in Redis with the others that end in the same moment
         (one pipeline, not a command and a task per job)."""
-        held = self.held.pop(member, None)
+        held = self.held.pop(ticket, None)
         if held is None or not self.ok:
             return  # with Redis away, it expires by itself
-        self.releasing.append((*held, member))
+        self.releasing.append((*held, ticket))
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.ensure_future(self._flush_releases())
 
@@ -322,9 +365,25 @@ class SharedState:
             batch, self.releasing = self.releasing, []
             with contextlib.suppress(RedisError, OSError):  # else they expire by themselves
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for node_id, key, member in batch:
-                        pipe.zrem(Leases.key(node_id, key), member)
+                    for node_id, key, ticket in batch:
+                        await self.leases.release(node_id, key, ticket, client=pipe)
                     await pipe.execute()
+
+    async def listen(self) -> None:
+        """Hear of slots freed by any operator (``odla:freed``), to wake the jobs waiting here."""
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as sub:
+                    await sub.subscribe(FREED)
+                    while True:
+                        message = await sub.get_message(timeout=SYNC_S)
+                        if message is not None:
+                            self._freed(message["data"].decode())
+            except (RedisError, OSError):
+                pass  # the sync loop says so; waiting jobs ask on their own meanwhile
+            except Exception:  # noqa: BLE001 - the loop outlives any one failure
+                log.exception("shared state: listening for freed slots failed unexpectedly")
+            await asyncio.sleep(SYNC_S)
 
     async def renew(self) -> None:
         for member, (node_id, key) in list(self.held.items()):

@@ -67,3 +67,110 @@ def test_a_dead_operators_leases_expire_and_renewed_ones_do_not(redis_server):
         finally:
             await redis.aclose()
     run(scenario())
+
+
+M = "llama3:latest"
+
+
+def test_take_turns_the_pick_cursor_across_operators(redis_server):
+    """Equal nodes take turns whichever operator picks: n1, n2, n3, n1, ... as two clients alternate;
+    a better group comes first; a full node is passed over."""
+    async def scenario() -> None:
+        a, b = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+        try:
+            ops = [Leases(a), Leases(b)]
+            equals = [[("n2", 4), ("n1", 4), ("n3", 4)]]  # given in any order: turns go by node id
+            picked = []
+            for i in range(7):
+                node, place = await ops[i % 2].take(M, f"j{i}", "", equals)
+                assert place == 0
+                picked.append(node)
+                await ops[i % 2].release(node, M, f"j{i}")
+            assert picked == ["n1", "n2", "n3", "n1", "n2", "n3", "n1"]
+            assert await ops[0].take(M, "better", "", [[("fast", 1)], [("n1", 4)]]) == ("fast", 0)
+            assert await ops[1].take(M, "next", "", [[("fast", 1)], [("n1", 4)]]) == ("n1", 0)  # fast is full
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(scenario())
+
+
+def test_take_queues_fairly_across_callers_with_the_same_place_from_any_operator(redis_server):
+    """One slot, held. Caller A queues three jobs, then B one: B's job is second (callers take turns),
+    the places are the same asked through either client, and the slot goes in that order."""
+    async def scenario() -> None:
+        a, b = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+        try:
+            ops = [Leases(a), Leases(b)]
+            one = [[("n1", 1)]]
+            assert await ops[0].take(M, "held", "A", one) == ("n1", 0)
+            places = {}
+            for i, (job, caller) in enumerate([("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B")]):
+                places[job] = (await ops[i % 2].take(M, job, caller, one))[1]
+            assert places == {"a1": 1, "a2": 2, "a3": 3, "b1": 2}  # on arrival: B goes before A's second
+            for job, caller in [("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B")]:  # asked again, elsewhere
+                places[job] = (await ops[1].take(M, job, caller, one))[1]
+            assert places == {"a1": 1, "b1": 2, "a2": 3, "a3": 4}
+            served = []
+            await ops[0].release("n1", M, "held")
+            for _ in range(4):
+                waiting = sorted(places, key=places.get)
+                for job in waiting:  # everyone asks; only the first in the queue gets the slot
+                    node, place = await ops[0].take(M, job, job[0].upper(), one)
+                    if node:
+                        served.append(job)
+                        del places[job]
+                        await ops[1].release(node, M, job)
+                    else:
+                        places[job] = place
+            assert served == ["a1", "b1", "a2", "a3"]
+            assert await a.zcard(Leases.queue_keys(M)[0]) == 0
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(scenario())
+
+
+def test_a_caller_whose_jobs_left_is_not_sent_to_the_back_and_dead_tickets_drop_out(redis_server):
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            leases, one = Leases(redis), [[("n1", 1)]]
+            assert await leases.take(M, "held", "A", one) == ("n1", 0)
+            assert [(await leases.take(M, f"a{i}", "A", one))[1] for i in range(5)] == [1, 2, 3, 4, 5]
+            for i in range(5):  # A's client gave up on all of them
+                await leases.leave(M, f"a{i}", "A")
+            assert (await leases.take(M, "b1", "B", one))[1] == 1
+            assert (await leases.take(M, "a5", "A", one))[1] == 2  # not behind five rounds of its own
+            # a ticket not asked for again within its life drops out: its operator died
+            assert (await leases.take(M, "c1", "C", one, ticket_s=0.2))[1] == 3
+            await asyncio.sleep(0.3)
+            assert (await leases.take(M, "b1", "B", one))[1] == 1
+            assert (await leases.take(M, "d1", "D", one))[1] == 3  # c1 is gone: B, A, D
+        finally:
+            await redis.aclose()
+    run(scenario())
+
+
+def test_a_release_tells_the_operators_only_when_jobs_wait(redis_server):
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            leases, one = Leases(redis), [[("n1", 1)]]
+            async with redis.pubsub() as sub:
+                await sub.subscribe("odla:freed")
+                assert (await sub.get_message(timeout=1))["type"] == "subscribe"
+                assert await leases.take(M, "j1", "", one) == ("n1", 0)
+                await leases.release("n1", M, "j1")
+                assert await sub.get_message(timeout=0.3) is None  # nobody waited
+                assert await leases.take(M, "j2", "", one) == ("n1", 0)
+                assert (await leases.take(M, "j3", "", one))[1] == 1
+                async with redis.pipeline(transaction=False) as pipe:
+                    await leases.release("n1", M, "j2", client=pipe)
+                    await pipe.execute()
+                message = await sub.get_message(timeout=1)
+                assert message["type"] == "message" and message["data"] == M.encode()
+                assert await leases.take(M, "j3", "", one) == ("n1", 0)
+        finally:
+            await redis.aclose()
+    run(scenario())

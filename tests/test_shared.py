@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from sim.ollama_sim import sim_tokens
-from tests.fakes import RawNode
+from odla import protocol as p
+from tests.fakes import RawNode, ndjson_reply
 from tests.helpers import ROOT, free_port, read_stream, wait_for, wait_http
 
 
@@ -125,13 +126,16 @@ def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_ser
 
 
 @contextlib.contextmanager
-def heartbeats(operator_url: str, node_id: str, url: str) -> Iterator[None]:
+def heartbeats(operator_url: str, node_id: str, url: str, **fields) -> Iterator[None]:
     """What a node agent does for a fake node: register every 0.5 s (heartbeat_interval here)."""
     stop = threading.Event()
+    body = {"node_id": node_id, "url": url, "models": ["llama3:latest"], **fields}
 
     def beat() -> None:
-        while not stop.wait(0.5):
-            httpx.post(f"{operator_url}/register", json={"node_id": node_id, "url": url, "models": ["llama3:latest"]})
+        while True:
+            httpx.post(f"{operator_url}/register", json=body)
+            if stop.wait(0.5):
+                return
     beating = threading.Thread(target=beat)
     beating.start()
     try:
@@ -212,21 +216,24 @@ def test_a_node_given_several_operators_joins_each(net, link):
         wait_for(lambda: "n1" not in listed(url), timeout=5)
 
 
-def test_a_clients_place_is_the_same_whichever_operator_it_asked(two):
-    """Jobs that find every slot taken queue in Redis by arrival: places 1, 2, 3, 4 across both
-    operators, and slots go in that order."""
+def test_the_queue_is_the_clusters_fair_across_callers_and_woken_when_a_slot_frees(two):
+    """Jobs that find every slot taken queue in Redis: caller A's three jobs, alternating operators,
+    are told places 1, 2, 3; caller B's, arriving last at the second operator, is told 2 (callers take
+    turns), and the slot goes in that order: A, B, A, A. Each starts as soon as the one before ends: a
+    freed slot wakes the next job (asking again on its own, it would wait up to 2 s)."""
     net, other, _ = two
     sim = one_node(net, other, "1", "--tokens", "2")
     httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
     holder = subprocess.Popen([sys.executable, "client.py", "first", "--operator", net.op_url],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    callers = ["A", "A", "A", "B"]
     seen: dict[int, list] = {}
     try:
         wait_for(lambda: httpx.get(f"{sim}/_sim/stats").json()["active"] == 1, timeout=10)
 
         async def queued(i: int, url: str) -> None:
-            await asyncio.sleep(0.4 * i)  # arrivals in order 0, 1, 2, 3, alternating operators
-            async with httpx.AsyncClient(timeout=30) as http:
+            await asyncio.sleep(0.4 * i)  # arrivals in order 0, 1, 2, 3
+            async with httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer key-{callers[i]}"}) as http:
                 async with http.stream("POST", f"{url}/inference", json={"model": "llama3", "prompt": f"q{i}"}) as resp:
                     async for line in resp.aiter_lines():
                         if line:
@@ -243,8 +250,37 @@ def test_a_clients_place_is_the_same_whichever_operator_it_asked(two):
         holder.kill()
         holder.wait()
     first_places = [next(line["queued"] for _, line in seen[i] if "queued" in line) for i in range(4)]
-    assert first_places == [1, 2, 3, 4], first_places
-    started = [next(t for t, line in seen[i] if "token" in line) for i in range(4)]
-    assert started == sorted(started)  # served in that order
+    assert first_places == [1, 2, 3, 2], first_places
+    started = {i: next(t for t, line in seen[i] if "token" in line) for i in range(4)}
+    order = sorted(started, key=started.get)
+    assert order == [0, 3, 1, 2], order
+    for before, after in zip(order, order[1:]):
+        assert started[after] - seen[before][-1][0] < 1.0, (before, after)  # woken, not polling
     for i in range(4):
         assert tokens([line for _, line in seen[i]]) == sim_tokens(f"q{i}", 2)
+
+
+def test_equal_nodes_take_turns_across_the_operators(two):
+    """Two equal nodes (both warm, idle, unmeasured), requests alternating between the operators:
+    the nodes alternate too (one cursor for both; each operator's own would give n1, n1, n2, n2)."""
+    net, other, _ = two
+
+    def named(name):
+        async def answer(first, reader, writer):
+            writer.write(ndjson_reply(p.token_line(name) + p.DONE_LINE))
+            return True
+        return answer
+
+    loaded = [{"name": "llama3:latest", "expires_at": "2099-01-01T00:00:00Z"}]
+    with RawNode(named("n1")) as n1, RawNode(named("n2")) as n2, \
+            heartbeats(net.op_url, "n1", n1.url, loaded=loaded), heartbeats(net.op_url, "n2", n2.url, loaded=loaded):
+        for url in (net.op_url, other):
+            wait_for(lambda: {n for n, row in listed(url).items() if row["healthy"] and row["loaded"]} == {"n1", "n2"},
+                     timeout=10)
+        served = []
+        for i in range(8):
+            resp = httpx.post(f"{(net.op_url, other)[i % 2]}/inference", json={"model": "llama3", "prompt": "x"},
+                              timeout=10)
+            served.append(resp.headers["x-odla-node"])
+            assert [line["token"] for line in map(json.loads, resp.text.splitlines()) if "token" in line] == [served[-1]]
+    assert all(a != b for a, b in zip(served, served[1:])), served
