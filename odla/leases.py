@@ -19,8 +19,8 @@ groups of equals, and in the same script it
 - turns **the pick cursor**: among equals, the first node after the one last picked for the
   model, by node id, whichever operator picked it.
 
-A release tells the operators (``PUBLISH odla:freed <model>``) when jobs wait for the model,
-so that a waiting job is woken rather than asking again and again.
+A release tells the operators (``PUBLISH odla:freed "<count> <model>"``) when jobs wait for the
+model, so that a waiting job is woken rather than asking again and again.
 
     leases = Leases(redis.asyncio.Redis.from_url(url), lease_seconds=30)
     node, place = await leases.take("llama3:latest", job_id, caller, [[("n1", 2), ("n2", 2)], [("n3", 1)]])
@@ -30,13 +30,15 @@ so that a waiting job is woken rather than asking again and again.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional, Sequence
 
 from redis.asyncio import Redis
 
 PREFIX = "odla:leases"
 FREED = "odla:freed"
-"The channel on which a release (or a job leaving the queue) names its model, when jobs wait for it."
+"""The channel on which releases (or a job leaving the queue) say ``"<count> <model>"`` when jobs wait
+for the model: so many of them move up a place."""
 TURNS_MS = 600_000
 "How long a model's cursor and callers' rounds outlive its last claim."
 
@@ -152,15 +154,7 @@ return {ahead + 1}
 # jobs behind it move up.
 LEAVE = _QUEUE + """
 if out(ARGV[1], nil) and redis.call('ZCARD', queue) > 0 then
-  redis.call('PUBLISH', '""" + FREED + """', ARGV[2])
-end
-"""
-
-# KEYS[1] the node and model's leases, KEYS[2] the model's queue; ARGV: job id, model. When jobs
-# wait for the model, the operators hear that a slot is free.
-RELEASE = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[2]) > 0 then
-  redis.call('PUBLISH', '""" + FREED + """', ARGV[2])
+  redis.call('PUBLISH', '""" + FREED + """', '1 ' .. ARGV[2])
 end
 """
 
@@ -192,7 +186,6 @@ class Leases:
         self._claim = redis.register_script(CLAIM)
         self._take = redis.register_script(TAKE)
         self._leave = redis.register_script(LEAVE)
-        self._release = redis.register_script(RELEASE)
         self._renew = redis.register_script(RENEW)
         self._running = redis.register_script(RUNNING)
 
@@ -235,10 +228,28 @@ class Leases:
         """Push the lease's expiry ``lease_seconds`` on; False if it had already expired."""
         return bool(await self._renew(keys=[self.key(node_id, model)], args=[self.lease_ms, job_id]))
 
-    async def release(self, node_id: str, model: str, job_id: str, client: Optional[Redis] = None) -> None:
-        """The slot is free (``client``: a pipeline, to release several at once)."""
-        await self._release(keys=[self.key(node_id, model), self.queue_keys(model)[0]], args=[job_id, model],
-                            client=client)
+    async def release(self, node_id: str, model: str, job_id: str) -> None:
+        await self.release_all([(node_id, model, job_id)])
+
+    async def release_all(self, leases: Sequence[tuple[str, str, str]]) -> None:
+        """Free the slots of jobs that ended, (node id, model, job id) each, in one round trip; then
+        tell the operators of each model for which jobs wait. (No script: a pipeline with one asks
+        Redis first whether it has it, a round trip more. A job that queues after the count below
+        finds the slot free itself.)"""
+        models = sorted({model for _, model, _ in leases})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node_id, model, job_id in leases:
+                pipe.zrem(self.key(node_id, model), job_id)
+            for model in models:
+                pipe.zcard(self.queue_keys(model)[0])
+            answers = await pipe.execute()
+        freed = Counter(model for (_, model, _), removed in zip(leases, answers) if removed)
+        waited = [model for model, waiting in zip(models, answers[len(leases):]) if waiting and freed[model]]
+        if waited:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model in waited:
+                    pipe.publish(FREED, f"{freed[model]} {model}")
+                await pipe.execute()
 
     async def running(self, node_id: str, model: str) -> int:
         """Jobs with a live lease on the node for ``model``, whichever operator holds them."""

@@ -58,6 +58,10 @@ from .registry import Node, Registry
 log = logging.getLogger("odla.operator")
 SYNC_S = 1.0
 "How often an operator reads the shared nodes back."
+CALL_S = 1.0
+"""A call to Redis that takes longer failed (Redis is away); the sync loop's round has 5 times
+that. Enforced with ``asyncio.timeout`` around calls: redis-py's ``socket_timeout`` would cost a
+task per command (``asyncio.wait_for``), a fifth of the Redis path's cost per job."""
 TICKET_S = 3 * CLUSTER_POLL_S
 "A waiting job's ticket drops out of the cluster's queue when its operator has not asked for it this long."
 NODES = "odla:nodes"
@@ -81,7 +85,7 @@ class SharedState:
     def __init__(self, settings: Settings, registry: Registry,
                  on_change: Callable[..., None] = lambda grown=False: None) -> None:
         assert settings.redis_url
-        self.redis = Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CALL_S, socket_timeout=None)
         self.leases = Leases(self.redis, settings.lease_seconds)
         self.lease_seconds = settings.lease_seconds
         self.keep_s = max(1, int(settings.jobs_keep_days * 86400))
@@ -107,9 +111,9 @@ class SharedState:
 
     async def aclose(self) -> None:
         """On shutdown: this operator's leases go with it (rather than block their slots until they expire)."""
-        for member, (node_id, key) in list(self.held.items()):
-            with contextlib.suppress(RedisError, OSError):
-                await self.leases.release(node_id, key, member)
+        with contextlib.suppress(RedisError, OSError):
+            async with asyncio.timeout(CALL_S):
+                await self.leases.release_all([(node_id, key, member) for member, (node_id, key) in self.held.items()])
         self.held.clear()
         await self.redis.aclose()
 
@@ -132,7 +136,7 @@ class SharedState:
         if not self.ok:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 record = f'{{"at": {self.registry.clock()!r}, "node": {body.model_dump_json()}}}'
                 pipe.set(f"odla:node:{body.node_id}", record)
                 pipe.set(f"odla:alive:{body.node_id}", 1, px=self.alive_ms)
@@ -146,8 +150,9 @@ class SharedState:
         if not self.ok:
             return
         try:
-            await self.redis.delete(f"odla:node:{node_id}", f"odla:alive:{node_id}")
-            await self.redis.srem(NODES, node_id)
+            async with asyncio.timeout(CALL_S):
+                await self.redis.delete(f"odla:node:{node_id}", f"odla:alive:{node_id}")
+                await self.redis.srem(NODES, node_id)
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
@@ -213,7 +218,7 @@ class SharedState:
         if not self.ok or not node_ids:
             return set(node_ids)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:
                     pipe.set(f"odla:check:{node_id}", self.me, nx=True, px=max(1, int(interval * 1000)))
                 taken = await pipe.execute()
@@ -228,7 +233,7 @@ class SharedState:
             return
         now, ttl = self.registry.clock(), max(1, int(3 * interval * 1000))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for node_id, (healthy, unreachable, error) in results.items():
                     pipe.set(f"odla:health:{node_id}", json.dumps({"by": self.me, "at": now, "healthy": healthy,
                                                                    "unreachable": unreachable, "error": error}), px=ttl)
@@ -264,7 +269,7 @@ class SharedState:
         if not self.ok or not jobs:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for job in jobs:
                     pipe.set(f"odla:job:{job.id}", job.receipt().model_dump_json(), ex=self.keep_s)
                 pipe.zadd(JOBS, {job.id: job.started for job in jobs})
@@ -274,7 +279,8 @@ class SharedState:
             self._failed(exc)
 
     async def receipt(self, job_id: str) -> Optional[p.JobReceipt]:
-        raw = await self.redis.get(f"odla:job:{job_id}")
+        async with asyncio.timeout(CALL_S):
+            raw = await self.redis.get(f"odla:job:{job_id}")
         return p.JobReceipt.model_validate_json(raw) if raw else None
 
     async def receipts(self, model: Optional[str], node: Optional[str], outcome: Optional[str],
@@ -283,12 +289,14 @@ class SharedState:
         found: list[p.JobReceipt] = []
         start, batch = 0, 500
         while len(found) < offset + limit:
-            ids = await self.redis.zrevrangebyscore(JOBS, "+inf", since if since is not None else "-inf",
-                                                    start=start, num=batch)
+            async with asyncio.timeout(CALL_S):
+                ids = await self.redis.zrevrangebyscore(JOBS, "+inf", since if since is not None else "-inf",
+                                                        start=start, num=batch)
+                raws = await self.redis.mget([f"odla:job:{i.decode()}" for i in ids]) if ids else []
             if not ids:
                 break
             start += len(ids)
-            for raw in await self.redis.mget([f"odla:job:{i.decode()}" for i in ids]):
+            for raw in raws:
                 if raw is None:
                     continue  # expired
                 job = p.JobReceipt.model_validate_json(raw)
@@ -306,8 +314,10 @@ class SharedState:
             return None, 0
         nodes = {node.node_id: node for group in groups for node in group}
         try:
-            node_id, place = await self.leases.take(
-                key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups], TICKET_S)
+            async with asyncio.timeout(CALL_S):
+                node_id, place = await self.leases.take(
+                    key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups],
+                    TICKET_S)
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return None, 0
@@ -329,11 +339,11 @@ class SharedState:
             if not waiting:
                 self.turns.pop(key, None)
 
-    def _freed(self, key: str) -> None:
-        """A slot for ``key`` was freed (or a job left its queue): each waiter moves up one place in
-        its own reckoning, and those that may be first now ask."""
+    def _freed(self, key: str, count: int) -> None:
+        """``count`` slots for ``key`` were freed (or jobs left its queue): each waiter moves up as
+        many places in its own reckoning, and those that may be first now ask."""
         for turn in self.turns.get(key, ()):
-            turn.place -= 1
+            turn.place -= count
             if turn.place <= 1 and not turn.woken.done():
                 turn.woken.set_result(None)
 
@@ -347,7 +357,8 @@ class SharedState:
     async def leave(self, key: str, ticket: str, caller: str) -> None:
         if self.ok:
             with contextlib.suppress(RedisError, OSError):
-                await self.leases.leave(key, ticket, caller)
+                async with asyncio.timeout(CALL_S):
+                    await self.leases.leave(key, ticket, caller)
 
     def release(self, ticket: str) -> None:
         """A job's slot is free: released in Redis with the others that end in the same moment
@@ -364,21 +375,21 @@ class SharedState:
         while self.releasing:
             batch, self.releasing = self.releasing, []
             with contextlib.suppress(RedisError, OSError):  # else they expire by themselves
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for node_id, key, ticket in batch:
-                        await self.leases.release(node_id, key, ticket, client=pipe)
-                    await pipe.execute()
+                async with asyncio.timeout(CALL_S):
+                    await self.leases.release_all(batch)
 
     async def listen(self) -> None:
         """Hear of slots freed by any operator (``odla:freed``), to wake the jobs waiting here."""
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as sub:
-                    await sub.subscribe(FREED)
+                    async with asyncio.timeout(CALL_S):
+                        await sub.subscribe(FREED)
                     while True:
                         message = await sub.get_message(timeout=SYNC_S)
                         if message is not None:
-                            self._freed(message["data"].decode())
+                            count, _, key = message["data"].decode().partition(" ")
+                            self._freed(key, int(count))
             except (RedisError, OSError):
                 pass  # the sync loop says so; waiting jobs ask on their own meanwhile
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
@@ -399,10 +410,12 @@ class SharedState:
         renewed = loop.time()
         while True:
             try:
-                await self.sync()
+                async with asyncio.timeout(5 * CALL_S):
+                    await self.sync()
                 if loop.time() - renewed >= self.lease_seconds / 3:
                     renewed = loop.time()
-                    await self.renew()
+                    async with asyncio.timeout(5 * CALL_S):
+                        await self.renew()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             except Exception:  # noqa: BLE001 - the loop outlives any one failure

@@ -165,11 +165,10 @@ def test_a_release_tells_the_operators_only_when_jobs_wait(redis_server):
                 assert await sub.get_message(timeout=0.3) is None  # nobody waited
                 assert await leases.take(M, "j2", "", one) == ("n1", 0)
                 assert (await leases.take(M, "j3", "", one))[1] == 1
-                async with redis.pipeline(transaction=False) as pipe:
-                    await leases.release("n1", M, "j2", client=pipe)
-                    await pipe.execute()
+                await leases.release_all([("n1", M, "j2"), ("n1", "other:latest", "x")])
                 message = await sub.get_message(timeout=1)
-                assert message["type"] == "message" and message["data"] == M.encode()
+                assert message["type"] == "message" and message["data"] == f"1 {M}".encode()
+                assert await sub.get_message(timeout=0.3) is None  # one message: no job waits for the other
                 assert await leases.take(M, "j3", "", one) == ("n1", 0)
         finally:
             await redis.aclose()

@@ -125,6 +125,28 @@ def test_redis_down_serves_from_the_last_view_and_converges_after(two, redis_ser
         wait_for(lambda: "n1" in listed(url), timeout=10)
 
 
+def test_a_redis_that_hangs_costs_a_request_at_most_a_second(two, redis_server):
+    """Redis stopped with SIGSTOP: it accepts connections and never answers. Each call to it has a
+    deadline, so requests go on through both operators, each within about a second, and the
+    operators say they are degraded; after SIGCONT both are healthy again."""
+    net, other, _ = two
+    one_node(net, other, "2", "--tokens", "3")
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(6):
+            began = time.monotonic()
+            with httpx.stream("POST", f"{(net.op_url, other)[i % 2]}/inference",
+                              json={"model": "llama3", "prompt": f"h{i}"}, timeout=10) as resp:
+                assert tokens(read_stream(resp)) == sim_tokens(f"h{i}", 3)
+            assert time.monotonic() - began < 2.5
+        for url in (net.op_url, other):
+            wait_for(lambda: httpx.get(f"{url}/health").json()["status"] == "degraded", timeout=10)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    for url in (net.op_url, other):
+        wait_for(lambda: httpx.get(f"{url}/health").json()["status"] == "healthy", timeout=10)
+
+
 @contextlib.contextmanager
 def heartbeats(operator_url: str, node_id: str, url: str, **fields) -> Iterator[None]:
     """What a node agent does for a fake node: register every 0.5 s (heartbeat_interval here)."""
