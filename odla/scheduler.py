@@ -234,7 +234,8 @@ class Scheduler:
                                 place: Optional[Place], ticket: str) -> Optional[Claim]:
         key, loop = model_key(model), asyncio.get_running_loop()
         began = loop.time()
-        deadline, told, shown, queued = began + self.queue_timeout, -math.inf, 0, False
+        deadline, told, shown = began + self.queue_timeout, -math.inf, 0
+        ticketed = counted = False  # its ticket is in the cluster's queue; it is counted in waiting_in_cluster
         try:
             while cluster.ok:
                 groups = self.ranked(model, exclude)
@@ -242,17 +243,19 @@ class Scheduler:
                     return None
                 node, now_place = await cluster.take(key, ticket, caller, groups)
                 if node is not None:
+                    ticketed = False  # the claim took its ticket out of the queue
                     claim = self.hold(node, key)
                     claim.on_release = lambda: cluster.release(ticket)
-                    claim.waited = loop.time() - began if queued else 0.0
+                    claim.waited = loop.time() - began if counted else 0.0
                     return claim
                 if not now_place:
                     break  # the cluster went away just now
-                if not queued:
+                ticketed = True
+                if not counted:
                     if self.waiting >= self.max_queue:
                         raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait "
                                         f"already; try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
-                    queued = True
+                    counted = True
                     self.waiting_in_cluster[key] += 1
                 if place is not None and now_place != shown and loop.time() - told >= 1.0:
                     shown, told = now_place, loop.time()
@@ -262,10 +265,11 @@ class Scheduler:
                     raise QueueTimeout(f"no node with model {model} had a free slot within {self.queue_timeout:g}s")
                 await cluster.turn(key, now_place, min(left, CLUSTER_POLL_S))
         finally:
-            if queued:
+            if counted:
                 self.waiting_in_cluster[key] -= 1
                 if not self.waiting_in_cluster[key]:
                     del self.waiting_in_cluster[key]
+            if ticketed:  # it gave up (or the client left): the jobs behind it move up
                 await cluster.leave(key, ticket, caller)
         return await self.claim(model, caller, exclude, place)  # the cluster is away: this operator's own
 

@@ -306,3 +306,47 @@ def test_equal_nodes_take_turns_across_the_operators(two):
             served.append(resp.headers["x-odla-node"])
             assert [line["token"] for line in map(json.loads, resp.text.splitlines()) if "token" in line] == [served[-1]]
     assert all(a != b for a, b in zip(served, served[1:])), served
+
+
+def test_the_cluster_queue_in_one_operator_refuses_past_max_queue_and_wakes_the_next(redis_server):
+    """The scheduler on Redis, in-process: past ``max_queue`` a job is refused and its ticket
+    leaves at once (the jobs behind are not held up); a release wakes the next job without
+    waiting for its 2 s poll; a job that gives up at ``queue_timeout`` leaves too."""
+    from odla.registry import Registry
+    from odla.scheduler import QueueFull, QueueTimeout, Scheduler
+    from odla.shared import SharedState
+    from tests.helpers import settings
+
+    async def scenario() -> None:
+        registry = Registry(prune_after=60)
+        registry.register("n1", "http://n1", ["llama3:latest"], slots={"llama3:latest": 1})
+        scheduler = Scheduler(registry, max_queue=1, queue_timeout=30)
+        shared = SharedState(settings(redis_url=redis_server.url), registry)
+        scheduler.cluster = shared
+        listening = asyncio.ensure_future(shared.listen())
+        queue = shared.redis.zcard
+        try:
+            await asyncio.sleep(0.2)  # subscribed
+            held = await scheduler.claim("llama3", ticket="held")
+            places: list[int] = []
+            waiting = asyncio.ensure_future(scheduler.claim("llama3", place=places.append, ticket="next"))
+            await asyncio.sleep(0.3)
+            assert places == [1] and scheduler.depth() == {"llama3:latest": 1}
+            with pytest.raises(QueueFull):
+                await scheduler.claim("llama3", ticket="refused")
+            assert await queue("odla:queue:llama3:latest") == 1  # only "next"
+            released = time.monotonic()
+            held.release()
+            claim = await asyncio.wait_for(waiting, 5)
+            assert claim.node.node_id == "n1" and time.monotonic() - released < 1.0  # woken
+            assert await queue("odla:queue:llama3:latest") == 0 and scheduler.depth() == {}
+            scheduler.queue_timeout = 0.5
+            with pytest.raises(QueueTimeout):
+                await scheduler.claim("llama3", ticket="late")
+            assert await queue("odla:queue:llama3:latest") == 0
+            claim.release()
+        finally:
+            listening.cancel()
+            await shared.aclose()
+
+    asyncio.run(scenario())
