@@ -213,7 +213,7 @@ def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
         wait_for(lambda: established_to(node_port) <= before + 1, timeout=5)
     finally:
         stopped.send_signal(signal.SIGCONT)
-    net.wait_nodes("n1")
+    wait_for(lambda: net.listing().get("n1", {}).get("healthy"), timeout=10)  # listed is not enough: checked again
 
     with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "p"}, timeout=30) as resp:
         lines = resp.iter_lines()
