@@ -83,11 +83,27 @@ local function out(ticket, round)
 end
 """
 
-# KEYS[1..3] the model's queue (above), KEYS[3 + i] node i's leases; ARGV: job, caller, lease ms,
-# ticket ms, then per node i: its id, its slots, its group (equals share one; groups best first,
-# ids sorted within). {0, node id}: claimed. {n}: not yet, the job is n-th in the queue.
+# KEYS[1..3] the model's queue (above), KEYS[3 + i] node i's leases, then the leases of the releases
+# carried. ARGV: job, caller, lease ms, ticket ms, model, r (releases carried), then per node i its id,
+# its slots, its group (equals share one; groups best first, ids sorted within), then the r released
+# job ids. {0, node id}: claimed. {n}: not yet, the job is n-th in the queue.
 TAKE = _NOW_MS + _QUEUE + """
 local job, caller, lease_ms, ticket_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local model, r = ARGV[5], tonumber(ARGV[6])
+local n = (#ARGV - 6 - r) / 3
+local function id(i) return ARGV[4 + 3 * i] end
+local function slots(i) return tonumber(ARGV[5 + 3 * i]) end
+local function group(i) return ARGV[6 + 3 * i] end
+
+-- this operator's releases of the model's slots, carried here rather than sent on their own
+local freed = 0
+for k = 1, r do freed = freed + redis.call('ZREM', KEYS[3 + n + k], ARGV[6 + 3 * n + k]) end
+local function tell()  -- the jobs waiting hear of slots freed
+  if freed > 0 and redis.call('ZCARD', queue) > 0 then
+    redis.call('PUBLISH', 'FREED', freed .. ' ' .. model)
+  end
+end
+
 local ticket = job .. ' ' .. caller
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', waiting, '-inf', now)) do out(dead, nil) end
 if redis.call('ZCARD', queue) == 0 and redis.call('HLEN', turns) > 3 then
@@ -104,10 +120,10 @@ if not queued then
 end
 local ahead = redis.call('ZCOUNT', queue, '-inf', '(' .. score)
 
-local n, free, total = (#ARGV - 4) / 3, {}, 0
+local free, total = {}, 0
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[3 + i], '-inf', now)
-  free[i] = tonumber(ARGV[3 + 3 * i]) - redis.call('ZCARD', KEYS[3 + i])
+  free[i] = slots(i) - redis.call('ZCARD', KEYS[3 + i])
   if free[i] > 0 then total = total + free[i] end
 end
 
@@ -116,23 +132,24 @@ if ahead < total then
   local last, i = redis.call('HGET', turns, 'last') or '', 1
   while i <= n do
     local j = i
-    while j < n and ARGV[4 + 3 * (j + 1)] == ARGV[4 + 3 * i] do j = j + 1 end
+    while j < n and group(j + 1) == group(i) do j = j + 1 end
     local size, first = j - i + 1, 0
     for k = 0, size - 1 do
-      if ARGV[2 + 3 * (i + k)] > last then first = k; break end
+      if id(i + k) > last then first = k; break end
     end
     for k = 0, size - 1 do
       local at = i + (first + k) % size
       if free[at] > 0 then
         redis.call('ZADD', KEYS[3 + at], now + lease_ms, job)
         redis.call('PEXPIRE', KEYS[3 + at], lease_ms)
-        redis.call('HSET', turns, 'last', ARGV[2 + 3 * at])
+        redis.call('HSET', turns, 'last', id(at))
         if queued then
           local round = math.floor(tonumber(score) / ROUND)
           redis.call('HSET', turns, 'served', math.max(number('served', '0'), round))
           out(ticket, round)
         end
-        return {0, ARGV[2 + 3 * at]}
+        tell()
+        return {0, id(at)}
       end
     end
     i = j + 1
@@ -147,8 +164,9 @@ end
 redis.call('ZADD', waiting, now + ticket_ms, ticket)
 redis.call('PEXPIRE', queue, ticket_ms * 2)
 redis.call('PEXPIRE', waiting, ticket_ms * 2)
+tell()
 return {ahead + 1}
-""".replace("TURNS_MS", str(TURNS_MS))
+""".replace("TURNS_MS", str(TURNS_MS)).replace("'FREED'", repr(FREED))
 
 # KEYS[1..3] the model's queue; ARGV: the ticket, the model. A job that waited no longer does: the
 # jobs behind it move up.
@@ -206,15 +224,20 @@ class Leases:
         return bool(await self._claim(keys=[self.key(node_id, model)], args=[slots, self.lease_ms, job_id]))
 
     async def take(self, model: str, job_id: str, caller: str, candidates: Candidates,
-                   ticket_s: float = 6.0) -> tuple[Optional[str], int]:
+                   ticket_s: float = 6.0, releases: Sequence[tuple[str, str]] = ()) -> tuple[Optional[str], int]:
         """A slot for the job on the best free node, in the cluster's fair queue order: (node id, 0)
         when claimed, else (None, the job's place in the queue). The job keeps its place while it
-        asks again within ``ticket_s``."""
-        keys, args = self.queue_keys(model), [job_id, caller, self.lease_ms, int(ticket_s * 1000)]
+        asks again within ``ticket_s``. ``releases``, (node id, job id) of ``model``'s slots this
+        operator freed, are made first, in the same call."""
+        keys, args = self.queue_keys(model), [job_id, caller, self.lease_ms, int(ticket_s * 1000), model,
+                                              len(releases)]
         for group, nodes in enumerate(candidates):
             for node_id, slots in sorted(nodes):
                 keys.append(self.key(node_id, model))
                 args += [node_id, slots, group]
+        for node_id, released in releases:
+            keys.append(self.key(node_id, model))
+            args.append(released)
         answer = await self._take(keys=keys, args=args)
         if answer[0] == 0:
             return answer[1].decode(), 0

@@ -161,6 +161,8 @@ class Router:
                     chunk = lines.take(chunk)
                     if not chunk:
                         continue
+                    if lines.ended:  # Ollama is done: the slot is free before the client hears so (it may
+                        claim.release()  # ask again at once, and must find it free)
                 else:
                     tail.add(chunk)
                     if job.first_token is None and not chunk.startswith(b'{"error"'):

@@ -62,6 +62,10 @@ CALL_S = 1.0
 """A call to Redis that takes longer failed (Redis is away); the sync loop's round has 5 times
 that. Enforced with ``asyncio.timeout`` around calls: redis-py's ``socket_timeout`` would cost a
 task per command (``asyncio.wait_for``), a fifth of the Redis path's cost per job."""
+CARRY_S = 0.01
+"""A freed slot reaches Redis within this time: with the next take for its model, when one comes
+sooner (one round trip for both, not two: a serial client's next job comes a few ms later), else
+with the other releases of that moment, in one pipeline."""
 TICKET_S = 3 * CLUSTER_POLL_S
 "A waiting job's ticket drops out of the cluster's queue when its operator has not asked for it this long."
 NODES = "odla:nodes"
@@ -111,10 +115,12 @@ class SharedState:
 
     async def aclose(self) -> None:
         """On shutdown: this operator's leases go with it (rather than block their slots until they expire)."""
+        leases = [*self.releasing, *((node_id, key, member) for member, (node_id, key) in self.held.items())]
         with contextlib.suppress(RedisError, OSError):
             async with asyncio.timeout(CALL_S):
-                await self.leases.release_all([(node_id, key, member) for member, (node_id, key) in self.held.items()])
+                await self.leases.release_all(leases)
         self.held.clear()
+        self.releasing.clear()
         await self.redis.aclose()
 
     def _failed(self, exc: BaseException) -> None:
@@ -313,13 +319,18 @@ class SharedState:
         if not self.ok:
             return None, 0
         nodes = {node.node_id: node for group in groups for node in group}
+        carried = [(node_id, job) for node_id, model, job in self.releasing if model == key]
+        if carried:
+            self.releasing = [release for release in self.releasing if release[1] != key]
         try:
             async with asyncio.timeout(CALL_S):
                 node_id, place = await self.leases.take(
                     key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups],
-                    TICKET_S)
+                    TICKET_S, carried)
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            for node_id, job in carried:  # (else they expire by themselves)
+                self._to_release(node_id, key, job)
             return None, 0
         if node_id is None:
             return None, place
@@ -361,17 +372,19 @@ class SharedState:
                     await self.leases.leave(key, ticket, caller)
 
     def release(self, ticket: str) -> None:
-        """A job's slot is free: released in Redis with the others that end in the same moment
-        (one pipeline, not a command and a task per job)."""
+        """A job's slot is free: released in Redis within ``CARRY_S``, with the next take for its
+        model or with the others that end in the same moment (not a command and a task per job)."""
         held = self.held.pop(ticket, None)
-        if held is None or not self.ok:
-            return  # with Redis away, it expires by itself
-        self.releasing.append((*held, ticket))
+        if held is not None and self.ok:  # (with Redis away, it expires by itself)
+            self._to_release(*held, ticket)
+
+    def _to_release(self, node_id: str, key: str, job: str) -> None:
+        self.releasing.append((node_id, key, job))
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.ensure_future(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        await asyncio.sleep(0)  # the releases of this moment come together
+        await asyncio.sleep(CARRY_S)  # unless a take carries them first
         while self.releasing:
             batch, self.releasing = self.releasing, []
             with contextlib.suppress(RedisError, OSError):  # else they expire by themselves

@@ -173,3 +173,28 @@ def test_a_release_tells_the_operators_only_when_jobs_wait(redis_server):
         finally:
             await redis.aclose()
     run(scenario())
+
+
+def test_a_take_carries_the_operators_releases_and_tells_the_jobs_waiting(redis_server):
+    """An operator's next take frees the slots it released in the same call: a one-slot node held by
+    j1 is taken by j2 carrying j1's release; when a job waits, the others hear of the slot freed."""
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            leases, one = Leases(redis), [[("n1", 1)]]
+            assert await leases.take(M, "j1", "", one) == ("n1", 0)
+            assert (await leases.take(M, "j2", "", one))[1] == 1  # full: j2 waits
+            async with redis.pubsub() as sub:
+                await sub.subscribe("odla:freed")
+                assert (await sub.get_message(timeout=1))["type"] == "subscribe"
+                assert await leases.take(M, "j2", "", one, releases=[("n1", "j1")]) == ("n1", 0)
+                assert await sub.get_message(timeout=0.3) is None  # j2 took it; nobody else waits
+                assert [(await leases.take(M, job, "", one))[1] for job in ("j3", "j4")] == [1, 2]
+                assert await leases.take(M, "j3", "", one, releases=[("n1", "j2")]) == ("n1", 0)
+                message = await sub.get_message(timeout=1)
+                assert message["type"] == "message" and message["data"] == f"1 {M}".encode()  # j4 hears
+                assert (await leases.take(M, "j4", "", one, releases=[("n1", "j3")])) == ("n1", 0)
+            assert await leases.running("n1", M) == 1  # j4's
+        finally:
+            await redis.aclose()
+    run(scenario())
