@@ -198,11 +198,12 @@ class Scheduler:
         return [groups[rank] for rank in sorted(groups)]
 
     async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
-                    place: Optional[Place] = None, ticket: str = "") -> Optional[Claim]:
+                    place: Optional[Place] = None, ticket: str = "", since: Optional[float] = None) -> Optional[Claim]:
         """A slot for ``model``, waiting in the queue if every node is full; None when no
         healthy node (outside ``exclude``) has the model at all. ``place(n)`` hears the
         job's place in the queue: at once, then when it changes, at most once a second.
-        ``ticket`` (the job's id) is its name in the cluster's queue."""
+        ``ticket`` (the job's id) is its name in the cluster's queue; ``since`` (loop time),
+        when it began waiting, if it already had (its ``queue_timeout`` counts from then)."""
         if self.cluster is not None and self.cluster.ok:
             return await self._claim_in_cluster(self.cluster, model, caller, exclude, place,
                                                 ticket or os.urandom(8).hex())
@@ -218,9 +219,9 @@ class Scheduler:
         waiter = _Waiter(caller, frozenset(exclude))
         queue = self.queues.setdefault(key, _ModelQueue())
         queue.add(waiter)
-        began = asyncio.get_running_loop().time()
+        began = asyncio.get_running_loop().time() if since is None else since
         try:
-            claim = await self._wait(queue, waiter, model, place)
+            claim = await self._wait(queue, waiter, model, place, began + self.queue_timeout)
             claim.waited = asyncio.get_running_loop().time() - began
             return claim
         finally:
@@ -271,11 +272,12 @@ class Scheduler:
                     del self.waiting_in_cluster[key]
             if ticketed:  # it gave up (or the client left): the jobs behind it move up
                 await cluster.leave(key, ticket, caller)
-        return await self.claim(model, caller, exclude, place)  # the cluster is away: this operator's own
+        # the cluster is away: this operator's own count and queue, for what is left of the wait
+        return await self.claim(model, caller, exclude, place, since=began if counted else None)
 
-    async def _wait(self, queue: _ModelQueue, waiter: _Waiter, model: str, place: Optional[Place]) -> Claim:
+    async def _wait(self, queue: _ModelQueue, waiter: _Waiter, model: str, place: Optional[Place],
+                    deadline: float) -> Claim:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.queue_timeout
         shown = 0
         while True:
             if place is not None and (now_place := queue.place(waiter)) != shown:

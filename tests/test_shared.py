@@ -350,3 +350,34 @@ def test_the_cluster_queue_in_one_operator_refuses_past_max_queue_and_wakes_the_
             await shared.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_job_waiting_in_the_cluster_when_redis_goes_keeps_its_deadline(redis_server):
+    """Redis goes away while a job waits in the cluster's queue: the job waits on in this operator's
+    own queue for what is left of ``queue_timeout``, not for a fresh one."""
+    from odla.registry import Registry
+    from odla.scheduler import QueueTimeout, Scheduler
+    from odla.shared import SharedState
+    from tests.helpers import settings
+
+    async def scenario() -> None:
+        registry = Registry(prune_after=60)
+        registry.register("n1", "http://n1", ["llama3:latest"], slots={"llama3:latest": 1})
+        scheduler = Scheduler(registry, queue_timeout=4)
+        shared = SharedState(settings(redis_url=redis_server.url), registry)
+        scheduler.cluster = shared
+        try:
+            held = await scheduler.claim("llama3", ticket="held")
+            began = time.monotonic()
+            waiting = asyncio.ensure_future(scheduler.claim("llama3", ticket="waits"))
+            await asyncio.sleep(1)
+            redis_server.__exit__()  # its next ask (within 2 s) fails: this operator's own queue
+            with pytest.raises(QueueTimeout):
+                await waiting
+            assert 3.5 < time.monotonic() - began < 5, time.monotonic() - began
+            assert not shared.ok
+            held.release()
+        finally:
+            await shared.aclose()
+
+    asyncio.run(scenario())
