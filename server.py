@@ -247,9 +247,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         return {"status": "deregistered", "node_id": body.node_id}
 
     @app.get("/nodes", response_model=p.NodesResponse, dependencies=client_auth)
-    async def nodes() -> p.NodesResponse:
-        now = registry.clock()
-        return p.NodesResponse(nodes=[n.info(now) for n in registry.nodes()])
+    async def nodes(request: Request) -> p.NodesResponse:
+        now, listed = registry.clock(), registry.nodes()
+        shared = request.app.state.shared
+        active = await shared.active_jobs(listed) if shared is not None else {}
+        return p.NodesResponse(nodes=[n.info(now, active.get(n.node_id)) for n in listed])
 
     @app.get("/health")
     async def health(request: Request) -> dict:

@@ -90,7 +90,8 @@ class Node:
             return self.tokens_per_s[key]
         return sum(self.tokens_per_s.values()) / len(self.tokens_per_s) if self.tokens_per_s else None
 
-    def info(self, now: float) -> NodeInfo:
+    def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
+        """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share)."""
         speeds = list(self.tokens_per_s.values())
         return NodeInfo(
             node_id=self.node_id,
@@ -98,7 +99,7 @@ class Node:
             models=list(self.models),
             last_seen=iso(self.last_seen),
             healthy=self.healthy,
-            active_jobs=self.active_jobs,
+            active_jobs=self.active_jobs if active_jobs is None else active_jobs,
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],

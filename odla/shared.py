@@ -365,6 +365,26 @@ class SharedState:
                 if not turn.woken.done():
                     turn.woken.set_result(None)
 
+    async def active_jobs(self, nodes: list[Node]) -> dict[str, int]:
+        """Jobs running on each node, whichever operator relays them: its live leases. Empty while
+        Redis is away (each operator then counts its own)."""
+        if not self.ok:
+            return {}
+        now_ms = int(self.registry.clock() * 1000)
+        pairs = [(node, key) for node in nodes if node.link is None for key in node.keys]
+        try:
+            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
+                for node, key in pairs:
+                    pipe.zcount(Leases.key(node.node_id, key), now_ms, "+inf")
+                counts = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return {}
+        active: dict[str, int] = {}
+        for (node, _), count in zip(pairs, counts):
+            active[node.node_id] = active.get(node.node_id, 0) + count
+        return active
+
     async def leave(self, key: str, ticket: str, caller: str) -> None:
         if self.ok:
             with contextlib.suppress(RedisError, OSError):

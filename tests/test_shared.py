@@ -67,6 +67,22 @@ def test_two_operators_never_run_two_jobs_at_once_on_a_one_slot_node(two):
     assert httpx.get(f"{other}/health").json()["status"] == "healthy"
 
 
+def test_both_operators_list_the_jobs_running_on_a_node_whichever_relays_them(two):
+    net, other, _ = two
+    sim = one_node(net, other, "2", "--tokens", "2")
+    httpx.post(f"{sim}/_sim/config", json={"hold_last": True})
+    with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "held"},
+                      timeout=30) as resp:
+        lines = resp.iter_lines()
+        next(lines)  # running, held at its last token
+        for url in (net.op_url, other):
+            assert listed(url)["n1"]["active_jobs"] == 1
+        httpx.post(f"{sim}/_sim/config", json={"hold_last": False})
+        httpx.post(f"{sim}/_sim/release")
+        assert json.loads(list(lines)[-1]) == {"done": True}
+    wait_for(lambda: listed(other)["n1"]["active_jobs"] == 0, timeout=2)
+
+
 def test_an_operator_killed_mid_stream_frees_its_slot_within_the_lease(two):
     net, other, first = two
     sim = one_node(net, other, "1", "--tokens", "4")
