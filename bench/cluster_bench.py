@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds, ten times faster: checks that it runs (tests)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
     args = parser.parse_args()
-    low, high, pace = (0.5, 0.25, 0.1) if args.smoke else (args.low, args.high, 1.0)
+    low, high, pace = (0.5, 0.1, 0.1) if args.smoke else (args.low, args.high, 1.0)
     plan = arrivals(low, high, pace)
     workdir = Path(tempfile.mkdtemp(prefix="odla-cluster-"))
     procs = Procs(workdir)
