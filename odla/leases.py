@@ -17,7 +17,8 @@ groups of equals, and in the same script it
   there are free slots, so its place is the same whichever operator it asked. A ticket not
   asked for again within its life (its operator died) drops out;
 - turns **the pick cursor**: among equals, the first node after the one last picked for the
-  model, by node id, whichever operator picked it.
+  model, by node id, whichever operator picked it; one that runs nothing on any operator before
+  one that runs something (each operator ranks by its own jobs only).
 
 A release tells the operators (``PUBLISH odla:freed "<count> <model>"``) when jobs wait for the
 model, so that a waiting job is woken rather than asking again and again.
@@ -137,9 +138,10 @@ if ahead < total then
     for k = 0, size - 1 do
       if id(i + k) > last then first = k; break end
     end
-    for k = 0, size - 1 do
+    -- a node idle across every operator first (an operator sees only its own jobs), then any with room
+    for pass = 1, 2 do for k = 0, size - 1 do
       local at = i + (first + k) % size
-      if free[at] > 0 then
+      if free[at] > 0 and (pass == 2 or free[at] == slots(at)) then
         redis.call('ZADD', KEYS[3 + at], now + lease_ms, job)
         redis.call('PEXPIRE', KEYS[3 + at], lease_ms)
         redis.call('HSET', turns, 'last', id(at))
@@ -151,7 +153,7 @@ if ahead < total then
         tell()
         return {0, id(at)}
       end
-    end
+    end end
     i = j + 1
   end
 end

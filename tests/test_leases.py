@@ -198,3 +198,20 @@ def test_a_take_carries_the_operators_releases_and_tells_the_jobs_waiting(redis_
         finally:
             await redis.aclose()
     run(scenario())
+
+
+def test_among_equals_a_node_idle_across_the_operators_comes_before_the_cursors_turn(redis_server):
+    """Two 2-slot nodes an operator ranks equal (it sees only its own jobs): j1 runs on n1, j2 on n2 and
+    ends; the cursor's turn is n1, but n1 runs j1 (another operator's) and n2 nothing: j3 goes to n2."""
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            leases, equals = Leases(redis), [[("n1", 2), ("n2", 2)]]
+            assert await leases.take(M, "j1", "", equals) == ("n1", 0)
+            assert await leases.take(M, "j2", "", equals) == ("n2", 0)
+            await leases.release("n2", M, "j2")
+            assert await leases.take(M, "j3", "", equals) == ("n2", 0)
+            assert await leases.take(M, "j4", "", equals) == ("n1", 0)  # none idle: the cursor's turn
+        finally:
+            await redis.aclose()
+    run(scenario())
