@@ -355,6 +355,7 @@ def test_the_cluster_queue_in_one_operator_refuses_past_max_queue_and_wakes_the_
             held.release()
             claim = await asyncio.wait_for(waiting, 5)
             assert claim.node.node_id == "n1" and time.monotonic() - released < 1.0  # woken
+            assert claim.waited >= 0.3  # the job's receipt has its queue_wait
             assert await queue("odla:queue:llama3:latest") == 0 and scheduler.depth() == {}
             scheduler.queue_timeout = 0.5
             with pytest.raises(QueueTimeout):
