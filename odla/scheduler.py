@@ -170,18 +170,18 @@ class Scheduler:
     def has_model(self, model: str, exclude: Iterable[str] = ()) -> bool:
         return any(n.node_id not in exclude for n in self.registry.candidates(model))
 
-    def _usable(self, model: str, exclude: Iterable[str], free_only: bool) -> list[Node]:
-        excluded, now, key = set(exclude), self.clock(), model_key(model)
+    def _usable(self, model: str, key: str, now: float, exclude: Iterable[str], free_only: bool) -> list[Node]:
+        excluded = set(exclude)
         nodes = [n for n in self.registry.candidates(model) if n.node_id not in excluded]
         awake = [n for n in nodes if not n.resting(now)]
         return [n for n in awake or nodes if not free_only or n.free(key)]  # resting nodes only when no other can
 
     def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
         """The best free slot for ``model`` now, claimed; None when every node is full."""
-        free = self._usable(model, exclude, free_only=True)
+        key, now = model_key(model), self.clock()
+        free = self._usable(model, key, now, exclude, free_only=True)
         if not free:
             return None
-        key, now = model_key(model), self.clock()
         ranks = {n.node_id: self._rank(n, key, now) for n in free}
         best = min(ranks.values())
         equals = [n for n in free if ranks[n.node_id] == best]
@@ -193,7 +193,7 @@ class Scheduler:
         counts), in groups of equals, best first."""
         key, now = model_key(model), self.clock()
         groups: dict[tuple, list[Node]] = {}
-        for node in self._usable(model, exclude, free_only=False):
+        for node in self._usable(model, key, now, exclude, free_only=False):
             groups.setdefault(self._rank(node, key, now), []).append(node)
         return [groups[rank] for rank in sorted(groups)]
 
