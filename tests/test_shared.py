@@ -16,8 +16,11 @@ import pytest
 
 from sim.ollama_sim import sim_tokens
 from odla import protocol as p
+from odla.registry import Registry
+from odla.scheduler import QueueFull, QueueTimeout, Scheduler
+from odla.shared import SharedState
 from tests.fakes import RawNode, ndjson_reply
-from tests.helpers import ROOT, free_port, read_stream, wait_for, wait_http
+from tests.helpers import ROOT, free_port, read_stream, settings, wait_for, wait_http
 
 
 @pytest.fixture
@@ -324,21 +327,22 @@ def test_equal_nodes_take_turns_across_the_operators(two):
     assert all(a != b for a, b in zip(served, served[1:])), served
 
 
+def one_slot_scheduler(redis_url: str, **limits: float) -> tuple[Scheduler, SharedState]:
+    """An operator's scheduler on Redis, in-process (in a running event loop), over one node "n1"
+    with one slot for llama3."""
+    registry = Registry(prune_after=60)
+    registry.register("n1", "http://n1", ["llama3:latest"], slots={"llama3:latest": 1})
+    scheduler = Scheduler(registry, **limits)
+    scheduler.cluster = shared = SharedState(settings(redis_url=redis_url), registry)
+    return scheduler, shared
+
+
 def test_the_cluster_queue_in_one_operator_refuses_past_max_queue_and_wakes_the_next(redis_server):
     """The scheduler on Redis, in-process: past ``max_queue`` a job is refused and its ticket
     leaves at once (the jobs behind are not held up); a release wakes the next job without
     waiting for its 2 s poll; a job that gives up at ``queue_timeout`` leaves too."""
-    from odla.registry import Registry
-    from odla.scheduler import QueueFull, QueueTimeout, Scheduler
-    from odla.shared import SharedState
-    from tests.helpers import settings
-
     async def scenario() -> None:
-        registry = Registry(prune_after=60)
-        registry.register("n1", "http://n1", ["llama3:latest"], slots={"llama3:latest": 1})
-        scheduler = Scheduler(registry, max_queue=1, queue_timeout=30)
-        shared = SharedState(settings(redis_url=redis_server.url), registry)
-        scheduler.cluster = shared
+        scheduler, shared = one_slot_scheduler(redis_server.url, max_queue=1, queue_timeout=30)
         listening = asyncio.ensure_future(shared.listen())
         queue = shared.redis.zcard
         try:
@@ -372,17 +376,8 @@ def test_the_cluster_queue_in_one_operator_refuses_past_max_queue_and_wakes_the_
 def test_a_job_waiting_in_the_cluster_when_redis_goes_keeps_its_deadline(redis_server):
     """Redis goes away while a job waits in the cluster's queue: the job waits on in this operator's
     own queue for what is left of ``queue_timeout``, not for a fresh one."""
-    from odla.registry import Registry
-    from odla.scheduler import QueueTimeout, Scheduler
-    from odla.shared import SharedState
-    from tests.helpers import settings
-
     async def scenario() -> None:
-        registry = Registry(prune_after=60)
-        registry.register("n1", "http://n1", ["llama3:latest"], slots={"llama3:latest": 1})
-        scheduler = Scheduler(registry, queue_timeout=4)
-        shared = SharedState(settings(redis_url=redis_server.url), registry)
-        scheduler.cluster = shared
+        scheduler, shared = one_slot_scheduler(redis_server.url, queue_timeout=4)
         try:
             held = await scheduler.claim("llama3", ticket="held")
             began = time.monotonic()
