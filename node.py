@@ -41,7 +41,7 @@ from odla.inbound import build_app, openapi_body, read_body
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
 from odla.names import model_named
-from odla.responses import STREAM_RESPONSES, LineStream, Opened, StreamBroken
+from odla.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
 from odla.usage import Tail, Usage
 
 log = logging.getLogger("odla.node")
@@ -222,7 +222,7 @@ class Node:
             if failure.status_code >= 500:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
-        return Opened(self.relay(job.job_id, first, parts))
+        return Opened(Owned(self.relay(job.job_id, first, parts), parts.aclose))  # closed if never streamed too
 
     async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
         """Ollama's parts as protocol lines; always ends with one final line, which carries
@@ -267,7 +267,7 @@ class Node:
                 job = (job_id, model_named(body))
             except ValueError:
                 job = (job_id, "")
-        return Opened(self.ollama_body(resp, job), resp.status_code, media)
+        return Opened(Owned(self.ollama_body(resp, job), resp.aclose), resp.status_code, media)
 
     async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None) -> AsyncIterator[bytes]:
         """Ollama's answer as it comes; for a job (its id and model), a log line at its end."""

@@ -47,7 +47,10 @@ class Job:
     queue_wait: Optional[float] = None
     "Seconds it waited for a free slot, when it had to."
     usage: Usage = field(default_factory=Usage)
-    "Ollama's counts, as the node forwarded them."
+    """Ollama's counts, as the node forwarded them; ``output_tokens`` is what the client was sent
+    unless the answer was complete and Ollama counted it."""
+    delivered: int = 0
+    "Tokens relayed to the client (one per token line or event), whatever Ollama's final message says."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -60,6 +63,8 @@ class Job:
             return
         self.outcome, self.finished = outcome, time.time()
         self.error = error if error is not None else self.error
+        if self.delivered and (outcome != "ok" or self.usage.output_tokens is None):
+            self.usage.output_tokens = self.delivered  # cut short, or Ollama did not count: what was sent
         self.on_end(self)
 
     def refused(self, exc: ODLAError) -> None:

@@ -14,10 +14,10 @@ from typing import AsyncIterator, Callable, Optional
 from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
 from .jobs import Job
-from .nodes import ClientResponse, NodeClient, NodeUnreachable
+from .nodes import Body, ClientResponse, NodeClient, NodeUnreachable
 from .names import model_key
 from .registry import Node, Registry
-from .responses import Opened, StreamBroken, Tell
+from .responses import Opened, Owned, StreamBroken, Tell
 from .scheduler import Claim, Place, Scheduler
 from .usage import Tail, Usage
 
@@ -138,23 +138,29 @@ class Router:
             resp.close()
         return len(streams)
 
-    async def relay(self, claim: Claim, resp: ClientResponse, job: Job,
-                    protocol: bool = True) -> AsyncIterator[bytes]:
-        """The node's body as it arrives; raises ``StreamBroken`` if it broke off. Releases the claim.
+    def relay(self, claim: Claim, resp: ClientResponse, job: Job, protocol: bool = True) -> Owned:
+        """The node's body as it arrives; raises ``StreamBroken`` if it broke off. The result owns
+        the claim and the node's response: its ``aclose()`` releases both, streamed or not.
 
         With ``protocol`` (ODLA's JSON lines, from ``/run``): whole lines only (the start of
         a line waits for its end), the node's final line without its ``stats`` (they go to
         the job), and a stream that ends without a final line counts as broken. Otherwise (a
         door: Ollama's own answer) byte for byte, its end read for Ollama's counts and for
-        an error it ended with.
+        an error it ended with. Either way the job ends (``ok`` or ``node_error``) once its
+        last line has gone to the client, and counts the tokens it delivered.
         """
         node = claim.node
         node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
         streams = self.streams.setdefault(node.node_id, set())
         streams.add(resp)
+        body = self.nodes.body(resp)
+        return Owned(self._relay(claim, body, job, protocol), claim.release, lambda: streams.discard(resp),
+                     body.aclose)  # closing the node's response tells it to stop: a client that left cancels the job
+
+    async def _relay(self, claim: Claim, body: Body, job: Job, protocol: bool) -> AsyncIterator[bytes]:
+        node = claim.node
         lines = _Lines(job) if protocol else None
         tail = Tail() if not protocol else None
-        body = self.nodes.body(resp)
         try:
             async for chunk in body:
                 if lines is not None:
@@ -165,24 +171,62 @@ class Router:
                         claim.release()  # ask again at once, and must find it free)
                 else:
                     tail.add(chunk)
+                    job.delivered += _door_tokens(chunk)
                     if job.first_token is None and not chunk.startswith(b'{"error"'):
                         job.first()
                 yield chunk
+                if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
+                    break  # the last line went to the client: the job is done, whatever comes after it
         except NodeUnreachable as exc:
             log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
             self.failed(node)
             raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
         finally:
             claim.release()
-            streams.discard(resp)
-            await body.aclose()  # a client that left cancels the job at the node
         if lines is not None and not lines.ended:
             node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
         if tail is not None:
             job.usage, job.error = tail.usage(), tail.error()
-        # an error in the last line: Ollama failed mid-stream (the node's line, or Ollama's own)
-        node.outcome(job.error is None, self.registry.clock())
+        self._ended(node, job)
+        await _drain(body)
+
+    def _ended(self, node: Node, job: Job) -> None:
+        """The job's answer is complete (an error in its last line: Ollama failed mid-stream)."""
+        if job.outcome is None:
+            node.outcome(job.error is None, self.registry.clock())
+        job.end("node_error" if job.error else "ok")
+
+
+async def _drain(body: Body) -> None:
+    """Read what follows an answer's last line (the end of its HTTP body, or of its link job), so
+    the connection goes back to the pool; a node that sends more than ``MAX_LINE`` bytes there,
+    or breaks, is cut (its answer is complete either way)."""
+    extra = 0
+    try:
+        async for chunk in body:
+            extra += len(chunk)
+            if extra > MAX_LINE:
+                break
+    except NodeUnreachable:
+        pass
+
+
+def _door_tokens(chunk: bytes) -> int:
+    """Tokens in a piece of a door's answer: Ollama's stream has one line per token (``"done":false``),
+    its OpenAI API one event per token (``"finish_reason":null``; the last one says why it stopped)."""
+    return chunk.count(b'"done":false') + chunk.count(b'"finish_reason":null')
+
+
+def _door_ended(chunk: bytes) -> bool:
+    """Does this piece end a door's streamed answer? Ollama's last line says ``"done":true`` (or is
+    an error), an OpenAI stream ends with ``data: [DONE]``. (A whole document ends with its body.)"""
+    if chunk.endswith(b"data: [DONE]\n\n"):
+        return True
+    if not chunk.endswith(b"\n"):
+        return False
+    last = chunk[chunk.rfind(b"\n", 0, len(chunk) - 1) + 1:]
+    return last.startswith(b"{") and (b'"done":true' in last or last.startswith(b'{"error"'))
 
 
 MAX_LINE = 1 << 20
@@ -207,6 +251,7 @@ class _Lines:
             raise StreamBroken(f"node sent a line longer than {MAX_LINE} bytes")
         if not chunk:
             return chunk
+        self.job.delivered += chunk.count(b'"done": false')  # a token line each
         start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
         last = chunk[start:]
         final = p.final_line(last) if b'"done": true' in last else None

@@ -25,9 +25,10 @@ A Starlette ``StreamingResponse`` with three things the relay needs:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Optional
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -51,6 +52,42 @@ STREAM_RESPONSES: dict = {
 
 class StreamBroken(Exception):
     """Raised by a body iterator when its upstream broke off; the message is for the caller."""
+
+
+class Owned:
+    """A body that owns what its job holds (a slot, a node's response, Ollama's stream).
+
+    ``aclose()`` frees all of it whether or not iteration began, as httpx's
+    ``Response.aclose()`` does: an async generator closed before its first step runs no
+    ``finally``, so a client that leaves just as its upstream answers would otherwise leave
+    the slot held for good. Iterating it iterates the generator itself (no layer per piece).
+    """
+
+    __slots__ = ("body", "closers", "closed")
+
+    def __init__(self, body: AsyncGenerator[bytes, None], *closers: Callable[[], Any]) -> None:
+        self.body = body
+        self.closers = closers
+        "Each called once at ``aclose()``, after the body's own ``finally``; awaited when it returns an awaitable."
+        self.closed = False
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self.body
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.body.aclose()
+        finally:
+            for close in self.closers:
+                try:
+                    result = close()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:  # noqa: BLE001 - one failing release must not keep the others
+                    log.warning("releasing a stream's resource failed", exc_info=True)
 
 
 @dataclass

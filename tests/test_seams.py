@@ -1,0 +1,182 @@
+"""The seams between the relay's paths: clients that leave at any moment, jobs that end
+as the client leaves, and what is counted of each.
+
+The chain is real (simulator -> node -> operator, each on its own socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+
+from odla.responses import Owned
+from tests.helpers import wait_for
+
+DOORS = [
+    ("/inference", {"prompt": "q"}),
+    ("/api/generate", {"prompt": "q"}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "q"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}], "stream": True}),
+]
+
+
+async def leave_at(port: int, path: str, body: dict, after: float) -> None:
+    """Send a request on a raw socket and close it ``after`` seconds later, whatever came back."""
+    data = json.dumps({"model": "llama3", **body}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    try:
+        await asyncio.wait_for(reader.read(1 << 16), after)
+    except asyncio.TimeoutError:
+        pass
+    writer.transport.abort()  # at once, as a killed client does
+
+
+def test_an_owned_body_closed_before_its_first_step_still_releases_what_it_holds():
+    released: list[str] = []
+
+    async def body():
+        try:
+            yield b"x"
+        finally:
+            released.append("generator")
+
+    async def scenario() -> None:
+        async def aclose_response() -> None:
+            released.append("response")
+
+        unstarted = Owned(body(), lambda: released.append("slot"), aclose_response)
+        await unstarted.aclose()
+        assert released == ["slot", "response"]  # a bare async generator would have run nothing
+        await unstarted.aclose()
+        assert released == ["slot", "response"]  # once only
+        released.clear()
+        started = Owned(body(), lambda: released.append("slot"))
+        assert [chunk async for chunk in started] == [b"x"]
+        await started.aclose()
+        assert released == ["generator", "slot"]
+
+    asyncio.run(scenario())
+
+
+def active(op_url: str) -> int:
+    return httpx.get(f"{op_url}/nodes").json()["nodes"][0]["active_jobs"]
+
+
+def test_clients_leaving_at_any_moment_leave_no_slot_held(net):
+    """600 clients, three at a time, drop their connection at random moments between 5 and 60 ms
+    after sending, on four doors, so that some leave just as their node answers: afterwards the
+    node's two slots are free and it takes jobs."""
+    sim = net.sim("--tokens", "4", "--delay", "0.002")
+    net.operator()
+    net.node("n1", sim, OLLAMA_NUM_PARALLEL="2")
+    net.wait_nodes("n1")
+    rng = random.Random(7)
+
+    async def storm() -> None:
+        room = asyncio.Semaphore(3)
+
+        async def one(i: int) -> None:
+            path, body = DOORS[i % len(DOORS)]
+            async with room:
+                await leave_at(net.op_port, path, body, rng.uniform(0.005, 0.06))
+
+        await asyncio.gather(*(one(i) for i in range(600)))
+
+    asyncio.run(storm())
+    wait_for(lambda: active(net.op_url) == 0, timeout=8)
+    with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "after"},
+                      timeout=10) as resp:
+        lines = [json.loads(line) for line in resp.iter_lines() if line]
+    assert lines[-1] == {"done": True}
+
+
+def receipts(op_url: str) -> list[dict]:
+    return httpx.get(f"{op_url}/jobs", params={"limit": 100}).json()["jobs"]
+
+
+def output_tokens_metric(op_url: str) -> float:
+    text = httpx.get(f"{op_url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("odla_output_tokens_total{"))
+
+
+@pytest.mark.parametrize("link", ["http", "dial"])
+def test_a_job_read_to_its_final_line_is_recorded_ok(net, link):
+    """The client closes its connection as soon as it has the final line: the job is ``ok`` (over a
+    link, the end of the node's body comes after the final line, and used to lose that race)."""
+    sim = net.sim("--tokens", "40")
+    net.operator()
+    net.node("n1", sim, NODE_LINK=link)
+    net.wait_nodes("n1")
+
+    async def read_to_final_line(i: int) -> None:
+        data = json.dumps({"model": "llama3", "prompt": f"p{i}"}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", net.op_port)
+        writer.write(b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        got = b""
+        while b'{"done": true}' not in got:
+            got += await asyncio.wait_for(reader.read(1 << 16), 10)
+        writer.transport.abort()  # at once
+
+    for i in range(9):
+        asyncio.run(read_to_final_line(i))
+    wait_for(lambda: len(receipts(net.op_url)) == 9 and all(r["outcome"] for r in receipts(net.op_url)))
+    assert [r["outcome"] for r in receipts(net.op_url)] == ["ok"] * 9
+    assert [r["output_tokens"] for r in receipts(net.op_url)] == [40] * 9
+
+
+def sent_tokens(resp: httpx.Response, path: str) -> int:
+    """Tokens a client received on ``path``, by its API's own shape."""
+    count = 0
+    for line in resp.iter_lines():
+        if not line.strip() or line == "data: [DONE]":
+            continue
+        data = json.loads(line.removeprefix("data: "))
+        if path == "/inference":
+            count += "token" in data
+        elif path.startswith("/api/"):
+            count += bool(data.get("response") or (data.get("message") or {}).get("content"))
+        else:
+            count += any(c.get("delta", {}).get("content") for c in data.get("choices", []))
+    return count
+
+
+@pytest.mark.parametrize("path, body", DOORS, ids=[p for p, _ in DOORS])
+def test_tokens_delivered_are_counted_on_every_outcome(net, path, body):
+    """Receipts and ``odla_output_tokens_total`` count what the client was sent: complete jobs
+    (also an OpenAI stream without ``include_usage``), one its client left after 3 tokens,
+    one whose Ollama died after 3."""
+    sim = net.sim("--tokens", "6")
+    net.operator()
+    net.node("n1", sim)
+    net.wait_nodes("n1")
+    url, request = net.op_url + path, {"model": "llama3", **body}
+    got = []
+    for _ in range(2):
+        with httpx.stream("POST", url, json=request, timeout=10) as resp:
+            got.append(sent_tokens(resp, path))
+    assert got == [6, 6]
+    httpx.post(f"{sim}/_sim/config", json={"delay": 0.3})  # the client leaves after 3 tokens
+    with httpx.stream("POST", url, json=request, timeout=10) as resp:
+        lines = resp.iter_lines()
+        left = 0
+        while left < 3:
+            line = next(lines)
+            left += bool(line.strip()) and ("token" in line or "content" in line or "response" in line)
+    httpx.post(f"{sim}/_sim/config", json={"delay": 0, "crash_after": 3})  # Ollama dies after 3, in one read
+    with httpx.stream("POST", url, json=request, timeout=10) as resp:
+        crashed = sent_tokens(resp, path)
+    assert crashed == 3  # every byte Ollama sent before it died reaches the client
+    expected = 6 + 6 + left + crashed
+    wait_for(lambda: len(receipts(net.op_url)) == 4 and all(r["outcome"] for r in receipts(net.op_url)))
+    rows = receipts(net.op_url)
+    assert sorted(r["outcome"] for r in rows) == ["client_cancel", "node_error", "ok", "ok"]
+    assert sum(r["output_tokens"] or 0 for r in rows) >= expected
+    assert output_tokens_metric(net.op_url) == sum(r["output_tokens"] or 0 for r in rows)
