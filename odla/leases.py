@@ -193,6 +193,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
+# KEYS: leases of nodes and models. The live ones in each, by Redis's clock (read-only).
+LIVE = _NOW_MS + """
+local counts = {}
+for i, key in ipairs(KEYS) do counts[i] = redis.call('ZCOUNT', key, '(' .. now, '+inf') end
+return counts
+"""
+
 Candidates = Sequence[Sequence[tuple[str, int]]]
 "Nodes that could run a job, (node id, its slots for the model): groups of equals, best first."
 
@@ -208,6 +215,7 @@ class Leases:
         self._leave = redis.register_script(LEAVE)
         self._renew = redis.register_script(RENEW)
         self._running = redis.register_script(RUNNING)
+        self._live = redis.register_script(LIVE)
 
     @staticmethod
     def key(node_id: str, model: str) -> str:
@@ -252,6 +260,26 @@ class Leases:
     async def renew(self, node_id: str, model: str, job_id: str) -> bool:
         """Push the lease's expiry ``lease_seconds`` on; False if it had already expired."""
         return bool(await self._renew(keys=[self.key(node_id, model)], args=[self.lease_ms, job_id]))
+
+    async def renew_all(self, leases: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """``renew`` for each (node id, model, job id), in one round trip whatever their number."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node_id, model, job_id in leases:
+                await self._renew(keys=[self.key(node_id, model)], args=[self.lease_ms, job_id], client=pipe)
+            return [bool(ok) for ok in await pipe.execute()]
+
+    async def claim_all(self, leases: Sequence[tuple[str, str, str]]) -> None:
+        """Leases that had expired under running jobs, held again whatever the slots (the overlap is lived with)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node_id, model, job_id in leases:
+                await self._claim(keys=[self.key(node_id, model)], args=[1 << 30, self.lease_ms, job_id], client=pipe)
+            await pipe.execute()
+
+    async def live(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
+        """Jobs with a live lease on each (node id, model), whichever operator holds them, in one call."""
+        if not pairs:
+            return []
+        return [int(n) for n in await self._live(keys=[self.key(node_id, model) for node_id, model in pairs])]
 
     async def release(self, node_id: str, model: str, job_id: str) -> None:
         await self.release_all([(node_id, model, job_id)])

@@ -237,11 +237,13 @@ class Scheduler:
         began = loop.time()
         deadline, told, shown = began + self.queue_timeout, -math.inf, 0
         ticketed = counted = False  # its ticket is in the cluster's queue; it is counted in waiting_in_cluster
+        failed = 0  # calls to the cluster that failed in a row
         try:
             while cluster.ok:
                 groups = self.ranked(model, exclude)
                 if not groups:
                     return None
+                asked = loop.time()
                 node, now_place = await cluster.take(key, ticket, caller, groups)
                 if node is not None:
                     ticketed = False  # the claim took its ticket out of the queue
@@ -249,9 +251,15 @@ class Scheduler:
                     claim.on_release = lambda: cluster.release(ticket)
                     claim.waited = loop.time() - began if counted else 0.0
                     return claim
-                if not now_place:
-                    break  # the cluster went away just now
-                ticketed = True
+                if not now_place:  # that call failed (slow is not down): again, under a fresh ticket
+                    ticketed, failed = False, failed + 1  # (the cluster gave the old one back)
+                    ticket = f"{ticket.split('~')[0]}~{failed}"
+                    if loop.time() >= deadline:
+                        raise QueueTimeout(f"no node with model {model} had a free slot within "
+                                           f"{self.queue_timeout:g}s (the shared state did not answer)")
+                    await asyncio.sleep(max(0.0, min(0.1 * failed, 1.0) - (loop.time() - asked)))
+                    continue
+                failed, ticketed = 0, True
                 if not counted:
                     if self.waiting >= self.max_queue:
                         raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait "

@@ -25,10 +25,16 @@ serves from it; Redis is where the operators meet:
   jobs are also copied to Redis for ``jobs_keep_days``, so that ``GET /jobs`` on any operator lists
   every operator's (falling back to its own while Redis is down).
 
+**Slow is not down.** Every call to Redis has a deadline (``deadline``, one wrapper); a call that
+misses it, or fails, fails that call alone: a job's claim asks again (with more patience each
+time, under a fresh ticket, the old one's lease and place given back), a release is queued and
+sent again until Redis takes it, a heartbeat or health result is sent again with the next. Only
+the sync loop judges Redis down: when its reads have failed for ``OUTAGE_S``.
+
 **Redis down.** Operators serve from what they last knew and claim slots on their own count
-alone; the outage is logged loudly and ``/health`` answers ``degraded``. Redis may come back
-empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health`` is
-``healthy`` again at the next read.
+alone; the outage is logged loudly and ``/health`` answers ``degraded`` with the reason. Redis may
+come back empty: heartbeats rebuild the nodes within one heartbeat interval, and ``/health`` is
+``healthy`` again at the next read; the releases that waited are sent then.
 
 A node that dialled in is not published (only the operator holding its link can relay to it): such
 a node dials each operator it is given (``operator_url`` as a list).
@@ -41,6 +47,8 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -53,15 +61,32 @@ from .config import Settings
 from .scheduler import CLUSTER_POLL_S
 from .jobs import Job
 from .leases import FREED, Leases
+from .logs import Throttle
 from .registry import Node, Registry
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # Python 3.10: redis-py depends on async-timeout there
+    from async_timeout import timeout as deadline
+
 log = logging.getLogger("odla.operator")
+FAILED = (RedisError, OSError, asyncio.TimeoutError)
+"What a call to Redis that did not work raises: Redis's error, a lost connection, its deadline passed."
 SYNC_S = 1.0
 "How often an operator reads the shared nodes back."
 CALL_S = 1.0
-"""A call to Redis that takes longer failed (Redis is away); the sync loop's round has 5 times
-that. Enforced with ``asyncio.timeout`` around calls: redis-py's ``socket_timeout`` would cost a
-task per command (``asyncio.wait_for``), a fifth of the Redis path's cost per job."""
+"""A call to Redis that takes longer failed (that call only). A job's claim waits twice as long as
+the slowest of late (``SharedState.patience``), at least this and at most ``PATIENCE_S``; the
+sync loop's calls have ``PATIENCE_S``. Enforced with
+``deadline`` around calls: redis-py's ``socket_timeout`` would cost a task per command
+(``asyncio.wait_for``), a fifth of the Redis path's cost per job."""
+PATIENCE_S = 2.5
+"The longest a single call to Redis is waited for: a Redis slower than this is taken for one away."
+SLOWEST_DECAY = 0.95
+"Each claim answered faster than the slowest of late brings it this much closer to normal."
+OUTAGE_S = 2.0
+"""Redis is down, and each operator counts slots on its own, once the sync loop's reads have failed
+this long (from the start of the first that failed): a slow answer now and then is not an outage."""
 CARRY_S = 0.01
 """A freed slot reaches Redis within this time: with the next take for its model, when one comes
 sooner (one round trip for both, not two: a serial client's next job comes a few ms later), else
@@ -89,7 +114,11 @@ class SharedState:
     def __init__(self, settings: Settings, registry: Registry,
                  on_change: Callable[..., None] = lambda grown=False: None) -> None:
         assert settings.redis_url
-        self.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CALL_S, socket_timeout=None)
+        # A new connection costs one round trip, not three (RESP2: no HELLO; no CLIENT SETINFO): a call
+        # cut at its deadline closes its connection, and against a slow Redis the next one must not
+        # spend its own deadline greeting it.
+        self.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CALL_S, socket_timeout=None,
+                                    protocol=2, lib_name=None, lib_version=None)
         self.leases = Leases(self.redis, settings.lease_seconds)
         self.lease_seconds = settings.lease_seconds
         self.keep_s = max(1, int(settings.jobs_keep_days * 86400))
@@ -97,11 +126,17 @@ class SharedState:
         self.alive_ms = max(1, int((settings.prune_after or 60) * 1000))
         self.on_change = on_change
         self.error: Optional[str] = None
-        "Why Redis cannot be used now; None while it can."
+        "Why Redis cannot be used now (the sync loop's judgement); None while it can."
+        self.failing_since: Optional[float] = None
+        "Monotonic time of the first of the sync loop's reads that failed in a row; None while they work."
+        self.call_failures = Throttle(60.0)  # a kind of call that failed is logged at most once a minute
+        self.slowest = 0.0
+        "Seconds the slowest claim took of late (each faster one takes a little off): sets ``patience``."
+        self.leaving: list[tuple[str, str, str]] = []  # (model key, job, caller): tickets to take out of a queue
         self.held: dict[str, tuple[str, str]] = {}  # job id -> (node id, model key) of its lease, renewed while held
         self.turns: dict[str, set[_Turn]] = {}  # model key -> the jobs waiting here in the cluster's queue
         self.learned: set[str] = set()  # nodes in this view only because another operator has them
-        self.releasing: list[tuple[str, str, str]] = []  # leases to release, flushed together
+        self.releasing: list[tuple[str, str, str]] = []  # leases to release, flushed together, kept until sent
         self.flusher: Optional[asyncio.Future] = None
         self.me = os.urandom(6).hex()
         "This operator, in the health results it writes."
@@ -115,24 +150,43 @@ class SharedState:
 
     async def aclose(self) -> None:
         """On shutdown: this operator's leases go with it (rather than block their slots until they expire)."""
+        if self.flusher is not None:
+            self.flusher.cancel()
         leases = [*self.releasing, *((node_id, key, member) for member, (node_id, key) in self.held.items())]
-        with contextlib.suppress(RedisError, OSError):
-            async with asyncio.timeout(CALL_S):
+        with contextlib.suppress(*FAILED):
+            async with deadline(CALL_S):
                 await self.leases.release_all(leases)
+                for key, job, caller in self.leaving:
+                    await self.leases.leave(key, job, caller)
         self.held.clear()
         self.releasing.clear()
+        self.leaving.clear()
         await self.redis.aclose()
 
-    def _failed(self, exc: BaseException) -> None:
-        if self.error is None:
-            log.error("REDIS UNAVAILABLE (%s): serving from this operator's last view of the network, "
-                      "slots counted by this operator alone, until it is back", exc)
-        self.error = f"redis: {exc}"
+    def _call_failed(self, what: str, exc: BaseException) -> None:
+        """One call failed: that call only (Redis is judged down by the sync loop alone)."""
+        if self.ok and self.call_failures(what) is not None:
+            log.warning("a call to Redis failed (%s: %s); it is retried, this operator stays shared", what,
+                        describe(exc))
+
+    def _sync_failed(self, exc: BaseException, began: float) -> None:
+        """The sync loop's reads failed: Redis is down once they have failed for ``OUTAGE_S``."""
+        if self.failing_since is None:
+            self.failing_since = began
+        reason = describe(exc)
+        if self.error is None and time.monotonic() - self.failing_since >= OUTAGE_S:
+            log.error("REDIS UNAVAILABLE (%s for %.1fs): serving from this operator's last view of the network, "
+                      "slots counted by this operator alone, until it is back", reason,
+                      time.monotonic() - self.failing_since)
+        if self.error is not None or time.monotonic() - self.failing_since >= OUTAGE_S:
+            self.error = f"redis: {reason}"
 
     def _recovered(self) -> None:
+        self.failing_since = None
         if self.error is not None:
             log.warning("Redis is back: the network is shared again")
-        self.error = None
+            self.error = None
+            self._flush_soon()  # the releases that waited
 
     # --- nodes ---------------------------------------------------------------------------------
 
@@ -142,29 +196,30 @@ class SharedState:
         if not self.ok:
             return
         try:
-            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
+            async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 record = f'{{"at": {self.registry.clock()!r}, "node": {body.model_dump_json()}}}'
                 pipe.set(f"odla:node:{body.node_id}", record)
                 pipe.set(f"odla:alive:{body.node_id}", 1, px=self.alive_ms)
                 pipe.sadd(NODES, body.node_id)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except FAILED as exc:  # the node's next heartbeat publishes it again
+            self._call_failed("publish a node", exc)
 
     async def withdraw(self, node_id: str) -> None:
         """A node left (deregistered here): gone for every operator."""
         if not self.ok:
             return
         try:
-            async with asyncio.timeout(CALL_S):
+            async with deadline(CALL_S):
                 await self.redis.delete(f"odla:node:{node_id}", f"odla:alive:{node_id}")
                 await self.redis.srem(NODES, node_id)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except FAILED as exc:  # its liveness key expires by itself
+            self._call_failed("withdraw a node", exc)
 
     async def sync(self) -> None:
         """Read the shared nodes into this operator's view."""
-        ids = sorted(m.decode() for m in await self.redis.smembers(NODES))
+        async with deadline(PATIENCE_S):
+            ids = sorted(m.decode() for m in await self.redis.smembers(NODES))
         now = self.registry.clock()
         resting = {n.node_id: n.resting_until for n in self.registry.nodes() if n.resting(now)}
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -176,7 +231,8 @@ class SharedState:
                 pipe.get(f"odla:node:{node_id}")
                 pipe.exists(f"odla:alive:{node_id}")
                 pipe.get(f"odla:health:{node_id}")
-            answers = await pipe.execute()
+            async with deadline(PATIENCE_S):
+                answers = await pipe.execute()
         self._recovered()
         rests = answers[2 if resting else 1]
         answers = answers[3 if resting else 2:]
@@ -184,10 +240,10 @@ class SharedState:
             node = self.registry.get(node_id)
             if until is not None and node is not None and (node.resting_until or 0.0) < until:
                 node.resting_until = until  # another operator's failures rest it here too
-        changed, present = False, set()
+        changed, present, gone = False, set(), []
         for node_id, record, alive, health in zip(ids, answers[::3], answers[1::3], answers[2::3]):
             if not alive or record is None:  # gone everywhere: its heartbeats stopped
-                await self.redis.srem(NODES, node_id)
+                gone.append(node_id)
                 continue
             present.add(node_id)
             known = self.registry.get(node_id)
@@ -213,6 +269,9 @@ class SharedState:
             if node is not None and node.link is None:
                 self.registry.remove(node_id)
                 log.warning("node %s left the network (no heartbeat to any operator)", node_id)
+        if gone:
+            async with deadline(PATIENCE_S):
+                await self.redis.srem(NODES, *gone)
         if changed:
             self.on_change(grown=True)
 
@@ -224,12 +283,12 @@ class SharedState:
         if not self.ok or not node_ids:
             return set(node_ids)
         try:
-            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
+            async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:
                     pipe.set(f"odla:check:{node_id}", self.me, nx=True, px=max(1, int(interval * 1000)))
                 taken = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except FAILED as exc:
+            self._call_failed("share health checks", exc)
             return set(node_ids)
         return {node_id for node_id, ok in zip(node_ids, taken) if ok}
 
@@ -239,13 +298,13 @@ class SharedState:
             return
         now, ttl = self.registry.clock(), max(1, int(3 * interval * 1000))
         try:
-            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
+            async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for node_id, (healthy, unreachable, error) in results.items():
                     pipe.set(f"odla:health:{node_id}", json.dumps({"by": self.me, "at": now, "healthy": healthy,
                                                                    "unreachable": unreachable, "error": error}), px=ttl)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except FAILED as exc:  # the next round's results go
+            self._call_failed("share health results", exc)
 
     def _take_health(self, node_id: str, raw: bytes) -> bool:
         """Another operator's check of a node, into this view; True when the node became usable."""
@@ -275,17 +334,17 @@ class SharedState:
         if not self.ok or not jobs:
             return
         try:
-            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
+            async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for job in jobs:
                     pipe.set(f"odla:job:{job.id}", job.receipt().model_dump_json(), ex=self.keep_s)
                 pipe.zadd(JOBS, {job.id: job.started for job in jobs})
                 pipe.zremrangebyscore(JOBS, "-inf", self.registry.clock() - self.keep_s)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except FAILED as exc:  # each operator's SQLite keeps its own: the copy is what is missed
+            self._call_failed("copy receipts", exc)
 
     async def receipt(self, job_id: str) -> Optional[p.JobReceipt]:
-        async with asyncio.timeout(CALL_S):
+        async with deadline(CALL_S):
             raw = await self.redis.get(f"odla:job:{job_id}")
         return p.JobReceipt.model_validate_json(raw) if raw else None
 
@@ -295,7 +354,7 @@ class SharedState:
         found: list[p.JobReceipt] = []
         start, batch = 0, 500
         while len(found) < offset + limit:
-            async with asyncio.timeout(CALL_S):
+            async with deadline(CALL_S):
                 ids = await self.redis.zrevrangebyscore(JOBS, "+inf", since if since is not None else "-inf",
                                                         start=start, num=batch)
                 raws = await self.redis.mget([f"odla:job:{i.decode()}" for i in ids]) if ids else []
@@ -313,24 +372,43 @@ class SharedState:
 
     # --- slots and the queue: the scheduler's cluster (odla/scheduler.py) ---------------------------
 
+    @property
+    def patience(self) -> float:
+        """How long a claim waits for Redis: twice the slowest answer of late, within [CALL_S, PATIENCE_S]."""
+        return min(PATIENCE_S, max(CALL_S, 2 * self.slowest))
+
     async def take(self, key: str, ticket: str, caller: str, groups: list[list[Node]]) -> tuple[Optional[Node], int]:
         """A slot for the job on the best node free across the operators, in the cluster's queue
-        order: (node, 0), or (None, its place in the queue). (None, 0): Redis failed just now."""
+        order: (node, 0), or (None, its place in the queue). (None, 0): this call failed (within
+        ``patience``); the ticket is then given back (its lease, if the script ran, and its place),
+        so the job asks again under another."""
         if not self.ok:
             return None, 0
         nodes = {node.node_id: node for group in groups for node in group}
         carried = [(node_id, job) for node_id, model, job in self.releasing if model == key]
         if carried:
             self.releasing = [release for release in self.releasing if release[1] != key]
+        patience, loop = self.patience, asyncio.get_running_loop()
+        began = loop.time()
         try:
-            async with asyncio.timeout(CALL_S):
+            async with deadline(patience):
                 node_id, place = await self.leases.take(
                     key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups],
                     TICKET_S, carried)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            for node_id, job in carried:  # (else they expire by themselves)
+            took = loop.time() - began
+            self.slowest = took if took > self.slowest else self.slowest * SLOWEST_DECAY
+        except BaseException as exc:  # failed, timed out or cancelled: the script may have run, or not
+            if isinstance(exc, asyncio.TimeoutError):
+                self.slowest = max(self.slowest, patience)  # the next claim waits longer
+            for node_id, job in carried:  # never dropped: sent again with the others
                 self._to_release(node_id, key, job)
+            for node_id in nodes:  # a lease it may have taken, and its place in the queue, go back
+                self._to_release(node_id, key, ticket)
+            self.leaving.append((key, ticket, caller))
+            self._flush_soon()
+            if not isinstance(exc, FAILED):
+                raise
+            self._call_failed("claim a slot", exc)
             return None, 0
         if node_id is None:
             return None, place
@@ -370,15 +448,12 @@ class SharedState:
         Redis is away (each operator then counts its own)."""
         if not self.ok:
             return {}
-        now_ms = int(self.registry.clock() * 1000)
         pairs = [(node, key) for node in nodes if node.link is None for key in node.keys]
         try:
-            async with asyncio.timeout(CALL_S), self.redis.pipeline(transaction=False) as pipe:
-                for node, key in pairs:
-                    pipe.zcount(Leases.key(node.node_id, key), now_ms, "+inf")
-                counts = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+            async with deadline(CALL_S):
+                counts = await self.leases.live([(node.node_id, key) for node, key in pairs])
+        except FAILED as exc:
+            self._call_failed("count the jobs on nodes", exc)
             return {}
         active: dict[str, int] = {}
         for (node, _), count in zip(pairs, counts):
@@ -386,71 +461,118 @@ class SharedState:
         return active
 
     async def leave(self, key: str, ticket: str, caller: str) -> None:
-        if self.ok:
-            with contextlib.suppress(RedisError, OSError):
-                async with asyncio.timeout(CALL_S):
-                    await self.leases.leave(key, ticket, caller)
+        """The job no longer waits: its ticket out of the queue now, or with the releases if that fails."""
+        try:
+            async with deadline(CALL_S):
+                await self.leases.leave(key, ticket, caller)
+        except BaseException as exc:
+            self.leaving.append((key, ticket, caller))
+            self._flush_soon()
+            if not isinstance(exc, FAILED):
+                raise
+            self._call_failed("leave the queue", exc)
 
     def release(self, ticket: str) -> None:
         """A job's slot is free: released in Redis within ``CARRY_S``, with the next take for its
-        model or with the others that end in the same moment (not a command and a task per job)."""
+        model or with the others that end in the same moment (not a command and a task per job);
+        while Redis does not take it, sent again (never dropped)."""
         held = self.held.pop(ticket, None)
-        if held is not None and self.ok:  # (with Redis away, it expires by itself)
+        if held is not None:
             self._to_release(*held, ticket)
 
     def _to_release(self, node_id: str, key: str, job: str) -> None:
         self.releasing.append((node_id, key, job))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.ensure_future(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        await asyncio.sleep(CARRY_S)  # unless a take carries them first
-        while self.releasing:
+        """Send the releases and queue departures; those that fail wait and go again, with a
+        growing pause, until Redis takes them (a lease not released expires by itself at the latest)."""
+        pause = CARRY_S
+        while self.releasing or self.leaving:
+            await asyncio.sleep(pause)  # (the first time: unless a take carries them first)
             batch, self.releasing = self.releasing, []
-            with contextlib.suppress(RedisError, OSError):  # else they expire by themselves
-                async with asyncio.timeout(CALL_S):
-                    await self.leases.release_all(batch)
+            leaving, self.leaving = self.leaving, []
+            try:
+                async with deadline(PATIENCE_S):
+                    if batch:
+                        await self.leases.release_all(batch)
+                    for key, job, caller in leaving:
+                        await self.leases.leave(key, job, caller)
+                pause = CARRY_S
+            except BaseException as exc:
+                self.releasing[:0], self.leaving[:0] = batch, leaving
+                if not isinstance(exc, FAILED):
+                    raise
+                self._call_failed("release slots", exc)
+                pause = min(2 * pause if pause > CARRY_S else 0.1, SYNC_S)
 
     async def listen(self) -> None:
         """Hear of slots freed by any operator (``odla:freed``), to wake the jobs waiting here."""
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as sub:
-                    async with asyncio.timeout(CALL_S):
+                    async with deadline(PATIENCE_S):
                         await sub.subscribe(FREED)
                     while True:
                         message = await sub.get_message(timeout=SYNC_S)
                         if message is not None:
                             count, _, key = message["data"].decode().partition(" ")
                             self._freed(key, int(count))
-            except (RedisError, OSError):
+            except FAILED:
                 pass  # the sync loop says so; waiting jobs ask on their own meanwhile
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
                 log.exception("shared state: listening for freed slots failed unexpectedly")
             await asyncio.sleep(SYNC_S)
 
     async def renew(self) -> None:
-        for member, (node_id, key) in list(self.held.items()):
-            if not await self.leases.renew(node_id, key, member) and member in self.held:
-                # expired (Redis was away, or came back empty): claim it again, or live with the overlap
-                await self.leases.claim(node_id, key, member, 1 << 30)
+        """Every lease held here renewed, in one round trip whatever their number; those that had
+        expired (Redis was away, or came back empty) claimed again, or the overlap is lived with."""
+        held = [(node_id, key, member) for member, (node_id, key) in self.held.items()]
+        if not held:
+            return
+        renewed = await self.leases.renew_all(held)
+        lost = [lease for lease, ok in zip(held, renewed) if not ok and lease[2] in self.held]
+        if lost:
+            await self.leases.claim_all(lost)
 
     # --- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Every second: the shared nodes read back; every ``lease_seconds / 3``: leases renewed."""
-        loop = asyncio.get_running_loop()
-        renewed = loop.time()
+        """Every second: the shared nodes read back; every ``lease_seconds / 3``: leases renewed. Two
+        loops side by side: a renewal that waits for a slow Redis never holds up the judgement of it."""
+        await asyncio.gather(self._sync_loop(), self._renew_loop())
+
+    async def _sync_loop(self) -> None:
         while True:
+            began = time.monotonic()
             try:
-                async with asyncio.timeout(5 * CALL_S):
-                    await self.sync()
-                if loop.time() - renewed >= self.lease_seconds / 3:
-                    renewed = loop.time()
-                    async with asyncio.timeout(5 * CALL_S):
-                        await self.renew()
-            except (RedisError, OSError) as exc:
-                self._failed(exc)
+                await self.sync()  # (each call with its deadline)
+            except FAILED as exc:
+                self._sync_failed(exc, began)
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
                 log.exception("shared state: sync failed unexpectedly")
             await asyncio.sleep(SYNC_S)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if not self.ok:
+                continue
+            try:  # two round trips (a pipeline of scripts asks first whether Redis has them)
+                async with deadline(2 * PATIENCE_S):
+                    await self.renew()
+            except FAILED as exc:  # the next round renews them
+                self._call_failed("renew leases", exc)
+            except Exception:  # noqa: BLE001 - the loop outlives any one failure
+                log.exception("shared state: renewing leases failed unexpectedly")
+
+
+def describe(exc: BaseException) -> str:
+    """Why a call to Redis failed, in a few words (a missed deadline has no message of its own)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

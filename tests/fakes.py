@@ -80,8 +80,10 @@ class TCPServerThread:
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
             self.server.close()
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -161,6 +163,9 @@ class Cutter(TCPServerThread):
             self.writers.clear()
         self.loop.call_soon_threadsafe(close_all)
 
+    delay = 0.0
+    "Seconds each answer (what comes back from the target) takes longer to arrive: a slow server."
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         self.writers += [writer, up_writer]
@@ -168,6 +173,10 @@ class Cutter(TCPServerThread):
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.delay and src is up_reader:  # a latency: each piece later by as much, in order
+                        loop = asyncio.get_running_loop()
+                        loop.call_at(loop.time() + self.delay, dst.write, data)
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
