@@ -33,10 +33,11 @@ from typing import AsyncIterator, Callable, Optional
 from fastapi import Depends, FastAPI, Request
 
 from odla import protocol as p
-from odla.auth import api_key_dependency, caller_of, check_api_key, join_token_dependency
+from odla.auth import (api_key_dependency, caller_of, check_api_key, may_join, node_credential,
+                       node_credential_dependency)
 from odla.config import Settings, script_settings
 from odla.doors import doors_router
-from odla.errors import ODLAError
+from odla.errors import AuthError, ODLAError
 from odla.link import link_router
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
@@ -188,7 +189,12 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                     listen_host=settings.operator_host)
     app.state.registry = registry
     app.state.shared = None  # set by the lifespan when redis_url is
-    node_auth = [Depends(join_token_dependency(settings.join_token))]
+    node_auth = [Depends(node_credential_dependency(settings))]
+
+    def check_node(request: Request, node_id: str) -> None:
+        """The credential presented is the one for this node id (its own, or the join token)."""
+        if not may_join(settings, node_id, node_credential(request.headers)):
+            raise AuthError(f"missing or wrong join token for node {node_id}")
     client_auth = [Depends(api_key_dependency(settings.api_keys))]
 
     def job_ended(job: Job) -> None:
@@ -211,6 +217,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
               openapi_extra=openapi_body(p.RegisterRequest))
     async def register(request: Request) -> p.RegisterResponse:
         body = await read_body(request, p.RegisterRequest, settings)
+        check_node(request, body.node_id)
         if is_self(body.url, settings):
             raise ODLAError(f"url {body.url} is this operator's own address, not a node's", 422)
         known = registry.get(body.node_id)
@@ -237,6 +244,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     @app.post("/deregister", dependencies=node_auth, openapi_extra=openapi_body(p.DeregisterRequest))
     async def deregister(request: Request) -> dict:
         body = await read_body(request, p.DeregisterRequest, settings)
+        check_node(request, body.node_id)
         known = registry.get(body.node_id)
         if known is None or body.url is not None and body.url != known.url:  # never another node's row
             raise ODLAError(f"unknown node: {body.node_id}" + (f" at {body.url}" if body.url else ""), 404)
@@ -328,8 +336,11 @@ def main() -> None:
         sys.exit(f"operator: {exc}")
     tune_gc()
     warn_if_open(settings)
+    # ws_per_message_deflate off: each compressed link holds zlib state from its handshake on (20
+    # anonymous links cost the operator +283 MB), to save bytes on frames of a few tokens each.
     serve(create_app(settings), settings.operator_host, settings.operator_port, "operator",
-          request_timeout=settings.request_timeout, limit_concurrency=settings.max_connections)
+          request_timeout=settings.request_timeout, limit_concurrency=settings.max_connections,
+          ws_per_message_deflate=False)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import __version__
 from . import protocol as p
@@ -117,6 +117,13 @@ class Dialer:
                 return
             except ConnectionClosed as exc:
                 reason = _closed(exc)
+            except InvalidStatus as exc:
+                if exc.response.status_code == 403:  # refused before the link was accepted: no valid credential
+                    self.refused = "missing or wrong join token (the link was refused with HTTP 403)"
+                    log.error("the operator at %s refused this node: %s", self.operator, self.refused)
+                    self.stopped.set()
+                    return
+                reason = str(exc)
             except (OSError, asyncio.TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - the link must outlive any one failure

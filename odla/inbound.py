@@ -56,17 +56,20 @@ def allowed_hosts(settings: Settings, listen_host: str) -> list[str]:
 
 class OriginCheck:
     """ASGI middleware: 403 for a browser request from another web origin (its ``Origin`` header
-    names neither this server nor one of ``allowed``). Requests without ``Origin`` (curl, the
-    SDKs, nodes, the dashboard's own GETs) pass."""
+    names neither this server nor one of ``allowed``), a WebSocket (``/nodes/link``) as well as
+    plain HTTP. Requests without ``Origin`` (curl, the SDKs, nodes, the dashboard's own GETs) pass."""
 
     def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
         self.app = app
         self.allowed = {o.rstrip("/").lower() for o in allowed}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
             if origin is not None and not self._same(origin.decode("latin-1").lower(), scope):
+                if scope["type"] == "websocket":  # closed before it is accepted: the browser gets a 403
+                    await send({"type": "websocket.close", "code": 4403, "reason": "cross-origin"})
+                    return
                 await shape_for(scope["path"]).error(ODLAError("cross-origin request refused (allowed_origins)",
                                                                403))(scope, receive, send)
                 return

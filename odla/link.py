@@ -31,7 +31,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from . import protocol as p
-from .auth import bearer, matches
+from .auth import holds_node_credential, may_join, node_credential
 from .config import Settings
 from .errors import NodeUnreachable
 from .logs import Throttle
@@ -43,6 +43,9 @@ WINDOW = 16
 "Chunks of one job the node may send ahead of the operator's credit (granted by halves)."
 HELLO_TIMEOUT_S = 10.0
 REFUSED, REPLACED, TAKEN, BAD_FRAME, SILENT = 4401, 4000, 4409, 4400, 4408
+LIVE_LINK_HEARTBEATS = 1.5
+"""A link heard from within this many heartbeats is live: a second node dialling in under its id is
+refused (4409). One quiet for longer is taken for a link the node lost: the new one replaces it."""
 
 
 class LinkLost(NodeUnreachable):
@@ -148,6 +151,8 @@ class Link:
         self.jobs: dict[str, LinkResponse] = {}
         self.closed: Optional[str] = None
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self.heard = asyncio.get_running_loop().time()
+        "When the node last sent a frame (it sends a status every heartbeat)."
 
     @property
     def alive(self) -> bool:
@@ -235,17 +240,6 @@ class Link:
         return None
 
 
-def may_join(settings: Settings, node_id: str, token: Optional[str]) -> bool:
-    """A node listed in ``node_tokens`` must present its own token; any other, the shared
-    ``join_token`` (refused when only ``node_tokens`` is set); anyone when neither is set."""
-    own = (settings.node_tokens or {}).get(node_id)
-    if own is not None:
-        return matches(token, [own])
-    if settings.join_token:
-        return matches(token, [settings.join_token])
-    return not settings.node_tokens
-
-
 def link_router(registry: Registry, settings: Settings, on_change: Callable[..., None],
                 is_live: Callable[[Node], Any]) -> APIRouter:
     """``/nodes/link``. ``on_change(grown=...)`` hears of capacity that came or went (the scheduler's wake);
@@ -255,15 +249,20 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
 
     @api.websocket(p.LINK_PATH)
     async def link(ws: WebSocket) -> None:
-        await ws.accept()
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        if not holds_node_credential(settings, node_credential(ws.headers)):  # before anything is accepted
+            if refusals((ws.client.host if ws.client else "?", "")) is not None:
+                log.warning("refused a link from %s: missing or wrong join token", peer)
+            await _close(ws, REFUSED, "missing or wrong join token")  # not accepted: an HTTP 403
+            return
+        await ws.accept()
         try:
             hello = p.LinkHello.model_validate_json(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S))
         except (asyncio.TimeoutError, ValidationError, ValueError, KeyError, WebSocketDisconnect) as exc:
             reason = "the first frame must be a hello" if not isinstance(exc, asyncio.TimeoutError) else "no hello"
             await _close(ws, BAD_FRAME, reason)
             return
-        if not may_join(settings, hello.node_id, bearer(ws.headers)):
+        if not may_join(settings, hello.node_id, node_credential(ws.headers)):
             if refusals((ws.client.host if ws.client else "?", hello.node_id)) is not None:
                 log.warning("refused the link of node %s from %s: missing or wrong join token", hello.node_id, peer)
             await _close(ws, REFUSED, f"missing or wrong join token for node {hello.node_id}")
@@ -275,8 +274,14 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
         if known is not None and known.link is None and await is_live(known):
             await _close(ws, TAKEN, f"node id {hello.node_id!r} is taken by a live node at {known.url}")
             return
-        if known is not None and known.link is not None:  # a reconnect: the new link replaces the old
-            old = known.link
+        loop = asyncio.get_running_loop()
+        if known is not None and known.link is not None:
+            if loop.time() - known.link.heard <= LIVE_LINK_HEARTBEATS * known.link.heartbeat:
+                # its link speaks: a second node with the same id, refused as on HTTP (never a replace loop)
+                await _close(ws, TAKEN, f"node id {hello.node_id!r} is taken by a live link from "
+                                        f"{known.url.removeprefix(LINK_SCHEME)}: give this node another NODE_ID")
+                return
+            old = known.link  # a reconnect: the old link went quiet, the new one replaces it
             old.lost("replaced by a new link")
             asyncio.ensure_future(_close(old.ws, REPLACED, "replaced by a new link"))
         this = Link(ws, hello)
@@ -285,13 +290,11 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
         on_change(grown=True)
         writer = asyncio.ensure_future(this.writer())
         this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval})
-        loop = asyncio.get_running_loop()
-        heard = [loop.time()]
 
         async def read() -> None:
             while True:  # no timer per frame: the watchdog below looks for silence
                 status = this.take(json.loads(await ws.receive_text()))
-                heard[0] = loop.time()
+                this.heard = loop.time()
                 if status is not None:
                     before = capacity(node)
                     _report(registry, this, status, peer)
@@ -302,7 +305,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
         try:
             while not reader.done():
                 await asyncio.wait([reader], timeout=this.heartbeat)
-                if not reader.done() and loop.time() - heard[0] > 3 * this.heartbeat:
+                if not reader.done() and loop.time() - this.heard > 3 * this.heartbeat:
                     reader.cancel()
                     reason, code = f"silent for {3 * this.heartbeat:g}s", SILENT
                     break

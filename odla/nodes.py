@@ -24,7 +24,7 @@ from typing import Optional
 
 import aiohttp
 
-from .auth import join_headers
+from .auth import join_headers, token_for
 from .config import Settings
 from .errors import NodeUnreachable
 from .link import LinkResponse
@@ -51,9 +51,10 @@ class NodeClient:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=15),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout),
-            headers=join_headers(settings.join_token), auto_decompress=False,
+            auto_decompress=False,
             skip_auto_headers=("User-Agent",))
         self._probes: dict[str, asyncio.Future] = {}
+        self.settings = settings
 
     async def aclose(self) -> None:
         await self.session.close()
@@ -72,7 +73,7 @@ class NodeClient:
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
-            return await self._request(method, f"{node.url}{path}", body, job_id)
+            return await self._request(node, method, path, body, job_id)
         except asyncio.CancelledError:
             if not watch.abandoned:
                 raise
@@ -84,12 +85,18 @@ class NodeClient:
             timer.cancel()
             watch.stop()
 
-    async def _request(self, method: str, url: str, body: bytes, job_id: str = "") -> ClientResponse:
-        headers = {"Content-Type": "application/json"} if body else {}
+    def _headers(self, node: Node) -> dict[str, str]:
+        """The node's credential: its own token (``node_tokens``), else the join token."""
+        return join_headers(token_for(self.settings, node.node_id))
+
+    async def _request(self, node: Node, method: str, path: str, body: bytes, job_id: str = "") -> ClientResponse:
+        headers = self._headers(node)
+        if body:
+            headers["Content-Type"] = "application/json"
         if job_id:
             headers[JOB_HEADER] = job_id  # for the node's log line
         try:
-            return await self.session.request(method, url, data=body or None, headers=headers)
+            return await self.session.request(method, f"{node.url}{path}", data=body or None, headers=headers)
         except FAILURES as exc:
             raise NodeUnreachable(describe(exc)) from exc
 
@@ -120,7 +127,8 @@ class NodeClient:
                 raise ValueError(f"answer larger than {limit} bytes")
             return resp.status, data
         try:
-            async with self.session.get(f"{node.url}{path}", timeout=self.health_timeout) as resp:
+            async with self.session.get(f"{node.url}{path}", timeout=self.health_timeout,
+                                        headers=self._headers(node)) as resp:
                 data, more = await _read_upto(resp, limit)
                 if more:
                     raise ValueError(f"answer larger than {limit} bytes")

@@ -96,8 +96,10 @@ def test_bad_tokens_are_refused_and_a_revoked_node_token_stops_only_that_node(ne
     revoked = net.node("b", sim, ODLA_JOIN_TOKEN="token-b-old", **DIAL)
     stranger = net.node("c", sim, ODLA_JOIN_TOKEN="token-a", **DIAL)  # another node's token
     assert revoked.proc.wait(timeout=20) != 0 and stranger.proc.wait(timeout=20) != 0
-    for proc, node_id in ((revoked, "b"), (stranger, "c")):
-        assert f"refused this node: missing or wrong join token for node {node_id} (close code 4401)" in proc.output()
+    # a token of no node of this network is refused before the link is accepted (an HTTP 403);
+    # another node's token, once the hello names the node
+    assert "refused this node: missing or wrong join token (the link was refused with HTTP 403)" in revoked.output()
+    assert "refused this node: missing or wrong join token for node c (close code 4401)" in stranger.output()
     net.wait_nodes("a")
     assert tokens(stream(net.op_url, "llama3", "still")[1]) == sim_tokens("still", 3)
 
@@ -349,3 +351,20 @@ def test_bad_frames_from_the_operator_are_logged_and_the_link_goes_on(net, fake_
             assert [json.loads(line).get("token") for line in data.splitlines()][:3] == sim_tokens("ok", 3)
             assert "bad frame from the operator" in node.output() and "redialling" not in node.output()
     asyncio.run(scenario())
+
+
+def test_a_second_dial_node_with_a_live_id_is_refused_and_the_first_keeps_its_link(net):
+    """Two dial nodes with the same NODE_ID: the second is refused (4409, as HTTP's 409) and stops;
+    the first keeps its one link (no replace loop) and serves jobs all along."""
+    sim = net.sim("--tokens", "3")
+    op = net.operator()
+    first = net.node("dial", sim, **DIAL)
+    net.wait_nodes("dial")
+    second = net.start("node.py", NODE_ID="dial", OLLAMA_HOST=sim, **DIAL)
+    assert second.proc.wait(timeout=20) != 0
+    assert "taken by a live link" in second.output() and "close code 4409" in second.output()
+    for i in range(5):
+        assert tokens(stream(net.op_url, "llama3", f"still {i}")[1]) == sim_tokens(f"still {i}", 3)
+    time.sleep(1.5)  # three of its heartbeats: a replace loop would have relinked it by now
+    assert first.output().count("linked to operator") == 1
+    assert op.output().count("linked from") == 1

@@ -140,3 +140,71 @@ def test_open_operator_on_the_network_warns_loudly(caplog, host, values, warns):
     caplog.set_level(logging.WARNING)
     operator_app.warn_if_open(settings(operator_host=host, **values))
     assert ("SECURITY" in caplog.text) is warns
+
+
+# --- one policy for node credentials on every transport (HTTP and the dial link) ---
+
+NODE_TOKENS = {"gpu-1": "own-1"}
+
+
+@pytest.mark.parametrize("join_token", [None, TOKEN], ids=["node_tokens only", "and a join token"])
+def test_per_node_tokens_hold_on_http_registration_as_on_links(operator, join_token):
+    """A node listed in ``node_tokens`` registers and deregisters with its own token only; the shared
+    join token (or none) cannot take its id, and with only ``node_tokens`` set nobody else joins."""
+    op = operator(node_tokens=NODE_TOKENS, **({"join_token": join_token} if join_token else {}))
+
+    def register(node_id: str, token=None) -> int:
+        body = {"node_id": node_id, "url": f"http://127.0.0.1:1/{node_id}", "models": ["x"]}
+        return httpx.post(f"{op.url}/register", json=body,
+                          headers={"x-odla-join-token": token} if token else {}).status_code
+
+    def deregister(node_id: str, token=None) -> int:
+        return httpx.post(f"{op.url}/deregister", json={"node_id": node_id},
+                          headers={"x-odla-join-token": token} if token else {}).status_code
+
+    assert register("anyone") == 401 and deregister("gpu-1") == 401  # no credential
+    assert register("gpu-1", "own-2") == 401
+    assert register("gpu-1", "own-1") == 200
+    assert register("other", "own-1") == 401  # its token is gpu-1's only
+    if join_token:
+        assert register("gpu-1", join_token) == 401 and deregister("gpu-1", join_token) == 401
+        assert register("other", join_token) == 200
+    assert deregister("gpu-1", "own-1") == 200
+
+
+def test_an_http_node_with_its_own_token_serves_jobs(sim, operator, node):
+    """The operator calls a node with that node's own token (its /run checks it), not the join token."""
+    op = operator(node_tokens={"n1": "own-1"}, join_token=TOKEN)
+    node(op.url, sim.url, "n1", join_token="own-1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    status, lines = infer(op.url)
+    assert status == 200 and lines[-1] == {"done": True}
+
+
+def ws_handshake(port: int, **headers: str) -> bytes:
+    """The answer's status line to a WebSocket upgrade of /nodes/link, on a raw socket."""
+    import socket
+
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET /nodes/link HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n{extra}\r\n".encode())
+        return s.recv(4096)
+
+
+def test_a_web_page_cannot_open_a_link(operator):
+    """A loopback operator without a join token: a WebSocket from another web origin (any page the
+    user visits) is refused before it is accepted, so it never receives a prompt."""
+    op = operator()
+    assert ws_handshake(op.port, Origin="http://evil.example").startswith(b"HTTP/1.1 403")
+    assert ws_handshake(op.port).startswith(b"HTTP/1.1 101")  # a node (no Origin) is let in
+
+
+def test_a_link_without_a_credential_is_refused_before_it_is_accepted(net):
+    net.operator(join_token=TOKEN)  # the real process: python server.py
+    assert ws_handshake(net.op_port).startswith(b"HTTP/1.1 403")
+    assert ws_handshake(net.op_port, Authorization="Bearer nope").startswith(b"HTTP/1.1 403")
+    accepted = ws_handshake(net.op_port, Authorization=f"Bearer {TOKEN}")
+    assert accepted.startswith(b"HTTP/1.1 101")
+    assert b"permessage-deflate" not in accepted.lower()  # no compression state per link
