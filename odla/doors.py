@@ -26,11 +26,13 @@ from .registry import Node, Registry
 from .jobs import JOB_PATHS, Job
 from .relay import Router
 from .protocol import JOB_HEADER
-from .responses import LineStream, Opened
+from .responses import LineStream, Opened, Tell
 
 log = logging.getLogger("odla.operator")
 
 ROUTED = tuple(sorted(JOB_PATHS - {"/inference"}))
+ASKED = ("/api/show",)
+"Requests that name a model but run nothing: to a node that has it, without a slot (not jobs)."
 LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
 
 
@@ -58,6 +60,24 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
 
     for path in ROUTED:
         api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=job_auth)
+
+    async def asked(request: Request) -> LineStream:
+        """A question about a model (``/api/show``): any node that has it answers, no slot taken."""
+        body = await request.body()
+        model = _model_of(body)
+        router: Router = request.app.state.router
+        path = request.url.path
+
+        async def opening(tell: Tell) -> Opened:
+            try:
+                return await router.ask(model, "POST", "/ollama" + path, body)
+            except NoNodeError:
+                raise ODLAError(f"model '{model}' not found", 404) from None
+
+        return LineStream(opening=opening, shape=shape_for(path))
+
+    for path in ASKED:
+        api.add_api_route(path, asked, methods=["POST"], response_class=LineStream, dependencies=auth)
 
     async def listing(request: Request) -> JSONResponse:
         """Every healthy node's listing, one entry per model."""

@@ -14,7 +14,7 @@ from .times import iso
 from .usage import Usage
 
 OUTCOMES = get_args(Outcome)
-JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
+JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
                        "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 "The operator's paths that run a model: each request to one is a job."
 

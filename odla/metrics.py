@@ -103,7 +103,7 @@ class RequestMetrics:
         output, prompt = job.usage.output_tokens, job.usage.prompt_tokens
         if output:
             self.output_tokens.labels(model, job.node).inc(output)
-            if output > 1 and job.first_token is not None and job.finished is not None:
+            if output > 1 and job.outcome == "ok" and job.first_token is not None and job.finished is not None:
                 self.tpot.labels(model, job.node).observe((job.finished - job.first_token) / (output - 1))
         if prompt:
             self.input_tokens.labels(model, job.node).inc(prompt)

@@ -103,6 +103,23 @@ class Router:
         failures.append((node, resp.status, message))
         return None
 
+    async def ask(self, model: str, method: str, path: str, body: bytes) -> Opened:
+        """A question about ``model`` that runs nothing (``/api/show``): to a healthy node that has
+        it, warm and idle ones first, the next one if it does not answer; no slot is taken, so it
+        never waits behind the jobs (clients such as Open WebUI ask it often)."""
+        key, now = model_key(model), self.registry.clock()
+        nodes = sorted(self.registry.candidates(model), key=lambda n: (n.resting(now), not n.warm(key, now),
+                                                                       n.active_jobs >= n.slots_for(key)))
+        failures: list[tuple[Node, int, str]] = []
+        for node in nodes[:MAX_TRIES]:
+            resp = await self._try(node, method, path, body, failures)
+            if resp is not None:
+                media = resp.headers.get("content-type", "application/json")
+                answer = self.nodes.body(resp)
+                return Opened(Owned(_passed_on(answer), answer.aclose), resp.status, media,
+                              {"x-odla-node": node.node_id})
+        raise self._all_failed(model, failures) if failures else self.no_node(model)
+
     def no_node(self, model: str) -> NoNodeError:
         """Why no node could take the job, in the user's terms."""
         key, now = model_key(model), self.registry.clock()
@@ -196,6 +213,14 @@ class Router:
         if job.outcome is None:
             node.outcome(job.error is None, self.registry.clock())
         job.end("node_error" if job.error else "ok")
+
+
+async def _passed_on(body: Body) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    except NodeUnreachable as exc:
+        raise StreamBroken("the node failed mid-answer: connection lost") from exc
 
 
 async def _drain(body: Body) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -180,3 +181,27 @@ def test_tokens_delivered_are_counted_on_every_outcome(net, path, body):
     assert sorted(r["outcome"] for r in rows) == ["client_cancel", "node_error", "ok", "ok"]
     assert sum(r["output_tokens"] or 0 for r in rows) >= expected
     assert output_tokens_metric(net.op_url) == sum(r["output_tokens"] or 0 for r in rows)
+
+
+def test_api_show_never_waits_for_a_slot(operator, node):
+    """Open WebUI and LangChain ask /api/show often: with the node's one slot busy it still answers at
+    once (it runs nothing), from a node that has the model; a model no node has is Ollama's 404."""
+    from tests.helpers import Sim, node_ids
+
+    with Sim(models=["llama3"], tokens=3, hold_last=True) as sim:
+        op = operator(queue_timeout=10)
+        node(op.url, sim.url, "n1", num_parallel=1)
+        wait_for(lambda: node_ids(op.url) == {"n1"})
+        with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": "busy"},
+                          timeout=10) as busy:
+            lines = busy.iter_lines()
+            next(lines)  # the node's one slot is taken
+            began = time.monotonic()
+            shown = httpx.post(f"{op.url}/api/show", json={"model": "llama3"}, timeout=10)
+            assert time.monotonic() - began < 1.0
+            assert shown.status_code == 200 and "details" in shown.json() and shown.headers["x-odla-node"] == "n1"
+            missing = httpx.post(f"{op.url}/api/show", json={"model": "nope"}, timeout=10)
+            assert missing.status_code == 404 and missing.json() == {"error": "model 'nope' not found"}
+            assert httpx.post(f"{op.url}/api/show", content=b"{", timeout=10).status_code == 400
+            sim.release()
+        assert httpx.get(f"{op.url}/jobs").json()["jobs"][0]["door"] == "inference"  # show is no job

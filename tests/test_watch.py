@@ -147,7 +147,9 @@ def test_a_known_mix_is_counted_exactly_and_receipts_survive_a_restart(net):
         assert total(found, "odla_requests_total", outcome=outcome) == list(sent.values()).count(outcome)
     # every streamed job that sent a token: the three ok, the one that left after one, the one killed
     assert total(found, "odla_time_to_first_token_seconds_count") == 5
-    assert total(found, "odla_output_tokens_total") == 3 * 6  # Ollama's counts, of the jobs that ended ok
+    # Ollama's counts of the jobs that ended ok, and what the others delivered (the one that left had one)
+    delivered = sum(j["output_tokens"] or 0 for j in receipts().values())
+    assert total(found, "odla_output_tokens_total") == delivered >= 3 * 6 + 1
     assert total(found, "odla_input_tokens_total") == 3  # the simulator counts 1 per prompt
     assert total(found, "odla_time_per_output_token_seconds_count") == 3
 
