@@ -22,6 +22,8 @@ REST_AFTER = 3  # failures in a row before a node rests
 REST_BASE_S = 5.0  # the first rest; each further failure doubles it
 REST_MAX_S = 120.0
 ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
+SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
+MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
 
 
 @dataclass
@@ -40,7 +42,9 @@ class Node:
     loaded: dict[str, Optional[float]] = field(default_factory=dict)
     "Per model key: when Ollama unloads it (epoch seconds; None: not known)."
     tokens_per_s: dict[str, float] = field(default_factory=dict)
-    "Per model key, as the node measured it."
+    "Per model key, as the node says it measured it (shown; never believed for scheduling)."
+    seen_speed: dict[str, float] = field(default_factory=dict)
+    "Per model key: tokens per second of the answers this operator relayed from the node (a moving average)."
     inflight: dict[str, int] = field(default_factory=dict)
     "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
     failures: int = 0
@@ -85,10 +89,19 @@ class Node:
         return expires is None or expires > now
 
     def speed(self, key: str) -> Optional[float]:
-        """Tokens per second for this model, or the node's mean over its models; None: not measured."""
-        if key in self.tokens_per_s:
-            return self.tokens_per_s[key]
-        return sum(self.tokens_per_s.values()) / len(self.tokens_per_s) if self.tokens_per_s else None
+        """Tokens per second for this model as the operator saw them arrive, or the mean over the node's
+        models; None: not measured yet. What the node claims is not taken: a node could say anything."""
+        if key in self.seen_speed:
+            return self.seen_speed[key]
+        return sum(self.seen_speed.values()) / len(self.seen_speed) if self.seen_speed else None
+
+    def saw(self, key: str, tokens: int, seconds: float) -> None:
+        """An answer of ``tokens`` for ``key`` came in ``seconds`` from its first token to its last."""
+        if tokens < MIN_TOKENS_SEEN or seconds < MIN_SECONDS_SEEN:
+            return  # too short to tell a speed (a whole answer in one read)
+        rate = (tokens - 1) / seconds
+        before = self.seen_speed.get(key)
+        self.seen_speed[key] = rate if before is None else SPEED_WEIGHT * rate + (1 - SPEED_WEIGHT) * before
 
     def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
         """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share)."""
@@ -103,7 +116,7 @@ class Node:
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
-            tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
+            tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word
             resting_until=iso(self.resting_until) if self.resting(now) else None,
             link="dial" if self.dialled else "http",
         )

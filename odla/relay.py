@@ -9,6 +9,7 @@ exactly one final line, and to take off it the counts the node adds for the job'
 from __future__ import annotations
 
 import logging
+import time
 from typing import AsyncIterator, Callable, Optional
 
 from . import protocol as p
@@ -209,9 +210,12 @@ class Router:
         await _drain(body)
 
     def _ended(self, node: Node, job: Job) -> None:
-        """The job's answer is complete (an error in its last line: Ollama failed mid-stream)."""
+        """The job's answer is complete (an error in its last line: Ollama failed mid-stream); how
+        fast its tokens came is the node's speed, as this operator sees it."""
         if job.outcome is None:
             node.outcome(job.error is None, self.registry.clock())
+            if job.error is None and job.first_token is not None:
+                node.saw(model_key(job.model), job.delivered, time.time() - job.first_token)
         job.end("node_error" if job.error else "ok")
 
 

@@ -9,7 +9,8 @@ jobs it has running there below the node's slots for the model), in this order:
     3  cold                 the rest
 
 within a rank the node that failed fewer jobs of late, then the faster one (tokens per
-second the node measured for the model, in 10 % steps; a node not yet measured counts as
+second of the answers the operator relayed from it for the model, never the node's own claim;
+nodes within ``EQUAL_SPEED`` of the fastest are equals; a node not yet measured counts as
 fastest, so it gets measured), then a per-model cursor, so equals take turns. A node that
 failed several jobs in a row rests (odla/registry.py) and gets none unless no other can. Claiming counts the job at once; releasing it (always, in
 ``finally``) never goes below zero.
@@ -45,6 +46,8 @@ from .names import model_key
 from .registry import Node, Registry
 
 RETRY_AFTER_S = 5
+EQUAL_SPEED = 1.15
+"Nodes whose speeds are within 15 % of the fastest are equals: they take turns (no fixed steps to straddle)."
 CLUSTER_POLL_S = 2.0
 "With several operators: how often a waiting job asks again, though no slot was heard to free."
 Place = Callable[[int], None]
@@ -141,6 +144,16 @@ class _ModelQueue:
         return next((i for i, w in enumerate(self.order(), 1) if w is waiter), 0)
 
 
+def _fastest(nodes: list[Node], key: str) -> list[Node]:
+    """The fastest of ``nodes`` for ``key`` and those within ``EQUAL_SPEED`` of it (a node not
+    measured yet counts as fastest: it gets jobs, and so a measure)."""
+    speeds = [node.speed(key) for node in nodes]
+    if any(speed is None for speed in speeds):
+        return [node for node, speed in zip(nodes, speeds) if speed is None]
+    top = max(speeds)
+    return [node for node, speed in zip(nodes, speeds) if speed * EQUAL_SPEED >= top]
+
+
 class Scheduler:
     """Claims slots on nodes for jobs; queues jobs that find none."""
 
@@ -184,7 +197,7 @@ class Scheduler:
             return None
         ranks = {n.node_id: self._rank(n, key, now) for n in free}
         best = min(ranks.values())
-        equals = [n for n in free if ranks[n.node_id] == best]
+        equals = _fastest([n for n in free if ranks[n.node_id] == best], key)
         node = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
         return self.hold(node, key)
 
@@ -192,10 +205,17 @@ class Scheduler:
         """The nodes that could run ``model`` whatever this operator's own count (the cluster
         counts), in groups of equals, best first."""
         key, now = model_key(model), self.clock()
-        groups: dict[tuple, list[Node]] = {}
+        classes: dict[tuple, list[Node]] = {}
         for node in self._usable(model, key, now, exclude, free_only=False):
-            groups.setdefault(self._rank(node, key, now), []).append(node)
-        return [groups[rank] for rank in sorted(groups)]
+            classes.setdefault(self._rank(node, key, now), []).append(node)
+        groups = []
+        for rank in sorted(classes):
+            left = classes[rank]
+            while left:  # the fastest and its equals, then the fastest of the rest and its equals...
+                group = _fastest(left, key)
+                groups.append(group)
+                left = [n for n in left if n not in group]
+        return groups
 
     async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
                     place: Optional[Place] = None, ticket: str = "", since: Optional[float] = None) -> Optional[Claim]:
@@ -299,12 +319,11 @@ class Scheduler:
                 waiter.taken = True
                 return waiter.granted.result()
 
-    def _rank(self, node: Node, key: str, now: float) -> tuple[int, int, float]:
+    def _rank(self, node: Node, key: str, now: float) -> tuple[int, int]:
+        """The node's class for ``key``; within one, speed decides (``_fastest``)."""
         warm, idle = node.warm(key, now), node.active_jobs == 0
         rank = 0 if warm and idle else 1 if warm else 2 if idle else 3
-        speed = node.speed(key)
-        step = -math.inf if speed is None or speed <= 0 else -round(math.log(speed, 1.1))
-        return rank, round(node.errors * 4), step  # a node that failed of late comes after its equals
+        return rank, round(node.errors * 4)  # a node that failed of late comes after its equals
 
     def hold(self, node: Node, key: str) -> Claim:
         """A slot on ``node`` for ``key``, counted here at once."""

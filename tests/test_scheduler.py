@@ -13,13 +13,17 @@ LATER = "2027-03-15T08:00:00Z"  # after NOW: still loaded
 
 
 def cluster(**nodes):
-    """``name={"slots": n, "warm": bool, "speed": tps, "models": [...]}`` -> a scheduler over them."""
+    """``name={"slots": n, "warm": bool, "speed": tps, "claims": tps, "models": [...]}`` -> a scheduler
+    over them: ``speed`` as the operator saw the node's answers arrive, ``claims`` as the node says."""
     reg = Registry(prune_after=60, clock=lambda: NOW)
     for name, spec in nodes.items():
         models = spec.get("models", ["llama3:latest"])
-        reg.register(name, f"http://{name}", models, slots={m: spec.get("slots", 1) for m in models},
-                     loaded=[LoadedModel(name=m, expires_at=LATER) for m in models] if spec.get("warm") else [],
-                     tokens_per_s={m: spec["speed"] for m in models} if "speed" in spec else {})
+        node = reg.register(name, f"http://{name}", models, slots={m: spec.get("slots", 1) for m in models},
+                            loaded=[LoadedModel(name=m, expires_at=LATER) for m in models] if spec.get("warm") else [],
+                            tokens_per_s={m: spec["claims"] for m in models} if "claims" in spec else {})
+        if "speed" in spec:
+            for m in models:
+                node.saw(m, 101, 100 / spec["speed"])  # 101 tokens, the last 100 at that speed
     return Scheduler(reg, clock=lambda: NOW), reg
 
 
@@ -52,6 +56,31 @@ def test_ranks_warm_idle_then_warm_then_cold_idle_then_cold():
 def test_the_faster_node_first_within_a_rank():
     sched, _ = cluster(slow={"slots": 4, "warm": True, "speed": 20}, fast={"slots": 4, "warm": True, "speed": 120})
     assert pick(sched) == "fast"
+
+
+def test_a_nodes_claimed_speed_is_not_believed():
+    sched, _ = cluster(liar={"slots": 4, "warm": True, "speed": 20, "claims": 1e12},
+                       honest={"slots": 4, "warm": True, "speed": 60, "claims": 60})
+    picks = []
+    for _ in range(4):
+        claim = sched.try_claim("llama3")
+        picks.append(claim.node.node_id)
+        claim.release()
+    assert picks == ["honest"] * 4
+
+
+@pytest.mark.parametrize("a, b, equal", [(100, 99, True), (100, 101, True), (100, 88, True), (100, 86, False),
+                                         (94.9, 95.1, True), (20, 120, False)])
+def test_nodes_within_15_percent_are_equals_and_take_turns(a, b, equal):
+    """No fixed steps: two speeds a hair apart on either side of a step are still equals."""
+    sched, _ = cluster(a={"slots": 8, "warm": True, "speed": a}, b={"slots": 8, "warm": True, "speed": b})
+    picks = []
+    for _ in range(6):
+        claim = sched.try_claim("llama3")
+        picks.append(claim.node.node_id)
+        claim.release()
+    fastest = "a" if a > b else "b"
+    assert picks == (["a", "b"] * 3 if equal else [fastest] * 6)
 
 
 def test_a_node_not_yet_measured_is_tried_before_measured_ones():

@@ -205,3 +205,26 @@ def test_api_show_never_waits_for_a_slot(operator, node):
             assert httpx.post(f"{op.url}/api/show", content=b"{", timeout=10).status_code == 400
             sim.release()
         assert httpx.get(f"{op.url}/jobs").json()["jobs"][0]["door"] == "inference"  # show is no job
+
+
+def test_two_equal_nodes_take_turns(operator, node):
+    """Two identical nodes, the model loaded on both, six requests one after another: they alternate
+    (speeds measured a hair apart are equals, not a faster node that takes everything)."""
+    from tests.helpers import Sim, node_ids
+
+    with Sim(models=["llama3"], tokens=20, delay=0.01) as a, Sim(models=["llama3"], tokens=20, delay=0.01) as b:
+        a.sim.used("llama3")
+        b.sim.used("llama3")  # loaded on both
+        op = operator()
+        node(op.url, a.url, "a")
+        node(op.url, b.url, "b")
+        wait_for(lambda: all(n["loaded"] for n in httpx.get(f"{op.url}/nodes").json()["nodes"])
+                 and node_ids(op.url) == {"a", "b"})
+        served = []
+        for i in range(6):
+            with httpx.stream("POST", f"{op.url}/inference", json={"model": "llama3", "prompt": f"p{i}"},
+                              timeout=10) as resp:
+                served.append(resp.headers["x-odla-node"])
+                resp.read()
+        assert served.count("a") == served.count("b") == 3, served
+        assert all(x != y for x, y in zip(served, served[1:])), served
