@@ -61,18 +61,19 @@ class NodeClient:
 
     async def send(self, node: Node, method: str, path: str, body: bytes = b"", job_id: str = "") -> ClientResponse:
         """Send a request and return the response once its headers are in; see "Silent or slow?".
-        A node that dialled in gets it down its link (``odla.link``), which has its own liveness.
+        A node that dialled in gets it down its link (``odla.link``), watched the same way (its
+        health is its link's last status, which says whether its Ollama answers).
 
         The wait is not a task of its own (a task and a timed wait per request cost more than
         the rest of the operator's work on a short answer): a timer starts a watch only if
         the node is still silent after ``grace``, and the watch cancels the wait if the node
         fails its health check.
         """
-        if node.dialled:
-            return await _on_link(node, method, path, body, job_id)
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
+            if node.dialled:
+                return await _on_link(node, method, path, body, job_id)
             return await self._request(node, method, path, body, job_id)
         except asyncio.CancelledError:
             if not watch.abandoned:

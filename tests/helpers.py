@@ -202,14 +202,17 @@ class Network:
         self.config.write_text(json.dumps({**FAST, "operator_url": self.op_url, "operator_host": "127.0.0.1",
                                            "node_host": "127.0.0.1"}))
         self.nodes: dict[str, Proc] = {}
+        self.sims: dict[str, Proc] = {}
 
     def start(self, *args: str, **env: str) -> Proc:
         return self.stack.enter_context(Proc(*args, env={"ODLA_CONFIG": str(self.config), **env}))
 
     def sim(self, *flags: str) -> str:
+        """A simulator process; its URL (its process: ``sims[url]``)."""
         port = free_port()
-        self.start("sim/ollama_sim.py", "--port", str(port), "--models", "llama3", *flags)
+        proc = self.start("sim/ollama_sim.py", "--port", str(port), "--models", "llama3", *flags)
         url = f"http://127.0.0.1:{port}"
+        self.sims[url] = proc
         wait_http(url)
         return url
 

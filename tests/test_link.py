@@ -106,7 +106,7 @@ def test_bad_tokens_are_refused_and_a_revoked_node_token_stops_only_that_node(ne
 
 def test_fifty_streams_share_one_link_and_a_client_that_never_reads_holds_back_only_itself(net):
     sim = net.sim("--tokens", "100000")  # each answer as long as its num_predict
-    net.operator()
+    net.operator(health_check_timeout=5)  # a simulator this busy can take over 1 s to list its models
     net.node("dial", sim, OLLAMA_NUM_PARALLEL="64", **DIAL)
     net.wait_nodes("dial")
     body = json.dumps({"model": "llama3", "prompt": "flood"}).encode()  # 100,000 lines of ~150 bytes: 15 MB
@@ -368,3 +368,22 @@ def test_a_second_dial_node_with_a_live_id_is_refused_and_the_first_keeps_its_li
     time.sleep(1.5)  # three of its heartbeats: a replace loop would have relinked it by now
     assert first.output().count("linked to operator") == 1
     assert op.output().count("linked from") == 1
+
+
+def test_a_job_on_a_dial_node_whose_ollama_hangs_moves_to_another_node(net):
+    """Silent or slow, on a link too: the dial node's Ollama stops answering anything (its answers are
+    held back by a proxy) while a job waits on it; the node's next status says so, the operator's
+    watch sees it, and the job goes to the other node (on main it waited for ever)."""
+    hung = net.sim("--tokens", "3", "--preload", "llama3")  # warm: the job goes here first
+    other = net.sim("--tokens", "3")
+    net.operator(heartbeat_interval=2)  # a status every 2 s, each asking Ollama within 1 s: the link stays up
+    with Cutter(int(hung.rsplit(":", 1)[1])) as proxy:
+        net.node("dial", proxy.url, **DIAL)
+        net.node("web", other)
+        net.wait_nodes("dial", "web")
+        wait_for(lambda: net.listing()["dial"]["loaded"], timeout=10)
+        proxy.delay = 600  # from now on Ollama answers nothing, not even its model list
+        began = time.monotonic()
+        node, lines = stream(net.op_url, "llama3", "moved")
+        assert node == "web" and tokens(lines) == sim_tokens("moved", 3)
+        assert time.monotonic() - began < 8
