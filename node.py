@@ -142,7 +142,7 @@ class Node:
 
     async def register(self, operator: str) -> None:
         if not self.settings.node_url:  # derived again each time: the route may change, or resolve late
-            self.state.url = public_url(self.settings)
+            self.state.url = await asyncio.to_thread(public_url, self.settings)  # (a name lookup blocks)
         cap = self.capacity
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,

@@ -35,6 +35,7 @@ from .auth import holds_node_credential, may_join, node_credential
 from .config import Settings
 from .errors import NodeUnreachable
 from .logs import Throttle
+from .names import listed
 from .registry import LINK_SCHEME, Node, Registry, capacity
 
 log = logging.getLogger("odla.operator")
@@ -121,13 +122,14 @@ class LinkResponse:
 
     async def read(self, limit: int) -> bytes:
         """The whole (small) body, for error messages and listings: its first ``limit`` bytes."""
-        data = b""
+        pieces, size = [], 0
         async for piece in self:
-            data += piece
-            if len(data) > limit:
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
                 break
         await self.aclose()
-        return data[:limit]
+        return b"".join(pieces)[:limit]
 
     def close(self) -> None:
         """Cut the job: the node is told to stop, the relay sees the stream broken."""
@@ -251,7 +253,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
     async def link(ws: WebSocket) -> None:
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
         if not holds_node_credential(settings, node_credential(ws.headers)):  # before anything is accepted
-            if refusals((ws.client.host if ws.client else "?", "")) is not None:
+            if refusals(ws.client.host if ws.client else "?") is not None:
                 log.warning("refused a link from %s: missing or wrong join token", peer)
             await _close(ws, REFUSED, "missing or wrong join token")  # not accepted: an HTTP 403
             return
@@ -263,7 +265,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             await _close(ws, BAD_FRAME, reason)
             return
         if not may_join(settings, hello.node_id, node_credential(ws.headers)):
-            if refusals((ws.client.host if ws.client else "?", hello.node_id)) is not None:
+            if refusals(ws.client.host if ws.client else "?") is not None:  # per address: ids are the caller's to vary
                 log.warning("refused the link of node %s from %s: missing or wrong join token", hello.node_id, peer)
             await _close(ws, REFUSED, f"missing or wrong join token for node {hello.node_id}")
             return
@@ -286,7 +288,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             asyncio.ensure_future(_close(old.ws, REPLACED, "replaced by a new link"))
         this = Link(ws, hello)
         node = _report(registry, this, hello, peer)
-        log.info("node %s linked from %s with %s", node.node_id, peer, ", ".join(node.models) or "no models")
+        log.info("node %s linked from %s with %s", node.node_id, peer, listed(node.models))
         on_change(grown=True)
         writer = asyncio.ensure_future(this.writer())
         this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval})

@@ -7,6 +7,8 @@ import json
 DEFAULT_HOST = "registry.ollama.ai/"
 DEFAULT_NAMESPACE = "library/"
 DEFAULT_TAG = "latest"
+MAX_MODEL_NAME = 512
+"The longest model name taken from anyone (Ollama's are tens of characters)."
 
 
 def model_key(name: str) -> str:
@@ -37,6 +39,13 @@ def display_name(name: str) -> str:
     return shown
 
 
+def listed(names: "list[str]", shown: int = 5) -> str:
+    """Names for a log line or a message: the first ``shown``, then how many more (a node may
+    list thousands: a line per (re)link must not carry them all)."""
+    head = ", ".join(names[:shown]) or "no models"
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def model_named(body: bytes) -> str:
     """The ``model`` (or ``/api/show``'s older ``name``) an Ollama API request names;
     ``ValueError`` saying why when it names none."""
@@ -51,4 +60,6 @@ def model_named(body: bytes) -> str:
     model = data.get("model") or data.get("name")
     if not isinstance(model, str) or not model.strip():
         raise ValueError("model is required")
+    if len(model) > MAX_MODEL_NAME:  # it would be stored with every receipt and log line
+        raise ValueError(f"model name is longer than {MAX_MODEL_NAME} characters")
     return model

@@ -20,13 +20,15 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from .names import MAX_MODEL_NAME
+
 NDJSON = "application/x-ndjson"
 JOB_HEADER = "x-odla-job"
 "Every job's answer names its id here (``GET /jobs/{id}``); the operator tells its node the same way."
 
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 # No control characters: a name is written into log lines, which it must not be able to forge.
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=512, strip_whitespace=True,
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_NAME, strip_whitespace=True,
                                              pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 

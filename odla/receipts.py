@@ -31,6 +31,8 @@ from .usage import Usage
 
 log = logging.getLogger("odla.operator")
 
+MAX_PENDING = 100_000
+"Ended jobs kept in memory while their receipts cannot be written (a full disk): the newest."
 USAGE = tuple(f.name for f in fields(Usage))
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
            "failovers", "queue_wait", *USAGE)
@@ -92,13 +94,19 @@ class Receipts:
                 if self.clock() - pruned >= self.PRUNE_S:
                     pruned = self.clock()
                     await self._call(self._prune, pruned - self.keep_s)
-            except sqlite3.Error:  # a full disk, say: the network goes on, and says so
+            except sqlite3.Error:  # a full disk, say: the network goes on, says so, and tries again
                 log.exception("cannot write job receipts to %s", self.path)
+            except Exception:  # noqa: BLE001 - the writer outlives any one batch
+                log.exception("job receipts could not be written; that batch is dropped")
 
     async def flush(self) -> None:
         if self.pending:
             batch, self.pending = self.pending, []
-            await self._call(self._write, [_row(job) for job in batch])
+            try:
+                await self._call(self._write, [_row(job) for job in batch])
+            except sqlite3.Error:
+                self.pending[:0] = batch[-MAX_PENDING:]  # kept for the next try (bounded)
+                raise
             if self.mirror is not None:
                 await self.mirror(batch)
 
@@ -110,11 +118,12 @@ class Receipts:
         return _receipt(rows[0]) if rows else None
 
     async def find(self, model: Optional[str] = None, node: Optional[str] = None, outcome: Optional[str] = None,
-                   since: Optional[float] = None, limit: int = 50, offset: int = 0) -> list[JobReceipt]:
-        """Ended jobs, newest first."""
+                   since: Optional[float] = None, limit: int = 50, offset: int = 0,
+                   caller: Optional[str] = None) -> list[JobReceipt]:
+        """Ended jobs, newest first (``caller``: only that caller's)."""
         await self.flush()
         where, args = [], []
-        for column, value in (("model", model), ("node", node), ("outcome", outcome)):
+        for column, value in (("model", model), ("node", node), ("outcome", outcome), ("caller", caller)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)

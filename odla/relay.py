@@ -16,7 +16,7 @@ from . import protocol as p
 from .errors import NoNodeError, ODLAError, UpstreamError, message_of
 from .jobs import Job
 from .nodes import Body, ClientResponse, NodeClient, NodeUnreachable
-from .names import model_key
+from .names import listed, model_key
 from .registry import Node, Registry
 from .responses import Opened, Owned, StreamBroken, Tell
 from .scheduler import Claim, Place, Scheduler
@@ -131,8 +131,7 @@ class Router:
         models = sorted({m for n in self.registry.nodes() if n.healthy for m in n.models})
         if not models:
             return NoNodeError(model, "no healthy node has joined the network")
-        listed = ", ".join(models[:20]) + (f" and {len(models) - 20} more" if len(models) > 20 else "")
-        return NoNodeError(model, f"the network has {listed}")
+        return NoNodeError(model, f"the network has {listed(models, 20)}")
 
     @staticmethod
     def _all_failed(model: str, failures: list[tuple[Node, int, str]]) -> ODLAError:

@@ -52,8 +52,12 @@ class Usage:
         return any(v is not None for v in asdict(self).values())
 
 
+MAX_COUNT = (1 << 63) - 1
+"The largest count or duration taken from a node (what SQLite and Prometheus hold); a larger one is dropped."
+
+
 def _count(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
 
 
 # A key of a JSON object, not text inside a string (where its quotes would be escaped).
@@ -86,7 +90,7 @@ class Tail:
     def usage(self) -> Usage:
         found: dict[bytes, int] = {}
         for match in _FIELD.finditer(self.bytes()):
-            found[_OPENAI.get(match[1], match[1])] = int(match[2])  # the last one of each counts
+            found[_OPENAI.get(match[1], match[1])] = int(match[2][:20])  # the last one of each counts
         return Usage.from_ollama({k.decode(): v for k, v in found.items()})
 
     def error(self) -> Optional[str]:
