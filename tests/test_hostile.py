@@ -396,3 +396,34 @@ def test_a_burst_of_listings_is_one_question_to_each_node(operator, start):
     answers = asyncio.run(burst())
     assert all(a.status_code == 200 and a.json()["models"][0]["name"] == "llama3:latest" for a in answers)
     assert len(asked) <= 3, len(asked)  # 50 without sharing
+
+
+def test_a_count_too_large_to_store_does_not_stop_the_receipts(operator):
+    """A node whose final line says 10^30 output tokens: that count is dropped, the receipt is written,
+    and so are the receipts of the jobs after it (the writer died silently on main)."""
+    huge = b'{"done": true, "stats": {"output_tokens": ' + str(10**30).encode() + b', "prompt_tokens": 2}}\n'
+
+    async def liar(first: str, reader, writer) -> bool:
+        body = b'{"token": "x", "done": false}\n' + huge
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return True
+
+    op = operator()
+    with RawNode(liar) as node:
+        assert httpx.post(f"{op.url}/register", json={"node_id": "liar", "url": node.url,
+                                                      "models": ["llama3:latest"]}).status_code == 200
+        for _ in range(2):
+            assert infer(op.url)[1][-1] == {"done": True}
+    jobs = wait_for(lambda: (found := httpx.get(f"{op.url}/jobs").json()["jobs"]) and len(found) == 2 and found)
+    assert [(j["outcome"], j["prompt_tokens"], j["output_tokens"]) for j in jobs] == [("ok", 2, 1)] * 2
+
+
+def test_a_model_name_past_512_characters_is_refused(operator):
+    op = operator()
+    for path in ("/api/generate", "/v1/chat/completions", "/inference"):
+        resp = httpx.post(f"{op.url}{path}", json={"model": "m" * 2_000_000, "prompt": "x",
+                                                   "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code in (400, 422) and "512" in resp.text, (path, resp.status_code)
+    assert httpx.get(f"{op.url}/jobs").json()["jobs"] == [] or all(
+        len(j["model"]) <= 512 for j in httpx.get(f"{op.url}/jobs").json()["jobs"])
