@@ -46,6 +46,7 @@ from odla.metrics import Activity, RequestMetrics, metrics_registry
 from odla.nodes import NodeClient, NodeUnreachable
 from odla.registry import Clock, Node, Registry, capacity
 from odla.jobs import Job, door_of
+from odla.names import listed, model_key
 from odla.receipts import Receipts, ReceiptsError
 from odla.receipts import connect as receipts_db
 from odla.relay import Router
@@ -146,7 +147,9 @@ class HealthChecker:
 def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     """The operator's app. ``clock`` moves time in tests."""
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
-    scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout)
+    per_key = settings.max_queue_per_key or (max(1, settings.max_queue // 2) if settings.api_keys else None)
+    scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
+                          max_queue_per_key=per_key)
     prom = metrics_registry(registry, scheduler)
     counted = RequestMetrics(prom)
     activity = Activity()
@@ -236,7 +239,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             request.app.state.checker.suspect(node)
         scheduler.wake(grown=bool(capacity(node) - before))  # its slots may have grown
         if known is None:
-            log.info("node %s registered at %s with %s", node.node_id, node.url, ", ".join(node.models) or "no models")
+            log.info("node %s registered at %s with %s", node.node_id, node.url, listed(node.models))
         if request.app.state.shared is not None:
             await request.app.state.shared.publish(body)
         return p.RegisterResponse(node_id=node.node_id, models=node.models)
@@ -275,14 +278,14 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         body = await read_body(request, p.InferenceRequest, settings)
         router: Router = request.app.state.router
         job: Job = request.state.job
-        job.model = body.model
+        job.model = model_key(body.model)  # one name per model in receipts and metrics, however it was spelled
         return LineStream(opening=lambda tell: router.open_job(body, job, tell), headers={p.JOB_HEADER: job.id},
                           job=job)
 
     app.include_router(doors_router(registry, client_auth, job_auth))
     app.include_router(link_router(registry, settings, on_change=scheduler.wake,
                                    is_live=lambda node: app.state.router.nodes.is_node(node)))
-    app.include_router(watch_router(prom, activity, client_auth))
+    app.include_router(watch_router(prom, activity, client_auth, settings.api_keys, settings.admin_keys))
     if settings.api_keys:
         @app.get("/openapi.json", dependencies=client_auth, include_in_schema=False)
         async def openapi() -> dict:

@@ -32,6 +32,7 @@ ENV_KEYS: dict[str, str] = {
     "OLLAMA_HOST": "ollama_host",
     "ODLA_JOIN_TOKEN": "join_token",
     "ODLA_API_KEYS": "api_keys",
+    "ODLA_ADMIN_KEYS": "admin_keys",
     "ODLA_LOG_LEVEL": "log_level",
     "ODLA_JOBS_DB": "jobs_db",
     "NODE_LINK": "link",
@@ -47,7 +48,7 @@ SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout"
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
-                          "max_queue", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
+                          "admin_keys", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval", "link"},
@@ -91,6 +92,8 @@ class Settings(BaseModel):
     join_token: Optional[str] = Field(None, repr=False)
     "When set, nodes must present it to the operator, and the operator to nodes."
     api_keys: list[str] = Field(default_factory=list, repr=False)
+    admin_keys: list[str] = Field(default_factory=list, repr=False)
+    "API keys that read every key's job receipts (any other key reads its own); also client API keys."
     "When non-empty, clients must send one as ``Authorization: Bearer``."
     log_level: str = "info"
     max_nodes: int = Field(1000, ge=1)
@@ -109,6 +112,9 @@ class Settings(BaseModel):
     "Connections and requests the operator holds at once (uvicorn's limit_concurrency); past it, 503."
     max_queue: int = Field(512, ge=0)
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
+    max_queue_per_key: Optional[int] = Field(None, ge=1)
+    """Of those, jobs one API key may have waiting; past it, that key's new jobs get 503 while the others'
+    still queue. Default half of ``max_queue`` (so no key fills the queue for the rest); none without API keys."""
     queue_timeout: float = Field(300, gt=0)
     "Seconds a job waits for a free slot before 504."
     allowed_hosts: Optional[list[str]] = None
@@ -132,7 +138,7 @@ class Settings(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -159,6 +165,7 @@ class Settings(BaseModel):
     def _default_prune(self) -> "Settings":
         if self.prune_after is None:
             self.prune_after = 2 * self.health_check_interval
+        self.api_keys += [key for key in self.admin_keys if key not in self.api_keys]  # an admin is a client too
         return self
 
 

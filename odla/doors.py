@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .errors import NoNodeError, ODLAError, shape_for
-from .names import model_named
+from .names import model_key, model_named
 from .nodes import NodeUnreachable
 from .registry import Node, Registry
 from .jobs import JOB_PATHS, Job
@@ -53,7 +53,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         model = _model_of(body)
         router: Router = request.app.state.router
         path, job = request.url.path, request.state.job
-        job.model = model
+        job.model = model_key(model)  # one name per model in receipts and metrics, however it was spelled
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
         return LineStream(opening=lambda tell: _open(router, model, path, body, job), shape=shape_for(path),
                           headers={JOB_HEADER: job.id}, job=job)

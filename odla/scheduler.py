@@ -158,9 +158,12 @@ class Scheduler:
     """Claims slots on nodes for jobs; queues jobs that find none."""
 
     def __init__(self, registry: Registry, *, max_queue: int = 512, queue_timeout: float = 300,
-                 clock: Optional[Callable[[], float]] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None, max_queue_per_key: Optional[int] = None) -> None:
         self.registry = registry
         self.max_queue = max_queue
+        self.max_queue_per_key = max_queue_per_key
+        "Jobs one caller (API key) may have waiting; None: no limit of its own."
+        self.waiting_by_caller: Counter[str] = Counter()
         self.queue_timeout = queue_timeout
         self.clock = clock or registry.clock  # the registry's time: when loaded models expire
         self.queues: dict[str, _ModelQueue] = {}
@@ -233,18 +236,18 @@ class Scheduler:
             claim = self.try_claim(model, exclude)
             if claim is not None or not self.has_model(model, exclude):
                 return claim
-        if self.waiting >= self.max_queue:
-            raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait already; "
-                            f"try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self._room_for(model, caller)
         waiter = _Waiter(caller, frozenset(exclude))
         queue = self.queues.setdefault(key, _ModelQueue())
         queue.add(waiter)
+        self.waiting_by_caller[caller] += 1
         began = asyncio.get_running_loop().time() if since is None else since
         try:
             claim = await self._wait(queue, waiter, model, place, began + self.queue_timeout)
             claim.waited = asyncio.get_running_loop().time() - began
             return claim
         finally:
+            self._left(caller)
             queue.remove(waiter)
             if not queue:
                 self.queues.pop(key, None)
@@ -281,11 +284,10 @@ class Scheduler:
                     continue
                 failed, ticketed = 0, True
                 if not counted:
-                    if self.waiting >= self.max_queue:
-                        raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait "
-                                        f"already; try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+                    self._room_for(model, caller)
                     counted = True
                     self.waiting_in_cluster[key] += 1
+                    self.waiting_by_caller[caller] += 1
                 if place is not None and now_place != shown and loop.time() - told >= 1.0:
                     shown, told = now_place, loop.time()
                     place(now_place)
@@ -295,6 +297,7 @@ class Scheduler:
                 await cluster.turn(key, now_place, min(left, CLUSTER_POLL_S))
         finally:
             if counted:
+                self._left(caller)
                 self.waiting_in_cluster[key] -= 1
                 if not self.waiting_in_cluster[key]:
                     del self.waiting_in_cluster[key]
@@ -302,6 +305,21 @@ class Scheduler:
                 await cluster.leave(key, ticket, caller)
         # the cluster is away: this operator's own count and queue, for what is left of the wait
         return await self.claim(model, caller, exclude, place, since=began if counted else None)
+
+    def _room_for(self, model: str, caller: str) -> None:
+        """Refuse a job that would wait past ``max_queue``, or past its caller's share of it."""
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"every node with model {model} is busy and {self.waiting} jobs wait already; "
+                            f"try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+        share = self.max_queue_per_key
+        if caller and share is not None and self.waiting_by_caller[caller] >= share:
+            raise QueueFull(f"every node with model {model} is busy and this API key has {share} jobs waiting "
+                            f"already (max_queue_per_key); try again later", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _left(self, caller: str) -> None:
+        self.waiting_by_caller[caller] -= 1
+        if self.waiting_by_caller[caller] <= 0:
+            del self.waiting_by_caller[caller]
 
     async def _wait(self, queue: _ModelQueue, waiter: _Waiter, model: str, place: Optional[Place],
                     deadline: float) -> Claim:

@@ -333,12 +333,18 @@ class SharedState:
         """Ended jobs (each operator's SQLite keeps its own), for every operator, kept ``jobs_keep_days``."""
         if not self.ok or not jobs:
             return
+        indexes: dict[str, dict[str, float]] = {JOBS: {}}
+        for job in jobs:
+            for index in (JOBS, *_indexes(job.model, job.node, job.outcome, job.caller)):
+                indexes.setdefault(index, {})[job.id] = job.started
         try:
             async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for job in jobs:
                     pipe.set(f"odla:job:{job.id}", job.receipt().model_dump_json(), ex=self.keep_s)
-                pipe.zadd(JOBS, {job.id: job.started for job in jobs})
-                pipe.zremrangebyscore(JOBS, "-inf", self.registry.clock() - self.keep_s)
+                for index, members in indexes.items():  # what a filter of GET /jobs reads, not every receipt
+                    pipe.zadd(index, members)
+                    pipe.zremrangebyscore(index, "-inf", self.registry.clock() - self.keep_s)
+                    pipe.expire(index, self.keep_s)
                 await pipe.execute()
         except FAILED as exc:  # each operator's SQLite keeps its own: the copy is what is missed
             self._call_failed("copy receipts", exc)
@@ -349,13 +355,17 @@ class SharedState:
         return p.JobReceipt.model_validate_json(raw) if raw else None
 
     async def receipts(self, model: Optional[str], node: Optional[str], outcome: Optional[str],
-                       since: Optional[float], limit: int, offset: int) -> list[p.JobReceipt]:
-        """Every operator's ended jobs, newest first, filtered and paged as ``Receipts.find``."""
+                       since: Optional[float], limit: int, offset: int,
+                       caller: Optional[str] = None) -> list[p.JobReceipt]:
+        """Every operator's ended jobs, newest first, filtered and paged as ``Receipts.find``. Read from
+        the index of the most telling filter (a caller's, a model's, a node's, an outcome's), so a
+        filter that matches nothing reads nothing, and a page reads little more than itself."""
+        index = next(iter(_indexes(model, node, outcome, caller)), JOBS)
         found: list[p.JobReceipt] = []
-        start, batch = 0, 500
+        start, batch = 0, min(500, max(50, 2 * (offset + limit)))
         while len(found) < offset + limit:
             async with deadline(CALL_S):
-                ids = await self.redis.zrevrangebyscore(JOBS, "+inf", since if since is not None else "-inf",
+                ids = await self.redis.zrevrangebyscore(index, "+inf", since if since is not None else "-inf",
                                                         start=start, num=batch)
                 raws = await self.redis.mget([f"odla:job:{i.decode()}" for i in ids]) if ids else []
             if not ids:
@@ -366,7 +376,8 @@ class SharedState:
                     continue  # expired
                 job = p.JobReceipt.model_validate_json(raw)
                 if (model is None or job.model == model) and (node is None or job.node == node) \
-                        and (outcome is None or job.outcome == outcome):
+                        and (outcome is None or job.outcome == outcome) \
+                        and (caller is None or (job.caller or "") == caller):
                     found.append(job)
         return found[offset:offset + limit]
 
@@ -569,6 +580,13 @@ class SharedState:
                 self._call_failed("renew leases", exc)
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
                 log.exception("shared state: renewing leases failed unexpectedly")
+
+
+def _indexes(model: Optional[str], node: Optional[str], outcome: Optional[str],
+             caller: Optional[str]) -> list[str]:
+    """The receipt indexes of these values, the most telling first (None: not a filter)."""
+    named = (("caller", caller), ("model", model), ("node", node), ("outcome", outcome))
+    return [f"{JOBS}:{kind}:{value}" for kind, value in named if value is not None and (value or kind == "caller")]
 
 
 def describe(exc: BaseException) -> str:

@@ -19,22 +19,29 @@ from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
-from redis.exceptions import RedisError
 
 from . import protocol as p
+from .auth import bearer, caller_of, matches
 from .errors import ODLAError
 from .metrics import CONTENT_TYPE, Activity, exposition
+from .names import model_key
+from .shared import FAILED
 from .receipts import Receipts
 from .times import epoch
 
 PAGES = Path(__file__).resolve().parent / "dashboard"
 # Nothing from anywhere else: no CDN, no inline script, no framing by other sites.
+MAX_OFFSET = 1_000_000
+"""The deepest page of ``GET /jobs`` (``offset``): past it, 422 (a larger number is no page, and SQLite's
+integers end at 2**63)."""
+
 PAGE_POLICY = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                           "frame-ancestors 'none'",
                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def watch_router(prom: Any, activity: Activity, auth: Sequence[Any]) -> APIRouter:
+def watch_router(prom: Any, activity: Activity, auth: Sequence[Any], api_keys: Sequence[str] = (),
+                 admin_keys: Sequence[str] = ()) -> APIRouter:
     api = APIRouter(tags=["Seeing the network"])
 
     @api.get("/metrics", dependencies=auth, response_class=Response, summary="Prometheus metrics (text format)")
@@ -45,28 +52,40 @@ def watch_router(prom: Any, activity: Activity, auth: Sequence[Any]) -> APIRoute
     async def jobs(request: Request, model: Optional[str] = None, node: Optional[str] = None,
                    outcome: Optional[p.Outcome] = None,
                    since: Optional[str] = Query(None, description="ISO 8601, e.g. 2026-11-28T09:00:00Z"),
-                   limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)) -> p.JobsResponse:
+                   limit: int = Query(50, ge=1, le=1000),
+                   offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> p.JobsResponse:
         after = epoch(since) if since is not None else None
+        model = model_key(model) if model else None  # receipts name models canonically
         if since is not None and after is None:
             raise ODLAError(f"since must be an ISO 8601 time such as 2026-11-28T09:00:00Z (got {since!r})", 422)
         receipts: Receipts = request.app.state.receipts
+        caller = whose(request)
         shared = getattr(request.app.state, "shared", None)
         if shared is not None and shared.ok:  # every operator's, through Redis
             await receipts.flush()
-            with contextlib.suppress(RedisError, OSError):
-                return p.JobsResponse(jobs=await shared.receipts(model, node, outcome, after, limit, offset))
-        return p.JobsResponse(jobs=await receipts.find(model, node, outcome, after, limit, offset))
+            with contextlib.suppress(*FAILED):
+                return p.JobsResponse(jobs=await shared.receipts(model, node, outcome, after, limit, offset, caller))
+        return p.JobsResponse(jobs=await receipts.find(model, node, outcome, after, limit, offset, caller))
 
     @api.get("/jobs/{job_id}", dependencies=auth, response_model=p.JobReceipt, summary="One job's receipt")
     async def job(job_id: str, request: Request) -> p.JobReceipt:
         receipt = await request.app.state.receipts.get(job_id)
         shared = getattr(request.app.state, "shared", None)
         if receipt is None and shared is not None and shared.ok:  # another operator's
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*FAILED):
                 receipt = await shared.receipt(job_id)
-        if receipt is None:
+        caller = whose(request)
+        if receipt is None or caller is not None and receipt.caller != caller:  # another key's is none of its business
             raise ODLAError(f"unknown job: {job_id}", 404)
         return receipt
+
+    def whose(request: Request) -> Optional[str]:
+        """Whose receipts the caller may read: with API keys, its own (a hash of its key), unless its
+        key is one of ``admin_keys``; None: everyone's."""
+        key = bearer(request.headers)
+        if not api_keys or key is None or matches(key, admin_keys):
+            return None
+        return caller_of(request.headers)
 
     @api.get("/dashboard/activity", dependencies=auth, summary="Jobs and output tokens per 5 s, last 10 minutes")
     async def activity_series() -> dict:

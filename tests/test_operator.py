@@ -415,7 +415,7 @@ def test_a_job_with_no_free_slot_waits_and_hears_its_place(one_slot, sim):
             rest = [json.loads(line) for line in lines if line]
     assert [line["token"] for line in rest[:-1]] == sim_tokens("b", 6) and rest[-1] == {"done": True}
     metrics = httpx.get(f"{one_slot.url}/metrics").text
-    assert 'odla_queue_wait_seconds_count{model="llama3"} 1.0' in metrics  # the one that waited, only
+    assert 'odla_queue_wait_seconds_count{model="llama3:latest"} 1.0' in metrics  # the one that waited, only
 
 
 def test_the_doors_wait_silently(one_slot, sim):

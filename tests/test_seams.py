@@ -228,3 +228,35 @@ def test_two_equal_nodes_take_turns(operator, node):
                 resp.read()
         assert served.count("a") == served.count("b") == 3, served
         assert all(x != y for x, y in zip(served, served[1:])), served
+
+
+def test_one_api_key_cannot_fill_the_queue_for_the_others(operator, node):
+    """``max_queue`` 4 and two keys: one key's jobs wait up to its share (half), its next is 503, and the
+    other key's job still waits for the slot (it would have been 503 too on main)."""
+    from tests.helpers import Sim, node_ids
+
+    auth = lambda key: {"authorization": f"Bearer {key}"}  # noqa: E731
+    with Sim(models=["llama3"], tokens=2, hold_last=True) as sim:
+        op = operator(api_keys=["key-a", "key-b"], max_queue=4, queue_timeout=10)
+        node(op.url, sim.url, "n1", num_parallel=1)
+        wait_for(lambda: node_ids(op.url, headers=auth("key-a")) == {"n1"})
+
+        async def scenario() -> tuple[list[int], int]:
+            async with httpx.AsyncClient(timeout=10) as http:
+                async def queued(key: str, prompt: str) -> httpx.Response:
+                    request = http.build_request("POST", f"{op.url}/inference", headers=auth(key),
+                                                 json={"model": "llama3", "prompt": prompt})
+                    return await http.send(request, stream=True)
+
+                held = [await queued("key-a", "busy")]  # runs, held at its last token
+                held += [await queued("key-a", f"a{i}") for i in range(2)]  # its share: 2 waiting
+                refused = await queued("key-a", "a-too-many")
+                other = await queued("key-b", "b")
+                statuses = [r.status_code for r in held]
+                line = json.loads(await other.aiter_lines().__anext__())
+                for r in (*held, refused, other):
+                    await r.aclose()
+                return statuses + [refused.status_code], line.get("queued", 0)
+
+        statuses, place = asyncio.run(scenario())
+        assert statuses == [200, 200, 200, 503] and place == 2  # (callers take turns: ahead of a1)

@@ -208,3 +208,24 @@ def test_a_link_without_a_credential_is_refused_before_it_is_accepted(net):
     accepted = ws_handshake(net.op_port, Authorization=f"Bearer {TOKEN}")
     assert accepted.startswith(b"HTTP/1.1 101")
     assert b"permessage-deflate" not in accepted.lower()  # no compression state per link
+
+
+def test_each_key_reads_its_own_receipts_and_admin_keys_read_all(sim, operator, node):
+    op = operator(api_keys=["key-a", "key-b"], admin_keys=["key-root"])
+    node(op.url, sim.url, "n1")
+    auth = lambda key: {"authorization": f"Bearer {key}"}  # noqa: E731
+    wait_for(lambda: node_ids(op.url, headers=auth("key-root")) == {"n1"})
+    ids = {}
+    for key in ("key-a", "key-b"):
+        resp = httpx.post(f"{op.url}/inference", json={"model": "llama3", "prompt": key}, headers=auth(key))
+        ids[key] = resp.headers["x-odla-job"]
+
+    def listed(key: str) -> set:
+        return {j["id"] for j in httpx.get(f"{op.url}/jobs", headers=auth(key)).json()["jobs"]}
+
+    wait_for(lambda: listed("key-root") == set(ids.values()))
+    assert listed("key-a") == {ids["key-a"]} and listed("key-b") == {ids["key-b"]}
+    assert httpx.get(f"{op.url}/jobs/{ids['key-a']}", headers=auth("key-a")).status_code == 200
+    assert httpx.get(f"{op.url}/jobs/{ids['key-a']}", headers=auth("key-b")).status_code == 404
+    assert httpx.get(f"{op.url}/jobs/{ids['key-b']}", headers=auth("key-root")).status_code == 200
+    assert httpx.get(f"{op.url}/jobs", params={"offset": 10**20}, headers=auth("key-root")).status_code == 422

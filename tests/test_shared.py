@@ -432,3 +432,30 @@ def test_a_job_waiting_in_the_cluster_when_redis_goes_keeps_its_deadline(redis_s
             await shared.aclose()
 
     asyncio.run(scenario())
+
+
+def test_receipts_are_read_through_the_index_of_their_filter(redis_server):
+    """``GET /jobs`` with Redis reads the index of its filter: a model nobody ran reads nothing (it read
+    every stored receipt on main), a caller's jobs are its own, paging works within an index."""
+    from odla.jobs import Job
+
+    async def scenario() -> None:
+        _, shared = one_slot_scheduler(redis_server.url)
+        try:
+            jobs = [Job(door="inference", model=f"m{i % 2}:latest", caller=f"c{i % 3}", node="n1") for i in range(12)]
+            for i, job in enumerate(jobs):
+                job.started += i  # newest last
+                job.end("ok")
+            await shared.add_receipts(jobs)
+            await shared.redis.config_resetstat()
+            assert await shared.receipts("nomatch:latest", None, None, None, 50, 0) == []
+            stats = await shared.redis.info("commandstats")
+            assert "cmdstat_mget" not in stats  # nothing was read
+            mine = await shared.receipts(None, None, None, None, 50, 0, caller="c1")
+            assert [j.id for j in mine] == [j.id for j in reversed(jobs) if j.caller == "c1"]
+            page = await shared.receipts("m0:latest", None, "ok", None, 2, 1)
+            assert [j.id for j in page] == [j.id for j in reversed(jobs) if j.model == "m0:latest"][1:3]
+        finally:
+            await shared.aclose()
+
+    asyncio.run(scenario())

@@ -213,7 +213,7 @@ def test_a_job_can_be_looked_up_while_it_runs(sim, operator, node):
 
 
 def test_jobs_filters_paging_and_bad_queries(sim, operator, node):
-    op = operator(api_keys=["k1", "k2"])
+    op = operator(api_keys=["k1", "k2"], admin_keys=["root"])
     node(op.url, sim.url, "n1")
     auth = {"authorization": "Bearer k1"}
     wait_for(lambda: node_ids(op.url, headers=auth) == {"n1"})
@@ -223,19 +223,22 @@ def test_jobs_filters_paging_and_bad_queries(sim, operator, node):
         assert infer(op.url, prompt=f"p{i}", model="llama3" if i % 2 else "mistral", headers=auth)[0] == 200
     assert infer(op.url, model="llama9", headers={"authorization": "Bearer k2"})[0] == 404
 
-    def ids(**params) -> list[str]:
-        resp = httpx.get(f"{op.url}/jobs", params=params, headers=auth)
+    def ids(**params) -> list[str]:  # every key's: an admin key's view
+        resp = httpx.get(f"{op.url}/jobs", params=params, headers={"authorization": "Bearer root"})
         assert resp.status_code == 200, resp.text
         return [j["model"] for j in resp.json()["jobs"]]
 
-    assert ids() == ["llama9", "mistral", "llama3", "mistral", "llama3", "mistral"]  # newest first
-    assert ids(model="llama3") == ["llama3", "llama3"]
-    assert ids(outcome="no_node") == ["llama9"] and ids(node="n1", limit=2) == ["mistral", "llama3"]
-    assert ids(limit=2, offset=4) == ["llama3", "mistral"]
+    llama3, mistral, llama9 = "llama3:latest", "mistral:latest", "llama9:latest"  # canonical names
+    assert ids() == [llama9, mistral, llama3, mistral, llama3, mistral]  # newest first
+    assert ids(model="llama3") == ids(model="Library/Llama3:latest") == [llama3, llama3]
+    assert ids(outcome="no_node") == [llama9] and ids(node="n1", limit=2) == [mistral, llama3]
+    assert ids(limit=2, offset=4) == [llama3, mistral]
     assert ids(since=(datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()) == []
     assert len(ids(since="2020-01-01T00:00:00Z")) == 6
-    callers = {j["caller"] for j in httpx.get(f"{op.url}/jobs", headers=auth).json()["jobs"]}
+    callers = {j["caller"] for j in httpx.get(f"{op.url}/jobs", headers={"authorization": "Bearer root"}).json()["jobs"]}
     assert len(callers) == 2 and all(c and "k1" not in c and "k2" not in c for c in callers)  # a hash, never the key
+    own = {j["caller"] for j in httpx.get(f"{op.url}/jobs", headers=auth).json()["jobs"]}
+    assert len(own) == 1 and own < callers  # a key reads its own receipts only
     for params in ({"since": "yesterday"}, {"outcome": "fine"}, {"limit": 0}, {"limit": 5000}, {"offset": -1}):
         resp = httpx.get(f"{op.url}/jobs", params=params, headers=auth)
         assert resp.status_code == 422 and resp.json()["error"], params
@@ -388,7 +391,7 @@ def test_the_client_prints_stats_with_verbose_and_lists_jobs(net):
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[1].split()[:6] == [job_id[:12], *listed.stdout.splitlines()[1].split()[1:3],
-                                                         "llama3", "n1", "ok"]
+                                                         "llama3:latest", "n1", "ok"]
     as_json = subprocess.run([sys.executable, "client.py", "jobs", "--json", "--operator", net.op_url], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert json.loads(as_json.stdout)["jobs"][0]["id"] == job_id
