@@ -38,6 +38,7 @@ from odla.dial import Dialer, run_dialled
 from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
 from odla.lifespan import background, serve, tune_gc
 from odla.inbound import build_app, openapi_body, read_body
+from odla.keep_alive import bound_body, bounded
 from odla.local import relay_client, sdk_client
 from odla.logs import setup_logging
 from odla.names import model_named
@@ -208,8 +209,11 @@ class Node:
         model = job.model or (self.state.models[0] if self.state.models else None)
         if model is None:
             raise ODLAError("this node has no models", 404)
-        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True,
-                                            **job.ollama_fields())).__aiter__()
+        fields = job.ollama_fields()
+        if "keep_alive" in fields:  # within the owner's bounds
+            fields["keep_alive"] = bounded(fields["keep_alive"], self.settings.min_keep_alive,
+                                           self.settings.max_keep_alive)
+        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True, **fields)).__aiter__()
         try:
             first = await parts.__anext__()  # the SDK sends the request here
         except BaseException as exc:  # refused, or the operator left while Ollama was starting
@@ -253,7 +257,10 @@ class Node:
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
     async def open_ollama(self, method: str, path: str, query: str, body: bytes, job_id: str = "") -> Opened:
-        """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors)."""
+        """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors), its
+        ``keep_alive`` within the owner's bounds."""
+        if method == "POST":
+            body = bound_body(body, self.settings.min_keep_alive, self.settings.max_keep_alive)
         request = self.raw.build_request(method, path, content=body, params=query or None,
                                          headers={"content-type": "application/json"})
         try:
@@ -390,7 +397,7 @@ def main() -> None:
         refused = run_dialled(create_app(settings))
         sys.exit(f"node: {refused}" if refused else 0)
     serve(create_app(settings), settings.node_host, settings.node_port, "node", timeout_keep_alive=75,
-          request_timeout=settings.request_timeout)
+          request_timeout=settings.request_timeout, header_timeout=settings.header_timeout)
 
 
 if __name__ == "__main__":

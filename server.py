@@ -342,7 +342,8 @@ def main() -> None:
     # ws_per_message_deflate off: each compressed link holds zlib state from its handshake on (20
     # anonymous links cost the operator +283 MB), to save bytes on frames of a few tokens each.
     serve(create_app(settings), settings.operator_host, settings.operator_port, "operator",
-          request_timeout=settings.request_timeout, limit_concurrency=settings.max_connections,
+          request_timeout=settings.request_timeout, header_timeout=settings.header_timeout,
+          limit_concurrency=settings.max_connections,
           ws_per_message_deflate=False)
 
 

@@ -44,14 +44,14 @@ ENV_KEYS: dict[str, str] = {
 # What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
 # does not stop the client. Keys outside every role are still errors.
 SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars",
-          "allowed_hosts", "allowed_origins", "request_timeout"}
+          "allowed_hosts", "allowed_origins", "request_timeout", "header_timeout"}
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "admin_keys", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
-                      "num_parallel", "health_check_interval", "link"},
+                      "num_parallel", "health_check_interval", "link", "min_keep_alive", "max_keep_alive"},
 }
 
 
@@ -98,6 +98,8 @@ class Settings(BaseModel):
     log_level: str = "info"
     max_nodes: int = Field(1000, ge=1)
     "Nodes the operator keeps at once; a new one past it gets 503."
+    header_timeout: float = Field(10, gt=0)
+    "Seconds a request's head (its line and headers) may take to arrive; a slower connection is closed."
     request_timeout: float = Field(30, gt=0)
     "Seconds a request may take to arrive whole (headers and body); a slower one's connection is closed."
     link: Literal["http", "dial"] = "http"
@@ -125,6 +127,10 @@ class Settings(BaseModel):
     "The operator's SQLite file of job receipts; a relative path is next to the config file; ``:memory:`` keeps none."
     jobs_keep_days: float = Field(30, gt=0)
     "Days a job's receipt is kept."
+    min_keep_alive: float = Field(60, ge=0)
+    "Seconds at least that a client's ``keep_alive`` keeps a model loaded on this node (its 0 would unload it under everyone)."
+    max_keep_alive: float = Field(3600, ge=0)
+    "Seconds at most (a client's -1 would pin a model on this node for ever)."
     num_parallel: Optional[int] = Field(None, ge=1, le=65536)
     "Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads it, else 1."
 
@@ -166,6 +172,9 @@ class Settings(BaseModel):
         if self.prune_after is None:
             self.prune_after = 2 * self.health_check_interval
         self.api_keys += [key for key in self.admin_keys if key not in self.api_keys]  # an admin is a client too
+        if self.min_keep_alive > self.max_keep_alive:
+            raise ValueError(f"min_keep_alive ({self.min_keep_alive:g}) is more than max_keep_alive "
+                             f"({self.max_keep_alive:g})")
         return self
 
 

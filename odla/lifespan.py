@@ -48,23 +48,35 @@ class TimelyHttp(HttpToolsProtocol):
     - **a connection that never sends a byte** (half-open, or held to use up the descriptors) is
       closed after ``timeout_keep_alive``, like an idle one: the keep-alive timer runs from the
       moment the connection opens, not only between requests (uvicorn cancels it when data comes);
-    - **a request must arrive whole**, headers and body, within ``request_timeout`` of its first
-      byte (the first request's: of the connection's opening): a client that trickles it a byte at
-      a time (slowloris, or a slow body) is closed instead of holding a connection and a task.
+    - **a request's head must arrive** within ``header_timeout`` of its first byte (the first
+      request's: of the connection's opening), and **the whole request**, headers and body, within
+      ``request_timeout``: a client that trickles it a byte at a time (slowloris, or a slow body) is
+      closed instead of holding a connection and a task.
     """
 
     request_timeout: float = 30.0  # set per server by serve()
+    header_timeout: float = 10.0
     _deadline: Optional[asyncio.TimerHandle] = None
+    _head: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
         self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+        self._head = self.loop.call_later(self.header_timeout, self._too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:
             self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+        if self._head is None:
+            self._head = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def on_headers_complete(self) -> None:
+        if self._head is not None:
+            self._head.cancel()
+            self._head = None
+        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._no_deadline()
@@ -79,17 +91,19 @@ class TimelyHttp(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _no_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        for timer in (self._deadline, self._head):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._head = None
 
     def _too_slow(self) -> None:
-        self._deadline = None
+        self._no_deadline()
         if not self.transport.is_closing():
             self.transport.close()
 
 
-def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30.0, **uvicorn_options: Any) -> None:
+def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30.0, header_timeout: float = 10.0,
+          **uvicorn_options: Any) -> None:
     """Bind ``host:port`` first, then start the app on it: a port that is taken ends the process
     with a clear message before the app starts (a node must not register, or deregister a running
     node of the same id, when it cannot even listen), and "listening" is only said once it is true."""
@@ -106,7 +120,8 @@ def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            http=type("TimelyHttp", (TimelyHttp,), {"request_timeout": request_timeout}),
+                            http=type("TimelyHttp", (TimelyHttp,), {"request_timeout": request_timeout,
+                                                                    "header_timeout": header_timeout}),
                             **uvicorn_options)
     server = uvicorn.Server(config)
     freeze_gc()

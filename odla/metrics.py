@@ -18,12 +18,13 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .jobs import JOB_PATHS, Job, door_of
-from .names import display_name, model_key
 from .registry import Registry
 from .scheduler import Scheduler
 from .times import iso
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MODELS_PER_NODE = 64
+"Models per node in the per-model gauges (running and loaded ones first): 4,096 long names on each of a few nodes made 20 MB pages."
 
 
 class NetworkCollector(Collector):
@@ -43,14 +44,14 @@ class NetworkCollector(Collector):
                                    labels=["node", "model"])
         for node in self.registry.nodes():
             up.add_metric([node.node_id], 1.0 if node.healthy and not node.resting(now) else 0.0)
-            for model in node.models:
-                key = model_key(model)
-                slots.add_metric([node.node_id, model], node.slots_for(key))
-                inflight.add_metric([node.node_id, model], node.inflight.get(key, 0))
-                loaded.add_metric([node.node_id, model], 1.0 if node.warm(key, now) else 0.0)
+            keys = sorted(node.keys, key=lambda k: (not node.inflight.get(k), not node.warm(k, now), k))
+            for key in keys[:MODELS_PER_NODE]:  # a node's list of models must not grow the page without end
+                slots.add_metric([node.node_id, key], node.slots_for(key))
+                inflight.add_metric([node.node_id, key], node.inflight.get(key, 0))
+                loaded.add_metric([node.node_id, key], 1.0 if node.warm(key, now) else 0.0)
         depth = GaugeMetricFamily("odla_queue_depth", "Jobs waiting for a free slot", labels=["model"])
         for key, waiting in self.scheduler.depth().items():
-            depth.add_metric([display_name(key)], waiting)
+            depth.add_metric([key], waiting)
         info = InfoMetricFamily("odla", "The operator's version")
         info.add_metric([], {"version": __version__})
         yield from (up, slots, inflight, loaded, depth, info)

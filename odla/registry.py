@@ -190,9 +190,17 @@ class Registry:
         return [n for n in self._nodes.values() if n.healthy and key in n.keys]
 
     def prune(self) -> list[str]:
-        """Drop nodes not seen for ``prune_after`` seconds; returns their ids."""
+        """Drop nodes not seen for ``prune_after`` seconds; returns their ids. One with jobs still
+        running here is kept, out of rotation, until they end: were it to register again, a fresh
+        record would count none of them and take more jobs than the node has slots."""
         cutoff = self.clock() - self.prune_after
-        gone = [n.node_id for n in self._nodes.values() if n.last_seen < cutoff]
-        for node_id in gone:
-            del self._nodes[node_id]
+        gone = []
+        for node in list(self._nodes.values()):
+            if node.last_seen >= cutoff:
+                continue
+            if node.active_jobs:
+                node.healthy = False
+                continue
+            del self._nodes[node.node_id]
+            gone.append(node.node_id)
         return gone

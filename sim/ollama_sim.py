@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from odla.keep_alive import seconds_of  # noqa: E402
 from odla.names import display_name, model_key  # noqa: E402
 
 VERSION = "0.12.6"
@@ -185,7 +186,7 @@ class Simulator:
 
     def used(self, model: str, keep_alive: Any = None) -> None:
         """A request ran ``model``: it stays loaded for ``keep_alive`` (Ollama's default 5 minutes)."""
-        seconds = _duration(keep_alive)
+        seconds = seconds_of(keep_alive)
         seconds = KEEP_ALIVE_S if seconds is None else seconds
         self.loaded[model_key(model)] = min(time.time() + seconds, 1e10)  # -1 (forever): shown as a far date, as Ollama does
 
@@ -626,30 +627,6 @@ class _Slot:
             sim._running[self.key] -= 1
             sim.last_used[self.key] = time.time()
             sim._cond.notify_all()
-
-
-def _duration(value: Any) -> Optional[float]:
-    """Ollama's ``keep_alive``: seconds as a number, or a Go duration such as "10m", "1h30m", "-1"."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)):
-        return float("inf") if value < 0 else float(value)
-    text, total, number = str(value).strip(), 0.0, ""
-    if text.startswith("-"):
-        return float("inf")
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-    i = 0
-    while i < len(text):
-        if text[i].isdigit() or text[i] == ".":
-            number += text[i]
-            i += 1
-            continue
-        unit = "ms" if text[i:i + 2] == "ms" else text[i]
-        if unit not in units or not number:
-            return None
-        total += float(number) * units[unit]
-        number, i = "", i + len(unit)
-    return total + (float(number) if number else 0.0)
 
 
 def openai_error(status: int, message: str) -> dict:

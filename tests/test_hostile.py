@@ -331,6 +331,29 @@ def test_a_request_trickled_a_byte_at_a_time_is_closed_after_request_timeout(net
     assert httpx.get(f"{net.op_url}/health").status_code == 200
 
 
+def test_a_request_head_must_arrive_within_header_timeout(net):
+    """The head has its own, shorter deadline: headers trickled for longer than header_timeout are cut
+    although request_timeout (30 s) is far off."""
+    net.operator(header_timeout=1)
+    with socket.create_connection(("127.0.0.1", net.op_port)) as slow:
+        slow.sendall(b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        began = time.monotonic()
+        slow.settimeout(0.2)
+        while time.monotonic() - began < 10:
+            try:
+                if slow.recv(1024) == b"":
+                    break
+            except socket.timeout:
+                pass
+            except OSError:
+                break
+            with contextlib.suppress(OSError):
+                slow.sendall(b"X-a: b\r\n")
+        took = time.monotonic() - began
+    assert 0.7 < took < 2.0, took
+    assert infer(net.op_url, model="nope")[0] == 404  # whole requests are served as ever
+
+
 def test_a_large_honest_health_answer_is_read_whole(operator, start):
     """A health answer bigger than one read (4,000 long model names, about 450 KB) is read to its end."""
     from fastapi import FastAPI
@@ -427,3 +450,15 @@ def test_a_model_name_past_512_characters_is_refused(operator):
         assert resp.status_code in (400, 422) and "512" in resp.text, (path, resp.status_code)
     assert httpx.get(f"{op.url}/jobs").json()["jobs"] == [] or all(
         len(j["model"]) <= 512 for j in httpx.get(f"{op.url}/jobs").json()["jobs"])
+
+
+def test_metrics_stay_small_whatever_the_nodes_list(operator):
+    """Four nodes listing 1,000 models of 400 characters each: /metrics shows at most 64 per node."""
+    op = operator(health_check_interval=60)
+    for n in range(4):
+        names = [f"m{i:04d}-{'x' * 390}:latest" for i in range(1000)]
+        resp = httpx.post(f"{op.url}/register", json={"node_id": f"n{n}", "url": f"http://127.0.0.1:1/{n}",
+                                                      "models": names})
+        assert resp.status_code == 200
+    page = httpx.get(f"{op.url}/metrics").text
+    assert page.count("odla_node_slots{") == 4 * 64 and len(page) < 400_000, len(page)

@@ -75,3 +75,18 @@ def test_seen_updates_models():
     reg.register("a", "http://a", ["x:latest"])
     reg.seen("a", healthy=True, models=["y:latest"])
     assert reg.candidates("y") and not reg.candidates("x")
+
+
+def test_a_node_with_jobs_running_is_kept_out_of_rotation_not_pruned():
+    """Pruned and registered again, a node would start a fresh count while its old jobs ran, and take
+    more jobs than its slots: it stays (unhealthy) until they end, and keeps counting them."""
+    reg, clock = make(prune_after=60)
+    node = reg.register("a", "http://a", ["x:latest"], slots={"x:latest": 1})
+    node.inflight["x:latest"] = 1  # a job still streaming from it
+    clock.now += 61
+    assert reg.prune() == [] and not node.healthy and reg.candidates("x") == []
+    again = reg.register("a", "http://a", ["x:latest"], slots={"x:latest": 1})
+    assert again is node and not again.free("x:latest")  # its running job still counts
+    del node.inflight["x:latest"]
+    clock.now += 61
+    assert reg.prune() == ["a"]

@@ -260,3 +260,29 @@ def test_one_api_key_cannot_fill_the_queue_for_the_others(operator, node):
 
         statuses, place = asyncio.run(scenario())
         assert statuses == [200, 200, 200, 503] and place == 2  # (callers take turns: ahead of a1)
+
+
+def test_a_clients_keep_alive_stays_within_the_node_owners_bounds(operator, node):
+    """keep_alive -1 would pin the model on someone else's node for ever, 0 would unload it under
+    everyone: the node passes on at most max_keep_alive and at least min_keep_alive, on every door
+    that has it."""
+    from datetime import datetime
+
+    from tests.helpers import Sim, node_ids
+
+    with Sim(models=["llama3"], tokens=2) as sim:
+        op = operator()
+        node(op.url, sim.url, "n1", min_keep_alive=60, max_keep_alive=600)
+        wait_for(lambda: node_ids(op.url) == {"n1"})
+
+        def kept_for() -> float:
+            (entry,) = httpx.get(f"{sim.url}/api/ps").json()["models"]
+            return datetime.fromisoformat(entry["expires_at"].replace("Z", "+00:00")).timestamp() - time.time()
+
+        for path, body in [("/api/generate", {"prompt": "x", "stream": False}),
+                           ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}),
+                           ("/inference", {"prompt": "x"})]:  # (Ollama's OpenAI API takes no keep_alive)
+            for asked, low, high in ((-1, 590, 601), ("0s", 50, 61), ("5m", 290, 301)):
+                assert httpx.post(f"{op.url}{path}", json={"model": "llama3", "keep_alive": asked, **body},
+                                  timeout=10).status_code == 200
+                assert low < kept_for() < high, (path, asked, kept_for())
