@@ -306,16 +306,12 @@ def test_connections_past_max_connections_get_503_not_the_last_descriptor(net):
     wait_for(lambda: httpx.get(f"{net.op_url}/health", timeout=5).status_code == 200, timeout=5)
 
 
-@pytest.mark.parametrize("trickle", ["headers", "body"])
-def test_a_request_trickled_a_byte_at_a_time_is_closed_after_request_timeout(net, trickle):
-    """Slowloris (finding 11): a request must arrive whole within request_timeout of its first byte."""
-    net.operator(request_timeout=2)
-    start = (b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\n" if trickle == "headers" else
-             b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", net.op_port)) as slow:
+def closed_after(port: int, start: bytes, drip: bytes, every: float) -> float:
+    """Seconds until the operator closes a connection that sent ``start``, then ``drip`` every ``every``."""
+    with socket.create_connection(("127.0.0.1", port)) as slow:
         slow.sendall(start)
         began = time.monotonic()
-        slow.settimeout(0.4)
+        slow.settimeout(every)
         while time.monotonic() - began < 10:
             try:
                 if slow.recv(1024) == b"":
@@ -325,8 +321,17 @@ def test_a_request_trickled_a_byte_at_a_time_is_closed_after_request_timeout(net
             except OSError:
                 break
             with contextlib.suppress(OSError):
-                slow.sendall(b"X-a: b\r\n" if trickle == "headers" else b"{")
-        took = time.monotonic() - began
+                slow.sendall(drip)
+        return time.monotonic() - began
+
+
+@pytest.mark.parametrize("trickle", ["headers", "body"])
+def test_a_request_trickled_a_byte_at_a_time_is_closed_after_request_timeout(net, trickle):
+    """Slowloris (finding 11): a request must arrive whole within request_timeout of its first byte."""
+    net.operator(request_timeout=2)
+    start = (b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\n" if trickle == "headers" else
+             b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+    took = closed_after(net.op_port, start, b"X-a: b\r\n" if trickle == "headers" else b"{", 0.4)
     assert 1.5 < took < 3.5, took
     assert httpx.get(f"{net.op_url}/health").status_code == 200
 
@@ -335,21 +340,7 @@ def test_a_request_head_must_arrive_within_header_timeout(net):
     """The head has its own, shorter deadline: headers trickled for longer than header_timeout are cut
     although request_timeout (30 s) is far off."""
     net.operator(header_timeout=1)
-    with socket.create_connection(("127.0.0.1", net.op_port)) as slow:
-        slow.sendall(b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        began = time.monotonic()
-        slow.settimeout(0.2)
-        while time.monotonic() - began < 10:
-            try:
-                if slow.recv(1024) == b"":
-                    break
-            except socket.timeout:
-                pass
-            except OSError:
-                break
-            with contextlib.suppress(OSError):
-                slow.sendall(b"X-a: b\r\n")
-        took = time.monotonic() - began
+    took = closed_after(net.op_port, b"POST /inference HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"X-a: b\r\n", 0.2)
     assert 0.7 < took < 2.0, took
     assert infer(net.op_url, model="nope")[0] == 404  # whole requests are served as ever
 
