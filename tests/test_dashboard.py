@@ -99,3 +99,17 @@ def test_the_dashboard_page_fetches_nothing_from_elsewhere(operator):
     keyed = operator(api_keys=["k"])
     assert httpx.get(f"{keyed.url}/dashboard").status_code == 200  # the page itself: it asks for the key
     assert httpx.get(f"{keyed.url}/dashboard/activity").status_code == 401
+
+
+def test_a_new_operator_with_no_node_or_job_shows_its_empty_tables(operator, browser):
+    """The page on an operator nothing has joined yet: each table says so (it threw on main)."""
+    from playwright.sync_api import expect
+
+    op = operator()
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{op.url}/dashboard")
+    expect(page.locator("#nodes tbody")).to_contain_text("No node has joined yet")
+    expect(page.locator("#jobs tbody")).to_contain_text("No job yet")
+    assert errors == []

@@ -37,7 +37,9 @@ function fill(tbody, rows, columns, empty) {
   if (!rows.length) {
     const td = el("td", empty, "empty");
     td.colSpan = columns;
-    tbody.append(el("tr")).append(td);
+    const tr = el("tr");  // (append returns nothing: it cannot be chained)
+    tr.append(td);
+    tbody.append(tr);
   }
   for (const cells of rows) {
     const tr = el("tr");
