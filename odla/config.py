@@ -48,7 +48,7 @@ SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout"
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
-                          "admin_keys", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
+                          "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval", "link", "min_keep_alive", "max_keep_alive"},
@@ -112,6 +112,10 @@ class Settings(BaseModel):
     "With Redis: how long a job's claim on a slot lasts unless renewed (an operator that died frees its slots so)."
     max_connections: int = Field(10_000, ge=1)
     "Connections and requests the operator holds at once (uvicorn's limit_concurrency); past it, 503."
+    start_timeout: float = Field(300, gt=0)
+    """Seconds a node may take to begin answering a job (Ollama's own limit on loading a model is 5
+    minutes); past it the job goes to another node, and the node counts as failing it, however
+    healthy it says it is."""
     max_queue: int = Field(512, ge=0)
     "Jobs that may wait for a free slot, all models together; past it, 503 with Retry-After."
     max_queue_per_key: Optional[int] = Field(None, ge=1)

@@ -41,11 +41,11 @@ def seconds_of(value: Any) -> Optional[float]:
 
 
 def bounded(value: Any, low: float, high: float) -> Any:
-    """``value`` within [low, high] seconds, as a number; a value Ollama would refuse is left as it is
-    (Ollama's own 400 says why)."""
+    """``value`` within [low, high] seconds: as it was when it is, else the nearer bound as a number; a
+    value Ollama would refuse is left as it is (Ollama's own 400 says why)."""
     seconds = seconds_of(value)
-    if seconds is None:
-        return value
+    if seconds is None or low <= seconds <= high:
+        return value  # as the client said it
     kept = min(max(seconds, low), high)
     return int(kept) if kept == int(kept) else kept
 

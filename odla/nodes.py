@@ -13,7 +13,9 @@ with ``health_check_timeout``, and again each ``grace`` while the wait goes on. 
 answers healthy is waited for as long as Ollama takes; one that does not answer (a stopped
 process, a black-holed connection) or answers unhealthy (its Ollama does not answer) loses
 the job, which goes to the next node: at most ``connect_timeout + health_check_timeout``
-after it was sent. Concurrent waits on one node share one probe.
+after it was sent. Concurrent waits on one node share one probe. And a node that has not begun
+to answer within ``start_timeout`` (300 s, Ollama's own limit on loading a model) loses the job
+however healthy it says it is: a node's word is not proof that it works.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class NodeClient:
 
     def __init__(self, settings: Settings) -> None:
         self.grace = min(1.0, settings.connect_timeout)
+        self.start_timeout = settings.start_timeout
         self.health_timeout = aiohttp.ClientTimeout(total=settings.health_check_timeout,
                                                     sock_connect=settings.connect_timeout)
         # limit=0: no hidden cap on connections; 1,000 open streams are 1,000 connections.
@@ -70,7 +73,10 @@ class NodeClient:
         fails its health check.
         """
         watch = _Watch(self, node, asyncio.current_task())
-        timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.grace, watch.start)
+        deadline = loop.call_later(self.start_timeout, watch.give_up,
+                                   f"did not begin to answer within {self.start_timeout:g}s (start_timeout)")
         try:
             if node.dialled:
                 return await _on_link(node, method, path, body, job_id)
@@ -81,9 +87,10 @@ class NodeClient:
             uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
             if uncancel is not None:
                 uncancel()
-            raise NodeUnreachable("did not answer, and did not pass a health check") from None
+            raise NodeUnreachable(watch.abandoned) from None
         finally:
             timer.cancel()
+            deadline.cancel()
             watch.stop()
 
     def _headers(self, node: Node) -> dict[str, str]:
@@ -244,7 +251,8 @@ class _Watch:
 
     def __init__(self, client: NodeClient, node: Node, waiter: Optional[asyncio.Task]) -> None:
         self.client, self.node, self.waiter = client, node, waiter
-        self.abandoned = False
+        self.abandoned = ""
+        "Why the wait was given up ('' while it goes on)."
         self.task: Optional[asyncio.Task] = None
 
     def start(self) -> None:
@@ -257,8 +265,11 @@ class _Watch:
     async def run(self) -> None:
         while await self.client.alive(self.node):
             await asyncio.sleep(self.client.grace)
-        if self.waiter is not None:
-            self.abandoned = True
+        self.give_up("did not answer, and did not pass a health check")
+
+    def give_up(self, reason: str) -> None:
+        if self.waiter is not None and not self.abandoned:
+            self.abandoned = reason
             self.waiter.cancel()
 
 

@@ -453,3 +453,35 @@ def test_metrics_stay_small_whatever_the_nodes_list(operator):
         assert resp.status_code == 200
     page = httpx.get(f"{op.url}/metrics").text
     assert page.count("odla_node_slots{") == 4 * 64 and len(page) < 400_000, len(page)
+
+
+def test_a_node_that_claims_everything_and_answers_nothing_does_not_take_every_job(operator, node, sim):
+    """A node says it has 1,000 slots, the model loaded and 10^12 tokens/s, passes its health checks and
+    never answers /run: it is given one job (twice as many as it has been seen to answer at once, one at
+    first), which goes to the honest node after start_timeout; every job is served (0 of 5 on main)."""
+    async def silent(first: str, reader, writer) -> bool:
+        await asyncio.Future()  # never answers a job
+        return False
+
+    op = operator(start_timeout=2, health_check_interval=0.5)
+    node(op.url, sim.url, "honest")
+    wait_for(lambda: node_ids(op.url) == {"honest"})
+    with RawNode(silent) as liar:
+        claims = {"node_id": "liar", "url": liar.url, "models": ["llama3:latest"],
+                  "slots": {"llama3:latest": 1000}, "tokens_per_s": {"llama3:latest": 1e12},
+                  "loaded": [{"name": "llama3:latest", "expires_at": "2099-01-01T00:00:00Z"}]}
+        assert httpx.post(f"{op.url}/register", json=claims).status_code == 200
+
+        async def five() -> list:
+            async with httpx.AsyncClient(timeout=20) as http:
+                async def one(i: int):
+                    resp = await http.post(f"{op.url}/inference", json={"model": "llama3", "prompt": f"p{i}"})
+                    return resp.headers.get("x-odla-node"), resp.text.splitlines()[-1]
+                return await asyncio.gather(*(one(i) for i in range(5)))
+
+        began = time.monotonic()
+        served = asyncio.run(five())
+        assert [last for _, last in served] == ['{"done": true}'] * 5, served
+        assert time.monotonic() - began < 6
+    jobs = wait_for(lambda: (found := httpx.get(f"{op.url}/jobs").json()["jobs"]) and len(found) == 5 and found)
+    assert {(j["node"], j["outcome"]) for j in jobs} == {("honest", "ok")}
