@@ -30,7 +30,7 @@ test-tools:
 		|| echo "note:$$missing not installed; the tests that need them say so (apt-get install$$missing)"; }
 
 test: $(VENV)/.dev test-tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py

@@ -48,7 +48,8 @@ class Conn:
         self.writer: Optional[asyncio.StreamWriter] = None
 
     async def post_stream(self, path: str, body: bytes) -> tuple[float, int, bytes]:
-        """Returns (seconds to the first line, lines before the last, the last line)."""
+        """Returns (seconds to the first token line, lines before the last, the last line); places in
+        ODLA's queue (``{"queued": n}``) are neither."""
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
         head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -74,7 +75,7 @@ class Conn:
             parts = pending.split(b"\n")
             pending = parts.pop()
             for part in parts:
-                if not part:
+                if not part or part.startswith(b'{"queued"'):  # a place in ODLA's queue: no token yet
                     continue
                 if first is None:
                     first = time.perf_counter() - began

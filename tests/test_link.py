@@ -380,7 +380,7 @@ def test_a_job_on_a_dial_node_whose_ollama_hangs_moves_to_another_node(net):
     with Cutter(int(hung.rsplit(":", 1)[1])) as proxy:
         net.node("dial", proxy.url, **DIAL)
         net.node("web", other)
-        net.wait_nodes("dial", "web")
+        net.wait_nodes("dial", "web", timeout=30)
         wait_for(lambda: net.listing()["dial"]["loaded"], timeout=10)
         proxy.delay = 600  # from now on Ollama answers nothing, not even its model list
         began = time.monotonic()
