@@ -47,10 +47,6 @@ class Node:
     "Per model key: tokens per second of the answers this operator relayed from the node (a moving average)."
     inflight: dict[str, int] = field(default_factory=dict)
     "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
-    started: dict[str, int] = field(default_factory=dict)
-    "Per model key: of those, the ones the node has begun to answer."
-    proven: dict[str, int] = field(default_factory=dict)
-    "Per model key: the most jobs this operator has seen the node answer at once."
     failures: int = 0
     "Jobs that failed here in a row (unreachable, refused, broken off)."
     errors: float = 0.0
@@ -83,23 +79,8 @@ class Node:
     def slots_for(self, key: str) -> int:
         return self.slots.get(key, 1)
 
-    def usable_slots(self, key: str) -> int:
-        """The slots the scheduler fills: what the node says it has, but at most twice as many jobs as
-        it has been seen to answer at once (one, before any), so a node that claims a thousand slots
-        and answers none takes one job, not every job; an honest one is trusted up in a few steps."""
-        return min(self.slots_for(key), max(1, 2 * self.proven.get(key, 0)))
-
     def free(self, key: str) -> bool:
-        return self.inflight.get(key, 0) < self.usable_slots(key)
-
-    def began(self, key: str) -> bool:
-        """A job here got its first answer; True when that shows the node can take more at once."""
-        running = self.started[key] = self.started.get(key, 0) + 1
-        if running <= self.proven.get(key, 0):
-            return False
-        before = self.usable_slots(key)
-        self.proven[key] = running
-        return self.usable_slots(key) > before
+        return self.inflight.get(key, 0) < self.slots_for(key)
 
     def warm(self, key: str, now: float) -> bool:
         if key not in self.loaded:

@@ -82,8 +82,6 @@ class Router:
                     claim.release()
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
-                if resp.status == 200:
-                    self.scheduler.began(claim)
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
@@ -112,7 +110,7 @@ class Router:
         never waits behind the jobs (clients such as Open WebUI ask it often)."""
         key, now = model_key(model), self.registry.clock()
         nodes = sorted(self.registry.candidates(model), key=lambda n: (n.resting(now), not n.warm(key, now),
-                                                                       n.active_jobs >= n.usable_slots(key)))
+                                                                       n.active_jobs >= n.slots_for(key)))
         failures: list[tuple[Node, int, str]] = []
         for node in nodes[:MAX_TRIES]:
             resp = await self._try(node, method, path, body, failures)

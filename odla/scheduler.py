@@ -69,8 +69,6 @@ class Claim:
     key: str
     scheduler: "Scheduler"
     released: bool = False
-    started: bool = False
-    "The node began to answer (``Node.began``)."
     waited: float = 0.0
     "Seconds the job waited in the queue for this slot (0: it had one at once)."
     on_release: Optional[Callable[[], None]] = None
@@ -351,19 +349,11 @@ class Scheduler:
         node.jobs_total += 1
         return Claim(node, key, self)
 
-    def began(self, claim: Claim) -> None:
-        """The node began to answer the claim's job: what it is seen to run at once may let it take more."""
-        claim.started = True
-        if claim.node.began(claim.key):
-            self.wake(claim.key, grown=True)
-
     def _release(self, claim: Claim) -> None:
         node, key = claim.node, claim.key
         node.inflight[key] = max(0, node.inflight.get(key, 0) - 1)
         if not node.inflight[key]:
             del node.inflight[key]
-        if claim.started:
-            node.started[key] = max(0, node.started.get(key, 0) - 1)
         self.wake(key)
 
     def wake(self, key: Optional[str] = None, *, grown: bool = False) -> None:

@@ -404,7 +404,7 @@ class SharedState:
         try:
             async with deadline(patience):
                 node_id, place = await self.leases.take(
-                    key, ticket, caller, [[(n.node_id, n.usable_slots(key)) for n in group] for group in groups],
+                    key, ticket, caller, [[(n.node_id, n.slots_for(key)) for n in group] for group in groups],
                     TICKET_S, carried)
             took = loop.time() - began
             self.slowest = took if took > self.slowest else self.slowest * SLOWEST_DECAY

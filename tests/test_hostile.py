@@ -457,8 +457,8 @@ def test_metrics_stay_small_whatever_the_nodes_list(operator):
 
 def test_a_node_that_claims_everything_and_answers_nothing_does_not_take_every_job(operator, node, sim):
     """A node says it has 1,000 slots, the model loaded and 10^12 tokens/s, passes its health checks and
-    never answers /run: it is given one job (twice as many as it has been seen to answer at once, one at
-    first), which goes to the honest node after start_timeout; every job is served (0 of 5 on main)."""
+    never answers /run: its jobs go to the honest node after start_timeout, and it counts as failing
+    them; every job is served (0 of 5 on main)."""
     async def silent(first: str, reader, writer) -> bool:
         await asyncio.Future()  # never answers a job
         return False

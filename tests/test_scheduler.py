@@ -24,8 +24,6 @@ def cluster(**nodes):
         if "speed" in spec:
             for m in models:
                 node.saw(m, 101, 100 / spec["speed"])  # 101 tokens, the last 100 at that speed
-        if not spec.get("unproven"):
-            node.proven.update({m: spec.get("slots", 1) for m in models})  # seen running that many at once
     return Scheduler(reg, clock=lambda: NOW), reg
 
 
@@ -58,20 +56,6 @@ def test_ranks_warm_idle_then_warm_then_cold_idle_then_cold():
 def test_the_faster_node_first_within_a_rank():
     sched, _ = cluster(slow={"slots": 4, "warm": True, "speed": 20}, fast={"slots": 4, "warm": True, "speed": 120})
     assert pick(sched) == "fast"
-
-
-def test_a_nodes_claimed_slots_are_trusted_as_far_as_it_has_been_seen_to_use_them():
-    """One job at first, then twice what it has been seen to answer at once, up to what it claims."""
-    sched, reg = cluster(liar={"slots": 1000, "warm": True, "unproven": True})
-    first = sched.try_claim("llama3")
-    assert sched.try_claim("llama3") is None  # 1 job until it answers one
-    sched.began(first)
-    second = sched.try_claim("llama3")
-    assert second is not None and sched.try_claim("llama3") is None  # 2: twice the one it answered
-    sched.began(second)
-    more = [sched.try_claim("llama3") for _ in range(3)]
-    assert all(more[:2]) and more[2] is None  # 4
-    assert reg.get("liar").info(NOW).slots == {"llama3:latest": 1000}  # what it says is still shown
 
 
 def test_a_nodes_claimed_speed_is_not_believed():
