@@ -1,6 +1,8 @@
 """The operator's in-memory registry of nodes: what each has, can run and is running; prune.
 
-Pure and synchronous: the clock is injected, so tests move time by hand. Which node gets a
+Pure and synchronous: the clock is injected, so tests move time by hand; it is monotonic
+(``time.monotonic``), so a jump of the wall clock prunes no node: wall-clock times (Ollama's
+``expires_at``) are taken onto it as they arrive and shown back as wall-clock times. Which node gets a
 job is the scheduler's business (odla/scheduler.py); in-flight counts are the operator's own
 and are never overwritten by what a node reports.
 """
@@ -40,7 +42,7 @@ class Node:
     slots: dict[str, int] = field(default_factory=dict)
     "Per model key: requests Ollama runs at once (1 when the node did not say)."
     loaded: dict[str, Optional[float]] = field(default_factory=dict)
-    "Per model key: when Ollama unloads it (epoch seconds; None: not known)."
+    "Per model key: when Ollama unloads it (on the registry's clock; None: not known)."
     tokens_per_s: dict[str, float] = field(default_factory=dict)
     "Per model key, as the node says it measured it (shown; never believed for scheduling)."
     seen_speed: dict[str, float] = field(default_factory=dict)
@@ -104,20 +106,22 @@ class Node:
         self.seen_speed[key] = rate if before is None else SPEED_WEIGHT * rate + (1 - SPEED_WEIGHT) * before
 
     def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
-        """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share)."""
+        """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share);
+        ``now`` is the registry's clock, whose times are shown as wall-clock times."""
         speeds = list(self.tokens_per_s.values())
+        wall = time.time() - now  # the registry's clock to the wall's
         return NodeInfo(
             node_id=self.node_id,
             url=self.url,
             models=list(self.models),
-            last_seen=iso(self.last_seen),
+            last_seen=iso(wall + self.last_seen),
             healthy=self.healthy,
             active_jobs=self.active_jobs if active_jobs is None else active_jobs,
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word
-            resting_until=iso(self.resting_until) if self.resting(now) else None,
+            resting_until=iso(wall + self.resting_until) if self.resting(now) else None,
             link="dial" if self.dialled else "http",
         )
 
@@ -133,7 +137,7 @@ def capacity(node: Optional[Node]) -> frozenset[tuple[str, int]]:
 class Registry:
     """Nodes by id."""
 
-    def __init__(self, *, prune_after: float, clock: Clock = time.time) -> None:
+    def __init__(self, *, prune_after: float, clock: Clock = time.monotonic) -> None:
         self.prune_after = prune_after
         self.clock = clock
         self._nodes: dict[str, Node] = {}
@@ -158,7 +162,8 @@ class Registry:
         node.url, node.last_seen, node.healthy = url, self.clock(), healthy
         self.set_models(node, models)
         node.slots = {model_key(m): n for m, n in (slots or {}).items()}
-        node.loaded = {model_key(m.name): epoch(m.expires_at) for m in loaded}
+        now, wall = self.clock(), time.time()
+        node.loaded = {model_key(m.name): self._local(epoch(m.expires_at), now, wall) for m in loaded}
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         return node
 
@@ -188,6 +193,11 @@ class Registry:
         """Healthy nodes with ``model``, in registration order."""
         key = model_key(model)
         return [n for n in self._nodes.values() if n.healthy and key in n.keys]
+
+    @staticmethod
+    def _local(when: Optional[float], now: float, wall: float) -> Optional[float]:
+        """A wall-clock time (Ollama's ``expires_at``) on the registry's clock."""
+        return None if when is None else now + (when - wall)
 
     def prune(self) -> list[str]:
         """Drop nodes not seen for ``prune_after`` seconds; returns their ids. One with jobs still

@@ -140,7 +140,7 @@ class SharedState:
         self.flusher: Optional[asyncio.Future] = None
         self.me = os.urandom(6).hex()
         "This operator, in the health results it writes."
-        self.heard: dict[str, float] = {}  # node id -> time of the last shared health result taken
+        self.heard: dict[str, str] = {}  # node id -> the last shared health result taken
         self.on_unreachable: Callable[[str], int] = lambda node_id: 0
         "Cut a node's streams here when another operator found it not answering (the router's abort)."
 
@@ -197,7 +197,7 @@ class SharedState:
             return
         try:
             async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
-                record = f'{{"at": {self.registry.clock()!r}, "node": {body.model_dump_json()}}}'
+                record = f'{{"at": {time.time()!r}, "node": {body.model_dump_json()}}}'  # (at: for people reading Redis)
                 pipe.set(f"odla:node:{body.node_id}", record)
                 pipe.set(f"odla:alive:{body.node_id}", 1, px=self.alive_ms)
                 pipe.sadd(NODES, body.node_id)
@@ -220,17 +220,20 @@ class SharedState:
         """Read the shared nodes into this operator's view."""
         async with deadline(PATIENCE_S):
             ids = sorted(m.decode() for m in await self.redis.smembers(NODES))
-        now = self.registry.clock()
-        resting = {n.node_id: n.resting_until for n in self.registry.nodes() if n.resting(now)}
+        # Times that operators share are Redis's (a key's time to live) or, for rests, the wall clock's
+        # (each operator's own clock is monotonic: its times mean nothing to another operator).
+        now, wall = self.registry.clock(), time.time()
+        resting = {n.node_id: wall + (n.resting_until - now) for n in self.registry.nodes() if n.resting(now)}
         async with self.redis.pipeline(transaction=False) as pipe:
             if resting:  # a rest only ever gets longer, whichever operator set it (ZADD GT)
                 pipe.zadd(RESTS, resting, gt=True)
-            pipe.zremrangebyscore(RESTS, "-inf", now)
+            pipe.zremrangebyscore(RESTS, "-inf", wall)
             pipe.zmscore(RESTS, ids or ["-"])
             for node_id in ids:
                 pipe.get(f"odla:node:{node_id}")
-                pipe.exists(f"odla:alive:{node_id}")
+                pipe.pttl(f"odla:alive:{node_id}")
                 pipe.get(f"odla:health:{node_id}")
+                pipe.pttl(f"odla:health:{node_id}")
             async with deadline(PATIENCE_S):
                 answers = await pipe.execute()
         self._recovered()
@@ -238,20 +241,22 @@ class SharedState:
         answers = answers[3 if resting else 2:]
         for node_id, until in zip(ids, rests):
             node = self.registry.get(node_id)
-            if until is not None and node is not None and (node.resting_until or 0.0) < until:
-                node.resting_until = until  # another operator's failures rest it here too
+            local = None if until is None else now + (until - wall)
+            if local is not None and node is not None and (node.resting_until or 0.0) < local:
+                node.resting_until = local  # another operator's failures rest it here too
         changed, present, gone = False, set(), []
-        for node_id, record, alive, health in zip(ids, answers[::3], answers[1::3], answers[2::3]):
-            if not alive or record is None:  # gone everywhere: its heartbeats stopped
+        for node_id, record, alive, health, health_ttl in zip(ids, *(answers[i::4] for i in range(4))):
+            if alive == -2 or record is None:  # gone everywhere: its heartbeats stopped
                 gone.append(node_id)
                 continue
+            # its last heartbeat, to whichever operator: as long ago as its liveness key has run down
+            heard = now - max(0.0, self.alive_ms - alive) / 1000 if alive >= 0 else now
             present.add(node_id)
             known = self.registry.get(node_id)
             if known is not None and known.link is not None:
                 continue  # dialled in here: this operator's own
             try:
-                shared = json.loads(record)
-                body, heard = p.RegisterRequest.model_validate(shared["node"]), float(shared["at"])
+                body = p.RegisterRequest.model_validate(json.loads(record)["node"])
             except (ValueError, KeyError, TypeError, ValidationError):
                 continue
             if known is None or known.url != body.url:
@@ -262,7 +267,7 @@ class SharedState:
             else:
                 known.last_seen = max(known.last_seen, heard)  # its last heartbeat, to whichever operator
             if health is not None:
-                changed |= self._take_health(node_id, health)
+                changed |= self._take_health(node_id, health, health_ttl, now)
         for node_id in self.learned - present:  # alive nowhere now: out of this view too
             self.learned.discard(node_id)
             node = self.registry.get(node_id)
@@ -296,27 +301,30 @@ class SharedState:
         """What this round's checks found, node id -> (healthy, unreachable, error), for the others."""
         if not self.ok or not results:
             return
-        now, ttl = self.registry.clock(), max(1, int(3 * interval * 1000))
+        ttl = max(1, int(3 * interval * 1000))
         try:
             async with deadline(CALL_S), self.redis.pipeline(transaction=False) as pipe:
                 for node_id, (healthy, unreachable, error) in results.items():
-                    pipe.set(f"odla:health:{node_id}", json.dumps({"by": self.me, "at": now, "healthy": healthy,
-                                                                   "unreachable": unreachable, "error": error}), px=ttl)
+                    result = {"by": self.me, "id": os.urandom(6).hex(), "ttl": ttl, "healthy": healthy,
+                              "unreachable": unreachable, "error": error}
+                    pipe.set(f"odla:health:{node_id}", json.dumps(result), px=ttl)
                 await pipe.execute()
         except FAILED as exc:  # the next round's results go
             self._call_failed("share health results", exc)
 
-    def _take_health(self, node_id: str, raw: bytes) -> bool:
-        """Another operator's check of a node, into this view; True when the node became usable."""
+    def _take_health(self, node_id: str, raw: bytes, left_ms: int, now: float) -> bool:
+        """Another operator's check of a node (its key has ``left_ms`` to live), into this view, once;
+        True when the node became usable."""
         try:
             result = json.loads(raw)
-            by, at, healthy = result["by"], float(result["at"]), bool(result["healthy"])
+            by, seen, healthy, ttl = result["by"], str(result["id"]), bool(result["healthy"]), int(result["ttl"])
         except (ValueError, KeyError, TypeError):
             return False
         node = self.registry.get(node_id)
-        if by == self.me or node is None or node.link is not None or at <= self.heard.get(node_id, 0.0):
+        if by == self.me or node is None or node.link is not None or seen == self.heard.get(node_id):
             return False
-        self.heard[node_id] = at
+        self.heard[node_id] = seen
+        at = now - max(0, ttl - left_ms) / 1000 if left_ms >= 0 else now  # when it was checked, by Redis's time
         if not healthy:
             self.registry.mark_failed(node_id)
             if result.get("unreachable"):
@@ -343,7 +351,7 @@ class SharedState:
                     pipe.set(f"odla:job:{job.id}", job.receipt().model_dump_json(), ex=self.keep_s)
                 for index, members in indexes.items():  # what a filter of GET /jobs reads, not every receipt
                     pipe.zadd(index, members)
-                    pipe.zremrangebyscore(index, "-inf", self.registry.clock() - self.keep_s)
+                    pipe.zremrangebyscore(index, "-inf", time.time() - self.keep_s)  # (jobs start on the wall clock)
                     pipe.expire(index, self.keep_s)
                 await pipe.execute()
         except FAILED as exc:  # each operator's SQLite keeps its own: the copy is what is missed
