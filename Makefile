@@ -29,8 +29,10 @@ test-tools:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
 		|| echo "note:$$missing not installed; the tests that need them say so (apt-get install$$missing)"; }
 
+# Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
 test: $(VENV)/.dev test-tools
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 -m "not solo"
+	$(PY) -m pytest -m solo
 
 bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -16,6 +18,7 @@ def smoke_run(tmp_path, script: str, timeout: float = 180) -> tuple[dict, str]:
     return json.loads(out.read_text()), result.stdout
 
 
+@pytest.mark.solo
 def test_benchmark_smoke_run(tmp_path):
     data, printed = smoke_run(tmp_path, "relay_bench.py")
     assert set(data["shapes"]) == {"serial", "paced-100", "saturation-50", "open-1000"}
@@ -27,6 +30,7 @@ def test_benchmark_smoke_run(tmp_path):
     assert "ttft p50 ms" in printed and data["peak_rss_mb"]["operator"] > 0
 
 
+@pytest.mark.solo
 def test_cluster_benchmark_smoke_run(tmp_path):
     """Every router is driven with the same arrivals, and ODLA loses none of them."""
     data, _ = smoke_run(tmp_path, "cluster_bench.py", timeout=240)
@@ -37,6 +41,7 @@ def test_cluster_benchmark_smoke_run(tmp_path):
     assert all(r["sent"] == data["requests"] for r in data["results"].values())
 
 
+@pytest.mark.solo
 def test_hostile_benchmark_smoke_run(tmp_path):
     """Every attack runs, the honest client is served throughout, and the targets are checked."""
     data, _ = smoke_run(tmp_path, "hostile_bench.py")

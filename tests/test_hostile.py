@@ -217,6 +217,7 @@ def test_the_registry_is_bounded(operator):
                                                   "models": ["llama3"]}).status_code in (200, 409)
 
 
+@pytest.mark.solo
 def test_ten_thousand_dead_nodes_are_checked_in_an_interval_without_stalling_the_operator(net):
     """Finding 3: 10,000 registered nodes on a closed port. One job tries MAX_TRIES of them, not
     all; a round of health checks of all 10,000 takes less than the interval (10 s here, 30 s by
