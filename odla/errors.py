@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ollama import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .protocol import JOB_HEADER, ErrorLine, error_line
 
@@ -197,6 +198,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         return answer(request, ODLAError(str(exc.detail), exc.status_code, getattr(exc, "headers", None)))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client left while its request's body was still coming: no error of ours, nothing to log."""
+        job = getattr(request.state, "job", None)
+        if job is not None:
+            job.end("client_cancel")
+        return Response(status_code=499)  # (nobody reads it: nginx's code for a client that closed)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -486,3 +486,17 @@ def test_a_node_that_claims_everything_and_answers_nothing_does_not_take_every_j
         assert time.monotonic() - began < 6
     jobs = wait_for(lambda: (found := httpx.get(f"{op.url}/jobs").json()["jobs"]) and len(found) == 5 and found)
     assert {(j["node"], j["outcome"]) for j in jobs} == {("honest", "ok")}
+
+
+def test_a_client_that_leaves_mid_body_is_a_client_cancel_not_a_traceback(net):
+    """Clients that close while their request body is still coming: each job is client_cancel, and
+    the operator logs nothing (on main: two tracebacks each, counted node_error)."""
+    operator = net.operator()
+    for path in ("/inference", "/api/generate", "/v1/chat/completions"):
+        with socket.create_connection(("127.0.0.1", net.op_port)) as gone:
+            gone.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 100\r\n\r\n{\"model\": ".encode())
+            time.sleep(0.2)
+    wait_for(lambda: len(httpx.get(f"{net.op_url}/jobs").json()["jobs"]) == 3)
+    assert {j["outcome"] for j in httpx.get(f"{net.op_url}/jobs").json()["jobs"]} == {"client_cancel"}
+    assert "Traceback" not in operator.stop()
