@@ -46,6 +46,7 @@ class NodeClient:
     def __init__(self, settings: Settings) -> None:
         self.grace = min(1.0, settings.connect_timeout)
         self.start_timeout = settings.start_timeout
+        self.too_late = f"did not begin to answer within {settings.start_timeout:g}s (start_timeout)"
         self.health_timeout = aiohttp.ClientTimeout(total=settings.health_check_timeout,
                                                     sock_connect=settings.connect_timeout)
         # limit=0: no hidden cap on connections; 1,000 open streams are 1,000 connections.
@@ -70,13 +71,10 @@ class NodeClient:
         The wait is not a task of its own (a task and a timed wait per request cost more than
         the rest of the operator's work on a short answer): a timer starts a watch only if
         the node is still silent after ``grace``, and the watch cancels the wait if the node
-        fails its health check.
+        fails its health check, or is still silent at ``start_timeout`` (checked each ``grace``).
         """
         watch = _Watch(self, node, asyncio.current_task())
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.grace, watch.start)
-        deadline = loop.call_later(self.start_timeout, watch.give_up,
-                                   f"did not begin to answer within {self.start_timeout:g}s (start_timeout)")
+        timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
             if node.dialled:
                 return await _on_link(node, method, path, body, job_id)
@@ -90,7 +88,6 @@ class NodeClient:
             raise NodeUnreachable(watch.abandoned) from None
         finally:
             timer.cancel()
-            deadline.cancel()
             watch.stop()
 
     def _headers(self, node: Node) -> dict[str, str]:
@@ -263,8 +260,15 @@ class _Watch:
             self.task.cancel()
 
     async def run(self) -> None:
-        while await self.client.alive(self.node):
-            await asyncio.sleep(self.client.grace)
+        """Started ``grace`` after the request was sent: a probe each ``grace`` until the node fails
+        one, or ``start_timeout`` has passed since the request."""
+        loop, client = asyncio.get_running_loop(), self.client
+        too_late = loop.time() - client.grace + client.start_timeout
+        while await client.alive(self.node):
+            if loop.time() >= too_late:
+                self.give_up(client.too_late)
+                return
+            await asyncio.sleep(max(0.0, min(client.grace, too_late - loop.time())))
         self.give_up("did not answer, and did not pass a health check")
 
     def give_up(self, reason: str) -> None:
