@@ -110,7 +110,7 @@ class Router:
         never waits behind the jobs (clients such as Open WebUI ask it often)."""
         key, now = model_key(model), self.registry.clock()
         nodes = sorted(self.registry.candidates(model), key=lambda n: (n.resting(now), not n.warm(key, now),
-                                                                       n.active_jobs >= n.slots_for(key)))
+                                                                       not n.free(key)))
         failures: list[tuple[Node, int, str]] = []
         for node in nodes[:MAX_TRIES]:
             resp = await self._try(node, method, path, body, failures)
