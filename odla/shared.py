@@ -173,12 +173,11 @@ class SharedState:
         """The sync loop's reads failed: Redis is down once they have failed for ``OUTAGE_S``."""
         if self.failing_since is None:
             self.failing_since = began
-        reason = describe(exc)
-        if self.error is None and time.monotonic() - self.failing_since >= OUTAGE_S:
+        reason, failing = describe(exc), time.monotonic() - self.failing_since
+        if self.error is None and failing >= OUTAGE_S:
             log.error("REDIS UNAVAILABLE (%s for %.1fs): serving from this operator's last view of the network, "
-                      "slots counted by this operator alone, until it is back", reason,
-                      time.monotonic() - self.failing_since)
-        if self.error is not None or time.monotonic() - self.failing_since >= OUTAGE_S:
+                      "slots counted by this operator alone, until it is back", reason, failing)
+        if self.error is not None or failing >= OUTAGE_S:
             self.error = f"redis: {reason}"
 
     def _recovered(self) -> None:
@@ -341,7 +340,7 @@ class SharedState:
         """Ended jobs (each operator's SQLite keeps its own), for every operator, kept ``jobs_keep_days``."""
         if not self.ok or not jobs:
             return
-        indexes: dict[str, dict[str, float]] = {JOBS: {}}
+        indexes: dict[str, dict[str, float]] = {}
         for job in jobs:
             for index in (JOBS, *_indexes(job.model, job.node, job.outcome, job.caller)):
                 indexes.setdefault(index, {})[job.id] = job.started

@@ -29,12 +29,11 @@ from .shared import FAILED
 from .receipts import Receipts
 from .times import epoch
 
-PAGES = Path(__file__).resolve().parent / "dashboard"
-# Nothing from anywhere else: no CDN, no inline script, no framing by other sites.
 MAX_OFFSET = 1_000_000
 """The deepest page of ``GET /jobs`` (``offset``): past it, 422 (a larger number is no page, and SQLite's
 integers end at 2**63)."""
-
+PAGES = Path(__file__).resolve().parent / "dashboard"
+# Nothing from anywhere else: no CDN, no inline script, no framing by other sites.
 PAGE_POLICY = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                           "frame-ancestors 'none'",
                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
