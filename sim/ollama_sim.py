@@ -11,14 +11,17 @@ OpenAI-compatible ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` 
 mid-stream ``{"error": ...}`` line. Names resolve as Ollama resolves them.
 
 Failure injection (flags, or ``POST /_sim/config`` with the same names at run time):
-``crash_after`` K tokens (connection cut), ``error_after`` K tokens (error line),
+``crash_after`` K tokens (connection cut), ``crash_rate`` (that share of streams cut after a
+random number of tokens), ``error_after`` K tokens (error line),
 ``busy`` (503 to everything), ``hold_last`` (the last token waits for
 ``POST /_sim/release``), ``load_delay`` (seconds before the first token, as while Ollama
 loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
 ``GET /_sim/stats`` counts requests, finished and cancelled ones, streams generating now
-(``active``) and at most at once (``most_active``), and ``cancelled_early``:
+(``active``) and at most at once (``most_active``), ``queued``: requests that found
+``num_parallel`` of their model running and had to wait, and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
-Ollama, too, stops working for. The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+Ollama, too, stops working for. With ``record`` on, ``GET /_sim/sent`` tells how many tokens
+each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
 A bare ASGI app, no framework: the benchmark drives thousands of tokens a second
 through it, and what it costs falls on the direct and the relayed runs alike.
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -78,6 +82,10 @@ class Behaviour:
     tokens: int = 12
     delay: float = 0.0
     crash_after: Optional[int] = None
+    crash_rate: float = 0.0
+    "The share of streams cut after a random number of tokens (at least one, fewer than all)."
+    record: bool = False
+    "Count the tokens sent per prompt (``GET /_sim/sent``)."
     error_after: Optional[int] = None
     error_message: str = "an error was encountered while running the model: unexpected EOF"
     busy: bool = False
@@ -119,7 +127,9 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "most_active": 0, "errors": 0, "loads": 0}
+                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0}
+        self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
+        self.random = random.Random(0)
         self.release = asyncio.Event()
         self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
         self.last_request: dict = {}  # the last /api/generate or /api/chat body, for tests: GET /_sim/last
@@ -333,8 +343,9 @@ class Simulator:
             return
         if chat:
             base["object"] = "chat.completion.chunk"
+        cut = self.cut_at(len(tokens))
         for i, token in enumerate([*tokens, ""]):
-            if i == self.b.crash_after:
+            if i == cut:
                 raise ConnectionAbortedError("simulated crash")
             if self.b.delay and token:
                 await first_of(asyncio.sleep(self.b.delay), watcher)
@@ -348,6 +359,8 @@ class Simulator:
             choice = ({"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": reason}
                       if chat else {"text": token, "index": 0, "finish_reason": reason})
             await send_body(send, b"data: " + _compact({**base, "choices": [choice]}) + b"\n\n")
+            if token:
+                self.sent_one(prompt)
         if (req.get("stream_options") or {}).get("include_usage"):
             await send_body(send, b"data: " + _compact({**base, "choices": [], "usage": usage}) + b"\n\n")
         await send_body(send, b"data: [DONE]\n\n", more=False)
@@ -368,6 +381,9 @@ class Simulator:
 
     async def sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, self.stats)
+
+    async def sim_sent(self, body: bytes, receive: Receive, send: Send) -> None:
+        await respond_json(send, 200, self.sent)
 
     async def sim_last(self, body: bytes, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, self.last_request)
@@ -449,6 +465,16 @@ class Simulator:
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         return str(last.get("content", ""))
 
+    def cut_at(self, count: int) -> Optional[int]:
+        """Where a stream of ``count`` tokens is cut: ``crash_after``, or by ``crash_rate`` a random place."""
+        if self.b.crash_after is not None or not self.b.crash_rate or count < 2:
+            return self.b.crash_after
+        return self.random.randrange(1, count) if self.random.random() < self.b.crash_rate else None
+
+    def sent_one(self, prompt: str) -> None:
+        if self.b.record:
+            self.sent[prompt] = self.sent.get(prompt, 0) + 1
+
     def slot(self, watcher: asyncio.Future, model: str) -> "_Slot":
         return _Slot(self, watcher, model)
 
@@ -465,15 +491,16 @@ class Simulator:
             return
         self.stats["active"] += 1
         self.stats["most_active"] = max(self.stats["most_active"], self.stats["active"])
+        cut = self.cut_at(len(tokens))
         try:
             for i, token in enumerate(tokens):
-                if i in (b.error_after, b.crash_after) and i == 0:
+                if i in (b.error_after, cut) and i == 0:
                     await send_start(send, 200, "application/x-ndjson")
                 if i == b.error_after:
                     self.stats["errors"] += 1
                     await send_body(send, _compact({"error": b.error_message}) + b"\n", more=False)
                     return
-                if i == b.crash_after:
+                if i == cut:
                     raise ConnectionAbortedError("simulated crash")
                 if b.hold_last and i == len(tokens) - 1:
                     await first_of(self.release.wait(), watcher)
@@ -486,6 +513,7 @@ class Simulator:
                 if i == 0:  # Ollama's headers leave with its first output
                     await send_start(send, 200, "application/x-ndjson")
                 await send_body(send, self.part(model, token, chat) + b"\n")
+                self.sent_one(prompt)
             if not tokens:
                 await send_start(send, 200, "application/x-ndjson")
             final = self.final(model, tokens, started, chat, waited_s)
@@ -568,6 +596,8 @@ class _Slot:
         began = time.perf_counter()
         if sim._cond is None:
             sim._cond = asyncio.Condition()
+        if sim.b.num_parallel and sim._running.get(self.key, 0) >= sim.b.num_parallel:
+            sim.stats["queued"] += 1  # Ollama would queue it: more were sent than it runs at once
         waiting = asyncio.ensure_future(self._wait())
         await asyncio.wait((waiting, self.watcher), return_when=asyncio.FIRST_COMPLETED)
         if not waiting.done():
@@ -698,8 +728,9 @@ ROUTES = {
     "/_sim/release": Simulator.sim_release,
     "/_sim/stats": Simulator.sim_stats,
     "/_sim/last": Simulator.sim_last,
+    "/_sim/sent": Simulator.sim_sent,
 }
-GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/_sim/stats", "/_sim/last"}
+GET_ROUTES = {"/", "/api/version", "/api/tags", "/api/ps", "/v1/models", "/_sim/stats", "/_sim/last", "/_sim/sent"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -167,7 +167,11 @@ class Cutter(TCPServerThread):
     "Seconds each answer (what comes back from the target) takes longer to arrive: a slow server."
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:  # nothing there (yet): as a refused connection would
+            writer.transport.abort()
+            return
         self.writers += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

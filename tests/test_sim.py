@@ -58,3 +58,39 @@ def test_slots_are_per_model_and_keep_alive_zero_unloads():
         other.join()
         assert time.monotonic() - began < 0.9
         assert loaded(sim) == ["a:latest"]
+
+
+def stream(sim, prompt, path="/api/generate", **body):
+    payload = {"model": "llama3", "prompt": prompt, **body}
+    if path == "/v1/chat/completions":
+        payload = {"model": "llama3", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    try:
+        with httpx.stream("POST", f"{sim.url}{path}", json=payload, timeout=10) as resp:
+            return [line for line in resp.iter_lines() if line], True
+    except httpx.RemoteProtocolError:
+        return [], False
+
+
+def test_crash_rate_cuts_that_share_of_streams_and_record_counts_what_each_was_sent():
+    """The chaos benchmark's Ollama: some streams cut at a random place; what each prompt was sent."""
+    with Sim(tokens=6, crash_rate=0.5, record=True) as sim:
+        whole = cut = 0
+        for i in range(40):
+            lines, ended = stream(sim, f"p{i}", "/v1/chat/completions" if i % 2 else "/api/generate")
+            whole, cut = whole + ended, cut + (not ended)
+        sent = httpx.get(f"{sim.url}/_sim/sent").json()
+        assert 8 <= cut <= 32 and whole + cut == 40
+        assert set(sent) <= {f"p{i}" for i in range(40)} and sum(v == 6 for v in sent.values()) == whole
+        assert all(1 <= v <= 6 for v in sent.values())  # a cut stream was sent at least one token
+
+
+def test_queued_counts_requests_beyond_num_parallel():
+    with Sim(tokens=3, delay=0.1, num_parallel=2) as sim:
+        threads = [threading.Thread(target=stream, args=(sim, f"p{i}")) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sim.stats()["queued"] == 1 and sim.stats()["completed"] == 3
+        stream(sim, "alone")
+        assert sim.stats()["queued"] == 1
