@@ -17,7 +17,6 @@ import json
 import logging
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,13 +73,6 @@ def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
         if exc.status_code in (-1, 500) or exc.status_code >= 500 and exc.status_code != 503:
             return UpstreamError(f"Ollama error: {exc.error}", 502)
         return UpstreamError(exc.error, exc.status_code)
-    cause = exc.__cause__
-    if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError):
-        # httpx-aiohttp calls every aiohttp ClientConnectionError a ConnectTimeout: its cause says what it was
-        if isinstance(cause, aiohttp.ClientConnectorError):
-            exc = httpx.ConnectError(str(cause))
-        elif not isinstance(cause, aiohttp.ServerTimeoutError):
-            return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
     if isinstance(exc, (httpx.ConnectError, ConnectionError)):
         # streaming SDK calls raise httpx.ConnectError, the others ConnectionError
         return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)

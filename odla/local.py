@@ -5,13 +5,14 @@
   serves the operator's Ollama and OpenAI doors: those pass bytes through untouched,
   which the SDK (it parses every answer into models) cannot do.
 
-Under both, httpx-aiohttp's transport (the SDK passes ``transport=`` on to httpx): aiohttp
-parses in C, where httpx's own transport parses every streamed chunk in Python and scans
-its whole pool on every request. Measured with ``make bench`` in one run: the node's CPU
-per token 31 µs against 57 µs one request at a time, 207 µs against 475 µs with 1,000
-open streams. It honours the connect and read timeouts and the environment's proxies and
-certificates. aiohttp has no write timeout, so none is set. Its map of aiohttp's errors
-calls a refused connection a timeout: ``odla.errors.ollama_failure`` reads the cause.
+Both on httpx's own transport, with no cap on connections (httpx's default, 100, would queue
+the 101st stream out of sight) and proxies and certificates from the environment. Not on
+aiohttp (httpx-aiohttp), though it parses in C and halved the node's CPU per token (31 µs
+against 57 µs one request at a time in ``make bench``): when Ollama's connection breaks,
+aiohttp raises before handing over what it had already received, so the tokens Ollama sent
+just before a crash never reached the client (the chaos benchmark lost 48 in 10,000
+requests). httpx yields every byte it received, then raises. A node's CPU per token is small
+beside its GPU's time per token; a lost token is not.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
 import ollama
-from httpx_aiohttp import AiohttpTransport
 
 from .config import Settings
 
@@ -58,25 +57,20 @@ def timeouts(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=settings.connect_timeout, read=None, write=None, pool=None)
 
 
-def transport() -> AiohttpTransport:
-    """aiohttp under httpx, with no cap on connections (aiohttp's default, 100, would queue the
-    101st stream out of sight), and proxies from the environment (HTTP_PROXY, NO_PROXY: httpx
-    reads none once given a transport, so aiohttp does). Create it in a running event loop;
-    closing the client closes it."""
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=True)
-    return AiohttpTransport(client=session)
+def limits() -> httpx.Limits:
+    return httpx.Limits(max_connections=None, max_keepalive_connections=64)
 
 
 def sdk_client(settings: Settings, **httpx_kwargs: Any) -> ollama.AsyncClient:
     """The ollama SDK's client for this node's Ollama (``httpx_kwargs`` go to httpx: tests pass a transport)."""
-    httpx_kwargs.setdefault("transport", transport())
+    httpx_kwargs.setdefault("limits", limits())
     return ollama.AsyncClient(host=ollama_base_url(settings.ollama_host), timeout=timeouts(settings),
                               **httpx_kwargs)
 
 
 def relay_client(settings: Settings, **httpx_kwargs: Any) -> httpx.AsyncClient:
     """A plain client on the same Ollama, for passing its answers through byte for byte."""
-    httpx_kwargs.setdefault("transport", transport())
+    httpx_kwargs.setdefault("limits", limits())
     if os.getenv("OLLAMA_API_KEY"):  # as the SDK does
         httpx_kwargs.setdefault("headers", {"authorization": f"Bearer {os.environ['OLLAMA_API_KEY']}"})
     return httpx.AsyncClient(base_url=ollama_base_url(settings.ollama_host), timeout=timeouts(settings),
