@@ -1,6 +1,6 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make test   install what the tests need and run them
-# make bench  the relay and cluster benchmarks (Performance in the README)
+# make bench  the relay, cluster and chaos benchmarks (Performance in the README)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -37,6 +37,7 @@ test: $(VENV)/.dev test-tools
 bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py
 	$(PY) bench/cluster_bench.py
+	$(PY) bench/chaos_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

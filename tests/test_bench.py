@@ -51,3 +51,15 @@ def test_hostile_benchmark_smoke_run(tmp_path):
     assert attackers["silent_open_max"] == load["silent"]
     assert attackers["fat_health_answers"] >= 2
     assert data["honest_under_attack_s"]["count"] >= 5 and all(data["targets"].values())
+
+
+@pytest.mark.solo
+def test_chaos_benchmark_smoke_run(tmp_path):
+    """A short chaos run: faults happen, every request is accounted for, and the counts agree."""
+    data, printed = smoke_run(tmp_path, "chaos_bench.py")
+    assert data["requests"] == data["plan"]["requests"] == sum(data["finals"].values())
+    assert data["faults"] and "target 0 tokens lost" in printed
+    assert data["no_final_line"] == data["lines_after_final"] == 0
+    assert not any(data["slots_held"].values())
+    assert data["receipts_output_tokens"] == data["metrics_output_tokens"] > 0
+    assert data["tokens_lost"] == data["receipts_missing"] == data["receipt_vs_client_mismatches"] == 0
