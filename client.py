@@ -24,13 +24,13 @@ import httpx
 import typer
 
 from odla import __version__
-from odla import protocol as p
-from odla.chat import run_chat
-from odla.clientlib import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers, call, http_client, job_extras,
+from odla.core import protocol as p
+from odla.client.chat import run_chat
+from odla.client.calls import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers, call, http_client, job_extras,
                             operator_url, receipt, stream_inference, unreachable)
-from odla.config import ConfigError, Settings, load_settings
-from odla.report import jobs_table, nodes_table, table, verbose_stats
-from odla.terminal import Spinner, colour_wanted, is_terminal, width
+from odla.core.config import ConfigError, Settings, load_settings
+from odla.client.tables import jobs_table, nodes_table, table, verbose_stats
+from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
 COMMANDS = {"infer", "chat", "list", "ps", "show", "nodes", "jobs"}
 

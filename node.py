@@ -12,7 +12,7 @@ Endpoints:
 It registers with the operator on start-up, re-registers every ``heartbeat_interval``
 (so an operator restart or an ``ollama pull`` shows within one interval), and
 deregisters on shutdown. With ``link: dial`` (NODE_LINK=dial) it listens on no port: it
-dials the operator and serves these same endpoints down that link (``odla.dial``).
+dials the operator and serves these same endpoints down that link (``odla.node.dial``).
 """
 
 import asyncio
@@ -30,20 +30,20 @@ import ollama
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from odla import protocol as p
-from odla.auth import join_headers, join_token_dependency
-from odla.capacity import Capacity, num_parallel
-from odla.config import Settings, script_settings
-from odla.dial import Dialer, run_dialled
-from odla.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
-from odla.lifespan import background, serve, tune_gc
-from odla.inbound import build_app, openapi_body, read_body
-from odla.keep_alive import bound_body, bounded
-from odla.local import relay_client, sdk_client
-from odla.logs import setup_logging
-from odla.names import model_named
-from odla.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
-from odla.usage import Tail, Usage
+from odla.core import protocol as p
+from odla.serving.auth import join_headers, join_token_dependency
+from odla.node.capacity import Capacity, num_parallel
+from odla.core.config import Settings, script_settings
+from odla.node.dial import Dialer, run_dialled
+from odla.core.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
+from odla.serving.lifespan import background, serve, tune_gc
+from odla.serving.inbound import build_app, openapi_body, read_body
+from odla.core.keep_alive import bound_body, bounded
+from odla.node.ollama_clients import relay_client, sdk_client
+from odla.core.logs import setup_logging
+from odla.core.names import model_named
+from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
+from odla.core.usage import Tail, Usage
 
 log = logging.getLogger("odla.node")
 REPORT_GAP_S = 0.2

@@ -8,13 +8,13 @@ Endpoints:
     GET  /nodes         {"nodes": [...]}        the network
     POST /inference     {model, prompt, ...}    JSON-lines token stream from a node
     GET  /health        the operator itself
-    GET  /metrics, /jobs, /jobs/{id}, /dashboard    seeing the network: see odla/watch.py
+    GET  /metrics, /jobs, /jobs/{id}, /dashboard    seeing the network: see odla/operator/watch.py
 
 Ollama's API (GET|HEAD /, /api/version, /api/tags, /api/ps, /api/show, /api/generate,
 /api/chat, /api/embed, /api/embeddings) and OpenAI's (/v1/models, /v1/chat/completions,
-/v1/completions, /v1/embeddings) are served too: see odla/doors.py.
+/v1/completions, /v1/embeddings) are served too: see odla/operator/doors.py.
 
-Jobs go to the node the scheduler picks (odla/scheduler.py), or wait in a fair queue. Nodes
+Jobs go to the node the scheduler picks (odla/operator/scheduler.py), or wait in a fair queue. Nodes
 are health-checked every ``health_check_interval`` seconds, all at once; a node that fails
 gets no new jobs, and one not seen for ``prune_after`` seconds is dropped.
 """
@@ -32,28 +32,28 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
 
-from odla import protocol as p
-from odla.auth import (api_key_dependency, caller_of, check_api_key, may_join, node_credential,
+from odla.core import protocol as p
+from odla.serving.auth import (api_key_dependency, caller_of, check_api_key, may_join, node_credential,
                        node_credential_dependency)
-from odla.config import Settings, script_settings
-from odla.doors import doors_router
-from odla.errors import AuthError, ODLAError
-from odla.link import link_router
-from odla.lifespan import background, serve, tune_gc
-from odla.inbound import build_app, openapi_body, read_body
-from odla.logs import setup_logging
-from odla.metrics import Activity, RequestMetrics, metrics_registry
-from odla.nodes import NodeClient, NodeUnreachable
-from odla.registry import Clock, Node, Registry, capacity
-from odla.jobs import Job, door_of
-from odla.names import listed, model_key
-from odla.receipts import Receipts, ReceiptsError
-from odla.receipts import connect as receipts_db
-from odla.relay import Router
-from odla.scheduler import Scheduler
-from odla.shared import SharedState
-from odla.responses import STREAM_RESPONSES, LineStream
-from odla.watch import watch_router
+from odla.core.config import Settings, script_settings
+from odla.operator.doors import doors_router
+from odla.core.errors import AuthError, ODLAError
+from odla.operator.link import link_router
+from odla.serving.lifespan import background, serve, tune_gc
+from odla.serving.inbound import build_app, openapi_body, read_body
+from odla.core.logs import setup_logging
+from odla.operator.metrics import Activity, RequestMetrics, metrics_registry
+from odla.operator.nodes import NodeClient, NodeUnreachable
+from odla.operator.registry import Clock, Node, Registry, capacity
+from odla.serving.jobs import Job, door_of
+from odla.core.names import listed, model_key
+from odla.operator.receipts import Receipts, ReceiptsError
+from odla.operator.receipts import connect as receipts_db
+from odla.operator.relay import Router
+from odla.operator.scheduler import Scheduler
+from odla.operator.cluster import SharedState
+from odla.serving.responses import STREAM_RESPONSES, LineStream
+from odla.operator.watch import watch_router
 
 log = logging.getLogger("odla.operator")
 CONCURRENT_CHECKS = 256

@@ -250,9 +250,9 @@ def start_odla(procs: Procs, workdir: Path, sim_ports: dict[str, int]):
 def scheduling_cost(rounds: int = 20000) -> float:
     """Microseconds of operator CPU one job's scheduling takes (claim and release), on this cluster."""
     sys.path.insert(0, str(ROOT))
-    from odla.protocol import LoadedModel
-    from odla.registry import Registry
-    from odla.scheduler import Scheduler
+    from odla.core.protocol import LoadedModel
+    from odla.operator.registry import Registry
+    from odla.operator.scheduler import Scheduler
 
     registry = Registry(prune_after=60)
     for name, (per_token, slots, _, models) in NODES.items():

@@ -1,5 +1,5 @@
 """Docker HEALTHCHECK for the one ODLA image: asks /health of whichever role PID 1 runs; a node
-with ``link: dial`` listens on no port, so its link's mark (``odla.dial.link_mark``) is read instead."""
+with ``link: dial`` listens on no port, so its link's mark (``odla.node.dial.link_mark``) is read instead."""
 
 import sys
 import time
@@ -7,8 +7,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from odla.config import load_settings  # noqa: E402
-from odla.dial import link_mark  # noqa: E402
+from odla.core.config import load_settings  # noqa: E402
+from odla.node.dial import link_mark  # noqa: E402
 
 
 def main() -> int:

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from odla.keep_alive import seconds_of  # noqa: E402
-from odla.names import display_name, model_key  # noqa: E402
+from odla.core.keep_alive import seconds_of  # noqa: E402
+from odla.core.names import display_name, model_key  # noqa: E402
 
 VERSION = "0.12.6"
 KEEP_ALIVE_S = 300.0

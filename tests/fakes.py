@@ -8,7 +8,7 @@ from typing import Optional
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
-from odla import protocol as p
+from odla.core import protocol as p
 
 
 class FakeNode:

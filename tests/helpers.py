@@ -26,7 +26,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from odla.config import Settings  # noqa: E402
+from odla.core.config import Settings  # noqa: E402
 from sim.ollama_sim import Behaviour, Simulator  # noqa: E402
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from odla.capacity import PARALLEL_ENV
-from odla.config import ENV_KEYS
+from odla.node.capacity import PARALLEL_ENV
+from odla.core.config import ENV_KEYS
 from tests.helpers import ROOT
 
 READ_BY_SCRIPTS = set(ENV_KEYS) | {"ODLA_CONFIG", PARALLEL_ENV}

@@ -1,0 +1,158 @@
+"""The client's calls to the operator, and what it tells the user when they fail.
+
+Every failure becomes a ``Failure``: one sentence for stderr and the exit code it calls for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+import httpx
+
+from odla.core import protocol as p
+from odla.core.errors import error_in
+from odla.client.streaming import StreamError, tokens
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_UNREACHABLE = EXIT_USAGE
+
+
+class Failure(Exception):
+    """A one-sentence error for stderr, with the exit code it calls for."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def operator_url(value: str) -> str:
+    """The operator's URL from what a user typed: ``http://host:8000``, or ``host:8000``,
+    ``host`` or ``:8000`` as Ollama's ``OLLAMA_HOST`` takes them (port 8000, host localhost)."""
+    text = value.strip()
+    if "://" not in text:
+        text = "http://" + (("localhost" + text) if text.startswith(":") else text)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise Failure(f"--operator {value!r} is not an operator's address: give http://host:port or host:port",
+                      EXIT_USAGE)
+    return f"{parts.scheme}://{parts.netloc}" if port is not None else f"{parts.scheme}://{parts.hostname}:8000"
+
+
+def http_client(operator: str, api_key: Optional[str]) -> httpx.Client:
+    return httpx.Client(base_url=operator, headers=auth_headers(api_key), timeout=httpx.Timeout(10, read=None))
+
+
+def auth_headers(api_key: Optional[str]) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def refused(resp: httpx.Response, operator: str) -> Failure:
+    """What a refusal means, in the user's terms."""
+    message = error_in(resp.read())
+    if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and message is None:
+        return Failure(f"{operator} is not an ODLA operator (it answered {resp.status_code} "
+                       f"{resp.text.strip()[:60]!r}); point --operator or ODLA_OPERATOR_URL at one", EXIT_USAGE)
+    if resp.status_code == 401:
+        return Failure(f"{message or 'an API key is needed'}: pass --api-key KEY or set ODLA_API_KEY")
+    message = message or resp.text.strip() or f"HTTP {resp.status_code}"
+    return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
+
+
+def unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
+    if isinstance(exc, httpx.ConnectError):
+        return Failure(f"cannot reach the operator at {operator}: is it running? Start it with "
+                       "'python server.py', or point --operator / ODLA_OPERATOR_URL at it.", EXIT_UNREACHABLE)
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure(f"the operator at {operator} did not answer in time", EXIT_UNREACHABLE)
+    return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
+
+
+def call(http: httpx.Client, operator: str, method: str, path: str, params: Optional[dict] = None,
+         body: Optional[dict] = None) -> Any:
+    """One of the operator's JSON answers; its refusal or absence as a ``Failure``."""
+    try:
+        resp = http.request(method, path, params=params, json=body)
+    except httpx.HTTPError as exc:
+        raise unreachable(operator, exc) from exc
+    if resp.status_code != 200:
+        raise refused(resp, operator)
+    try:
+        return resp.json()
+    except ValueError:
+        raise Failure(f"{operator} is not an ODLA operator (its answer to {path} is not JSON)", EXIT_USAGE) from None
+
+
+def stream_inference(http: httpx.Client, operator: str, request: p.InferenceRequest,
+                     on_node: Callable[[str], None] = lambda node: None,
+                     on_queued: Callable[[int], None] = lambda place: None,
+                     on_job: Callable[[str], None] = lambda job_id: None) -> Iterator[str]:
+    """Tokens of one inference, as they arrive; ``on_node`` hears which node serves it (when the
+    job did not wait in the queue), ``on_queued`` its place while it waits, ``on_job`` its id."""
+    body = request.model_dump_json(exclude_none=True)
+    try:
+        with http.stream("POST", "/inference", content=body, headers={"content-type": "application/json"}) as resp:
+            if resp.status_code != 200:
+                raise refused(resp, operator)
+            if p.JOB_HEADER in resp.headers:
+                on_job(resp.headers[p.JOB_HEADER])
+            if "x-odla-node" in resp.headers:
+                on_node(resp.headers["x-odla-node"])
+            yield from tokens(resp.iter_lines(), on_queued)
+    except httpx.HTTPError as exc:
+        raise unreachable(operator, exc) from exc
+    except StreamError as exc:
+        raise Failure(str(exc)) from exc
+
+
+def receipt(http: httpx.Client, operator: str, job_id: str, wait: float = 2.0) -> p.JobReceipt:
+    """A job's receipt once it has ended (the operator records the end just after the last line)."""
+    deadline = time.monotonic() + wait
+    while True:
+        job = p.JobReceipt.model_validate(call(http, operator, "GET", f"/jobs/{job_id}"))
+        if job.outcome is not None or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
+
+
+def job_extras(system: Optional[str], fmt: Optional[str], temperature: Optional[float], option: list[str],
+               keepalive: Optional[str]) -> dict[str, Any]:
+    """The prompt options, as Ollama takes them: ``system``, ``format``, ``options``, ``keep_alive``."""
+    options: dict[str, Any] = {}
+    for item in option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise Failure(f"--option {item!r}: give key=value, e.g. --option num_ctx=8192", EXIT_USAGE)
+        try:
+            options[key.strip()] = json.loads(raw)  # numbers, true/false, lists: as Ollama expects them
+        except ValueError:
+            options[key.strip()] = raw
+    if temperature is not None:
+        options["temperature"] = temperature
+    extras: dict[str, Any] = {}
+    if options:
+        extras["options"] = options
+    if system:
+        extras["system"] = system
+    if fmt:
+        if fmt.strip().startswith("{"):
+            try:
+                extras["format"] = json.loads(fmt)
+            except ValueError:
+                raise Failure("--format: a JSON schema must be valid JSON", EXIT_USAGE) from None
+        elif fmt == "json":
+            extras["format"] = "json"
+        else:
+            raise Failure(f"--format {fmt!r}: give json, or a JSON schema", EXIT_USAGE)
+    if keepalive:
+        try:
+            extras["keep_alive"] = float(keepalive)  # seconds; negative: keep it loaded
+        except ValueError:
+            extras["keep_alive"] = keepalive  # a duration such as "10m"
+    return extras

@@ -1,0 +1,172 @@
+"""The operator's Ollama and OpenAI doors: clients of either API point at the operator unchanged.
+
+Requests that name a model are routed like ``/inference`` (failover before the first
+byte, cancellation when the client leaves at any moment) to a node's ``/ollama/...``
+relay, which passes them to that node's Ollama; the answer comes back byte for byte,
+status and errors included. Listings (``/api/tags``, ``/api/ps``, ``/v1/models``) merge
+what every healthy node's Ollama lists. Errors the operator makes itself take the door's
+shape: Ollama's ``{"error": "..."}`` or OpenAI's ``{"error": {"message", "type", ...}}``
+(``odla.core.errors.shape_for``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Optional, Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from odla.core.errors import NoNodeError, ODLAError, shape_for
+from odla.core.names import model_key, model_named
+from odla.operator.nodes import NodeUnreachable
+from odla.operator.registry import Node, Registry
+from odla.serving.jobs import JOB_PATHS, Job
+from odla.operator.relay import Router
+from odla.core.protocol import JOB_HEADER
+from odla.serving.responses import LineStream, Opened, Tell
+
+log = logging.getLogger("odla.operator")
+
+ROUTED = tuple(sorted(JOB_PATHS - {"/inference"}))
+ASKED = ("/api/show",)
+"Requests that name a model but run nothing: to a node that has it, without a slot (not jobs)."
+LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
+
+
+def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any]) -> APIRouter:
+    """The doors' routes; ``auth`` (the operator's client auth) guards all but ``/`` and
+    ``/api/version``, which Ollama clients ask first, before any credentials; ``job_auth``
+    also opens a job's record, for the routes that run a model."""
+    api = APIRouter(tags=["Ollama and OpenAI doors"])
+    ask = AskAll(registry)
+
+    @api.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False)
+    async def root() -> str:
+        return "Ollama is running"
+
+    async def routed(request: Request) -> LineStream:
+        """A request naming a model: to a node that has it, the answer back as Ollama gave it."""
+        body = await request.body()
+        model = _model_of(body)
+        router: Router = request.app.state.router
+        path, job = request.url.path, request.state.job
+        job.model = model_key(model)  # one name per model in receipts and metrics, however it was spelled
+        # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
+        return LineStream(opening=lambda tell: _open(router, model, path, body, job), shape=shape_for(path),
+                          headers={JOB_HEADER: job.id}, job=job)
+
+    for path in ROUTED:
+        api.add_api_route(path, routed, methods=["POST"], response_class=LineStream, dependencies=job_auth)
+
+    async def asked(request: Request) -> LineStream:
+        """A question about a model (``/api/show``): any node that has it answers, no slot taken."""
+        body = await request.body()
+        model = _model_of(body)
+        router: Router = request.app.state.router
+        path = request.url.path
+
+        async def opening(tell: Tell) -> Opened:
+            try:
+                return await router.ask(model, "POST", "/ollama" + path, body)
+            except NoNodeError:
+                raise ODLAError(f"model '{model}' not found", 404) from None
+
+        return LineStream(opening=opening, shape=shape_for(path))
+
+    for path in ASKED:
+        api.add_api_route(path, asked, methods=["POST"], response_class=LineStream, dependencies=auth)
+
+    async def listing(request: Request) -> JSONResponse:
+        """Every healthy node's listing, one entry per model."""
+        path = request.url.path
+        key, seen, merged = LISTINGS[path], set(), []
+        for answer in await ask(request.app.state.router, path):
+            entries = answer.get(key)
+            if not isinstance(entries, list):  # one node's odd answer must not break everyone's listing
+                continue
+            for entry in entries:
+                name = (entry.get("name") or entry.get("id") or entry.get("model")) if isinstance(entry, dict) else None
+                if not isinstance(name, str):
+                    continue
+                if name not in seen:
+                    seen.add(name)
+                    merged.append(entry)
+        return JSONResponse({"object": "list", "data": merged} if key == "data" else {"models": merged})
+
+    for path in LISTINGS:
+        api.add_api_route(path, listing, methods=["GET"], dependencies=auth)
+
+    @api.get("/api/version")
+    async def version(request: Request) -> dict:
+        """The lowest Ollama version among the healthy nodes: what every node can do."""
+        answers = await ask(request.app.state.router, "/api/version")
+        versions = [a["version"] for a in answers if isinstance(a.get("version"), str)]
+        if not versions:
+            raise ODLAError("no healthy node", 503)
+        return {"version": min(versions, key=_version_key)}
+
+    return api
+
+
+async def _open(router: Router, model: str, path: str, body: bytes, job: Job) -> Opened:
+    try:
+        claim, resp = await router.open(model, "POST", "/ollama" + path, body, job)
+    except NoNodeError:
+        raise ODLAError(f"model '{model}' not found", 404) from None
+    media = resp.headers.get("content-type", "application/json")
+    headers = {"x-odla-node": claim.node.node_id}
+    return Opened(router.relay(claim, resp, protocol=False, job=job), resp.status, media, headers)
+
+
+class AskAll:
+    """Asks every healthy node's Ollama the same question (a listing, the version), at most
+    ``AT_ONCE`` nodes at a time; callers asking the same path while the answers are being
+    gathered share them, so a burst of cheap client requests is not a burst of node requests
+    times the number of nodes."""
+
+    AT_ONCE = 64
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.pending: dict[str, asyncio.Future] = {}
+
+    async def __call__(self, router: Router, path: str) -> list[dict]:
+        future = self.pending.get(path)
+        if future is None:
+            future = self.pending[path] = asyncio.ensure_future(self._gather(router, path))
+            future.add_done_callback(lambda _: self.pending.pop(path, None))
+        return await asyncio.shield(future)
+
+    async def _gather(self, router: Router, path: str) -> list[dict]:
+        room = asyncio.Semaphore(self.AT_ONCE)
+
+        async def one(node: Node) -> Optional[dict]:
+            async with room:
+                return await _ask(router, node, path)
+
+        answers = await asyncio.gather(*(one(n) for n in self.registry.nodes() if n.healthy))
+        return [a for a in answers if isinstance(a, dict)]
+
+
+async def _ask(router: Router, node: Node, path: str) -> Optional[dict]:
+    try:
+        status, data = await router.nodes.get_json(node, "/ollama" + path)
+        return json.loads(data) if status == 200 else None
+    except (NodeUnreachable, ValueError) as exc:
+        log.info("node %s did not answer %s (%s)", node.node_id, path, exc)
+        return None
+
+
+def _model_of(body: bytes) -> str:
+    """The model a request names; 400 like Ollama when none."""
+    try:
+        return model_named(body)
+    except ValueError as exc:
+        raise ODLAError(str(exc), 400) from None
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("-")[0].split("."))

@@ -1,0 +1,196 @@
+"""Job receipts: every job's record, kept in SQLite for ``jobs_keep_days``.
+
+    receipts = Receipts(settings.jobs_db, settings.jobs_keep_days)   # owned by the operator's lifespan
+    await receipts.open()
+    receipts.started(job); ...; receipts.ended(job)   # in the event loop: a dict and a list, no I/O
+    async with background(receipts.run(), "receipts"): ...   # writes what ended, in batches
+    await receipts.get(job_id); await receipts.find(model=..., limit=50)
+    await receipts.aclose()                                  # writes the rest
+
+Writing is off the hot path: a job that ends is appended to a list, and a background
+loop writes the list every ``FLUSH_S`` in one transaction, in a thread of its own (the
+only thread that touches the database, so ``:memory:`` works too). A job still running,
+or ended and not yet written, is found by ``get`` all the same; ``find`` writes what is
+pending first, so a listing never misses a job that has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, fields
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from odla.serving.jobs import Job
+from odla.core.protocol import JobReceipt
+from odla.core.usage import Usage
+
+log = logging.getLogger("odla.operator")
+
+MAX_PENDING = 100_000
+"Ended jobs kept in memory while their receipts cannot be written (a full disk): the newest."
+USAGE = tuple(f.name for f in fields(Usage))
+COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
+           "failovers", "queue_wait", *USAGE)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, started REAL NOT NULL, model TEXT NOT NULL, node TEXT, door TEXT NOT NULL,
+    outcome TEXT, error TEXT, caller TEXT, first_token REAL, finished REAL, failovers INTEGER NOT NULL,
+    queue_wait REAL, prompt_tokens INTEGER, output_tokens INTEGER, total_duration INTEGER,
+    load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER);
+CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
+"""
+INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+class ReceiptsError(Exception):
+    """The receipts database cannot be opened."""
+
+
+class Receipts:
+    FLUSH_S = 0.5
+    "How often ended jobs are written."
+    PRUNE_S = 3600.0
+    "How often receipts older than ``keep_days`` are deleted."
+
+    def __init__(self, path: str, keep_days: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.keep_s = keep_days * 86400
+        self.clock = clock
+        self.running: dict[str, Job] = {}
+        self.pending: list[Job] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
+        self._db: Optional[sqlite3.Connection] = None
+        self.mirror: Optional[Callable[[list[Job]], Awaitable[None]]] = None
+        "Also gets each batch written (several operators: odla/operator/cluster.py copies it to Redis)."
+
+    # --- in the event loop, per job: no I/O ---------------------------------------------------
+
+    def started(self, job: Job) -> None:
+        self.running[job.id] = job
+
+    def ended(self, job: Job) -> None:
+        self.running.pop(job.id, None)
+        self.pending.append(job)
+
+    # --- the database, in its thread ------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or create) the database; ``ReceiptsError`` says why it cannot be."""
+        self._db = await self._call(connect, self.path)
+        await self._call(self._prune, self.clock() - self.keep_s)
+
+    async def run(self) -> None:
+        """Write what has ended every ``FLUSH_S``; prune every ``PRUNE_S``. Runs until cancelled."""
+        pruned = self.clock()
+        while True:
+            await asyncio.sleep(self.FLUSH_S)
+            try:
+                await self.flush()
+                if self.clock() - pruned >= self.PRUNE_S:
+                    pruned = self.clock()
+                    await self._call(self._prune, pruned - self.keep_s)
+            except sqlite3.Error:  # a full disk, say: the network goes on, says so, and tries again
+                log.exception("cannot write job receipts to %s", self.path)
+            except Exception:  # noqa: BLE001 - the writer outlives any one batch
+                log.exception("job receipts could not be written; that batch is dropped")
+
+    async def flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await self._call(self._write, [_row(job) for job in batch])
+            except sqlite3.Error:
+                self.pending[:0] = batch[-MAX_PENDING:]  # kept for the next try (bounded)
+                raise
+            if self.mirror is not None:
+                await self.mirror(batch)
+
+    async def get(self, job_id: str) -> Optional[JobReceipt]:
+        job = self.running.get(job_id) or next((j for j in self.pending if j.id == job_id), None)
+        if job is not None:
+            return job.receipt()
+        rows = await self._call(self._select, f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+        return _receipt(rows[0]) if rows else None
+
+    async def find(self, model: Optional[str] = None, node: Optional[str] = None, outcome: Optional[str] = None,
+                   since: Optional[float] = None, limit: int = 50, offset: int = 0,
+                   caller: Optional[str] = None) -> list[JobReceipt]:
+        """Ended jobs, newest first (``caller``: only that caller's)."""
+        await self.flush()
+        where, args = [], []
+        for column, value in (("model", model), ("node", node), ("outcome", outcome), ("caller", caller)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("started >= ?")
+            args.append(since)
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+               "ORDER BY started DESC, rowid DESC LIMIT ? OFFSET ?")
+        return [_receipt(row) for row in await self._call(self._select, sql, (*args, limit, offset))]
+
+    async def aclose(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            await self._call(self._close)
+            self._thread.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _write(self, rows: list[tuple]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany(INSERT, rows)
+
+    def _select(self, sql: str, args: tuple) -> list[tuple]:
+        assert self._db is not None
+        return self._db.execute(sql, args).fetchall()
+
+    def _prune(self, before: float) -> None:
+        assert self._db is not None
+        with self._db:
+            gone = self._db.execute("DELETE FROM jobs WHERE started < ?", (before,)).rowcount
+        if gone:
+            log.info("deleted %d job receipt(s) older than jobs_keep_days", gone)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (or create) the receipts database at ``path``; ``ReceiptsError`` says why it cannot be."""
+    try:
+        if path != ":memory:" and not Path(path).parent.is_dir():
+            raise OSError(f"no directory {Path(path).parent}")
+        db = sqlite3.connect(path)
+        try:
+            if path != ":memory:":
+                db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+    except (sqlite3.Error, OSError) as exc:
+        raise ReceiptsError(f"cannot open jobs_db {path}: {exc}") from None
+    return db
+
+
+def _row(job: Job) -> tuple:
+    return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
+            job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage))
+
+
+def _receipt(row: tuple) -> JobReceipt:
+    data = dict(zip(COLUMNS, row))
+    usage = Usage(**{name: data.pop(name) for name in USAGE})
+    return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, **data).receipt()

@@ -1,0 +1,216 @@
+"""The operator's in-memory registry of nodes: what each has, can run and is running; prune.
+
+Pure and synchronous: the clock is injected, so tests move time by hand; it is monotonic
+(``time.monotonic``), so a jump of the wall clock prunes no node: wall-clock times (Ollama's
+``expires_at``) are taken onto it as they arrive and shown back as wall-clock times. Which node gets a
+job is the scheduler's business (odla/operator/scheduler.py); in-flight counts are the operator's own
+and are never overwritten by what a node reports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from odla.core.names import display_name, model_key
+from odla.core.protocol import LoadedModel, NodeInfo
+from odla.core.times import epoch, iso
+
+Clock = Callable[[], float]
+LINK_SCHEME = "link://"
+"The URL of a node that dialled in: ``link://<the address it dialled from>``."
+REST_AFTER = 3  # failures in a row before a node rests
+REST_BASE_S = 5.0  # the first rest; each further failure doubles it
+REST_MAX_S = 120.0
+ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
+SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
+MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
+
+
+@dataclass
+class Node:
+    """What the operator knows about one node."""
+
+    node_id: str
+    url: str
+    models: list[str]
+    last_seen: float
+    healthy: bool = True
+    jobs_total: int = 0
+    keys: frozenset[str] = field(default_factory=frozenset)
+    slots: dict[str, int] = field(default_factory=dict)
+    "Per model key: requests Ollama runs at once (1 when the node did not say)."
+    loaded: dict[str, Optional[float]] = field(default_factory=dict)
+    "Per model key: when Ollama unloads it (on the registry's clock; None: not known)."
+    tokens_per_s: dict[str, float] = field(default_factory=dict)
+    "Per model key, as the node says it measured it (shown; never believed for scheduling)."
+    seen_speed: dict[str, float] = field(default_factory=dict)
+    "Per model key: tokens per second of the answers this operator relayed from the node (a moving average)."
+    inflight: dict[str, int] = field(default_factory=dict)
+    "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
+    failures: int = 0
+    "Jobs that failed here in a row (unreachable, refused, broken off)."
+    errors: float = 0.0
+    "Moving average of failed jobs (0: none of late, 1: all)."
+    resting_until: Optional[float] = None
+    "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
+    link: Any = None
+    "The node's dial-out link (``odla.operator.link.Link``) while it has one; None for a node reached at its URL."
+
+    @property
+    def dialled(self) -> bool:
+        """It dialled in (``link: dial``): reached only through its link, open or not."""
+        return self.url.startswith(LINK_SCHEME)
+
+    def outcome(self, ok: bool, now: float) -> None:
+        """A job here ended: ``ok``, or it failed because of the node. Rests only ever get longer."""
+        self.errors = ERROR_WEIGHT * (0.0 if ok else 1.0) + (1 - ERROR_WEIGHT) * self.errors
+        self.failures = 0 if ok else self.failures + 1
+        if self.failures >= REST_AFTER:
+            rest = min(REST_MAX_S, REST_BASE_S * 2 ** (self.failures - REST_AFTER))
+            self.resting_until = max(self.resting_until or 0.0, now + rest)
+
+    def resting(self, now: float) -> bool:
+        return self.resting_until is not None and self.resting_until > now
+
+    @property
+    def active_jobs(self) -> int:
+        return sum(self.inflight.values())
+
+    def slots_for(self, key: str) -> int:
+        return self.slots.get(key, 1)
+
+    def free(self, key: str) -> bool:
+        return self.inflight.get(key, 0) < self.slots_for(key)
+
+    def warm(self, key: str, now: float) -> bool:
+        if key not in self.loaded:
+            return False
+        expires = self.loaded[key]
+        return expires is None or expires > now
+
+    def speed(self, key: str) -> Optional[float]:
+        """Tokens per second for this model as the operator saw them arrive, or the mean over the node's
+        models; None: not measured yet. What the node claims is not taken: a node could say anything."""
+        if key in self.seen_speed:
+            return self.seen_speed[key]
+        return sum(self.seen_speed.values()) / len(self.seen_speed) if self.seen_speed else None
+
+    def saw(self, key: str, tokens: int, seconds: float) -> None:
+        """An answer of ``tokens`` for ``key`` came in ``seconds`` from its first token to its last."""
+        if tokens < MIN_TOKENS_SEEN or seconds < MIN_SECONDS_SEEN:
+            return  # too short to tell a speed (a whole answer in one read)
+        rate = (tokens - 1) / seconds
+        before = self.seen_speed.get(key)
+        self.seen_speed[key] = rate if before is None else SPEED_WEIGHT * rate + (1 - SPEED_WEIGHT) * before
+
+    def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
+        """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share);
+        ``now`` is the registry's clock, whose times are shown as wall-clock times."""
+        speeds = list(self.tokens_per_s.values())
+        wall = time.time() - now  # the registry's clock to the wall's
+        return NodeInfo(
+            node_id=self.node_id,
+            url=self.url,
+            models=list(self.models),
+            last_seen=iso(wall + self.last_seen),
+            healthy=self.healthy,
+            active_jobs=self.active_jobs if active_jobs is None else active_jobs,
+            jobs_total=self.jobs_total,
+            slots={m: self.slots_for(model_key(m)) for m in self.models},
+            loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
+            tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word
+            resting_until=iso(wall + self.resting_until) if self.resting(now) else None,
+            link="dial" if self.dialled else "http",
+        )
+
+
+def capacity(node: Optional[Node]) -> frozenset[tuple[str, int]]:
+    """What jobs a node can take: (model key, slots) while it is healthy. A registration or a
+    check that adds to it wakes the queue (``Scheduler.wake(grown=True)``)."""
+    if node is None or not node.healthy:
+        return frozenset()
+    return frozenset((key, node.slots_for(key)) for key in node.keys)
+
+
+class Registry:
+    """Nodes by id."""
+
+    def __init__(self, *, prune_after: float, clock: Clock = time.monotonic) -> None:
+        self.prune_after = prune_after
+        self.clock = clock
+        self._nodes: dict[str, Node] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: str) -> Optional[Node]:
+        return self._nodes.get(node_id)
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
+
+    def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
+                 slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
+                 tokens_per_s: Optional[Mapping[str, float]] = None) -> Node:
+        """Add a node, or update the one with this id (never a second row)."""
+        models = list(dict.fromkeys(models))
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = Node(node_id, url, models, self.clock())
+        node.url, node.last_seen, node.healthy = url, self.clock(), healthy
+        self.set_models(node, models)
+        node.slots = {model_key(m): n for m, n in (slots or {}).items()}
+        now, wall = self.clock(), time.time()
+        node.loaded = {model_key(m.name): self._local(epoch(m.expires_at), now, wall) for m in loaded}
+        node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
+        return node
+
+    def set_models(self, node: Node, models: list[str]) -> None:
+        node.models = models
+        node.keys = frozenset(model_key(m) for m in models)
+
+    def remove(self, node_id: str) -> bool:
+        return self._nodes.pop(node_id, None) is not None
+
+    def seen(self, node_id: str, *, healthy: bool, models: Optional[list[str]] = None) -> None:
+        """Record an answer from the node (a health check)."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return
+        node.last_seen, node.healthy = self.clock(), healthy
+        if models is not None:
+            self.set_models(node, models)
+
+    def mark_failed(self, node_id: str) -> None:
+        """The node did not answer: give it no new jobs until it answers again."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.healthy = False
+
+    def candidates(self, model: str) -> list[Node]:
+        """Healthy nodes with ``model``, in registration order."""
+        key = model_key(model)
+        return [n for n in self._nodes.values() if n.healthy and key in n.keys]
+
+    @staticmethod
+    def _local(when: Optional[float], now: float, wall: float) -> Optional[float]:
+        """A wall-clock time (Ollama's ``expires_at``) on the registry's clock."""
+        return None if when is None else now + (when - wall)
+
+    def prune(self) -> list[str]:
+        """Drop nodes not seen for ``prune_after`` seconds; returns their ids. One with jobs still
+        running here is kept, out of rotation, until they end: were it to register again, a fresh
+        record would count none of them and take more jobs than the node has slots."""
+        cutoff = self.clock() - self.prune_after
+        gone = []
+        for node in list(self._nodes.values()):
+            if node.last_seen >= cutoff:
+                continue
+            if node.active_jobs:
+                node.healthy = False
+                continue
+            del self._nodes[node.node_id]
+            gone.append(node.node_id)
+        return gone

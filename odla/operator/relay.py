@@ -1,0 +1,296 @@
+"""The operator's routing and stream relay: pick a node, fail over, pass its bytes on.
+
+The relay does not decode tokens: the node already speaks the protocol, so its
+bytes go to the client as they arrive, several lines per send when they come
+together. Only the last line is looked at: to make sure an ODLA stream ends with
+exactly one final line, and to take off it the counts the node adds for the job's receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator, Callable, Optional
+
+from odla.core import protocol as p
+from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
+from odla.serving.jobs import Job
+from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachable
+from odla.core.names import listed, model_key
+from odla.operator.registry import Node, Registry
+from odla.serving.responses import Opened, Owned, StreamBroken, Tell
+from odla.operator.scheduler import Claim, Place, Scheduler
+from odla.core.usage import Tail, Usage
+
+WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
+
+log = logging.getLogger("odla.operator")
+RETRY_ELSEWHERE = {401, 403, 404, 408, 429}  # and every 5xx: another node may well take the job
+MAX_TRIES = 8
+"Nodes one job is sent to at most: past it the job fails, rather than walk a registry of dead nodes."
+
+
+class Router:
+    """The scheduler's pick, failover before the first byte; every job's stream tracked per node."""
+
+    def __init__(self, registry: Registry, nodes: NodeClient, scheduler: Scheduler,
+                 on_failure: Optional[Callable[[Node], None]] = None) -> None:
+        self.registry = registry
+        self.nodes = nodes
+        self.scheduler = scheduler
+        self.on_failure = on_failure or (lambda node: None)
+        self.streams: dict[str, set[ClientResponse]] = {}
+
+    async def open_job(self, request: p.InferenceRequest, job: Job, tell: Optional[Tell] = None) -> Opened:
+        """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
+        # already validated as an InferenceRequest: built without validating it again
+        run = p.RunRequest.model_construct(job_id=job.id, model=request.model, prompt=request.prompt,
+                                           **request.ollama_fields())
+        body = run.model_dump_json(exclude_none=True).encode()
+        place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
+        claim, resp = await self.open(request.model, "POST", "/run", body, job, place)
+        if resp.status != 200:  # the request itself is at fault
+            claim.release()
+            raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
+        return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id},
+                      gathered=True)
+
+    async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
+                   place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
+        """Send the request to the node the scheduler picks, the next one if it does not take it.
+
+        A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped (at
+        most ``MAX_TRIES`` nodes are tried);
+        any other answer (200, or the request's own fault such as 400) is returned with the
+        claim on the node's slot, which the caller releases (``relay`` does).
+        """
+        failures: list[tuple[Node, int, str]] = []
+        while True:
+            if len(failures) >= MAX_TRIES:
+                raise self._all_failed(model, failures)
+            claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place,
+                                               job.id)
+            if claim is None:
+                raise self._all_failed(model, failures) if failures else self.no_node(model)
+            if claim.waited:
+                job.queue_wait = (job.queue_wait or 0.0) + claim.waited
+            resp = None
+            try:
+                resp = await self._try(claim.node, method, path, body, failures, job.id)
+            finally:
+                if resp is None:  # refused, unreachable, or the client left
+                    claim.release()
+            if resp is not None:
+                job.node, job.failovers = claim.node.node_id, len(failures)
+                return claim, resp
+
+    async def _try(self, node: Node, method: str, path: str, body: bytes,
+                   failures: list, job_id: str = "") -> Optional[ClientResponse]:
+        try:
+            resp = await self.nodes.send(node, method, path, body, job_id)
+        except NodeUnreachable as exc:
+            log.warning("node %s unreachable (%s); trying the next one", node.node_id, exc)
+            self.failed(node)
+            failures.append((node, 503, "not reachable"))
+            return None
+        if resp.status == 200 or 400 <= resp.status < 500 and resp.status not in RETRY_ELSEWHERE:
+            return resp  # an answer, or the request's own fault; 1xx, 204, 3xx or 5xx: the node's
+        node.outcome(False, self.registry.clock())
+        try:
+            message = message_of(await self.nodes.read(resp), resp.status)
+        except NodeUnreachable:
+            message = f"HTTP {resp.status}"
+        log.warning("node %s refused the job (%d: %s); trying the next one", node.node_id, resp.status, message)
+        failures.append((node, resp.status, message))
+        return None
+
+    async def ask(self, model: str, method: str, path: str, body: bytes) -> Opened:
+        """A question about ``model`` that runs nothing (``/api/show``): to a healthy node that has
+        it, warm and idle ones first, the next one if it does not answer; no slot is taken, so it
+        never waits behind the jobs (clients such as Open WebUI ask it often)."""
+        key, now = model_key(model), self.registry.clock()
+        nodes = sorted(self.registry.candidates(model), key=lambda n: (n.resting(now), not n.warm(key, now),
+                                                                       not n.free(key)))
+        failures: list[tuple[Node, int, str]] = []
+        for node in nodes[:MAX_TRIES]:
+            resp = await self._try(node, method, path, body, failures)
+            if resp is not None:
+                media = resp.headers.get("content-type", "application/json")
+                answer = self.nodes.body(resp)
+                return Opened(Owned(_passed_on(answer), answer.aclose), resp.status, media,
+                              {"x-odla-node": node.node_id})
+        raise self._all_failed(model, failures) if failures else self.no_node(model)
+
+    def no_node(self, model: str) -> NoNodeError:
+        """Why no node could take the job, in the user's terms."""
+        key, now = model_key(model), self.registry.clock()
+        having = [n for n in self.registry.nodes() if key in n.keys]
+        if having:
+            states = ", ".join(f"{n.node_id} {'resting' if n.resting(now) else 'unhealthy'}" for n in having)
+            return NoNodeError(model, f"{len(having)} node(s) have it, none can take jobs now: {states}")
+        models = sorted({m for n in self.registry.nodes() if n.healthy for m in n.models})
+        if not models:
+            return NoNodeError(model, "no healthy node has joined the network")
+        return NoNodeError(model, f"the network has {listed(models, 20)}")
+
+    @staticmethod
+    def _all_failed(model: str, failures: list[tuple[Node, int, str]]) -> ODLAError:
+        statuses = {status for _, status, _ in failures}
+        if statuses == {404}:
+            return NoNodeError(model)
+        reasons = "; ".join(f"{node.node_id}: {message}" for node, _, message in failures)
+        status = 503 if statuses <= {503, 429, 408} else 502
+        return UpstreamError(f"no node could run model {model} ({reasons})", status)
+
+    def failed(self, node: Node) -> None:
+        """The node did not answer: no new jobs until a health check passes, and a check soon."""
+        node.outcome(False, self.registry.clock())
+        self.registry.mark_failed(node.node_id)
+        self.on_failure(node)
+
+    def abort(self, node_id: str) -> int:
+        """Cut every stream from a node that no longer answers; each ends with an error line."""
+        streams = self.streams.get(node_id, ())
+        for resp in list(streams):
+            resp.close()
+        return len(streams)
+
+    def relay(self, claim: Claim, resp: ClientResponse, job: Job, protocol: bool = True) -> Owned:
+        """The node's body as it arrives; raises ``StreamBroken`` if it broke off. The result owns
+        the claim and the node's response: its ``aclose()`` releases both, streamed or not.
+
+        With ``protocol`` (ODLA's JSON lines, from ``/run``): whole lines only (the start of
+        a line waits for its end), the node's final line without its ``stats`` (they go to
+        the job), and a stream that ends without a final line counts as broken. Otherwise (a
+        door: Ollama's own answer) byte for byte, its end read for Ollama's counts and for
+        an error it ended with. Either way the job ends (``ok`` or ``node_error``) once its
+        last line has gone to the client, and counts the tokens it delivered.
+        """
+        node = claim.node
+        node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
+        streams = self.streams.setdefault(node.node_id, set())
+        streams.add(resp)
+        body = self.nodes.body(resp)
+        return Owned(self._relay(claim, body, job, protocol), claim.release, lambda: streams.discard(resp),
+                     body.aclose)  # closing the node's response tells it to stop: a client that left cancels the job
+
+    async def _relay(self, claim: Claim, body: Body, job: Job, protocol: bool) -> AsyncIterator[bytes]:
+        node = claim.node
+        lines = _Lines(job) if protocol else None
+        tail = Tail() if not protocol else None
+        try:
+            async for chunk in body:
+                if lines is not None:
+                    chunk = lines.take(chunk)
+                    if not chunk:
+                        continue
+                    if lines.ended:  # Ollama is done: the slot is free before the client hears so (it may
+                        claim.release()  # ask again at once, and must find it free)
+                else:
+                    tail.add(chunk)
+                    job.delivered += _door_tokens(chunk)
+                    if job.first_token is None and not chunk.startswith(b'{"error"'):
+                        job.first()
+                yield chunk
+                if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
+                    break  # the last line went to the client: the job is done, whatever comes after it
+        except NodeUnreachable as exc:
+            log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
+            self.failed(node)
+            raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
+        finally:
+            claim.release()
+        if lines is not None and not lines.ended:
+            node.outcome(False, self.registry.clock())
+            raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
+        if tail is not None:
+            job.usage, job.error = tail.usage(), tail.error()
+        self._ended(node, job)
+        await _drain(body)
+
+    def _ended(self, node: Node, job: Job) -> None:
+        """The job's answer is complete (an error in its last line: Ollama failed mid-stream); how
+        fast its tokens came is the node's speed, as this operator sees it."""
+        if job.outcome is None:
+            node.outcome(job.error is None, self.registry.clock())
+            if job.error is None and job.first_token is not None:
+                node.saw(model_key(job.model), job.delivered, time.time() - job.first_token)
+        job.end("node_error" if job.error else "ok")
+
+
+async def _passed_on(body: Body) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    except NodeUnreachable as exc:
+        raise StreamBroken("the node failed mid-answer: connection lost") from exc
+
+
+async def _drain(body: Body) -> None:
+    """Read what follows an answer's last line (the end of its HTTP body, or of its link job), so
+    the connection goes back to the pool; a node that sends more than ``MAX_LINE`` bytes there,
+    or breaks, is cut (its answer is complete either way)."""
+    extra = 0
+    try:
+        async for chunk in body:
+            extra += len(chunk)
+            if extra > MAX_LINE:
+                break
+    except NodeUnreachable:
+        pass
+
+
+def _door_tokens(chunk: bytes) -> int:
+    """Tokens in a piece of a door's answer: Ollama's stream has one line per token (``"done":false``),
+    its OpenAI API one event per token (``"finish_reason":null``; the last one says why it stopped)."""
+    return chunk.count(b'"done":false') + chunk.count(b'"finish_reason":null')
+
+
+def _door_ended(chunk: bytes) -> bool:
+    """Does this piece end a door's streamed answer? Ollama's last line says ``"done":true`` (or is
+    an error), an OpenAI stream ends with ``data: [DONE]``. (A whole document ends with its body.)"""
+    if chunk.endswith(b"data: [DONE]\n\n"):
+        return True
+    if not chunk.endswith(b"\n"):
+        return False
+    last = chunk[chunk.rfind(b"\n", 0, len(chunk) - 1) + 1:]
+    return last.startswith(b"{") and (b'"done":true' in last or last.startswith(b'{"error"'))
+
+
+MAX_LINE = 1 << 20
+"The longest line a node's /run stream may send (a token is a few bytes; its final line a few hundred)."
+
+
+class _Lines:
+    """A node's ``/run`` stream, passed on whole lines at a time, its final line noted."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.partial = b""
+        self.ended = False
+
+    def take(self, chunk: bytes) -> bytes:
+        """The whole lines ``chunk`` completes, the last one's ``stats`` taken off."""
+        if self.partial:
+            chunk = self.partial + chunk
+        end = chunk.rfind(b"\n") + 1
+        chunk, self.partial = (chunk[:end], chunk[end:]) if end < len(chunk) else (chunk, b"")
+        if len(self.partial) > MAX_LINE:  # a node that never ends its line must not fill memory
+            raise StreamBroken(f"node sent a line longer than {MAX_LINE} bytes")
+        if not chunk:
+            return chunk
+        self.job.delivered += chunk.count(b'"done": false')  # a token line each
+        start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
+        last = chunk[start:]
+        final = p.final_line(last) if b'"done": true' in last else None
+        self.ended = final is not None
+        if final is None or start:  # a token came
+            self.job.first()
+        if final is None:
+            return chunk
+        if "stats" in final:
+            self.job.usage = Usage.from_stats(final["stats"])
+            return chunk[:start] + p.DONE_LINE
+        if "error" in final:
+            self.job.error = message_of(last, 502)
+        return chunk

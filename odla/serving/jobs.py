@@ -1,0 +1,91 @@
+"""One job's record, from the request that asked for it to its end: what the metrics count
+and what its receipt says. Every job ends exactly once, with one of ``OUTCOMES``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, get_args
+
+from odla.core.errors import NoNodeError, ODLAError
+from odla.core.protocol import JobReceipt, Outcome
+from odla.core.times import iso
+from odla.core.usage import Usage
+
+OUTCOMES = get_args(Outcome)
+JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                       "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+"The operator's paths that run a model: each request to one is a job."
+
+
+def new_job_id() -> str:
+    """A job's id: in the ``X-ODLA-Job`` header and the node's log line for it. 128 random
+    bits in hex, as ``uuid4().hex`` gives but without building a UUID, a tenth of the cost."""
+    return os.urandom(16).hex()
+
+
+def door_of(path: str) -> str:
+    return "openai" if path.startswith("/v1/") else "ollama" if path.startswith("/api/") else "inference"
+
+
+@dataclass
+class Job:
+    """A job as the operator saw it."""
+
+    door: str
+    model: str = ""
+    caller: str = ""
+    id: str = field(default_factory=new_job_id)
+    started: float = field(default_factory=time.time)
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+    node: str = ""
+    outcome: Optional[str] = None
+    error: Optional[str] = None
+    failovers: int = 0
+    queue_wait: Optional[float] = None
+    "Seconds it waited for a free slot, when it had to."
+    usage: Usage = field(default_factory=Usage)
+    """Ollama's counts, as the node forwarded them; ``output_tokens`` is what the client was sent
+    unless the answer was complete and Ollama counted it."""
+    delivered: int = 0
+    "Tokens relayed to the client (one per token line or event), whatever Ollama's final message says."
+    on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
+
+    def first(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.time()
+
+    def end(self, outcome: str, error: Optional[str] = None) -> None:
+        """Record how the job ended; only the first call counts."""
+        if self.outcome is not None:
+            return
+        self.outcome, self.finished = outcome, time.time()
+        self.error = error if error is not None else self.error
+        if self.delivered and (outcome != "ok" or self.usage.output_tokens is None):
+            self.usage.output_tokens = self.delivered  # cut short, or Ollama did not count: what was sent
+        self.on_end(self)
+
+    def refused(self, exc: ODLAError) -> None:
+        """The job ended before any answer, with ``exc``."""
+        from odla.operator.scheduler import QueueFull, QueueTimeout  # the scheduler imports the registry, not jobs
+
+        if isinstance(exc, QueueFull):
+            outcome = "queue_full"
+        elif isinstance(exc, QueueTimeout):
+            outcome = "queue_timeout"
+        elif isinstance(exc, NoNodeError) or exc.status_code == 404 and not self.node:
+            outcome = "no_node"
+        elif exc.status_code in (400, 413, 422):
+            outcome = "bad_request"
+        else:
+            outcome = "node_error"
+        self.end(outcome, exc.message)
+
+    def receipt(self) -> JobReceipt:
+        stamp = lambda t: iso(t, "milliseconds") if t is not None else None  # noqa: E731
+        return JobReceipt(id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
+                          error=self.error, caller=self.caller or None, started_at=stamp(self.started),
+                          first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
+                          failovers=self.failovers, queue_wait_s=self.queue_wait, **self.usage.stats())

@@ -1,0 +1,92 @@
+from odla.core.protocol import LoadedModel
+from odla.operator.registry import Registry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(prune_after: float = 60) -> tuple[Registry, Clock]:
+    clock = Clock()
+    return Registry(prune_after=prune_after, clock=clock), clock
+
+
+def test_register_twice_updates_one_row():
+    reg, clock = make()
+    reg.register("a", "http://a:1", ["llama3:latest"])
+    clock.now += 5
+    reg.register("a", "http://a:2", ["mistral:latest"])
+    assert len(reg) == 1
+    node = reg.get("a")
+    assert (node.url, node.models, node.last_seen) == ("http://a:2", ["mistral:latest"], clock.now)
+    assert node.info(clock.now).last_seen.endswith("Z")
+
+
+def test_candidates_are_healthy_nodes_with_the_model_by_ollamas_names():
+    reg, _ = make()
+    reg.register("a", "http://a", ["llama3:latest", "mistral:latest"])
+    reg.register("b", "http://b", ["llama3:latest"])
+    assert [n.node_id for n in reg.candidates("LLAMA3")] == ["a", "b"]
+    assert [n.node_id for n in reg.candidates("library/mistral:latest")] == ["a"]
+
+
+def test_what_a_node_reports_is_kept_and_shown():
+    reg, clock = make()
+    reg.register("a", "http://a", ["llama3:latest", "nomic-embed-text:latest"],
+                 slots={"llama3:latest": 4, "nomic-embed-text:latest": 1},
+                 loaded=[LoadedModel(name="llama3:latest", expires_at="2099-01-01T00:00:00.123456789Z"),
+                         LoadedModel(name="nomic-embed-text:latest", expires_at="2000-01-01T00:00:00Z")],
+                 tokens_per_s={"llama3:latest": 42.0})
+    info = reg.get("a").info(clock.now)
+    assert info.slots == {"llama3:latest": 4, "nomic-embed-text:latest": 1}
+    assert info.loaded == ["llama3:latest"]  # the other one has expired
+    assert info.tokens_per_s == 42.0 and info.active_jobs == 0
+
+
+def test_failed_nodes_get_no_jobs_until_seen_again():
+    reg, _ = make()
+    reg.register("a", "http://a", ["llama3:latest"])
+    reg.register("b", "http://b", ["llama3:latest"])
+    reg.mark_failed("a")
+    assert {n.node_id for _ in range(3) for n in reg.candidates("llama3")} == {"b"}
+    reg.seen("a", healthy=True)
+    assert {n.node_id for n in reg.candidates("llama3")} == {"a", "b"}
+    assert reg.candidates("nope") == []
+
+
+def test_prune_after_ttl():
+    reg, clock = make(prune_after=60)
+    reg.register("a", "http://a", ["x"])
+    reg.register("b", "http://b", ["x"])
+    clock.now += 59
+    reg.seen("b", healthy=True)
+    assert reg.prune() == []
+    clock.now += 2
+    assert reg.prune() == ["a"]
+    assert [n.node_id for n in reg.nodes()] == ["b"]
+
+
+def test_seen_updates_models():
+    reg, _ = make()
+    reg.register("a", "http://a", ["x:latest"])
+    reg.seen("a", healthy=True, models=["y:latest"])
+    assert reg.candidates("y") and not reg.candidates("x")
+
+
+def test_a_node_with_jobs_running_is_kept_out_of_rotation_not_pruned():
+    """Pruned and registered again, a node would start a fresh count while its old jobs ran, and take
+    more jobs than its slots: it stays (unhealthy) until they end, and keeps counting them."""
+    reg, clock = make(prune_after=60)
+    node = reg.register("a", "http://a", ["x:latest"], slots={"x:latest": 1})
+    node.inflight["x:latest"] = 1  # a job still streaming from it
+    clock.now += 61
+    assert reg.prune() == [] and not node.healthy and reg.candidates("x") == []
+    again = reg.register("a", "http://a", ["x:latest"], slots={"x:latest": 1})
+    assert again is node and not again.free("x:latest")  # its running job still counts
+    del node.inflight["x:latest"]
+    clock.now += 61
+    assert reg.prune() == ["a"]
