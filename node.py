@@ -35,7 +35,8 @@ from odla.serving.auth import join_headers, join_token_dependency
 from odla.node.capacity import Capacity, num_parallel
 from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
-from odla.core.errors import OLLAMA_FAILURES, ODLAError, ollama_failure, shape_for
+from odla.core.errors import ODLAError
+from odla.serving.errors import OLLAMA_FAILURES, ollama_failure, shape_for
 from odla.serving.lifespan import background, serve, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded

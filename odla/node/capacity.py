@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 import ollama
 
 from odla.core.config import Settings
-from odla.core.errors import OLLAMA_FAILURES
+from odla.serving.errors import OLLAMA_FAILURES
 from odla.core.protocol import LoadedModel
 
 log = logging.getLogger("odla.node")

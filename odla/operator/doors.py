@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from odla.core.errors import NoNodeError, ODLAError, shape_for
+from odla.core.errors import NoNodeError, ODLAError
+from odla.serving.errors import shape_for
 from odla.core.names import model_key, model_named
 from odla.operator.nodes import NodeUnreachable
 from odla.operator.registry import Node, Registry

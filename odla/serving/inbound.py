@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from odla.core.config import Settings
-from odla.core.errors import ODLAError, install_error_handlers, invalid_body, shape_for
+from odla.core.errors import ODLAError, invalid_body
+from odla.serving.errors import install_error_handlers, shape_for
 
 M = TypeVar("M", bound=BaseModel)
 

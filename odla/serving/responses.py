@@ -33,7 +33,8 @@ from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapp
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from odla.core.errors import ODLA, ODLAError, Shape
+from odla.core.errors import ODLAError
+from odla.serving.errors import ODLA, Shape
 from odla.serving.jobs import Job
 from odla.core.protocol import NDJSON, ErrorLine
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from odla.core.errors import ODLA, OLLAMA, ODLAError, Shape
+from odla.core.errors import ODLAError
+from odla.serving.errors import ODLA, OLLAMA, Shape
 from odla.core.protocol import NDJSON
 from odla.serving.responses import LineStream, Opened, StreamBroken, _Buffer
 
