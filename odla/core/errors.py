@@ -2,6 +2,8 @@
 
     ODLAError                   an HTTP status and a message safe to show callers
     ├── NoNodeError             404 no healthy node has the model
+    ├── QueueFull               503 the model's queue (or the caller's share of it) is full
+    ├── QueueTimeout            504 a queued job found no slot in time
     ├── UpstreamError           4xx/5xx a node or Ollama refused or could not be reached
     └── AuthError               401 missing or wrong token / API key
 
@@ -36,6 +38,16 @@ class NoNodeError(ODLAError):
 
     def __init__(self, model: str, why: str = "") -> None:
         super().__init__(f"No node available with model: {model}" + (f" ({why})" if why else ""))
+
+
+class QueueFull(ODLAError):
+    """503: the queue for a model (or a caller's share of it) is full."""
+    status_code = 503
+
+
+class QueueTimeout(ODLAError):
+    """504: a queued job waited ``queue_timeout`` for a slot."""
+    status_code = 504
 
 
 class UpstreamError(ODLAError):

@@ -99,6 +99,11 @@ class RegisterRequest(NodeReport):
 # --- the dial-out link (``/nodes/link``): JSON text frames, each with its type in ``t`` ---------------
 
 LINK_PATH = "/nodes/link"
+WINDOW = 16
+"Chunks of one job the node may send ahead of the operator's credit (granted by halves)."
+REFUSED, REPLACED, TAKEN, BAD_FRAME, SILENT = 4401, 4000, 4409, 4400, 4408
+"""How the operator closes a link: no or a wrong credential; replaced by the node's new link; the id
+is live on another link; a frame it cannot read; silent too long."""
 
 
 class LinkHello(NodeReport):

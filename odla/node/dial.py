@@ -34,7 +34,7 @@ from odla.core import protocol as p
 from odla.serving.auth import JOIN_HEADER
 from odla.core.config import Settings
 from odla.serving.lifespan import freeze_gc
-from odla.operator.link import REFUSED, TAKEN, WINDOW
+from odla.core.protocol import REFUSED, TAKEN, WINDOW
 
 log = logging.getLogger("odla.node")
 FIRST_DELAY_S = 0.5

@@ -31,6 +31,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from odla.core import protocol as p
+from odla.core.protocol import BAD_FRAME, REFUSED, REPLACED, SILENT, TAKEN, WINDOW
 from odla.serving.auth import holds_node_credential, may_join, node_credential
 from odla.core.config import Settings
 from odla.core.errors import NodeUnreachable
@@ -40,10 +41,7 @@ from odla.operator.registry import LINK_SCHEME, Node, Registry, capacity
 
 log = logging.getLogger("odla.operator")
 
-WINDOW = 16
-"Chunks of one job the node may send ahead of the operator's credit (granted by halves)."
 HELLO_TIMEOUT_S = 10.0
-REFUSED, REPLACED, TAKEN, BAD_FRAME, SILENT = 4401, 4000, 4409, 4400, 4408
 LIVE_LINK_HEARTBEATS = 1.5
 """A link heard from within this many heartbeats is live: a second node dialling in under its id is
 refused (4409). One quiet for longer is taken for a link the node lost: the new one replaces it."""

@@ -41,7 +41,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol
 
-from odla.core.errors import ODLAError
+from odla.core.errors import QueueFull, QueueTimeout
 from odla.core.names import model_key
 from odla.operator.registry import Node, Registry
 
@@ -51,14 +51,6 @@ EQUAL_SPEED = 1.15
 CLUSTER_POLL_S = 2.0
 "With several operators: how often a waiting job asks again, though no slot was heard to free."
 Place = Callable[[int], None]
-
-
-class QueueFull(ODLAError):
-    status_code = 503
-
-
-class QueueTimeout(ODLAError):
-    status_code = 504
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, get_args
 
-from odla.core.errors import NoNodeError, ODLAError
+from odla.core.errors import NoNodeError, ODLAError, QueueFull, QueueTimeout
 from odla.core.protocol import JobReceipt, Outcome
 from odla.core.times import iso
 from odla.core.usage import Usage
@@ -69,8 +69,6 @@ class Job:
 
     def refused(self, exc: ODLAError) -> None:
         """The job ended before any answer, with ``exc``."""
-        from odla.operator.scheduler import QueueFull, QueueTimeout  # the scheduler imports the registry, not jobs
-
         if isinstance(exc, QueueFull):
             outcome = "queue_full"
         elif isinstance(exc, QueueTimeout):

@@ -17,7 +17,8 @@ import pytest
 from sim.ollama_sim import sim_tokens
 from odla.core import protocol as p
 from odla.operator.registry import Registry
-from odla.operator.scheduler import QueueFull, QueueTimeout, Scheduler
+from odla.core.errors import QueueFull, QueueTimeout
+from odla.operator.scheduler import Scheduler
 from odla.operator.cluster import SharedState
 from tests.fakes import Cutter, RawNode, ndjson_reply
 from tests.helpers import ROOT, free_port, read_stream, settings, wait_for, wait_http

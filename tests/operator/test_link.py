@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.server import serve as ws_serve
 
 from odla.node.dial import link_url, redial_delay
-from odla.operator.link import WINDOW
+from odla.core.protocol import WINDOW
 from sim.ollama_sim import sim_tokens
 from tests.fakes import Cutter
 from tests.helpers import FAST, ROOT, free_port, read_stream, wait_for

@@ -6,7 +6,8 @@ import pytest
 
 from odla.core.protocol import LoadedModel
 from odla.operator.registry import Registry
-from odla.operator.scheduler import QueueFull, QueueTimeout, Scheduler
+from odla.core.errors import QueueFull, QueueTimeout
+from odla.operator.scheduler import Scheduler
 
 NOW = 1_800_000_000.0
 LATER = "2027-03-15T08:00:00Z"  # after NOW: still loaded
