@@ -1,15 +1,19 @@
 """ODLA client: prompts and conversations on an ODLA network, and a look at the network.
 
+    python client.py run llama3 "Why is the sky blue?"    (as 'ollama run': a prompt, answered; none, a chat)
     python client.py "Explain quantum entanglement" --model llama3
     python client.py infer "prompt" --model llama3 --operator remote-host:8000
-    cat notes.txt | python client.py - --model llama3
+    cat notes.txt | python client.py run llama3
     python client.py -- "-1 is a number"                 (a prompt that starts with -)
-    python client.py "Why is the sky blue?" --verbose     (Ollama's stats after the answer, on stderr)
+    python client.py run llama3 "Why?" --verbose          (Ollama's stats after the answer, on stderr)
     python client.py chat --model llama3                  (also: python client.py, on a terminal)
-    python client.py list | ps | show MODEL | nodes | jobs
+    python client.py list | ps | show MODEL | nodes | jobs | pull MODEL | rm MODEL | version
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
+
+Only typer and the client's own light modules are imported at start; each command imports
+what it needs (httpx, the wire protocol) when it runs, so ``--version`` and ``--help`` are quick.
 """
 
 import contextlib
@@ -17,22 +21,15 @@ import json
 import os
 import signal
 import sys
-from collections import Counter
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
-import httpx
 import typer
 
 from odla import __version__
-from odla.core import protocol as p
-from odla.client.chat import run_chat
-from odla.client.calls import (EXIT_INTERRUPTED, EXIT_USAGE, Failure, auth_headers, call, http_client, job_extras,
-                            operator_url, receipt, stream_inference, unreachable)
-from odla.core.config import ConfigError, Settings, load_settings
-from odla.client.tables import jobs_table, nodes_table, table, verbose_stats
+from odla.client.errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, operator_url
 from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
-COMMANDS = {"infer", "chat", "list", "ps", "show", "nodes", "jobs"}
+COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "pull", "rm", "version"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run prompts and chats on an ODLA network, and look at its models, nodes and jobs.")
@@ -45,7 +42,7 @@ ApiKeyOpt = Annotated[Optional[str], typer.Option(
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", show_default="default_model in config.json",
                                                  help="Model")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the operator's raw JSON")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="After each answer, Ollama's stats "
+VerboseOpt = Annotated[bool, typer.Option("--verbose", metavar="", help="After each answer, Ollama's stats "
                                           "on stderr as 'ollama run --verbose' prints them, then the node and job")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt, instead of the model's own")]
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="json, or a JSON schema the answer must follow")]
@@ -54,22 +51,29 @@ OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="
                                                         "(repeatable), e.g. -o num_ctx=8192 -o seed=42")]
 KeepaliveOpt = Annotated[Optional[str], typer.Option("--keepalive", help="How long the model stays loaded "
                                                      "afterwards: a duration such as 10m, or seconds")]
+ShowNodeOpt = Annotated[bool, typer.Option("--show-node", metavar="", help="Say on stderr which node answers")]
+
+
+def version_text() -> str:
+    return f"client.py (ODLA) {__version__}"
 
 
 def version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"client.py (ODLA) {__version__}")
+        typer.echo(version_text())
         raise typer.Exit()
 
 
 @app.callback()
-def main_options(version: Annotated[bool, typer.Option("--version", metavar="", callback=version_callback,
+def main_options(version: Annotated[bool, typer.Option("--version", "-v", metavar="", callback=version_callback,
                                                        is_eager=True, help="Print the version and exit")] = False,
                  ) -> None:
     """Run prompts and chats on an ODLA network, and look at its models, nodes and jobs."""
 
 
-def settings() -> Settings:
+def settings() -> Any:
+    from odla.core.config import ConfigError, load_settings
+
     try:
         return load_settings(role="client")
     except ConfigError as exc:
@@ -78,21 +82,28 @@ def settings() -> Settings:
 
 def ask(operator: Optional[str], api_key: Optional[str], method: str, path: str, **kw) -> Any:
     """One JSON answer from the operator (``--operator``, else config.json's)."""
+    from odla.client.calls import call, http_client
+
     url = operator_url(operator or settings().operator_url)
     with http_client(url, api_key) as http:
         return call(http, url, method, path, **kw)
 
 
 @contextlib.contextmanager
-def exit_at_once_on_ctrl_c() -> Iterator[None]:
-    """Ctrl-C while streaming leaves at once, with exit code 130.
+def exit_at_once_on_ctrl_c(answering: Callable[[], bool]) -> Iterator[None]:
+    """Ctrl-C while streaming leaves at once, with exit code 130, and what was printed of the
+    answer stays on screen (``answering()``: part of it was printed; else the spinner's line goes).
 
     A KeyboardInterrupt unwinding through httpx's connection pool can deadlock on the
     pool's lock (encode/httpcore#990: seen here as a client that never exited). Exiting
     closes the socket, which is what tells the operator, the node and Ollama to stop.
     """
     def leave(signum: int, frame: object) -> None:
-        os.write(2, b"\r\x1b[K\ninterrupted\n" if is_terminal(sys.stderr) else b"\ninterrupted\n")
+        if answering():
+            os.write(1, b"\n")  # the partial answer keeps its last line
+            os.write(2, b"interrupted\n")
+        else:
+            os.write(2, b"\r\x1b[K\ninterrupted\n" if is_terminal(sys.stderr) else b"\ninterrupted\n")
         os._exit(EXIT_INTERRUPTED)
 
     try:
@@ -113,7 +124,7 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-def run(action) -> None:
+def run_action(action: Callable[[], None]) -> None:
     """Turn Failures and Ctrl-C into a message on stderr and an exit code."""
     try:
         action()
@@ -126,6 +137,104 @@ def run(action) -> None:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def answer(prompt: str, model: Optional[str], operator: Optional[str], api_key: Optional[str], *,
+           show_node: bool = False, verbose: bool = False, extras: Optional[dict] = None) -> None:
+    """Stream one answer to ``prompt`` to stdout (queue places and the node on stderr)."""
+    from odla.client.calls import http_client, receipt, stream_inference
+    from odla.client.tables import verbose_stats
+    from odla.core import protocol as p
+
+    conf = settings()
+    url = operator_url(operator or conf.operator_url)
+    request = p.InferenceRequest(model=model or conf.default_model, prompt=prompt, **(extras or {}))
+    printed = False
+    job_ids: list[str] = []
+    spinner = Spinner()
+
+    def on_node(node: str) -> None:
+        if show_node:
+            spinner.stop()
+            typer.echo(f"[node {node}]", err=True)
+
+    def on_queued(place: int) -> None:
+        words = f"queued: place {place} in line" if place > 1 else "queued: next in line"
+        if spinner.active:
+            spinner.say(words)
+        else:
+            typer.echo(f"[{words}]", err=True)
+
+    try:
+        with exit_at_once_on_ctrl_c(lambda: printed), http_client(url, api_key) as http:
+            with spinner:
+                for token in stream_inference(http, url, request, on_node, on_queued, job_ids.append):
+                    spinner.stop()
+                    typer.echo(token, nl=False)
+                    printed = True
+            typer.echo()  # the answer ends its line, even an empty answer
+            printed = False
+            if verbose:
+                stats = verbose_stats(receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
+                typer.echo("\n" + stats, err=True)
+    finally:
+        if printed:  # the answer's line ends before any error is printed below it
+            typer.echo()
+
+
+def converse(model: Optional[str], operator: Optional[str], api_key: Optional[str], *, verbose: bool,
+             system: Optional[str], extras: dict) -> None:
+    import httpx
+
+    from odla.client.calls import auth_headers, unreachable
+    from odla.client.chat import run_chat
+
+    conf = settings()
+    url = operator_url(operator or conf.operator_url)
+    try:
+        run_chat(url, auth_headers(api_key), model or conf.default_model, extras, system, verbose)
+    except httpx.HTTPError as exc:
+        raise unreachable(url, exc) from exc
+
+
+def extras_of(system: Optional[str], fmt: Optional[str], temperature: Optional[float], option: Optional[list[str]],
+              keepalive: Optional[str]) -> dict:
+    from odla.client.calls import job_extras
+
+    return job_extras(system, fmt, temperature, option or [], keepalive)
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="The model")],
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="The prompt (its words are joined); none: a chat, "
+                                                               "or standard input when it is not a terminal")] = None,
+    operator: OperatorOpt = None,
+    api_key: ApiKeyOpt = None,
+    verbose: VerboseOpt = False,
+    fmt: FormatOpt = None,
+    keepalive: KeepaliveOpt = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    option: OptionOpt = None,
+    show_node: ShowNodeOpt = False,
+) -> None:
+    """Run MODEL as 'ollama run' does: with a PROMPT, answer it and exit; without one, chat."""
+
+    def action() -> None:
+        text = " ".join(prompt or [])
+        if not is_terminal(sys.stdin) and not text:
+            text = sys.stdin.read()
+        if text.strip():
+            extras = extras_of(system, fmt, temperature, option, keepalive)
+            answer(text, model, operator, api_key, show_node=show_node, verbose=verbose, extras=extras)
+        elif is_terminal(sys.stdin):
+            converse(model, operator, api_key, verbose=verbose, system=system,
+                     extras=extras_of(None, fmt, temperature, option, keepalive))
+        else:
+            raise Failure("the prompt is empty", EXIT_USAGE)
+
+    run_action(action)
+
+
 @app.command()
 def infer(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input; "
@@ -133,7 +242,7 @@ def infer(
     model: ModelOpt = None,
     operator: OperatorOpt = None,
     api_key: ApiKeyOpt = None,
-    show_node: Annotated[bool, typer.Option("--show-node", metavar="", help="Say on stderr which node answers")] = False,
+    show_node: ShowNodeOpt = False,
     verbose: VerboseOpt = False,
     system: SystemOpt = None,
     fmt: FormatOpt = None,
@@ -142,45 +251,8 @@ def infer(
     keepalive: KeepaliveOpt = None,
 ) -> None:
     """Stream a model's answer to PROMPT (the default command)."""
-
-    def action() -> None:
-        conf = settings()
-        url = operator_url(operator or conf.operator_url)
-        extras = job_extras(system, fmt, temperature, option or [], keepalive)
-        request = p.InferenceRequest(model=model or conf.default_model, prompt=read_prompt(prompt), **extras)
-        printed = False
-        job_ids: list[str] = []
-        spinner = Spinner()
-
-        def on_node(node: str) -> None:
-            if show_node:
-                spinner.stop()
-                typer.echo(f"[node {node}]", err=True)
-
-        def on_queued(place: int) -> None:
-            words = f"queued: place {place} in line" if place > 1 else "queued: next in line"
-            if spinner.active:
-                spinner.say(words)
-            else:
-                typer.echo(f"[{words}]", err=True)
-
-        try:
-            with exit_at_once_on_ctrl_c(), http_client(url, api_key) as http:
-                with spinner:
-                    for token in stream_inference(http, url, request, on_node, on_queued, job_ids.append):
-                        spinner.stop()
-                        typer.echo(token, nl=False)
-                        printed = True
-                typer.echo()  # the answer ends its line, even an empty answer
-                printed = False
-                if verbose:
-                    stats = verbose_stats(receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
-                    typer.echo("\n" + stats, err=True)
-        finally:
-            if printed:  # the answer's line ends before any error is printed below it
-                typer.echo()
-
-    run(action)
+    run_action(lambda: answer(read_prompt(prompt), model, operator, api_key, show_node=show_node, verbose=verbose,
+                              extras=extras_of(system, fmt, temperature, option, keepalive)))
 
 
 @app.command()
@@ -195,25 +267,21 @@ def chat(
     option: OptionOpt = None,
     keepalive: KeepaliveOpt = None,
 ) -> None:
-    """Chat with a model, as 'ollama run MODEL' does: /bye or Ctrl-D leaves, Ctrl-C stops an answer."""
-
-    def action() -> None:
-        conf = settings()
-        url = operator_url(operator or conf.operator_url)
-        extras = job_extras(None, fmt, temperature, option or [], keepalive)
-        try:
-            run_chat(url, auth_headers(api_key), model or conf.default_model, extras, system, verbose)
-        except httpx.HTTPError as exc:
-            raise unreachable(url, exc) from exc
-
-    run(action)
+    """Chat with a model, as 'ollama run MODEL' does: /? for commands, /bye or Ctrl-D leaves, Ctrl-C stops an answer."""
+    run_action(lambda: converse(model, operator, api_key, verbose=verbose, system=system,
+                                extras=extras_of(None, fmt, temperature, option, keepalive)))
 
 
 @app.command("list")
 def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
-    """The models the network has, and how many healthy nodes have each."""
+    """The models the network has, and how many healthy nodes have each (also: ls)."""
 
     def action() -> None:
+        from collections import Counter
+
+        from odla.client.tables import table
+        from odla.core import protocol as p
+
         listing = p.NodesResponse.model_validate(ask(operator, api_key, "GET", "/nodes"))
         counts = Counter(m for n in listing.nodes if n.healthy for m in n.models)
         loaded = Counter(m for n in listing.nodes if n.healthy for m in n.loaded)
@@ -224,7 +292,10 @@ def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json
         rows = [("NAME", "NODES", "LOADED ON")] + [(m, str(c), str(loaded[m])) for m, c in sorted(counts.items())]
         typer.echo(table(rows, colour_wanted(), width()) if counts else "no models: no healthy node has joined")
 
-    run(action)
+    run_action(action)
+
+
+app.command("ls", hidden=True)(list_models)
 
 
 @app.command()
@@ -232,6 +303,9 @@ def ps(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt
     """The models in memory now, node by node."""
 
     def action() -> None:
+        from odla.client.tables import table
+        from odla.core import protocol as p
+
         listing = p.NodesResponse.model_validate(ask(operator, api_key, "GET", "/nodes"))
         rows = [(m, n.node_id, str(n.active_jobs)) for n in listing.nodes for m in n.loaded]
         if as_json:
@@ -241,7 +315,7 @@ def ps(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt
         heading = ("NAME", "NODE", "NODE'S ACTIVE JOBS")
         typer.echo(table([heading, *rows], colour_wanted(), width()) if rows else "no model is loaded")
 
-    run(action)
+    run_action(action)
 
 
 @app.command()
@@ -250,20 +324,32 @@ def show(model: Annotated[str, typer.Argument(help="The model")], operator: Oper
     """A model's details, from a node that has it (Ollama's /api/show)."""
 
     def action() -> None:
-        info = ask(operator, api_key, "POST", "/api/show", body={"model": model})
-        if as_json:
-            typer.echo(json.dumps(info, indent=2))
-            return
-        details = info.get("details") or {}
-        rows = [(k.replace("_", " "), str(details[k])) for k in ("family", "parameter_size", "quantization_level",
-                                                                   "format") if details.get(k)]
-        rows += [("capabilities", ", ".join(info["capabilities"]))] if info.get("capabilities") else []
-        lines = ["  Model\n" + "\n".join(f"    {k:<16}{v}" for k, v in rows)]
-        if info.get("parameters"):
-            lines.append("  Parameters\n" + "\n".join(f"    {line}" for line in info["parameters"].splitlines()))
-        typer.echo("\n\n".join(lines))
+        from odla.client.tables import model_details
 
-    run(action)
+        info = ask(operator, api_key, "POST", "/api/show", body={"model": model})
+        typer.echo(json.dumps(info, indent=2) if as_json else model_details(info))
+
+    run_action(action)
+
+
+@app.command()
+def pull(model: Annotated[str, typer.Argument(help="The model")], operator: OperatorOpt = None,
+         api_key: ApiKeyOpt = None) -> None:
+    """Pull MODEL onto the network's nodes, through the operator (Ollama's /api/pull)."""
+    run_action(lambda: typer.echo(_model_call(operator, api_key, "POST", "/api/pull", model) or "success"))
+
+
+@app.command()
+def rm(model: Annotated[str, typer.Argument(help="The model")], operator: OperatorOpt = None,
+       api_key: ApiKeyOpt = None) -> None:
+    """Remove MODEL from the network's nodes, through the operator (Ollama's /api/delete)."""
+    run_action(lambda: typer.echo(_model_call(operator, api_key, "DELETE", "/api/delete", model) or f"deleted '{model}'"))
+
+
+def _model_call(operator: Optional[str], api_key: Optional[str], method: str, path: str, model: str) -> str:
+    """The operator's answer to a model-management call: its last status line, or its refusal as a Failure."""
+    answer = ask(operator, api_key, method, path, body={"model": model, "stream": False})
+    return str(answer.get("status", "")) if isinstance(answer, dict) else ""
 
 
 @app.command()
@@ -271,11 +357,14 @@ def nodes(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: Json
     """List the nodes registered with the operator."""
 
     def action() -> None:
+        from odla.client.tables import nodes_table
+        from odla.core import protocol as p
+
         listing = ask(operator, api_key, "GET", "/nodes")
         typer.echo(json.dumps(listing, indent=2) if as_json else
                    nodes_table(p.NodesResponse.model_validate(listing), bold=colour_wanted(), width=width()))
 
-    run(action)
+    run_action(action)
 
 
 @app.command()
@@ -291,12 +380,21 @@ def jobs(
     """List recent jobs: their receipts, newest first."""
 
     def action() -> None:
+        from odla.client.tables import jobs_table
+        from odla.core import protocol as p
+
         query = {k: v for k, v in (("limit", limit), ("model", model), ("node", node), ("outcome", outcome)) if v}
         listing = ask(operator, api_key, "GET", "/jobs", params=query)
         typer.echo(json.dumps(listing, indent=2) if as_json else
                    jobs_table(p.JobsResponse.model_validate(listing).jobs, bold=colour_wanted(), width=width()))
 
-    run(action)
+    run_action(action)
+
+
+@app.command()
+def version() -> None:
+    """Print the version (as --version and -v do)."""
+    typer.echo(version_text())
 
 
 def with_default_command(argv: list[str], interactive: bool = False) -> list[str]:
@@ -305,7 +403,7 @@ def with_default_command(argv: list[str], interactive: bool = False) -> list[str
         return ["chat"] if interactive else argv
     if argv[0].startswith("-") and any(c.isspace() for c in argv[0]):
         return ["infer", *argv[1:], "--", argv[0]]  # a prompt that starts with "-": no option has a space in it
-    if argv[0] not in COMMANDS and argv[0] not in ("--help", "-h", "--version"):
+    if argv[0] not in COMMANDS and argv[0] not in ("--help", "-h", "--version", "-v"):
         return ["infer", *argv]
     return argv
 

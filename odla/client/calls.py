@@ -6,43 +6,16 @@ Every failure becomes a ``Failure``: one sentence for stderr and the exit code i
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlsplit
 
 import httpx
 
 from odla.core import protocol as p
 from odla.core.errors import error_in
+from odla.client.errors import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, Failure
 from odla.client.streaming import StreamError, tokens
-
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-EXIT_UNREACHABLE = EXIT_USAGE
-
-
-class Failure(Exception):
-    """A one-sentence error for stderr, with the exit code it calls for."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def operator_url(value: str) -> str:
-    """The operator's URL from what a user typed: ``http://host:8000``, or ``host:8000``,
-    ``host`` or ``:8000`` as Ollama's ``OLLAMA_HOST`` takes them (port 8000, host localhost)."""
-    text = value.strip()
-    if "://" not in text:
-        text = "http://" + (("localhost" + text) if text.startswith(":") else text)
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise Failure(f"--operator {value!r} is not an operator's address: give http://host:port or host:port",
-                      EXIT_USAGE)
-    return f"{parts.scheme}://{parts.netloc}" if port is not None else f"{parts.scheme}://{parts.hostname}:8000"
 
 
 def http_client(operator: str, api_key: Optional[str]) -> httpx.Client:
@@ -56,16 +29,32 @@ def auth_headers(api_key: Optional[str]) -> dict[str, str]:
 def refused(resp: httpx.Response, operator: str) -> Failure:
     """What a refusal means, in the user's terms."""
     message = error_in(resp.read())
-    if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and message is None:
-        return Failure(f"{operator} is not an ODLA operator (it answered {resp.status_code} "
-                       f"{resp.text.strip()[:60]!r}); point --operator or ODLA_OPERATOR_URL at one", EXIT_USAGE)
+    if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and (message is None or message == "Not Found"):
+        return not_an_operator(operator, f"it answered {resp.status_code} {resp.text.strip()[:60]!r}")
     if resp.status_code == 401:
         return Failure(f"{message or 'an API key is needed'}: pass --api-key KEY or set ODLA_API_KEY")
     message = message or resp.text.strip() or f"HTTP {resp.status_code}"
     return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
 
 
+def not_an_operator(operator: str, why: str) -> Failure:
+    """Something answers at ``operator``, but not an operator: an ODLA node (its port), or not ODLA."""
+    try:
+        health = httpx.get(f"{operator}/health", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        health = None
+    if isinstance(health, dict) and "node_id" in health:
+        return Failure(f"{operator} is an ODLA node ({health['node_id']}), not the operator: point --operator "
+                       "or ODLA_OPERATOR_URL at the operator (port 8000 by default)", EXIT_USAGE)
+    return Failure(f"{operator} is not an ODLA operator ({why}); point --operator or ODLA_OPERATOR_URL at one",
+                   EXIT_USAGE)
+
+
 def unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
+    if isinstance(exc, httpx.ConnectError) and _tls_failed(exc):
+        plain = "http://" + operator.removeprefix("https://")
+        return Failure(f"{operator}: the TLS handshake failed ({_reason(exc)}); if the operator serves plain "
+                       f"HTTP, use {plain}", EXIT_UNREACHABLE)
     if isinstance(exc, httpx.ConnectError):
         return Failure(f"cannot reach the operator at {operator}: is it running? Start it with "
                        "'python server.py', or point --operator / ODLA_OPERATOR_URL at it.", EXIT_UNREACHABLE)
@@ -74,11 +63,26 @@ def unreachable(operator: str, exc: httpx.HTTPError) -> Failure:
     return Failure(f"lost the connection to the operator at {operator} ({type(exc).__name__})", EXIT_ERROR)
 
 
+def _tls_failed(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ssl.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text[text.find("[") + 1:text.find("]")] if "[" in text and "]" in text else text[:80]
+
+
 def call(http: httpx.Client, operator: str, method: str, path: str, params: Optional[dict] = None,
          body: Optional[dict] = None) -> Any:
     """One of the operator's JSON answers; its refusal or absence as a ``Failure``."""
     try:
         resp = http.request(method, path, params=params, json=body)
+    except httpx.RemoteProtocolError as exc:  # the whole answer is read: something that is not HTTP answered
+        raise not_an_operator(operator, "it does not answer in HTTP") from exc
     except httpx.HTTPError as exc:
         raise unreachable(operator, exc) from exc
     if resp.status_code != 200:

@@ -88,7 +88,7 @@ def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold:
     if not jobs:
         return "no jobs"
     now = now or datetime.now(timezone.utc)
-    rows = [("JOB", "STARTED", "MODEL", "NODE", "OUTCOME", "TOKENS", "FIRST TOKEN", "TOTAL")]
+    rows = [("JOB", "STARTED", "MODEL", "NODE", "OUTCOME", "TOKENS IN/OUT", "FIRST TOKEN", "TOTAL")]
     for j in jobs:
         tokens = f"{j.prompt_tokens if j.prompt_tokens is not None else '?'}/{j.output_tokens}" \
             if j.output_tokens is not None else "-"
@@ -111,3 +111,16 @@ def ago(stamp: str, now: datetime) -> str:
         return stamp
     secs = max(0, int(now.timestamp() - seen))
     return f"{secs}s ago" if secs < 120 else f"{secs // 60}m ago" if secs < 7200 else f"{secs // 3600}h ago"
+
+
+def model_details(info: dict) -> str:
+    """A model's details as ``ollama show`` prints them, from Ollama's ``/api/show`` answer."""
+    details = info.get("details") or {}
+    rows = [(k.replace("_", " "), str(details[k])) for k in ("family", "parameter_size", "quantization_level",
+                                                               "format") if details.get(k)]
+    rows += [("capabilities", ", ".join(info["capabilities"]))] if info.get("capabilities") else []
+    pad = max((len(k) for k, _ in rows), default=0) + 2  # two spaces at least after the longest name
+    lines = ["  Model\n" + "\n".join(f"    {k:<{pad}}{v}" for k, v in rows)]
+    if info.get("parameters"):
+        lines.append("  Parameters\n" + "\n".join(f"    {line}" for line in info["parameters"].splitlines()))
+    return "\n\n".join(lines)

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -53,6 +54,29 @@ ROLES: dict[str, set[str]] = {
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "health_check_interval", "link", "min_keep_alive", "max_keep_alive"},
 }
+
+
+HOW = "give http://host:port or host:port"
+
+
+def operator_address(value: str) -> str:
+    """An operator's URL from what a user wrote: ``http://host:8000``, or, as Ollama's
+    ``OLLAMA_HOST`` takes them, ``host:8000``, ``host`` or ``:8000`` (port 8000, host localhost).
+    A path (``http://host:8000/odla``: an operator behind a proxy) is kept. ValueError: not an address."""
+    text = value.strip()
+    if "://" not in text:
+        text = "http://" + (("localhost" + text) if text.startswith(":") else text)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"is not an operator's address: {HOW}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"is not an operator's address ({parts.scheme}:// is not http:// or https://): {HOW}")
+    if not parts.hostname or parts.query or parts.fragment or any(c.isspace() for c in text):
+        raise ValueError(f"is not an operator's address: {HOW}")
+    netloc = parts.netloc if port is not None or "://" in value else f"{parts.netloc}:8000"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
 class ConfigError(Exception):
@@ -138,7 +162,12 @@ class Settings(BaseModel):
     num_parallel: Optional[int] = Field(None, ge=1, le=65536)
     "Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads it, else 1."
 
-    @field_validator("operator_url", "node_url")
+    @field_validator("operator_url")
+    @classmethod
+    def _operator_url(cls, value: str) -> str:
+        return operator_address(value)
+
+    @field_validator("node_url")
     @classmethod
     def _http_url(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
@@ -214,7 +243,7 @@ def load_settings(
         raise ConfigError(_describe(exc, origin)) from exc
     for url in urls[1:]:
         try:
-            settings._more_operators.append(Settings._http_url(url))
+            settings._more_operators.append(operator_address(url))
         except ValueError as exc:
             raise ConfigError(f"invalid configuration: {origin.get('operator_url', 'operator_url')}: {url!r} {exc}") from None
     if settings.jobs_db != ":memory:" and not Path(settings.jobs_db).is_absolute():

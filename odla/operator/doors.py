@@ -35,6 +35,9 @@ ROUTED = tuple(sorted(JOB_PATHS - {"/inference"}))
 ASKED = ("/api/show",)
 "Requests that name a model but run nothing: to a node that has it, without a slot (not jobs)."
 LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
+MANAGED = {"/api/pull": ["POST"], "/api/push": ["POST"], "/api/create": ["POST"], "/api/delete": ["DELETE"],
+           "/api/copy": ["POST"]}
+"Ollama's model management, answered 501 for now."
 
 
 def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any]) -> APIRouter:
@@ -99,6 +102,17 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
 
     for path in LISTINGS:
         api.add_api_route(path, listing, methods=["GET"], dependencies=auth)
+
+    async def managed(request: Request) -> None:
+        """Ollama's model management: not through the operator yet, so a clear 501, not a 404 that
+        would look like the wrong address."""
+        verb = {"/api/pull": "pull", "/api/push": "push", "/api/create": "create", "/api/delete": "rm",
+                "/api/copy": "cp"}[request.url.path]
+        raise ODLAError(f"the operator does not manage models yet: run 'ollama {verb} ...' on each node's "
+                        "machine (the node lists its models on its next heartbeat)", 501)
+
+    for path, methods in MANAGED.items():
+        api.add_api_route(path, managed, methods=methods, dependencies=auth, include_in_schema=False)
 
     @api.get("/api/version")
     async def version(request: Request) -> dict:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import client
 from odla.core import protocol as p
 from odla.client.streaming import StreamError, tokens
+from odla.client.tables import nodes_table
 from sim.ollama_sim import sim_tokens
 from tests.helpers import ROOT, node_ids, wait_for
 
@@ -73,22 +74,14 @@ def test_nodes_table_reads_well():
         p.NodeInfo(node_id="lap", url="http://10.0.0.3:8001", models=[], last_seen="2025-12-31T23:55:00Z",
                    healthy=False),
     ])
-    table = client.nodes_table(listing, now).splitlines()
+    table = nodes_table(listing, now).splitlines()
     assert table[0].split() == ["NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL"]  # now, and ever
     assert "llama3:latest, mistral:latest" in table[1] and "7s ago" in table[1] and table[1].split()[-2:] == ["2", "40"]
     assert "5m ago" in table[2] and "UNHEALTHY" in table[2]
-    assert client.nodes_table(p.NodesResponse(nodes=[])) == "no nodes registered"
+    assert nodes_table(p.NodesResponse(nodes=[])) == "no nodes registered"
 
 
 # --- the CLI against real servers -------------------------------------------------
-
-@pytest.fixture
-def network(sim, operator, node):
-    op = operator()
-    node(op.url, sim.url, "n1")
-    wait_for(lambda: node_ids(op.url) == {"n1"})
-    return op
-
 
 def test_prompt_with_default_command(network):
     result = cli("Explain quantum entanglement", "--model", "llama3", "--operator", network.url)
@@ -203,13 +196,14 @@ def test_a_queued_job_shows_its_place_on_stderr(network, sim):
 # --- as good as ollama run (issue 14) ----------------------------------------------
 
 def test_the_operator_can_be_given_as_ollama_host_is():
-    from odla.client.calls import Failure, operator_url
+    from odla.client.errors import Failure, operator_url
     assert operator_url("localhost:8100") == "http://localhost:8100"
     assert operator_url(":8100") == "http://localhost:8100"
-    assert operator_url("gpu-box") == "http://gpu-box:8000"
-    assert operator_url("https://odla.example/") == "https://odla.example:8000"
+    assert operator_url("gpu-box") == "http://gpu-box:8000"  # no scheme: ODLA's port, as Ollama's 11434
+    assert operator_url("https://odla.example/") == "https://odla.example"  # a scheme: its own port
+    assert operator_url("https://odla.example/odla/") == "https://odla.example/odla"  # behind a proxy
     assert operator_url("http://10.0.0.2:9000") == "http://10.0.0.2:9000"
-    for bad in ("ftp://x:1", "http://", "host:port", "http://h:1/path"):
+    for bad in ("ftp://x:1", "http://", "host:port", "http://h:1?x=1", "http://a b:1"):
         with pytest.raises(Failure) as caught:
             operator_url(bad)
         assert caught.value.code == 2 and "not an operator's address" in str(caught.value)

@@ -31,7 +31,7 @@ def test_upper_case_operator_port(tmp_path):
 @pytest.mark.parametrize("env, needle", [
     ({"NODE_PORT": "abc"}, "NODE_PORT"),
     ({"operator_port": "70000"}, "operator_port"),
-    ({"COORDINATOR_URL": "op:8000"}, "COORDINATOR_URL"),
+    ({"COORDINATOR_URL": "ftp://op:8000"}, "COORDINATOR_URL"),
     ({"NODE_ID": "has space"}, "NODE_ID"),
 ])
 def test_bad_values_name_their_key(env, needle):
@@ -67,3 +67,14 @@ def test_jobs_db_is_next_to_the_config_file(tmp_path, monkeypatch):
     assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": "r.db"}).jobs_db == str(path.parent / "r.db")
     with pytest.raises(ConfigError, match="jobs_keep_days"):
         load_settings(env={"ODLA_CONFIG": str(path)}, jobs_keep_days=0)
+
+
+def test_the_config_file_takes_the_operator_as_host_port_as_the_cli_does(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"operator_url": "gpu-box:8100"}))
+    assert load_settings(path, env={}).operator_url == "http://gpu-box:8100"
+    path.write_text(json.dumps({"operator_url": "gpu-box, :8200"}))  # a node's several operators
+    assert load_settings(path, env={}).operator_urls == ["http://gpu-box:8000", "http://localhost:8200"]
+    path.write_text(json.dumps({"operator_url": "ftp://gpu-box"}))
+    with pytest.raises(ConfigError, match="operator_url.*not an operator's address"):
+        load_settings(path, env={})

@@ -353,7 +353,7 @@ def test_jobs_table_reads_well():
             p.JobReceipt(id="fedcba9876543210", model="llama9", door="ollama", outcome="no_node",
                          started_at="2026-11-28T10:00:30.000Z", finished_at="2026-11-28T10:00:30.001Z")]
     lines = jobs_table(jobs, now).splitlines()
-    assert lines[0].split() == ["JOB", "STARTED", "MODEL", "NODE", "OUTCOME", "TOKENS", "FIRST", "TOKEN", "TOTAL"]
+    assert lines[0].split() == ["JOB", "STARTED", "MODEL", "NODE", "OUTCOME", "TOKENS", "IN/OUT", "FIRST", "TOKEN", "TOTAL"]
     assert lines[1].split() == ["0123456789ab", "60s", "ago", "llama3", "n1", "ok", "5/40", "250ms", "2.50s"]
     assert lines[2].split() == ["fedcba987654", "30s", "ago", "llama9", "-", "no_node", "-", "-", "1ms"]
     assert jobs_table([]) == "no jobs"
