@@ -22,7 +22,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated, AsyncIterator, Optional
+from typing import Annotated, AsyncIterator, Callable, Optional
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +37,7 @@ from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
 from odla.core.errors import ODLAError
 from odla.serving.errors import OLLAMA_FAILURES, ollama_failure, shape_for
-from odla.serving.lifespan import background, serve, tune_gc
+from odla.serving.lifespan import background, serve, stop_serving, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded
 from odla.node.ollama_clients import relay_client, sdk_client
@@ -118,6 +118,10 @@ class Node:
         self.state = NodeState(node_id=default_node_id(settings), url=public_url(settings))
         self.capacity = Capacity(ollama_api, num_parallel(settings))
         self.report_soon = asyncio.Event()  # a job ended: what is loaded, and how fast, has changed
+        self.refused: dict[str, str] = {}  # operator -> why it will not have this node
+        self.closing = False  # stopping (Ctrl-C, SIGTERM): jobs end now, with a last line saying so
+        self.on_refused: Callable[[str], None] = lambda reason: None
+        "Called when every operator has refused this node (the process then stops, saying why)."
 
     async def refresh_models(self) -> bool:
         """Ask Ollama for its models; records whether it answered."""
@@ -156,9 +160,19 @@ class Node:
         self.state.registered_with.add(operator)
         self.state.joined = True
 
+    async def leave(self) -> None:
+        """The process is stopping: leave every operator first (no job is sent here after), then end
+        the jobs running here. Closing the clients of Ollama breaks their streams, which end with a
+        last line that says why, so that the process exits at once rather than after its answers."""
+        self.closing = True
+        await self.deregister()
+        await self.ollama.close()
+        await self.raw.aclose()
+
     async def deregister(self) -> None:
-        if not self.state.joined:  # never joined: nothing of ours to remove
+        if not self.state.joined:  # never joined, or left already: nothing of ours to remove
             return
+        self.state.joined = False
         body = p.DeregisterRequest(node_id=self.state.node_id, url=self.state.url)
         for operator in self.settings.operator_urls:
             with contextlib.suppress(httpx.HTTPError):
@@ -176,8 +190,8 @@ class Node:
             try:
                 await self.register(operator)
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code == 409:
-                    raise StartupError(_describe_http_error(exc)) from None
+                if refusal := _refusal(operator, exc):
+                    raise StartupError(refusal) from None
             except httpx.HTTPError:
                 pass  # that operator is not there yet: its heartbeat keeps trying
 
@@ -186,6 +200,8 @@ class Node:
         registered, as when ``join`` could not reach it); back off (capped) while it is away."""
         backoff = 0.5
         while True:
+            if self.closing:  # left the network: no registering again on the way out
+                return
             if operator in self.state.registered_with:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.report_soon.wait(), self.settings.heartbeat_interval)
@@ -194,6 +210,20 @@ class Node:
                 self.report_soon.clear()
                 await self.refresh()
                 await self.register(operator)
+            except httpx.HTTPStatusError as exc:
+                if refusal := _refusal(operator, exc):  # retrying cannot help: say why and stop
+                    log.error("%s; not retrying", refusal)
+                    self.state.registered_with.discard(operator)
+                    self.refused[operator] = refusal
+                    if len(self.refused) == len(self.settings.operator_urls):
+                        self.on_refused(refusal)
+                    return
+                reason = _describe_http_error(exc)
+                log.warning("cannot register with operator at %s (%s); retrying in %.1fs", operator, reason, backoff)
+                self.state.registered_with.discard(operator)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.heartbeat_interval)
+                continue
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive any one failure
                 reason = _describe_http_error(exc) if isinstance(exc, httpx.HTTPError) else repr(exc)
                 if not isinstance(exc, httpx.HTTPError):
@@ -250,6 +280,7 @@ class Node:
         except OLLAMA_FAILURES as exc:
             message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
                 exc, self.settings.ollama_host).message
+            message = "the node is shutting down" if self.closing else message
             outcome = f"error: {message}"
             yield p.error_line(message)
         finally:
@@ -287,7 +318,9 @@ class Node:
                 yield data
             outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
         except httpx.HTTPError as exc:
-            outcome = "error: lost connection to Ollama"
+            outcome = "error: " + ("the node is shutting down" if self.closing else "lost connection to Ollama")
+            if self.closing:
+                raise StreamBroken("the node is shutting down") from exc
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
         finally:
             await resp.aclose()
@@ -303,6 +336,22 @@ def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcom
     speed = (f", {usage.output_tokens / (usage.eval_duration / 1e9):.1f} tok/s"
              if usage.output_tokens and usage.eval_duration else "")
     return f"job {job_id or '-'} {model or '?'}: {' + '.join(counts) or 'no'} tokens{speed}, {outcome}"
+
+
+def _refusal(operator: str, exc: httpx.HTTPStatusError) -> Optional[str]:
+    """What an operator's refusal to register this node means, when asking again cannot change it:
+    a wrong credential, or an id a live node has (its message alone); None for anything else."""
+    status = exc.response.status_code
+    try:
+        message = str(exc.response.json().get("error") or "")
+    except (ValueError, AttributeError):
+        message = ""
+    if status == 409:
+        return message or f"the operator at {operator} says this node's id is taken"
+    if status in (401, 403):
+        return (f"the operator at {operator} refused this node: {message or f'HTTP {status}'}; give the node the "
+                "operator's join token (join_token in config.json or ODLA_JOIN_TOKEN)")
+    return None
 
 
 def _describe_http_error(exc: httpx.HTTPError) -> str:
@@ -327,6 +376,8 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
             node = app.state.node = Node(settings, api, raw, client)
+            node.on_refused = lambda reason: stop_serving(app, reason)
+            app.state.on_exit = node.leave
             if settings.link == "dial":  # no registration: a link to each operator is the node's presence
                 dialers = app.state.dialers = [Dialer(app, node, settings, url) for url in settings.operator_urls]
                 for dialer in dialers:

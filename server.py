@@ -166,6 +166,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         shared = app.state.shared = SharedState(settings, registry, scheduler.wake) if settings.redis_url else None
         try:
             router = app.state.router = Router(registry, nodes, scheduler)
+            app.state.on_exit = router.close  # Ctrl-C, SIGTERM: answers end now, saying why
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect

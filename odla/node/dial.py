@@ -143,8 +143,12 @@ class Dialer:
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        """Leave on purpose (shutdown): a normal close, which the operator takes as a deregistration."""
+        """Leave on purpose (shutdown): the jobs on the link end first, each with its last line (the
+        node closed its Ollama clients: ``Node.leave``), then a normal close, which the operator takes
+        as a deregistration."""
         self.closing = True
+        if self.jobs:
+            await asyncio.wait(list(self.jobs.values()), timeout=1.0)
         if self.ws is not None:
             with contextlib.suppress(ConnectionClosed, OSError):
                 await asyncio.wait_for(self.ws.close(1000, "node shutting down"), 2)
@@ -309,5 +313,7 @@ def run_dialled(app: Any) -> Optional[str]:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for wait in waits:
                 wait.cancel()
+            if stop.is_set():  # Ctrl-C, SIGTERM: the running jobs end now, saying why
+                await app.state.node.leave()
             return next((f"{d.operator}: {d.refused}" for d in dialers if d.refused), None)
     return asyncio.run(main())

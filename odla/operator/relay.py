@@ -40,6 +40,15 @@ class Router:
         self.scheduler = scheduler
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        """The operator is stopping: waiting jobs are refused and running ones end now, each with a
+        last line saying why (rather than being cut when uvicorn's graceful wait runs out)."""
+        self.closing = True
+        self.scheduler.close(ODLAError("the operator is shutting down", 503))
+        for node_id in list(self.streams):
+            self.abort(node_id)
 
     async def open_job(self, request: p.InferenceRequest, job: Job, tell: Optional[Tell] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
@@ -195,6 +204,8 @@ class Router:
                 if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
                     break  # the last line went to the client: the job is done, whatever comes after it
         except NodeUnreachable as exc:
+            if self.closing:
+                raise StreamBroken("the operator is shutting down") from exc
             log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
             self.failed(node)
             raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc

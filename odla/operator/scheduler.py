@@ -41,7 +41,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol
 
-from odla.core.errors import QueueFull, QueueTimeout
+from odla.core.errors import ODLAError, QueueFull, QueueTimeout
 from odla.core.names import model_key
 from odla.operator.registry import Node, Registry
 
@@ -164,6 +164,16 @@ class Scheduler:
         "Several operators' shared slots and queue (odla/operator/cluster.py), used while ``cluster.ok``."
         self.waiting_in_cluster: Counter[str] = Counter()
         "Per model key: jobs of this operator waiting in the cluster's queue."
+        self.closed: Optional[ODLAError] = None
+        "Set when the operator stops: what every waiting job, and every new one, is answered."
+
+    def close(self, error: ODLAError) -> None:
+        """The operator is stopping: no job waits any longer, and none starts; each is answered ``error``."""
+        self.closed = error
+        for queue in self.queues.values():
+            for waiter in queue.order():
+                if not waiter.granted.done():
+                    waiter.granted.set_exception(error)
 
     @property
     def waiting(self) -> int:
@@ -219,6 +229,8 @@ class Scheduler:
         job's place in the queue: at once, then when it changes, at most once a second.
         ``ticket`` (the job's id) is its name in the cluster's queue; ``since`` (loop time),
         when it began waiting, if it already had (its ``queue_timeout`` counts from then)."""
+        if self.closed is not None:
+            raise self.closed
         if self.cluster is not None and self.cluster.ok:
             return await self._claim_in_cluster(self.cluster, model, caller, exclude, place,
                                                 ticket or os.urandom(8).hex())
@@ -255,6 +267,8 @@ class Scheduler:
         failed = 0  # calls to the cluster that failed in a row
         try:
             while cluster.ok:
+                if self.closed is not None:
+                    raise self.closed
                 groups = self.ranked(model, exclude)
                 if not groups:
                     return None

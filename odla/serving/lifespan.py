@@ -1,6 +1,7 @@
 """Background loops owned by an app's lifespan; the process around an app: its socket, its garbage collector."""
 
 import asyncio
+import inspect
 import contextlib
 import gc
 import logging
@@ -119,12 +120,95 @@ def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30
     except OSError as exc:
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+    config = uvicorn.Config(_QuietStartup(app), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             http=type("TimelyHttp", (TimelyHttp,), {"request_timeout": request_timeout,
                                                                     "header_timeout": header_timeout}),
                             **uvicorn_options)
-    server = uvicorn.Server(config)
+    server = _Server(config, app)
+    app.state.stop = lambda: setattr(server, "should_exit", True)
+    logging.getLogger("uvicorn.error").addFilter(_StartupFailedFilter(app))
     freeze_gc()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's own exit when the start-up failed: the app says why, below
+        if server.started:
+            raise
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has stopped cleanly: no traceback
+        sys.exit(130)
     if not server.started:  # the app's start-up failed; it says why in app.state.startup_error
         sys.exit(f"{name}: {getattr(app.state, 'startup_error', 'could not start')}")
+    if getattr(app.state, "exit_error", None):  # it stopped itself, for a reason it gave
+        sys.exit(f"{name}: {app.state.exit_error}")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the app as soon as it is asked to stop (``app.state.on_exit``,
+    a callable, or an async one): uvicorn waits for open streams to end before the lifespan's shutdown, and an
+    app with answers under way ends them itself (each with a last line saying why)."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.app = app
+        self.leaving: Optional[asyncio.Future] = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        on_exit = getattr(self.app.state, "on_exit", None)
+        if not self.should_exit and on_exit is not None and self.leaving is None:
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(self._leave, on_exit)
+        super().handle_exit(sig, frame)
+
+    def _leave(self, on_exit: Any) -> None:
+        leaving = on_exit()
+        if inspect.isawaitable(leaving):
+            self.leaving = asyncio.ensure_future(leaving)
+            self.leaving.add_done_callback(_report)
+
+
+def _report(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("odla").error("stopping: %s", task.exception(), exc_info=task.exception())
+
+
+def stop_serving(app: Any, reason: str) -> None:
+    """Stop the process serving ``app`` (cleanly, as on SIGTERM), then exit non-zero saying ``reason``.
+    A no-op for an app served otherwise (tests serve apps in threads)."""
+    app.state.exit_error = reason
+    stop = getattr(app.state, "stop", None)
+    if stop is not None:
+        stop()
+
+
+class _QuietStartup:
+    """An app whose start-up fails for a reason it gives (``app.state.startup_error``: a taken port,
+    a node id a live node has, a wrong join token) ends with that one line, not a traceback:
+    Starlette reports a failed lifespan with the whole traceback, which uvicorn logs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def told(message: dict) -> None:
+            if message["type"] == "lifespan.startup.failed" and getattr(self.app.state, "startup_error", None):
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, told)
+
+
+class _StartupFailedFilter(logging.Filter):
+    """uvicorn's "Application startup failed. Exiting." once the app has said why, in one line."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self.app.state, "startup_error", None) and "startup failed" in record.getMessage())
