@@ -151,8 +151,9 @@ class Settings(BaseModel):
     "Host names a request may be addressed to; default: any, or only localhost's when listening on loopback."
     allowed_origins: list[str] = Field(default_factory=list)
     "Web origins (https://app.example) whose pages may call the API from a browser; the dashboard is same-origin."
-    jobs_db: str = Field("jobs.db", min_length=1)
-    "The operator's SQLite file of job receipts; a relative path is next to the config file; ``:memory:`` keeps none."
+    jobs_db: Optional[str] = Field(None, min_length=1)
+    """The operator's SQLite file of job receipts; default ``jobs-<operator_port>.db``, so that operators
+    started in one folder keep apart; a relative path is next to the config file; ``:memory:`` keeps none."""
     jobs_keep_days: float = Field(30, gt=0)
     "Days a job's receipt is kept."
     min_keep_alive: float = Field(60, ge=0)
@@ -204,6 +205,8 @@ class Settings(BaseModel):
     def _default_prune(self) -> "Settings":
         if self.prune_after is None:
             self.prune_after = 2 * self.health_check_interval
+        if self.jobs_db is None:
+            self.jobs_db = f"jobs-{self.operator_port}.db"
         self.api_keys += [key for key in self.admin_keys if key not in self.api_keys]  # an admin is a client too
         if self.min_keep_alive > self.max_keep_alive:
             raise ValueError(f"min_keep_alive ({self.min_keep_alive:g}) is more than max_keep_alive "

@@ -60,7 +60,9 @@ def test_jobs_db_is_next_to_the_config_file(tmp_path, monkeypatch):
     path.parent.mkdir()
     path.write_text(json.dumps({"jobs_keep_days": 7}))
     conf = load_settings(env={"ODLA_CONFIG": str(path)})
-    assert conf.jobs_db == str(path.parent / "jobs.db") and conf.jobs_keep_days == 7
+    assert conf.jobs_db == str(path.parent / "jobs-8000.db") and conf.jobs_keep_days == 7  # named for its port
+    second = load_settings(env={"ODLA_CONFIG": str(path), "OPERATOR_PORT": "8100"})
+    assert second.jobs_db == str(path.parent / "jobs-8100.db")  # a second operator in the folder: its own
     assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": ":memory:"}).jobs_db == ":memory:"
     assert load_settings(env={"ODLA_CONFIG": str(path), "ODLA_JOBS_DB": "/data/jobs.db"}).jobs_db == "/data/jobs.db"
     monkeypatch.chdir(tmp_path)  # relative to the config file, not to where the operator was started
