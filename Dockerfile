@@ -13,6 +13,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY odla/ odla/
+COPY sim/ sim/
 COPY scripts/healthcheck.py scripts/
 COPY server.py node.py client.py config.json ./
 

@@ -37,10 +37,10 @@ def test_compose_file_is_valid():
 
 def test_compose_runs_one_operator_and_two_nodes_as_spec_describes_and_one_that_dials():
     services = compose_config()["services"]
-    assert set(services) == {"redis", "operator", "operator2", "node1", "node2", "node3"}
+    assert set(services) - {"sim"} == {"redis", "operator", "operator2", "node1", "node2", "node3"}
     dialler = services["node3"]
     assert dialler["environment"]["NODE_LINK"] == "dial" and "ports" not in dialler
-    assert dialler["environment"]["COORDINATOR_URL"] == "http://operator:8000"
+    assert dialler["environment"]["COORDINATOR_URL"] == "http://operator:8000,http://operator2:8000"  # both
     assert services["operator"]["ports"] == ["8000:8000"] or \
         services["operator"]["ports"][0]["published"] in (8000, "8000")
     for name, port in (("node1", "8001"), ("node2", "8002")):
@@ -52,6 +52,20 @@ def test_compose_runs_one_operator_and_two_nodes_as_spec_describes_and_one_that_
         assert "host.docker.internal:host-gateway" in services[name]["extra_hosts"]
     for service in services.values():
         assert service["healthcheck"]["test"]
+
+
+def test_the_sim_profile_puts_the_simulator_where_the_nodes_look_for_ollama():
+    plain = compose_config()["services"]
+    assert plain.get("sim", {}).get("profiles", ["sim"]) == ["sim"]  # only with --profile sim
+    out = subprocess.run([docker_compose(), "--profile", "sim", "config"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={**os.environ, "OLLAMA_HOST": ""}).stdout
+    sim = yaml.safe_load(out)["services"]["sim"]
+    assert sim["command"][:2] == ["python", "sim/ollama_sim.py"] and "llama3,mistral" in sim["command"]
+    port = sim["ports"][0]
+    assert port == "11434:11434" or (str(port["published"]), port["target"]) == ("11434", 11434)
+    assert "--host" in sim["command"] and sim["command"][sim["command"].index("--host") + 1] == "0.0.0.0"
+    assert plain["node1"]["environment"]["OLLAMA_HOST"].endswith("host.docker.internal:11434")  # the host's port
+    assert "COPY sim/ sim/" in (ROOT / "Dockerfile").read_text()
 
 
 def test_compose_runs_two_operators_on_one_redis():
