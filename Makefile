@@ -1,11 +1,12 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make test   install what the tests need and run them
-# make bench  the relay, cluster and chaos benchmarks (Performance in the README)
+# make bench  the relay, cluster and chaos benchmarks (docs/performance.md)
+# make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench test-tools clean
+.PHONY: demo test bench docs test-tools clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +32,12 @@ test-tools:
 
 # Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
 test: $(VENV)/.dev test-tools
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 -m "not solo"
 	$(PY) -m pytest -m solo
+
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py

@@ -86,7 +86,8 @@ class ConfigError(Exception):
 class Settings(BaseModel):
     """Every knob of the operator, the node agent and the client."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The string under each field is its description: the docs' settings table is made from them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     operator_url: str = "http://localhost:8000"
     "Where nodes and the client reach the operator; a node may be given several (a JSON list, or comma-separated)."
@@ -94,16 +95,23 @@ class Settings(BaseModel):
     operator_host: str = "0.0.0.0"
     "Address the operator listens on."
     operator_port: int = Field(8000, ge=1, le=65535)
+    "Port the operator listens on."
     node_host: str = "0.0.0.0"
     "Address a node agent listens on."
     node_port: int = Field(8001, ge=1, le=65535)
+    "Port a node agent listens on."
     node_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    "Defaults to the hostname."
+    """The node's name, ``[A-Za-z0-9._-]{1,128}``; default the hostname (``hostname-PORT`` on a port other
+    than 8001). A second live node with the same id is refused and does not start."""
     node_url: Optional[str] = None
-    "Address the operator uses to reach this node; derived when unset."
+    """Address the operator uses to reach this node; default the node's address on the interface that
+    routes to the operator (never 0.0.0.0)."""
     ollama_host: str = "http://localhost:11434"
+    "The node's Ollama, in any form the ollama SDK takes (``host``, ``host:port``, ``:port``, a URL)."
     health_check_interval: float = Field(30, gt=0)
+    "Seconds between the operator's health checks of its nodes."
     health_check_timeout: float = Field(5, gt=0)
+    "Seconds a health check may take."
     prune_after: Optional[float] = Field(None, gt=0)
     "Seconds without contact before a node is dropped; default 2 x health_check_interval."
     heartbeat_interval: float = Field(10, gt=0)
@@ -113,13 +121,15 @@ class Settings(BaseModel):
     default_model: str = "llama3"
     "The client's --model when none is given."
     max_prompt_chars: int = Field(1_000_000, gt=0)
+    "Longer prompts get 413; request bodies are bounded from it."
     join_token: Optional[str] = Field(None, repr=False)
     "When set, nodes must present it to the operator, and the operator to nodes."
     api_keys: list[str] = Field(default_factory=list, repr=False)
+    "Client API keys (in the environment, comma-separated); when set, clients send one as ``Authorization: Bearer``."
     admin_keys: list[str] = Field(default_factory=list, repr=False)
-    "API keys that read every key's job receipts (any other key reads its own); also client API keys."
-    "When non-empty, clients must send one as ``Authorization: Bearer``."
+    "API keys that read every key's job receipts (any other key reads its own); they are API keys too."
     log_level: str = "info"
+    "``debug``, ``info``, ``warning`` or ``error``."
     max_nodes: int = Field(1000, ge=1)
     "Nodes the operator keeps at once; a new one past it gets 503."
     header_timeout: float = Field(10, gt=0)
