@@ -35,7 +35,7 @@ from odla.serving.auth import join_headers, join_token_dependency
 from odla.node.capacity import Capacity, num_parallel
 from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
-from odla.core.errors import ODLAError
+from odla.core.errors import ODLAError, UpstreamError
 from odla.serving.errors import OLLAMA_FAILURES, ollama_failure, shape_for
 from odla.serving.lifespan import background, serve, stop_serving, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
@@ -237,6 +237,8 @@ class Node:
 
     async def open_job(self, job: p.RunRequest) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""
+        if self.closing:
+            raise UpstreamError("the node is shutting down", 503)
         model = job.model or (self.state.models[0] if self.state.models else None)
         if model is None:
             raise ODLAError("this node has no models", 404)
@@ -254,6 +256,8 @@ class Node:
             if not isinstance(exc, OLLAMA_FAILURES):
                 raise
             failure = ollama_failure(exc, self.settings.ollama_host)
+            if self.closing:  # its Ollama request was closed on the way out: another node may take it
+                failure = UpstreamError("the node is shutting down", 503)
             if failure.status_code >= 500:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
@@ -296,8 +300,12 @@ class Node:
         request = self.raw.build_request(method, path, content=body, params=query or None,
                                          headers={"content-type": "application/json"})
         try:
+            if self.closing:
+                raise UpstreamError("the node is shutting down", 503)
             resp = await self.raw.send(request, stream=True)
         except httpx.HTTPError as exc:
+            if self.closing:
+                raise UpstreamError("the node is shutting down", 503) from exc
             raise ollama_failure(exc, self.settings.ollama_host) from exc
         media = resp.headers.get("content-type", "application/json")
         job = None

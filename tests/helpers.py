@@ -55,15 +55,19 @@ class ServerThread:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2, **config)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's own exit when the app's start-up failed
+            asyncio.run(self.server.serve(sockets=[self.sock]))
 
     def start(self) -> "ServerThread":
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
+                why = getattr(getattr(self.server.config.app, "state", None), "startup_error", "")
+                raise RuntimeError(f"server did not start{': ' + why if why else ''}")
             time.sleep(0.01)
         return self
 
