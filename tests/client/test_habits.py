@@ -179,3 +179,27 @@ def test_something_that_is_not_http_is_named(network):
         thread.join(5)
     assert result.exit_code == 2 and "is not an ODLA operator" in result.stderr, result.stderr
     wait_for(lambda: not thread.is_alive(), timeout=5)
+
+
+def test_run_without_a_prompt_on_a_terminal_is_a_chat(network, sim):
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "client.py", "run", "llama3", "--operator", network.url], cwd=ROOT,
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b">>> " not in seen and time.monotonic() < deadline:
+            seen += os.read(leader, 4096)
+        os.write(leader, b"hello there\n")
+        while "".join(sim_tokens("hello there", 6)).encode() not in seen and time.monotonic() < deadline:
+            seen += os.read(leader, 4096)
+        os.write(leader, b"/bye\n")
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(leader)
+    assert b"Chatting with llama3" in seen and "".join(sim_tokens("hello there", 6)).encode() in seen
