@@ -32,7 +32,7 @@ from fastapi.responses import Response
 
 from odla.core import protocol as p
 from odla.serving.auth import join_headers, join_token_dependency
-from odla.node.capacity import Capacity, num_parallel
+from odla.node.capacity import Capacity, Running, num_parallel
 from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
 from odla.core.errors import ODLAError, UpstreamError
@@ -47,6 +47,8 @@ from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, 
 from odla.core.usage import Tail, Usage
 
 log = logging.getLogger("odla.node")
+GENERATING = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"})
+"Ollama's paths that run a model on a slot: counted while they run, for the slots a node learns."
 REPORT_GAP_S = 0.2
 DEFAULT_NODE_PORT = 8001
 
@@ -116,7 +118,7 @@ class Node:
         self.raw = raw  # the /ollama/... relay, bytes as they are
         self.http = http  # the operator
         self.state = NodeState(node_id=default_node_id(settings), url=public_url(settings))
-        self.capacity = Capacity(ollama_api, num_parallel(settings))
+        self.capacity = Capacity(ollama_api, num_parallel(settings), settings.max_slots)
         self.report_soon = asyncio.Event()  # a job ended: what is loaded, and how fast, has changed
         self.refused: dict[str, str] = {}  # operator -> why it will not have this node
         self.closing = False  # stopping (Ctrl-C, SIGTERM): jobs end now, with a last line saying so
@@ -152,7 +154,7 @@ class Node:
         cap = self.capacity
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
-                                 tokens_per_s=cap.tokens_per_s)
+                                 tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned)
         resp = await self.http.post(f"{operator}/register", content=body.model_dump_json(), headers=self._headers())
         resp.raise_for_status()
         if operator not in self.state.registered_with:
@@ -246,10 +248,16 @@ class Node:
         if "keep_alive" in fields:  # within the owner's bounds
             fields["keep_alive"] = bounded(fields["keep_alive"], self.settings.min_keep_alive,
                                            self.settings.max_keep_alive)
-        parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True, **fields)).__aiter__()
+        running = self.capacity.started(model)
+        try:
+            parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True, **fields)).__aiter__()
+        except BaseException:
+            self.capacity.ended(running)
+            raise
         try:
             first = await parts.__anext__()  # the SDK sends the request here
         except BaseException as exc:  # refused, or the operator left while Ollama was starting
+            self.capacity.ended(running)
             await parts.aclose()
             if isinstance(exc, StopAsyncIteration):
                 raise ODLAError("Ollama ended the stream before any output", 502) from None
@@ -261,9 +269,15 @@ class Node:
             if failure.status_code >= 500:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
-        return Opened(Owned(self.relay(job.job_id, first, parts), parts.aclose))  # closed if never streamed too
 
-    async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator) -> AsyncIterator[bytes]:
+        async def close() -> None:  # whether or not it streamed: Ollama's request, and the job's count
+            self.capacity.ended(running)
+            await parts.aclose()
+
+        return Opened(Owned(self.relay(job.job_id, first, parts, running), close))
+
+    async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator,
+                    running: Optional[Running] = None) -> AsyncIterator[bytes]:
         """Ollama's parts as protocol lines; always ends with one final line, which carries
         Ollama's counts for the operator (``stats``). Logs one line per job."""
         tokens, outcome, usage = 0, "cancelled", Usage()
@@ -275,6 +289,8 @@ class Node:
                 if part.done:
                     usage, outcome = Usage.from_ollama(part), "ok"
                     self.capacity.measured(part.model, part.eval_count, part.eval_duration)
+                    if running is not None:
+                        self.capacity.ended(running, usage)
                     yield p.node_done_line(usage.stats())
                     return
                 part = await parts.__anext__()
@@ -288,6 +304,8 @@ class Node:
             outcome = f"error: {message}"
             yield p.error_line(message)
         finally:
+            if running is not None:
+                self.capacity.ended(running)  # (a no-op once counted above)
             log.info("%s", summary(job_id, part.model, usage, tokens, outcome))
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
@@ -299,11 +317,19 @@ class Node:
             body = bound_body(body, self.settings.min_keep_alive, self.settings.max_keep_alive)
         request = self.raw.build_request(method, path, content=body, params=query or None,
                                          headers={"content-type": "application/json"})
+        running = None
+        if method == "POST" and path in GENERATING:  # a job on Ollama: counted while it runs
+            with contextlib.suppress(ValueError):
+                running = self.capacity.started(model_named(body))
         try:
             if self.closing:
                 raise UpstreamError("the node is shutting down", 503)
             resp = await self.raw.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except BaseException as exc:
+            if running is not None:
+                self.capacity.ended(running)
+            if not isinstance(exc, httpx.HTTPError):
+                raise
             if self.closing:
                 raise UpstreamError("the node is shutting down", 503) from exc
             raise ollama_failure(exc, self.settings.ollama_host) from exc
@@ -314,9 +340,16 @@ class Node:
                 job = (job_id, model_named(body))
             except ValueError:
                 job = (job_id, "")
-        return Opened(Owned(self.ollama_body(resp, job), resp.aclose), resp.status_code, media)
 
-    async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None) -> AsyncIterator[bytes]:
+        async def close() -> None:  # whether or not it streamed
+            if running is not None:
+                self.capacity.ended(running)
+            await resp.aclose()
+
+        return Opened(Owned(self.ollama_body(resp, job, running), close), resp.status_code, media)
+
+    async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None,
+                          running: Optional[Running] = None) -> AsyncIterator[bytes]:
         """Ollama's answer as it comes; for a job (its id and model), a log line at its end."""
         tail, outcome = Tail(), "cancelled"
         try:
@@ -331,6 +364,9 @@ class Node:
                 raise StreamBroken("the node is shutting down") from exc
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
         finally:
+            if running is not None:  # its counts judge the node's slots, when Ollama's API gave them
+                self.capacity.ended(running, tail.usage() if outcome == "ok" and job is not None else None)
+                self.report_soon.set()
             await resp.aclose()
             if job is not None:
                 log.info("%s", summary(job[0], job[1], tail.usage(), None, outcome))

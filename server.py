@@ -235,7 +235,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
         before = capacity(known)
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
-                                 slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s)
+                                 slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
+                                 slots_learned=body.slots_learned)
         if doubted:
             request.app.state.checker.suspect(node)
         scheduler.wake(grown=bool(capacity(node) - before))  # its slots may have grown

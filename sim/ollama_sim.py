@@ -18,7 +18,8 @@ random number of tokens), ``error_after`` K tokens (error line),
 loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
 ``GET /_sim/stats`` counts requests, finished and cancelled ones, streams generating now
 (``active``) and at most at once (``most_active``), ``queued``: requests that found
-``num_parallel`` of their model running and had to wait, and ``cancelled_early``:
+``num_parallel`` of their model running and had to wait (``queue_s``: the seconds they waited, all
+together, so that its growth over a time is the queue's mean length), and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for. With ``record`` on, ``GET /_sim/sent`` tells how many tokens
 each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
@@ -127,7 +128,8 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0}
+                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0,
+                      "queue_s": 0.0}
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
         self.release = asyncio.Event()
@@ -600,6 +602,7 @@ class _Slot:
             sim.stats["queued"] += 1  # Ollama would queue it: more were sent than it runs at once
         waiting = asyncio.ensure_future(self._wait())
         await asyncio.wait((waiting, self.watcher), return_when=asyncio.FIRST_COMPLETED)
+        sim.stats["queue_s"] += time.perf_counter() - began  # time in Ollama's queue, all requests together
         if not waiting.done():
             waiting.cancel()
             await asyncio.wait((waiting,))

@@ -52,7 +52,8 @@ ROLES: dict[str, set[str]] = {
                           "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
-                      "num_parallel", "health_check_interval", "link", "min_keep_alive", "max_keep_alive"},
+                      "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
+                      "max_keep_alive"},
 }
 
 
@@ -171,7 +172,10 @@ class Settings(BaseModel):
     max_keep_alive: float = Field(3600, ge=0)
     "Seconds at most (a client's -1 would pin a model on this node for ever)."
     num_parallel: Optional[int] = Field(None, ge=1, le=65536)
-    "Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads it, else 1."
+    """Requests each model runs at once on this node's Ollama; default OLLAMA_NUM_PARALLEL as Ollama reads
+    it; neither set: the node learns it from its jobs, up to ``max_slots``."""
+    max_slots: int = Field(16, ge=1, le=65536)
+    "Most slots a node learns for a model when its Ollama's parallelism is not configured (``num_parallel``)."
 
     @field_validator("operator_url")
     @classmethod

@@ -82,6 +82,8 @@ class NodeReport(_Body):
     "Models Ollama holds in memory now."
     tokens_per_s: dict[ModelName, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=4096)
     "Moving average of eval tokens per second per model, from Ollama's final messages."
+    slots_learned: bool = False
+    "True: the node learns ``slots`` from its jobs (its Ollama's parallelism is not configured)."
 
 
 class RegisterRequest(NodeReport):
@@ -157,6 +159,8 @@ class NodeInfo(BaseModel):
     "Jobs relayed since the node registered with this operator."
     slots: dict[str, int] = Field(default_factory=dict)
     "Requests each model runs at once."
+    slots_learned: bool = False
+    "True: the node learns its slots from its jobs; false: they are configured."
     loaded: list[str] = Field(default_factory=list)
     "Models in memory."
     tokens_per_s: Optional[float] = None

@@ -260,7 +260,8 @@ class SharedState:
                 continue
             if known is None or known.url != body.url:
                 self.registry.register(body.node_id, body.url, body.models, healthy=body.healthy, slots=body.slots,
-                                       loaded=body.loaded, tokens_per_s=body.tokens_per_s)
+                                       loaded=body.loaded, tokens_per_s=body.tokens_per_s,
+                                       slots_learned=body.slots_learned)
                 self.learned.add(node_id)
                 changed = True
             else:

@@ -45,6 +45,8 @@ class Node:
     "Per model key: when Ollama unloads it (on the registry's clock; None: not known)."
     tokens_per_s: dict[str, float] = field(default_factory=dict)
     "Per model key, as the node says it measured it (shown; never believed for scheduling)."
+    slots_learned: bool = False
+    "The node learns its slots from its jobs (they may change); else they are configured."
     seen_speed: dict[str, float] = field(default_factory=dict)
     "Per model key: tokens per second of the answers this operator relayed from the node (a moving average)."
     inflight: dict[str, int] = field(default_factory=dict)
@@ -119,6 +121,7 @@ class Node:
             active_jobs=self.active_jobs if active_jobs is None else active_jobs,
             jobs_total=self.jobs_total,
             slots={m: self.slots_for(model_key(m)) for m in self.models},
+            slots_learned=self.slots_learned,
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word
             resting_until=iso(wall + self.resting_until) if self.resting(now) else None,
@@ -153,7 +156,7 @@ class Registry:
 
     def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
                  slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
-                 tokens_per_s: Optional[Mapping[str, float]] = None) -> Node:
+                 tokens_per_s: Optional[Mapping[str, float]] = None, slots_learned: bool = False) -> Node:
         """Add a node, or update the one with this id (never a second row)."""
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
@@ -165,6 +168,7 @@ class Registry:
         now, wall = self.clock(), time.time()
         node.loaded = {model_key(m.name): self._local(epoch(m.expires_at), now, wall) for m in loaded}
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
+        node.slots_learned = slots_learned
         return node
 
     def set_models(self, node: Node, models: list[str]) -> None:

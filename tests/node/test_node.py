@@ -233,11 +233,11 @@ def test_the_node_honours_httpx_settings_such_as_proxies(sim, node, monkeypatch)
 
 
 @pytest.mark.parametrize("configured, env, slots", [
-    (None, {}, 1), (None, {"OLLAMA_NUM_PARALLEL": "4"}, 4), (None, {"OLLAMA_NUM_PARALLEL": "0"}, 1),
+    (None, {}, None), (None, {"OLLAMA_NUM_PARALLEL": "4"}, 4), (None, {"OLLAMA_NUM_PARALLEL": "0"}, 1),
     (None, {"OLLAMA_NUM_PARALLEL": "four"}, 1), (None, {"OLLAMA_NUM_PARALLEL": "-2"}, 1),
     (2, {"OLLAMA_NUM_PARALLEL": "8"}, 2),  # config.json's num_parallel first
 ])
-def test_slots_are_read_as_ollama_reads_them(configured, env, slots):
+def test_slots_are_read_as_ollama_reads_them(configured, env, slots):  # None: not configured, learned
     from odla.node.capacity import num_parallel
     assert num_parallel(settings(num_parallel=configured), env) == slots
 
