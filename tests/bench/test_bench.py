@@ -63,3 +63,17 @@ def test_chaos_benchmark_smoke_run(tmp_path):
     assert not any(data["slots_held"].values())
     assert data["receipts_output_tokens"] == data["metrics_output_tokens"] > 0
     assert data["tokens_lost"] == data["receipts_missing"] == data["receipt_vs_client_mismatches"] == 0
+
+
+@pytest.mark.solo
+def test_capacity_benchmark_smoke_run(tmp_path):
+    """A learning node in front of a simulator of 3: every request answered, from one slot up."""
+    out = tmp_path / "capacity.json"
+    result = subprocess.run([sys.executable, "bench/capacity_bench.py", "--smoke", "--parallel", "3", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    run = data["results"]["learned"]
+    assert run["answered"] == data["plan"]["requests"] and run["gave_up"] == 0, run
+    assert data["results"]["learned"]["slots_over_time"][0][1] == 1  # it started at one slot
+    assert "reached 2 slots" in result.stdout

@@ -335,7 +335,7 @@ def test_ctrl_c_stops_one_answer_and_the_chat_goes_on(network, sim):
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         # the answer stopped: the job ends at the operator (and so at the node and Ollama)
-        wait_for(lambda: httpx.get(f"{network.url}/nodes").json()["nodes"][0]["active_jobs"] == 0, timeout=5)
+        wait_for(lambda: httpx.get(f"{network.url}/nodes").json()["nodes"][0]["active_jobs"] == 0, timeout=10)
         sim.configure(delay=0.0, tokens=6)
         out, err = proc.communicate("after\n", timeout=30)
     finally:

@@ -95,13 +95,13 @@ def test_a_node_in_front_of_an_ollama_of_1_stays_at_1(net):
     stop = threading.Event()
     threads = load(net.op_url, stop, 4)
     try:
-        time.sleep(5)
+        time.sleep(3)
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
     assert slots_of(net) == (1, True)
-    assert httpx.get(f"{sim}/_sim/stats").json()["queue_s"] / 5 <= 0.25  # the one probe of 2 at once, briefly
+    assert httpx.get(f"{sim}/_sim/stats").json()["queue_s"] / 3 <= 0.25  # the one probe of 2 at once, briefly
 
 
 def test_configured_slots_are_not_learned(net):
@@ -111,7 +111,7 @@ def test_configured_slots_are_not_learned(net):
     net.wait_nodes("n1")
     stop = threading.Event()
     threads = load(net.op_url, stop, 6)
-    time.sleep(3)
+    time.sleep(1.5)
     stop.set()
     for thread in threads:
         thread.join(30)
