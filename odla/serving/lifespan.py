@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Coroutine, Optional
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 
 @contextlib.asynccontextmanager
@@ -41,6 +42,24 @@ def freeze_gc() -> None:
     streams made, not the whole program (measured: 7% of the operator's CPU before)."""
     gc.collect()
     gc.freeze()
+
+
+class CalmWebSockets(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, with pongs that wait for a peer that reads. uvicorn writes each
+    pong at once, however much its write buffer already holds, so a peer that sends pings and never
+    reads would pile them up in the operator's memory (about a megabyte per megabyte of pings).
+    Here a ping read while the buffer is over its high-water mark stops reading, and reading starts
+    again when the buffer drains (unless the app's own back-pressure holds it)."""
+
+    def handle_ping(self) -> None:
+        super().handle_ping()
+        if not self.writable.is_set():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.read_paused:
+            self.transport.resume_reading()
 
 
 class TimelyHttp(HttpToolsProtocol):
@@ -121,6 +140,7 @@ def serve(app: Any, host: str, port: int, name: str, request_timeout: float = 30
         sys.exit(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("%s listening on %s:%d", name, host, port)
     config = uvicorn.Config(_QuietStartup(app), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            ws=CalmWebSockets,
                             http=type("TimelyHttp", (TimelyHttp,), {"request_timeout": request_timeout,
                                                                     "header_timeout": header_timeout}),
                             **uvicorn_options)

@@ -387,3 +387,46 @@ def test_a_job_on_a_dial_node_whose_ollama_hangs_moves_to_another_node(net):
         node, lines = stream(net.op_url, "llama3", "moved")
         assert node == "web" and tokens(lines) == sim_tokens("moved", 3)
         assert time.monotonic() - began < 8
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_pings_from_a_link_that_never_reads_do_not_pile_up_as_pongs(net):
+    """A member of the network (it holds the join token) that sends 20 MB of pings and reads nothing:
+    the operator stops reading once its pongs fill the write buffer, instead of holding them all."""
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    operator = net.operator(join_token="the-network-token")
+    protocol = ClientProtocol(parse_uri(net.op_url.replace("http://", "ws://") + "/nodes/link"))
+    request = protocol.connect()
+    request.headers["Authorization"] = "Bearer the-network-token"
+    protocol.send_request(request)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", net.op_port))
+    try:
+        sock.sendall(b"".join(protocol.data_to_send()))
+        protocol.receive_data(sock.recv(65536))
+        assert protocol.handshake_exc is None, protocol.handshake_exc  # accepted: a member's link
+        before = rss_kb(operator.pid)
+        sock.settimeout(3)
+        sent = 0
+        try:
+            while sent < 20 << 20:
+                for i in range(1000):
+                    protocol.send_ping(os.urandom(4) + bytes(121))
+                data = b"".join(protocol.data_to_send())
+                sock.sendall(data)
+                sent += len(data)
+        except socket.timeout:
+            pass  # the operator stopped reading: back-pressure, as wanted
+        time.sleep(0.5)
+        grown_mb = (rss_kb(operator.pid) - before) / 1024
+    finally:
+        sock.close()
+    assert grown_mb < 8, (grown_mb, sent)
+    assert httpx.get(f"{net.op_url}/health").status_code == 200
