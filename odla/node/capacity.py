@@ -7,8 +7,10 @@ owner set OLLAMA_NUM_PARALLEL for the Ollama service only, as Ollama's docs say)
 **learns** it, per model, from its own jobs (``Learning``): it starts at one slot and takes one
 more each time ``RAISE_AFTER`` jobs in a row ran with every slot busy, none queued at Ollama and
 the node's output not slower in total than with one job fewer; a job that queued at Ollama (its
-``load_duration`` counts that wait, on a model already in memory) or added nothing to the total
-takes the slots back to what ran well, and that level is not probed again for ``RETRY_S``. At
+``load_duration`` counts that wait: on a model already in memory, longer than a lone job's by more
+than two tokens' time) or added nothing to the total
+takes the slots back to what ran well, and that level is not probed again for ``FIRST_RETRY_S``,
+twice as long each time it fails again, up to ``RETRY_S``. At
 most ``max_slots``. Embedding models: 1 (Ollama runs those one at a time). Models in memory come
 from ``/api/ps``; speed is a moving average of eval tokens per second from Ollama's final messages.
 """
@@ -37,9 +39,12 @@ PARALLEL_ENV = "OLLAMA_NUM_PARALLEL"  # read here, as Ollama reads it, not throu
 RAISE_AFTER = 2
 "Jobs in a row that ran well with every slot busy before a learning node takes one more slot."
 RETRY_S = 300.0
-"How long a level at which Ollama queued (or slowed down) is not tried again."
-QUEUED_S = 0.1
-"A wait before the first token longer than this (and than a quarter of the job's own generation), on a model in memory, is Ollama's queue."
+"How long, at most, a level at which Ollama queued (or slowed down) is not tried again."
+FIRST_RETRY_S = 15.0
+"The first time a level fails, it is tried again after this; each time after, twice as late (a wait can be noise)."
+QUEUED_S = 0.05
+"""A wait before the first token (Ollama's ``load_duration``, on a model in memory) longer than a job's
+that ran alone, by this and by two tokens' time, is a wait in Ollama's queue."""
 MORE_BY = 1.05
 "With one job more, the node's total output per second must grow by this much to count as running well."
 
@@ -70,6 +75,17 @@ class Learning:
     "Jobs in a row that ran well with every slot busy."
     speed: dict[int, float] = field(default_factory=dict)
     "Per-stream output tokens per second with so many jobs at once (a moving average)."
+    strikes: Counter[int] = field(default_factory=Counter)
+    "Per level (jobs at once): how often Ollama queued or slowed down there."
+    alone_wait: Optional[float] = None
+    "The least wait before the first token of a job that ran alone: Ollama's own, with no queue."
+
+    def queued(self, running: int, waited: float, per_token: float) -> bool:
+        """Did a job that ran with ``running`` at once (itself included) wait in Ollama's queue?"""
+        if running == 1:  # alone: whatever it waited was not a queue
+            self.alone_wait = waited if self.alone_wait is None else min(self.alone_wait, waited)
+            return False
+        return waited > (self.alone_wait or 0.0) + max(QUEUED_S, 2 * per_token)
 
     def judge(self, running: int, queued: Optional[bool], speed: Optional[float], max_slots: int,
               now: float) -> bool:
@@ -85,8 +101,10 @@ class Learning:
             running * self.speed[running] <= (running - 1) * fewer * MORE_BY
         if queued or slower:
             before = self.slots
+            self.strikes[running] += 1
             self.slots, self.good = max(1, running - 1), 0
-            self.ceiling, self.retry_at = running, now + RETRY_S
+            self.ceiling = running
+            self.retry_at = now + min(RETRY_S, FIRST_RETRY_S * 2 ** (self.strikes[running] - 1))
             return self.slots != before
         if running < self.slots:
             return False  # a slot was free: this says nothing of one more
@@ -157,8 +175,8 @@ class Capacity:
         if load is None or not count or not generating:
             return False
         waited, generated = load / 1e9, generating / 1e9
-        queued = waited > max(QUEUED_S, generated / 4) if job.warm else None
         learning = self.learning.setdefault(job.model, Learning())
+        queued = learning.queued(job.running, waited, generated / count) if job.warm else None
         changed = learning.judge(job.running, queued, count / generated, self.max_slots, time.monotonic())
         if changed:
             log.info("%s: %d slot(s) on this node's Ollama (learned)", display_name(job.model), learning.slots)
