@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relay_bench import PY, ROOT, Procs, free_port, pct, raise_fd_limit, wait_port, wait_registered  # noqa: E402
 
 FULL = {"requests": 400, "clients": 100, "patience": 30.0}
-SMOKE = {"requests": 16, "clients": 6, "patience": 30.0}
+SMOKE = {"requests": 10, "clients": 4, "patience": 30.0}
 
 
 async def drive(url: str, plan: dict, slots_seen: list[tuple[float, int]]) -> dict:

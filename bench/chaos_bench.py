@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes import Cutter  # noqa: E402  (a TCP forwarder that can be slowed or cut)
 
 FULL = {"requests": 10_000, "concurrency": 24, "every": 3.0}
-SMOKE = {"requests": 300, "concurrency": 12, "every": 1.0}
+SMOKE = {"requests": 160, "concurrency": 12, "every": 1.0}
 TOKENS, DELAY = 8, 0.004  # per answer; seconds between tokens
 CRASH_RATE = 0.02  # the share of Ollama's streams cut mid-answer
 LEAVE_RATE = 0.08  # the share of clients that leave at a random moment

@@ -5,6 +5,7 @@ import time
 
 import httpx
 
+from odla.core.usage import Usage
 from odla.node.capacity import RAISE_AFTER, RETRY_S, Learning
 from tests.helpers import wait_for
 
@@ -107,15 +108,13 @@ def test_a_node_in_front_of_an_ollama_of_1_stays_at_1(net):
     assert waited_since < 0.1, waited_since  # and not again (for RETRY_S)
 
 
-def test_configured_slots_are_not_learned(net):
-    sim = net.sim("--tokens", "5", "--num-parallel", "8")
-    net.operator()
-    net.node("n1", sim, OLLAMA_NUM_PARALLEL="3")
-    net.wait_nodes("n1")
-    stop = threading.Event()
-    threads = load(net.op_url, stop, 6)
-    time.sleep(1.5)
-    stop.set()
-    for thread in threads:
-        thread.join(30)
-    assert slots_of(net) == (3, False)
+def test_configured_slots_are_not_learned():
+    from odla.node.capacity import Capacity, Running
+
+    capacity = Capacity(api=None, parallel=3)  # as num_parallel() gives it when configured
+    assert capacity.slots_for("llama3:latest") == 3 and not capacity.learned
+    for _ in range(4 * RAISE_AFTER):  # jobs that would teach a learning node more slots
+        job = capacity.started("llama3")
+        job.running = 3
+        assert not capacity.ended(job, Usage(output_tokens=10, load_duration=1_000, eval_duration=100_000_000))
+    assert capacity.slots_for("llama3:latest") == 3 and isinstance(job, Running)
