@@ -324,6 +324,7 @@ def test_chat_clear_forgets_and_ctrl_d_leaves(network, sim):
     assert [m["content"] for m in httpx.get(f"{sim.url}/_sim/last").json()["messages"]] == ["two"]
 
 
+@pytest.mark.solo  # a signal's timing against a stream: alone, not beside a busy worker
 def test_ctrl_c_stops_one_answer_and_the_chat_goes_on(network, sim):
     sim.configure(delay=0.3, tokens=20)
     proc = subprocess.Popen([sys.executable, "client.py", "chat", "--model", "llama3", "--operator", network.url],

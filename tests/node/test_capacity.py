@@ -4,6 +4,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from odla.core.usage import Usage
 from odla.node.capacity import RAISE_AFTER, RETRY_S, Learning
@@ -65,6 +66,7 @@ def slots_of(net) -> tuple[int, bool]:
     return row["slots"].get("llama3:latest", 0), row["slots_learned"]
 
 
+@pytest.mark.solo  # timed: it learns from waits, which a busy machine blurs
 def test_a_node_left_at_its_default_learns_an_ollama_of_8_within_30_s(net):
     sim = net.sim("--tokens", "20", "--delay", "0.02", "--num-parallel", "8")
     net.operator()
@@ -88,6 +90,7 @@ def test_a_node_left_at_its_default_learns_an_ollama_of_8_within_30_s(net):
     assert queue_length <= 1, queue_length  # once learned, Ollama's queue holds one job at most, on average
 
 
+@pytest.mark.solo  # timed: it learns from waits, which a busy machine blurs
 def test_a_node_in_front_of_an_ollama_of_1_stays_at_1(net):
     sim = net.sim("--tokens", "20", "--delay", "0.02", "--num-parallel", "1")
     net.operator()

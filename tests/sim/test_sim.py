@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from tests.helpers import Sim
+from tests.helpers import Sim, wait_for
 
 
 def generate(sim, model, **body):
@@ -85,10 +85,12 @@ def test_crash_rate_cuts_that_share_of_streams_and_record_counts_what_each_was_s
 
 
 def test_queued_counts_requests_beyond_num_parallel():
-    with Sim(tokens=3, delay=0.1, num_parallel=2) as sim:
+    with Sim(tokens=3, num_parallel=2, hold_last=True) as sim:  # each holds its slot until released
         threads = [threading.Thread(target=stream, args=(sim, f"p{i}")) for i in range(3)]
         for t in threads:
             t.start()
+        wait_for(lambda: sim.stats()["requests"] == 3 and sim.stats()["active"] == 2)
+        sim.release()
         for t in threads:
             t.join()
         assert sim.stats()["queued"] == 1 and sim.stats()["completed"] == 3
