@@ -47,6 +47,8 @@ from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, 
 from odla.core.usage import Tail, Usage
 
 log = logging.getLogger("odla.node")
+SHUTTING_DOWN = "the node is shutting down"
+"Why a job ends, or is refused, while the node stops (Ctrl-C, SIGTERM)."
 GENERATING = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"})
 "Ollama's paths that run a model on a slot: counted while they run, for the slots a node learns."
 REPORT_GAP_S = 0.2
@@ -240,7 +242,7 @@ class Node:
     async def open_job(self, job: p.RunRequest) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""
         if self.closing:
-            raise UpstreamError("the node is shutting down", 503)
+            raise UpstreamError(SHUTTING_DOWN, 503)
         model = job.model or (self.state.models[0] if self.state.models else None)
         if model is None:
             raise ODLAError("this node has no models", 404)
@@ -265,7 +267,7 @@ class Node:
                 raise
             failure = ollama_failure(exc, self.settings.ollama_host)
             if self.closing:  # its Ollama request was closed on the way out: another node may take it
-                failure = UpstreamError("the node is shutting down", 503)
+                failure = UpstreamError(SHUTTING_DOWN, 503)
             if failure.status_code >= 500:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
@@ -300,7 +302,7 @@ class Node:
         except OLLAMA_FAILURES as exc:
             message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
                 exc, self.settings.ollama_host).message
-            message = "the node is shutting down" if self.closing else message
+            message = SHUTTING_DOWN if self.closing else message
             outcome = f"error: {message}"
             yield p.error_line(message)
         finally:
@@ -323,7 +325,7 @@ class Node:
                 running = self.capacity.started(model_named(body))
         try:
             if self.closing:
-                raise UpstreamError("the node is shutting down", 503)
+                raise UpstreamError(SHUTTING_DOWN, 503)
             resp = await self.raw.send(request, stream=True)
         except BaseException as exc:
             if running is not None:
@@ -331,7 +333,7 @@ class Node:
             if not isinstance(exc, httpx.HTTPError):
                 raise
             if self.closing:
-                raise UpstreamError("the node is shutting down", 503) from exc
+                raise UpstreamError(SHUTTING_DOWN, 503) from exc
             raise ollama_failure(exc, self.settings.ollama_host) from exc
         media = resp.headers.get("content-type", "application/json")
         job = None
@@ -359,9 +361,9 @@ class Node:
                 yield data
             outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
         except httpx.HTTPError as exc:
-            outcome = "error: " + ("the node is shutting down" if self.closing else "lost connection to Ollama")
+            outcome = "error: " + (SHUTTING_DOWN if self.closing else "lost connection to Ollama")
             if self.closing:
-                raise StreamBroken("the node is shutting down") from exc
+                raise StreamBroken(SHUTTING_DOWN) from exc
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
         finally:
             if running is not None:  # its counts judge the node's slots, when Ollama's API gave them
