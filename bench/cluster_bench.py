@@ -1,27 +1,36 @@
-"""ODLA cluster benchmark: how well jobs are placed on unequal nodes, against nginx in the same run.
+"""ODLA cluster benchmark: how well jobs are placed on unequal nodes, against nginx and a router told the truth.
 
-    .venv/bin/python bench/cluster_bench.py [--low 20 --high 10] [--smoke]
+    .venv/bin/python bench/cluster_bench.py [--cluster default|second] [--runs 3] [--smoke]
 
-Four simulated Ollamas, as issue 12 describes them (1.5 s to load a model; llama3 loaded at start):
+Two clusters of simulated Ollamas (``CLUSTERS``; loading a model takes 1.5 s; each node starts with
+its first model loaded):
 
-    A  8 ms a token, 4 slots, 2 models in memory at most     llama3, mistral
-    B  20 ms a token, 2 slots, 1 model in memory             llama3, mistral
-    C  45 ms a token, 1 slot, 1 model in memory              llama3, mistral
-    D  45 ms a token, 1 slot, 1 model in memory              llama3
+    default (issue 12's)                                  second (none of us tuned for it)
+    A  8 ms a token, 4 slots, 2 in memory  llama3 mistral  E 10 ms, 3 slots, 2 in memory  llama3 mistral qwen
+    B 20 ms a token, 2 slots, 1 in memory  llama3 mistral  F 25 ms, 2 slots, 1 in memory  qwen llama3
+    C 45 ms a token, 1 slot,  1 in memory  llama3 mistral  G 40 ms, 1 slot,  2 in memory  mistral qwen
+    D 45 ms a token, 1 slot,  1 in memory  llama3          H 60 ms, 2 slots, 1 in memory  llama3 mistral
+                                                          I 15 ms, 1 slot,  1 in memory  qwen llama3
+    80 % llama3, 20 % mistral; 30-150 tokens              50 % llama3, 30 % qwen, 20 % mistral; 20-120 tokens
+    20 s at 60 %, 10 s at 150 %; give up after 25 s       8 s at 60 %, 4 s at 150 %; give up after 12 s
 
-Open-loop Poisson arrivals, 80 % llama3 and 20 % mistral, 30-150 output tokens each (Ollama's
-``options.num_predict``), at 60 % of the cluster's slot throughput for ``--low`` seconds, then
-150 % for ``--high`` seconds; a client gives up after 25 s. The same arrivals (same seed) go to:
+Open-loop Poisson arrivals (the rate a share of the cluster's slot throughput), each asking for its
+output length (Ollama's ``options.num_predict``). The same arrivals (same seed) go to:
 
     round-robin   nginx, per model (the seed's round-robin: only nodes with the model)
     least_conn    nginx ``least_conn``, per model
-    odla          the operator's Ollama door (``/api/generate``), four nodes in front of the four
-    odla-told     the same operator and nodes again, on fresh simulators: now it knows each node's
-                  speed, slots and loaded models, so it stands for the router that is told the truth
+    odla          the operator's Ollama door (``/api/generate``), one node in front of each simulator,
+                  the operator started afresh for each run: it learns the nodes' speeds and load
+                  times from its jobs
+    truth         a router told the truth, in the driver itself: it knows each simulator's speed,
+                  slots, load time and memory, and every job's length, tracks what each has loaded
+                  and running, and sends each job at once to the one that would finish it first
 
-Each router gets freshly started simulators. Reported: completed, errors and give-ups seen by
-clients, p50/p95/p99 end-to-end latency and time to first token, tokens/s, each node's share,
-and model loads. Results also go to bench/results/cluster.json.
+ODLA and the router told the truth run ``--runs`` times each (nginx once), on fresh simulators
+each time. Reported per run: completed, errors and give-ups seen by clients, p50/p95/p99
+end-to-end latency and time to first token, tokens/s, each node's share, and model loads; then
+ODLA's p95 and loads against the truth's, the issue's targets (at most 1.25× and 1.5×, every
+request completed, in every run). Results go to bench/results/cluster-<name>.json.
 """
 
 from __future__ import annotations
@@ -43,15 +52,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relay_bench import (NGINX_CONF, PY, ROOT, Procs, free_port, nginx_location, pct,  # noqa: E402
                          wait_port, wait_registered)
 
-NODES = {  # name: (seconds per token, slots, models in memory at most, models)
-    "A": (0.008, 4, 2, "llama3,mistral"),
-    "B": (0.020, 2, 1, "llama3,mistral"),
-    "C": (0.045, 1, 1, "llama3,mistral"),
-    "D": (0.045, 1, 1, "llama3"),
-}
 LOAD_MS = 1500
-GIVE_UP_S = 25.0
-MEAN_TOKENS = 90  # 30-150, uniform
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: dict[str, tuple[float, int, int, str]]
+    "name: (seconds per token, slots, models in memory at most, models: the first loaded at start)."
+    mix: dict[str, float]
+    "Share of the requests per model."
+    tokens: tuple[int, int]
+    "Output length of a request: uniform in this range."
+    low_s: float
+    "Seconds at 60 % of capacity, then ``high_s`` at 150 %."
+    high_s: float
+    give_up_s: float
+
+    @property
+    def mean_tokens(self) -> float:
+        return sum(self.tokens) / 2
+
+
+CLUSTERS = {
+    "default": Cluster({"A": (0.008, 4, 2, "llama3,mistral"), "B": (0.020, 2, 1, "llama3,mistral"),
+                        "C": (0.045, 1, 1, "llama3,mistral"), "D": (0.045, 1, 1, "llama3")},
+                       {"llama3": 0.8, "mistral": 0.2}, (30, 150), 20, 10, 25.0),
+    "second": Cluster({"E": (0.010, 3, 2, "llama3,mistral,qwen"), "F": (0.025, 2, 1, "qwen,llama3"),
+                       "G": (0.040, 1, 2, "mistral,qwen"), "H": (0.060, 2, 1, "llama3,mistral"),
+                       "I": (0.015, 1, 1, "qwen,llama3")},
+                      {"llama3": 0.5, "qwen": 0.3, "mistral": 0.2}, (20, 120), 8, 4, 12.0),
+}
+P95_TARGET, LOADS_TARGET = 1.25, 1.5
+"ODLA against the router told the truth: p95 end-to-end and model loads at most these multiples."
 
 
 
@@ -65,9 +97,11 @@ class Result:
     sent: int = 0
 
 
-def arrivals(low_s: float, high_s: float, pace: float = 1.0, seed: int = 7) -> list[tuple[float, str, int]]:
+def arrivals(cluster: Cluster, low_s: float, high_s: float, pace: float = 1.0,
+             seed: int = 7) -> list[tuple[float, str, int]]:
     """(when, model, tokens) for every request: the same list for every router."""
-    capacity = sum(slots / (per_token * pace) for per_token, slots, _, _ in NODES.values()) / MEAN_TOKENS  # jobs/s
+    capacity = sum(slots / (per_token * pace) for per_token, slots, _, _ in cluster.nodes.values()) / cluster.mean_tokens
+    models, weights = list(cluster.mix), list(cluster.mix.values())
     rng, out, t = random.Random(seed), [], 0.0
     for rate, until in ((0.6 * capacity, low_s), (1.5 * capacity, low_s + high_s)):
         while True:
@@ -75,15 +109,16 @@ def arrivals(low_s: float, high_s: float, pace: float = 1.0, seed: int = 7) -> l
             if t >= until:
                 t = until
                 break
-            out.append((t, "llama3" if rng.random() < 0.8 else "mistral", rng.randint(30, 150)))
+            out.append((t, rng.choices(models, weights)[0], rng.randint(*cluster.tokens)))
     return out
 
 
-async def one(http: httpx.AsyncClient, url: str, model: str, tokens: int, result: Result) -> None:
+async def one(http: httpx.AsyncClient, route, model: str, tokens: int, result: Result, give_up_s: float) -> None:
     began = time.perf_counter()
     body = {"model": model, "prompt": f"job {random.random()}", "options": {"num_predict": tokens}}
+    url, done = route(model, tokens)
     try:
-        async with asyncio.timeout(GIVE_UP_S) if hasattr(asyncio, "timeout") else _Timeout(GIVE_UP_S):
+        async with asyncio.timeout(give_up_s) if hasattr(asyncio, "timeout") else _Timeout(give_up_s):
             async with http.stream("POST", url, json=body) as resp:
                 if resp.status_code != 200:
                     result.errors += 1
@@ -109,6 +144,8 @@ async def one(http: httpx.AsyncClient, url: str, model: str, tokens: int, result
         result.gave_up += 1
     except httpx.HTTPError:
         result.errors += 1
+    finally:
+        done()
 
 
 class _Timeout:
@@ -128,27 +165,70 @@ class _Timeout:
         return False
 
 
-async def drive(url_of, plan: list[tuple[float, str, int]]) -> tuple[Result, float]:
+async def drive(route, plan: list[tuple[float, str, int]], give_up_s: float) -> tuple[Result, float]:
+    """Send ``plan`` through ``route(model, tokens) -> (url, done)``; ``done()`` is called when the request ends."""
     result = Result()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(GIVE_UP_S + 5), limits=httpx.Limits(max_connections=None)) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(give_up_s + 5), limits=httpx.Limits(max_connections=None)) as http:
         start, tasks = time.perf_counter(), []
         for at, model, tokens in plan:
             delay = start + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             result.sent += 1
-            tasks.append(asyncio.ensure_future(one(http, url_of(model), model, tokens, result)))
+            tasks.append(asyncio.ensure_future(one(http, route, model, tokens, result, give_up_s)))
         await asyncio.gather(*tasks)
         return result, time.perf_counter() - start
 
 
-def start_sims(procs: Procs, ports: dict[str, int], tag: str, pace: float = 1.0) -> None:
-    """The four simulators; ``pace`` < 1 runs the same cluster faster (tokens and loads alike)."""
-    for name, (per_token, slots, max_loaded, models) in NODES.items():
+class Truth:
+    """A router told the truth: each simulator's speed, slots, load time and memory, every job's
+    length. It tracks what each has loaded (least recently used first out, as the simulator evicts)
+    and the end of every job it sent there, and sends a job at once to the node that would finish
+    it first; the simulator queues it behind its slots as Ollama does."""
+
+    def __init__(self, cluster: Cluster, ports: dict[str, int], pace: float) -> None:
+        self.cluster, self.ports, self.pace = cluster, ports, pace
+        self.ends: dict[str, list[tuple[float, str]]] = {name: [] for name in cluster.nodes}
+        "Per node: (predicted end, model) of every job sent there and not yet ended."
+        self.loaded: dict[str, dict[str, float]] = {
+            name: {spec[3].split(",")[0]: 0.0} for name, spec in cluster.nodes.items()}
+        "Per node: model -> when it was last used (the least recently used goes first)."
+
+    def route(self, model: str, tokens: int):
+        now = time.perf_counter()
+        best = None
+        for name, (per_token, slots, max_loaded, models) in self.cluster.nodes.items():
+            if model not in models.split(","):
+                continue
+            ends = sorted(end for end, _ in self.ends[name])
+            start = now if len(ends) < slots else ends[len(ends) - slots]
+            load = 0.0
+            if model not in self.loaded[name]:
+                load = LOAD_MS / 1000 * self.pace
+                if len(self.loaded[name]) >= max_loaded:  # a model must go: once one is idle
+                    idle_at = [max((e for e, m in self.ends[name] if m == other), default=now)
+                               for other in self.loaded[name]]
+                    start = max(start, min(idle_at))
+            finish = max(start, now) + load + tokens * per_token * self.pace
+            if best is None or finish < best[0]:
+                best = (finish, name, load > 0)
+        finish, name, loads = best
+        loaded = self.loaded[name]
+        if loads and len(loaded) >= self.cluster.nodes[name][2]:
+            del loaded[min(loaded, key=loaded.get)]
+        loaded[model] = finish
+        entry = (finish, model)
+        self.ends[name].append(entry)
+        return f"http://127.0.0.1:{self.ports[name]}/api/generate", lambda: self.ends[name].remove(entry)
+
+
+def start_sims(procs: Procs, cluster: Cluster, ports: dict[str, int], tag: str, pace: float = 1.0) -> None:
+    """The simulators; ``pace`` < 1 runs the same cluster faster (tokens and loads alike)."""
+    for name, (per_token, slots, max_loaded, models) in cluster.nodes.items():
         procs.start(f"sim-{name}-{tag}", [PY, "sim/ollama_sim.py", "--port", str(ports[name]), "--models", models,
-                                          "--tokens", "150", "--delay", str(per_token * pace),
+                                          "--tokens", str(cluster.tokens[1]), "--delay", str(per_token * pace),
                                           "--parallel", str(slots), "--max-loaded", str(max_loaded),
-                                          "--load-ms", str(LOAD_MS * pace), "--preload", "llama3"])
+                                          "--load-ms", str(LOAD_MS * pace), "--preload", models.split(",")[0]])
     for port in ports.values():
         wait_port(port)
 
@@ -172,14 +252,15 @@ def summary(result: Result, seconds: float, stats: dict[str, dict]) -> dict:
         "latency_p99_s": pct(result.latency, 99), "ttft_p50_s": pct(result.ttft, 50),
         "ttft_p95_s": pct(result.ttft, 95), "tokens_per_s": result.tokens / seconds,
         "share": {name: s["requests"] for name, s in stats.items()},
-        "model_loads": sum(s["loads"] for s in stats.values()),  # llama3's preloads are not counted
+        "model_loads": sum(s["loads"] for s in stats.values()),  # the preloads are not counted
     }
 
 
-def nginx_conf(workdir: Path, port: int, sim_ports: dict[str, int], balance: str) -> str:
+def nginx_conf(cluster: Cluster, workdir: Path, port: int, sim_ports: dict[str, int], balance: str) -> str:
     upstreams, locations = [], []
-    for model in ("llama3", "mistral"):
-        servers = "".join(f"    server 127.0.0.1:{sim_ports[n]};\n" for n, spec in NODES.items() if model in spec[3])
+    for model in cluster.mix:
+        servers = "".join(f"    server 127.0.0.1:{sim_ports[n]};\n" for n, spec in cluster.nodes.items()
+                          if model in spec[3].split(","))
         upstreams.append(f"  upstream {model} {{\n    {balance}\n{servers}    keepalive 64;\n  }}")
         locations.append(nginx_location(f"/{model}/", model))
     return NGINX_CONF.format(dir=workdir, port=port, upstreams="\n".join(upstreams), locations="\n".join(locations))
@@ -187,97 +268,138 @@ def nginx_conf(workdir: Path, port: int, sim_ports: dict[str, int], balance: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--low", type=float, default=20, help="seconds at 60 %% of capacity")
-    parser.add_argument("--high", type=float, default=10, help="seconds at 150 %% of capacity")
-    parser.add_argument("--smoke", action="store_true", help="seconds, ten times faster: checks that it runs (tests)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
+    parser.add_argument("--cluster", choices=sorted(CLUSTERS), default="default")
+    parser.add_argument("--runs", type=int, default=3, help="runs of ODLA and of the router told the truth")
+    parser.add_argument("--smoke", action="store_true", help="seconds, ten times faster, one run: checks that it runs")
+    parser.add_argument("--out", default=None, help="default: bench/results/cluster-<cluster>.json")
     args = parser.parse_args()
-    low, high, pace = (0.5, 0.1, 0.1) if args.smoke else (args.low, args.high, 1.0)
-    plan = arrivals(low, high, pace)
+    cluster = CLUSTERS[args.cluster]
+    runs = 1 if args.smoke else args.runs
+    low, high, pace = (0.5, 0.1, 0.1) if args.smoke else (cluster.low_s, cluster.high_s, 1.0)
+    give_up = cluster.give_up_s * (0.5 if args.smoke else 1.0)
+    plan = arrivals(cluster, low, high, pace)
     workdir = Path(tempfile.mkdtemp(prefix="odla-cluster-"))
     procs = Procs(workdir)
-    sim_ports = {name: free_port() for name in NODES}
+    sim_ports = {name: free_port() for name in cluster.nodes}
     results: dict[str, dict] = {}
     nginx = ["least_conn"] if args.smoke else ["round-robin", "least_conn"]  # (the smoke run checks the harness)
-    routers = (nginx if shutil.which("nginx") else []) + ["odla", "odla-told"]
-    print(f"cluster bench: {len(plan)} requests over {low + high:g}s; routers: {', '.join(routers)}", flush=True)
+    routers = (nginx if shutil.which("nginx") else []) + [f"{r}{'' if runs == 1 else f' #{i}'}"
+                                                        for i in range(1, runs + 1) for r in ("odla", "truth")]
+    print(f"cluster bench ({args.cluster}): {len(plan)} requests over {low + high:g}s; "
+          f"routers: {', '.join(routers)}", flush=True)
     try:
         for router in routers:
-            start_sims(procs, sim_ports, router, pace)
-            if router == "odla":
-                url_of = start_odla(procs, workdir, sim_ports)
-            elif router == "odla-told":  # the same operator and nodes: they know every node's speed now
-                time.sleep(3)  # a heartbeat: what the fresh simulators hold in memory
+            start_sims(procs, cluster, sim_ports, router.replace(" #", "-"), pace)
+            kind = router.split(" ")[0]
+            if kind == "odla":
+                route = start_odla(procs, cluster, workdir, sim_ports)
+            elif kind == "truth":
+                route = Truth(cluster, sim_ports, pace).route
             else:
                 port = free_port()
                 conf = workdir / f"nginx-{router}.conf"
-                conf.write_text(nginx_conf(workdir, port, sim_ports, "least_conn;" if router == "least_conn" else ""))
+                conf.write_text(nginx_conf(cluster, workdir, port, sim_ports,
+                                           "least_conn;" if router == "least_conn" else ""))
                 procs.start(f"nginx-{router}", ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"])
                 wait_port(port)
-                url_of = lambda model, port=port: f"http://127.0.0.1:{port}/{model}/api/generate"  # noqa: E731
-            result, seconds = asyncio.run(drive(url_of, plan))
+                route = lambda model, tokens, port=port: (f"http://127.0.0.1:{port}/{model}/api/generate",  # noqa: E731
+                                                          lambda: None)
+            result, seconds = asyncio.run(drive(route, plan, give_up))
             results[router] = summary(result, seconds, sim_stats(sim_ports))
-            stop(procs, "sim-")
-            stop(procs, "nginx-")
+            for prefix in ("sim-", "nginx-", "operator", "node-"):
+                stop(procs, prefix)
             print(f"  {router}: done", flush=True)
     finally:
         procs.stop()
-    out = Path(args.out)
+    verdict = judge(results)
+    out = Path(args.out or ROOT / "bench" / "results" / f"cluster-{args.cluster}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cost = scheduling_cost()
-    out.write_text(json.dumps({"requests": len(plan), "results": results, "scheduling_us_per_job": cost}, indent=2))
-    print(table(results))
-    print(f"\nscheduling: {cost:.1f} µs of CPU per job (claim and release, four nodes)")
+    cost = {str(n): scheduling_cost(n) for n in (len(cluster.nodes), 100)}
+    out.write_text(json.dumps({"cluster": args.cluster, "requests": len(plan), "results": results,
+                               "against_truth": verdict, "scheduling_us_per_job": cost}, indent=2))
+    print(table(cluster, results))
+    for run, v in verdict["runs"].items():
+        print(f"\n{run}: p95 {v['p95_ratio']:.2f}× the truth's (target <= {P95_TARGET}), "
+              f"model loads {v['loads_ratio']:.2f}× (target <= {LOADS_TARGET}), "
+              f"{'every request completed' if v['all_completed'] else 'NOT every request completed'}")
+    print(f"targets {'held' if verdict['held'] else 'NOT held'} in every run")
+    print("\nscheduling: " + ", ".join(f"{us:.1f} µs of CPU per job with {n} nodes" for n, us in cost.items()))
     print(f"\nwritten: {out}")
 
 
-def start_odla(procs: Procs, workdir: Path, sim_ports: dict[str, int]):
+def judge(results: dict[str, dict]) -> dict:
+    """ODLA's run against the truth's run of the same number: p95 and loads as multiples of the truth's."""
+    runs = {}
+    for name, odla in results.items():
+        if not name.startswith("odla"):
+            continue
+        truth = results[name.replace("odla", "truth")]
+        runs[name] = {
+            "p95_ratio": odla["latency_p95_s"] / truth["latency_p95_s"] if truth["latency_p95_s"] else float("inf"),
+            "loads_ratio": odla["model_loads"] / max(truth["model_loads"], 1),
+            "all_completed": odla["completed"] == odla["sent"],
+        }
+    held = all(v["p95_ratio"] <= P95_TARGET and v["loads_ratio"] <= LOADS_TARGET and v["all_completed"]
+               for v in runs.values())
+    return {"runs": runs, "held": held}
+
+
+def start_odla(procs: Procs, cluster: Cluster, workdir: Path, sim_ports: dict[str, int]):
     op_port = free_port()
     config = workdir / "config.json"
     config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
-                                  "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2}))
+                                  "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
+                                  "jobs_db": str(workdir / f"jobs-{op_port}.db")}))
     env = {"ODLA_CONFIG": str(config)}
     procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
-    for name, (_, slots, _, _) in NODES.items():
+    for name, (_, slots, _, _) in cluster.nodes.items():
         procs.start(f"node-{name}", [PY, "node.py"], {**env, "NODE_ID": name, "NODE_PORT": str(free_port()),
                                                       "OLLAMA_HOST": f"127.0.0.1:{sim_ports[name]}",
                                                       "OLLAMA_NUM_PARALLEL": str(slots)})
     wait_port(op_port)
-    wait_registered(op_port, len(NODES))
-    return lambda model: f"http://127.0.0.1:{op_port}/api/generate"
+    wait_registered(op_port, len(cluster.nodes))
+    url = f"http://127.0.0.1:{op_port}/api/generate"
+    return lambda model, tokens: (url, lambda: None)
 
 
-def scheduling_cost(rounds: int = 20000) -> float:
-    """Microseconds of operator CPU one job's scheduling takes (claim and release), on this cluster."""
+def scheduling_cost(nodes: int, rounds: int = 5000) -> float:
+    """Microseconds of operator CPU one job's scheduling takes (claim and release), with ``nodes``
+    nodes of 10-59 tokens/s, 1-4 slots, two models, two in three warm, and a third of the slots busy."""
     sys.path.insert(0, str(ROOT))
     from odla.core.protocol import LoadedModel
     from odla.operator.registry import Registry
     from odla.operator.scheduler import Scheduler
 
     registry = Registry(prune_after=60)
-    for name, (per_token, slots, _, models) in NODES.items():
-        names = models.split(",")
-        registry.register(name, f"http://{name}", names, slots={m: slots for m in names},
-                          loaded=[LoadedModel(name="llama3")], tokens_per_s={m: 1 / per_token for m in names})
+    for i in range(nodes):
+        names = ["llama3", "mistral"]
+        node = registry.register(f"n{i}", f"http://n{i}", names, slots={m: 1 + i % 4 for m in names},
+                                 loaded=[LoadedModel(name="llama3")] if i % 3 else [])
+        node.saw("llama3:latest", 101, 100 / (10 + i % 50))
     scheduler = Scheduler(registry)
-    held = [scheduler.try_claim("llama3") for _ in range(3)]  # a busy cluster, not an idle one
+    busy = sum(1 + i % 4 for i in range(nodes)) // 3
+    held = [scheduler.hold(node, "llama3:latest", tokens=100)
+            for node in registry.nodes() for _ in range(1 + int(node.node_id[1:]) % 4)][:busy]
     began = time.process_time()
     for _ in range(rounds):
-        scheduler.try_claim("llama3").release()
+        claim = scheduler.try_claim("llama3", tokens=100)
+        if claim is not None:
+            claim.release()
     spent = time.process_time() - began
     for claim in held:
         claim.release()
     return spent / rounds * 1e6
 
 
-def table(results: dict[str, dict]) -> str:
+def table(cluster: Cluster, results: dict[str, dict]) -> str:
+    names = "/".join(cluster.nodes)
     rows = [("router", "done/sent", "errors", "gave up", "e2e p50 s", "p95 s", "p99 s", "ttft p50 s", "p95 s",
-             "tok/s", "share A/B/C/D", "loads")]
+             "tok/s", f"share {names}", "loads")]
     for router, r in results.items():
         rows.append((router, f"{r['completed']}/{r['sent']}", str(r["errors"]), str(r["gave_up"]),
                      f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}", f"{r['latency_p99_s']:.2f}",
                      f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p95_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-                     "/".join(str(r["share"][n]) for n in NODES), str(r["model_loads"])))
+                     "/".join(str(r["share"][n]) for n in cluster.nodes), str(r["model_loads"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-|-".join("-" * w for w in widths))

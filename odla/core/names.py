@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import NamedTuple, Optional
 
 DEFAULT_HOST = "registry.ollama.ai/"
 DEFAULT_NAMESPACE = "library/"
@@ -49,6 +50,20 @@ def listed(names: "list[str]", shown: int = 5) -> str:
 def model_named(body: bytes) -> str:
     """The ``model`` (or ``/api/show``'s older ``name``) an Ollama API request names;
     ``ValueError`` saying why when it names none."""
+    return requested(body).model
+
+
+class Requested(NamedTuple):
+    """What the scheduler reads of an Ollama or OpenAI API request."""
+
+    model: str
+    max_tokens: Optional[int]
+    "The most output tokens it asks for (``options.num_predict``, ``max_tokens``, ``max_completion_tokens``)."
+
+
+def requested(body: bytes) -> Requested:
+    """The model an Ollama or OpenAI API request names, and the most tokens it asks for;
+    ``ValueError`` saying why when it names no model."""
     try:
         data = json.loads(body or b"null")
     except ValueError as exc:
@@ -62,4 +77,13 @@ def model_named(body: bytes) -> str:
         raise ValueError("model is required")
     if len(model) > MAX_MODEL_NAME:  # it would be stored with every receipt and log line
         raise ValueError(f"model name is longer than {MAX_MODEL_NAME} characters")
-    return model
+    options = data.get("options")
+    limit = options.get("num_predict") if isinstance(options, dict) else None
+    if limit is None:
+        limit = data.get("max_completion_tokens", data.get("max_tokens"))
+    return Requested(model, output_limit(limit))
+
+
+def output_limit(value: object) -> Optional[int]:
+    """A request's limit on its output as a count of tokens; None for none (Ollama's -1 and -2, or no number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -233,6 +233,22 @@ Outcome = Literal["ok", "client_cancel", "node_error", "no_node", "queue_full", 
 "How a job ended: the values of ``odla_requests_total``'s ``outcome`` and of a receipt's."
 
 
+class JobPrediction(BaseModel):
+    """When the scheduler predicted the job would finish, on the node it picked first, when it asked."""
+
+    node: str
+    finish_s: float
+    "Seconds from the request to the job's end: ``wait_s + load_s + run_s``."
+    wait_s: float
+    "For a free slot on the node (or for a loaded model to be idle, to make room for this one)."
+    load_s: float
+    "To load the model into memory (0: it was loaded)."
+    run_s: float
+    "To produce ``tokens`` at the node's measured speed."
+    tokens: int
+    "The answer's predicted length: what it asked for at most, else the model's mean."
+
+
 class JobReceipt(BaseModel):
     """One job as the operator saw it: ``GET /jobs/{id}``, and the rows of ``GET /jobs``."""
 
@@ -263,6 +279,8 @@ class JobReceipt(BaseModel):
     load_duration: Optional[int] = None
     prompt_eval_duration: Optional[int] = None
     eval_duration: Optional[int] = None
+    prediction: Optional[JobPrediction] = None
+    "The scheduler's prediction for the job (null when it reached no node)."
 
 
 class JobsResponse(BaseModel):

@@ -63,6 +63,10 @@ SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 
+ERRORS = (-30, -10, -5, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+"Buckets of prediction errors, in seconds: as many early as late."
+
+
 class RequestMetrics:
     """Counts every job once, when it ends."""
 
@@ -84,6 +88,9 @@ class RequestMetrics:
                                  registry=prom)
         self.queue_wait = Histogram("odla_queue_wait_seconds", "How long jobs that found no free slot waited",
                                     ["model"], buckets=SECONDS, registry=prom)
+        self.prediction_error = Histogram(
+            "odla_prediction_error_seconds", "A completed job's duration minus the scheduler's prediction of it "
+            "(positive: it took longer than predicted)", ["model"], buckets=ERRORS, registry=prom)
 
     def refused(self, path: str) -> None:
         """A job's request refused before it was routed (a body over the limit)."""
@@ -112,6 +119,8 @@ class RequestMetrics:
             self.failovers.inc(job.failovers)
         if job.queue_wait is not None:
             self.queue_wait.labels(model).observe(job.queue_wait)
+        if job.prediction is not None and job.outcome == "ok" and job.finished is not None:
+            self.prediction_error.labels(model).observe(job.finished - job.started - job.prediction.finish_s)
 
 
 def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:

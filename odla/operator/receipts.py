@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from odla.serving.jobs import Job
-from odla.core.protocol import JobReceipt
+from odla.core.protocol import JobPrediction, JobReceipt
 from odla.core.usage import Usage
 
 log = logging.getLogger("odla.operator")
@@ -34,14 +34,18 @@ log = logging.getLogger("odla.operator")
 MAX_PENDING = 100_000
 "Ended jobs kept in memory while their receipts cannot be written (a full disk): the newest."
 USAGE = tuple(f.name for f in fields(Usage))
+PREDICTION = {"predicted_node": "TEXT", "predicted_wait": "REAL", "predicted_load": "REAL", "predicted_run": "REAL",
+              "predicted_tokens": "INTEGER"}
+"The scheduler's prediction (``JobPrediction``): columns added to a database made before them."
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
-           "failovers", "queue_wait", *USAGE)
+           "failovers", "queue_wait", *USAGE, *PREDICTION)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, started REAL NOT NULL, model TEXT NOT NULL, node TEXT, door TEXT NOT NULL,
     outcome TEXT, error TEXT, caller TEXT, first_token REAL, finished REAL, failovers INTEGER NOT NULL,
     queue_wait REAL, prompt_tokens INTEGER, output_tokens INTEGER, total_duration INTEGER,
-    load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER);
+    load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
+    predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
 """
 INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -177,6 +181,10 @@ def connect(path: str) -> sqlite3.Connection:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
                 db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in PREDICTION.items():
+                if column not in have:  # made by an older ODLA: its rows have no prediction
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         except sqlite3.Error:
             db.close()
             raise
@@ -186,11 +194,17 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def _row(job: Job) -> tuple:
+    guess = job.prediction
+    predicted = (guess.node, guess.wait_s, guess.load_s, guess.run_s, guess.tokens) if guess else (None,) * 5
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
-            job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage))
+            job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted)
 
 
 def _receipt(row: tuple) -> JobReceipt:
     data = dict(zip(COLUMNS, row))
     usage = Usage(**{name: data.pop(name) for name in USAGE})
-    return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, **data).receipt()
+    node, wait, load, run, tokens = (data.pop(name) for name in PREDICTION)
+    prediction = JobPrediction(node=node, finish_s=round(wait + load + run, 3), wait_s=wait, load_s=load, run_s=run,
+                               tokens=tokens) if node is not None else None
+    return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, prediction=prediction,
+               **data).receipt()

@@ -51,6 +51,13 @@ class Node:
     "Per model key: tokens per second of the answers this operator relayed from the node (a moving average)."
     inflight: dict[str, int] = field(default_factory=dict)
     "Per model key: jobs this operator has running here. Claimed and released by the scheduler only."
+    ends: dict[str, list[float]] = field(default_factory=dict)
+    "Per model key: when each of those jobs was predicted to end (registry clock; odla/operator/forecast.py)."
+    load_s: dict[str, float] = field(default_factory=dict)
+    "Per model key: seconds its Ollama took to load it, as its answers' ``load_duration`` said (a moving average)."
+    max_models: int = 0
+    """Models its Ollama holds at most, as last seen when it dropped one to load another (0: not seen
+    yet, and no eviction is predicted); raised when it is seen holding more."""
     failures: int = 0
     "Jobs that failed here in a row (unreachable, refused, broken off)."
     errors: float = 0.0
@@ -91,6 +98,16 @@ class Node:
             return False
         expires = self.loaded[key]
         return expires is None or expires > now
+
+    def use(self, key: str, until: float, now: float) -> None:
+        """A job for ``key`` starts: Ollama has it in memory until ``until``; if that needed room
+        (``max_models``), the least recently used idle model went."""
+        if not self.warm(key, now) and self.max_models:
+            held = [k for k in self.loaded if self.warm(k, now)]
+            idle = [k for k in held if not self.inflight.get(k)]
+            if len(held) >= self.max_models and idle:
+                del self.loaded[min(idle, key=lambda k: self.loaded[k] or 0.0)]
+        self.loaded[key] = until
 
     def speed(self, key: str) -> Optional[float]:
         """Tokens per second for this model as the operator saw them arrive, or the mean over the node's
@@ -144,6 +161,8 @@ class Registry:
         self.prune_after = prune_after
         self.clock = clock
         self._nodes: dict[str, Node] = {}
+        self._having: dict[str, dict[str, Node]] = {}
+        "Per model key: the nodes that have it, by id (the scheduler's candidates without a scan of every node)."
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -166,17 +185,38 @@ class Registry:
         self.set_models(node, models)
         node.slots = {model_key(m): n for m, n in (slots or {}).items()}
         now, wall = self.clock(), time.time()
+        held = {k for k in node.loaded if node.warm(k, now)}
         node.loaded = {model_key(m.name): self._local(epoch(m.expires_at), now, wall) for m in loaded}
+        if held - node.loaded.keys() and node.loaded.keys() - held:  # one went before its time, another came
+            node.max_models = len(node.loaded)
+        elif node.max_models:
+            node.max_models = max(node.max_models, len(node.loaded))
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         node.slots_learned = slots_learned
         return node
 
     def set_models(self, node: Node, models: list[str]) -> None:
-        node.models = models
-        node.keys = frozenset(model_key(m) for m in models)
+        keys = frozenset(model_key(m) for m in models)
+        for key in node.keys - keys:
+            self._unindex(node, key)
+        for key in keys - node.keys:
+            self._having.setdefault(key, {})[node.node_id] = node
+        node.models, node.keys = models, keys
+
+    def _unindex(self, node: Node, key: str) -> None:
+        having = self._having.get(key)
+        if having is not None and having.get(node.node_id) is node:
+            del having[node.node_id]
+            if not having:
+                del self._having[key]
 
     def remove(self, node_id: str) -> bool:
-        return self._nodes.pop(node_id, None) is not None
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return False
+        for key in node.keys:
+            self._unindex(node, key)
+        return True
 
     def seen(self, node_id: str, *, healthy: bool, models: Optional[list[str]] = None) -> None:
         """Record an answer from the node (a health check)."""
@@ -195,8 +235,7 @@ class Registry:
 
     def candidates(self, model: str) -> list[Node]:
         """Healthy nodes with ``model``, in registration order."""
-        key = model_key(model)
-        return [n for n in self._nodes.values() if n.healthy and key in n.keys]
+        return [n for n in self._having.get(model_key(model), {}).values() if n.healthy]
 
     @staticmethod
     def _local(when: Optional[float], now: float, wall: float) -> Optional[float]:
@@ -215,6 +254,6 @@ class Registry:
             if node.active_jobs:
                 node.healthy = False
                 continue
-            del self._nodes[node.node_id]
+            self.remove(node.node_id)
             gone.append(node.node_id)
         return gone

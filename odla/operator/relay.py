@@ -16,9 +16,10 @@ from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
 from odla.serving.jobs import Job
 from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachable
-from odla.core.names import listed, model_key
+from odla.core.names import listed, model_key, output_limit
 from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
+from odla.operator.forecast import Prediction
 from odla.operator.scheduler import Claim, Place, Scheduler
 from odla.core.usage import Tail, Usage
 
@@ -57,7 +58,8 @@ class Router:
                                            **request.ollama_fields())
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
-        claim, resp = await self.open(request.model, "POST", "/run", body, job, place)
+        limit = output_limit((request.options or {}).get("num_predict"))
+        claim, resp = await self.open(request.model, "POST", "/run", body, job, place, limit)
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
@@ -65,8 +67,9 @@ class Router:
                       gathered=True)
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
-                   place: Optional[Place] = None) -> tuple[Claim, ClientResponse]:
-        """Send the request to the node the scheduler picks, the next one if it does not take it.
+                   place: Optional[Place] = None, tokens: Optional[int] = None) -> tuple[Claim, ClientResponse]:
+        """Send the request to the node the scheduler picks, the next one if it does not take it
+        (``tokens``: the most the job asked for, the length the scheduler plans for).
 
         A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped (at
         most ``MAX_TRIES`` nodes are tried);
@@ -78,7 +81,7 @@ class Router:
             if len(failures) >= MAX_TRIES:
                 raise self._all_failed(model, failures)
             claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place,
-                                               job.id)
+                                               job.id, tokens=tokens)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
             if claim.waited:
@@ -91,6 +94,9 @@ class Router:
                     claim.release()
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
+                job.limited = tokens is not None
+                if job.prediction is None and claim.prediction is not None:  # its first pick's
+                    job.prediction = predicted(claim.node.node_id, claim.prediction)
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
@@ -176,7 +182,8 @@ class Router:
         last line has gone to the client, and counts the tokens it delivered.
         """
         node = claim.node
-        node.loaded[claim.key] = self.registry.clock() + WARM_FOR_S  # Ollama has the model now
+        now = self.registry.clock()
+        node.use(claim.key, now + WARM_FOR_S, now)  # Ollama has the model now
         streams = self.streams.setdefault(node.node_id, set())
         streams.add(resp)
         body = self.nodes.body(resp)
@@ -225,8 +232,18 @@ class Router:
         if job.outcome is None:
             node.outcome(job.error is None, self.registry.clock())
             if job.error is None and job.first_token is not None:
-                node.saw(model_key(job.model), job.delivered, time.time() - job.first_token)
+                key = model_key(job.model)
+                node.saw(key, job.delivered, time.time() - job.first_token)
+                self.scheduler.forecast.learn(node, key, job.usage.output_tokens or job.delivered, job.limited,
+                                              job.usage.load_duration)
         job.end("node_error" if job.error else "ok")
+
+
+def predicted(node_id: str, prediction: Prediction) -> p.JobPrediction:
+    """A prediction as the job's receipt shows it."""
+    return p.JobPrediction.model_construct(node=node_id, finish_s=round(prediction.total, 3),
+                                           wait_s=round(prediction.wait, 3), load_s=round(prediction.load, 3),
+                                           run_s=round(prediction.run, 3), tokens=prediction.tokens)
 
 
 async def _passed_on(body: Body) -> AsyncIterator[bytes]:

@@ -1,30 +1,29 @@
-"""Which node runs a job, and a fair queue when none has a free slot.
+"""Which node runs a job, and a fair queue when it should wait.
 
-**Pick.** Among healthy nodes with the model and a free slot (the operator's own count of
-jobs it has running there below the node's slots for the model), in this order:
+**Pick.** For each healthy node with the model the scheduler predicts when the job would finish
+there (odla/operator/forecast.py): the wait for a slot, a model load if the model is not in memory,
+and the answer's length at the node's speed as this operator measured it (never the node's own
+claim), longer in proportion to the node's recent failures. It takes the earliest. Nodes within
+``EQUAL_FINISH`` of it are equals: among them, one with a free slot, then an idle one, then one not
+measured yet (so it gets measured), then each in turn (a per-model cursor). When the earliest
+finish is on a node without a free slot, the job waits for it rather than start at once on a slow
+or cold node. A node that failed several jobs in a row rests (odla/operator/registry.py) and gets
+none unless no other can. Claiming counts the job at once with its predicted end; releasing it
+(always, in ``finally``) never goes below zero.
 
-    0  warm and idle        the model is loaded, the node runs nothing for us
-    1  warm                 loaded, with a free slot
-    2  cold and idle        Ollama must load the model, but runs nothing else
-    3  cold                 the rest
-
-within a rank the node that failed fewer jobs of late, then the faster one (tokens per
-second of the answers the operator relayed from it for the model, never the node's own claim;
-nodes within ``EQUAL_SPEED`` of the fastest are equals; a node not yet measured counts as
-fastest, so it gets measured), then a per-model cursor, so equals take turns. A node that
-failed several jobs in a row rests (odla/operator/registry.py) and gets none unless no other can. Claiming counts the job at once; releasing it (always, in
-``finally``) never goes below zero.
-
-**Queue.** When every node with the model is full, the job waits: per model, fair across
+**Queue.** When no free slot is the best place for it, the job waits: per model, fair across
 callers (round-robin between API keys, first come first served within one), woken when a
-slot frees or a node's capacity grows, never by polling. A freed slot is handed to the next
-waiter directly, so a newcomer cannot take it first. Past ``max_queue`` waiting jobs a new one
+slot frees or a node's capacity grows. A freed slot is offered to the waiters in their order,
+each planned on its best node in turn (those planned ahead count there as running), so a newcomer
+cannot take it first; while a waiter passes up a free slot for a better busy one, the queue looks
+again every ``RECHECK_S`` (a job that overruns its predicted end makes its node look later). Past ``max_queue`` waiting jobs a new one
 is refused (503 with Retry-After); one that waits ``queue_timeout`` gives up (504). A waiter
 whose client leaves is simply gone.
 
 **Several operators** (``cluster``, odla/operator/cluster.py): the pick and the queue are the cluster's.
-The scheduler ranks the nodes as above, in groups of equals; one call to Redis claims a slot on
-the best node free across every operator (turning a cursor shared by all of them), or puts the
+The scheduler ranks the nodes by predicted finish, in groups of equals; one call to Redis claims a
+slot on the best node free across every operator (a job does not wait there for a busy better node:
+the shared state has no predicted ends) (turning a cursor shared by all of them), or puts the
 job in the model's queue there, fair across callers in the same way, its place the same whichever
 operator it asked. A waiting job asks again when a slot frees anywhere (it is woken), when a node
 gains capacity, and every ``CLUSTER_POLL_S`` besides. With Redis away, this operator's own
@@ -43,11 +42,16 @@ from typing import Callable, Iterable, Optional, Protocol
 
 from odla.core.errors import ODLAError, QueueFull, QueueTimeout
 from odla.core.names import model_key
+from odla.operator.forecast import _COLD, DEFAULT_SPEED, Forecaster, Prediction
 from odla.operator.registry import Node, Registry
 
 RETRY_AFTER_S = 5
-EQUAL_SPEED = 1.15
-"Nodes whose speeds are within 15 % of the fastest are equals: they take turns (no fixed steps to straddle)."
+EQUAL_FINISH = 1.15
+"Nodes predicted to finish within 15 % of the earliest are equals: they take turns (no fixed steps to straddle)."
+RECHECK_S = 0.5
+"How often the queue looks again while a waiter passes up a free slot for a busy node predicted to finish sooner."
+PLAN_AHEAD = 32
+"Waiters planned per look at the queue: past them, a freed slot waits for the next look."
 CLUSTER_POLL_S = 2.0
 "With several operators: how often a waiting job asks again, though no slot was heard to free."
 Place = Callable[[int], None]
@@ -65,6 +69,10 @@ class Claim:
     "Seconds the job waited in the queue for this slot (0: it had one at once)."
     on_release: Optional[Callable[[], None]] = None
     "Also to do on release (the claim's lease, with several operators: odla/operator/cluster.py)."
+    prediction: Optional[Prediction] = None
+    "When the job was predicted to finish on the node, when it asked (its first pick, if it waited)."
+    end: float = 0.0
+    "When it was predicted to end (registry clock), counted on the node until it is released."
 
     def release(self) -> None:
         if not self.released:
@@ -96,6 +104,10 @@ class Cluster(Protocol):
 class _Waiter:
     caller: str
     exclude: frozenset[str]
+    tokens: int = 0
+    "Its answer's predicted length."
+    prediction: Optional[Prediction] = None
+    "Its first pick's prediction (the one its receipt shows)."
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     taken: bool = False
     "The waiter saw its grant (else, if it left at that moment, the slot is passed on)."
@@ -136,16 +148,6 @@ class _ModelQueue:
         return next((i for i, w in enumerate(self.order(), 1) if w is waiter), 0)
 
 
-def _fastest(nodes: list[Node], key: str) -> list[Node]:
-    """The fastest of ``nodes`` for ``key`` and those within ``EQUAL_SPEED`` of it (a node not
-    measured yet counts as fastest: it gets jobs, and so a measure)."""
-    speeds = [node.speed(key) for node in nodes]
-    if any(speed is None for speed in speeds):
-        return [node for node, speed in zip(nodes, speeds) if speed is None]
-    top = max(speeds)
-    return [node for node, speed in zip(nodes, speeds) if speed * EQUAL_SPEED >= top]
-
-
 class Scheduler:
     """Claims slots on nodes for jobs; queues jobs that find none."""
 
@@ -166,10 +168,15 @@ class Scheduler:
         "Per model key: jobs of this operator waiting in the cluster's queue."
         self.closed: Optional[ODLAError] = None
         "Set when the operator stops: what every waiting job, and every new one, is answered."
+        self.forecast = Forecaster()
+        self._rechecks: dict[str, asyncio.TimerHandle] = {}
 
     def close(self, error: ODLAError) -> None:
         """The operator is stopping: no job waits any longer, and none starts; each is answered ``error``."""
         self.closed = error
+        for handle in self._rechecks.values():
+            handle.cancel()
+        self._rechecks.clear()
         for queue in self.queues.values():
             for waiter in queue.order():
                 if not waiter.granted.done():
@@ -188,67 +195,129 @@ class Scheduler:
     def has_model(self, model: str, exclude: Iterable[str] = ()) -> bool:
         return any(n.node_id not in exclude for n in self.registry.candidates(model))
 
-    def _usable(self, model: str, key: str, now: float, exclude: Iterable[str], free_only: bool) -> list[Node]:
-        excluded = set(exclude)
-        nodes = [n for n in self.registry.candidates(model) if n.node_id not in excluded]
-        awake = [n for n in nodes if not n.resting(now)]
-        return [n for n in awake or nodes if not free_only or n.free(key)]  # resting nodes only when no other can
-
-    def try_claim(self, model: str, exclude: Iterable[str] = ()) -> Optional[Claim]:
-        """The best free slot for ``model`` now, claimed; None when every node is full."""
-        key, now = model_key(model), self.clock()
-        free = self._usable(model, key, now, exclude, free_only=True)
-        if not free:
+    def _choose(self, key: str, now: float, tokens: int, exclude: Iterable[str] = (),
+                planned: Optional[dict[str, list[float]]] = None) -> Optional[tuple[Node, Prediction, bool]]:
+        """The node predicted to finish the job first (among equals: free, idle, not yet measured,
+        then in turn), its prediction, and whether it has a free slot now; None: no node.
+        Resting nodes only when no other has the model."""
+        nodes = self.registry.candidates(key)
+        if exclude:
+            excluded = set(exclude)
+            nodes = [n for n in nodes if n.node_id not in excluded]
+        scored = self._scored(key, nodes, now, tokens, planned, awake_only=True) \
+            or self._scored(key, nodes, now, tokens, planned, awake_only=False)
+        if not scored:
             return None
-        ranks = {n.node_id: self._rank(n, key, now) for n in free}
-        best = min(ranks.values())
-        equals = _fastest([n for n in free if ranks[n.node_id] == best], key)
-        node = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
-        return self.hold(node, key)
+        best = min(score for score, _, _ in scored)
+        equals = [(node, p) for score, node, p in scored if score <= best * EQUAL_FINISH]
+        if len(equals) == 1:
+            node, prediction = equals[0]
+        else:
+            equals = ([e for e in equals if _free(e[0], key, planned)] or equals)
+            equals = ([e for e in equals if not e[0].active_jobs] or equals)
+            equals = ([e for e in equals if e[0].speed(key) is None] or equals)
+            node, prediction = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
+        return node, prediction, _free(node, key, planned)
 
-    def ranked(self, model: str, exclude: Iterable[str] = ()) -> list[list[Node]]:
-        """The nodes that could run ``model`` whatever this operator's own count (the cluster
-        counts), in groups of equals, best first."""
+    def _scored(self, key: str, nodes: list[Node], now: float, tokens: int,
+                planned: Optional[dict[str, list[float]]], awake_only: bool) -> list[tuple[float, Node, Prediction]]:
+        """(score, node, prediction) for the nodes that may finish the job with the earliest: the
+        score is the predicted finish, longer for a node that failed of late. A node whose answer
+        alone would take longer than the earliest so far times ``EQUAL_FINISH`` is not predicted
+        (the hot path: with a hundred nodes, most are passed over at that cost)."""
+        predict, fallback, best, scored = self.forecast.predict, 0.0, math.inf, []
+        for node in nodes:
+            if awake_only and node.resting_until is not None and node.resting_until > now:
+                continue
+            speed = node.seen_speed.get(key) or node.speed(key)
+            if speed is None:  # not measured yet: as fast as the fastest, so it gets a job and a measure
+                fallback = fallback or max((s for s in (n.speed(key) for n in nodes) if s), default=DEFAULT_SPEED)
+                speed = fallback
+            run = tokens / speed
+            score = run if not node.errors else run * (1.0 + node.errors)  # its answer alone
+            if score > best * EQUAL_FINISH:
+                continue
+            busy = node.inflight.get(key, 0)
+            if planned and node.node_id in planned:
+                busy += len(planned[node.node_id])
+            if busy < node.slots.get(key, 1):
+                expires = node.loaded.get(key, _COLD)
+                if expires is None or expires is not _COLD and expires > now:  # warm with a free slot: the answer alone
+                    scored.append((score, node, Prediction(0.0, 0.0, run, tokens)))
+                    best = min(best, score)
+                    continue
+            prediction = predict(node, key, now, tokens, speed, planned.get(node.node_id) if planned else None)
+            score = (prediction.wait + prediction.load + run) * (1.0 + node.errors)
+            best = min(best, score)
+            scored.append((score, node, prediction))
+        return scored
+
+    def try_claim(self, model: str, exclude: Iterable[str] = (), tokens: Optional[int] = None) -> Optional[Claim]:
+        """A slot for ``model`` on the node predicted to finish the job first (``tokens``: the most
+        it asked for), claimed; None when that node has no free slot now (or no node has the model)."""
         key, now = model_key(model), self.clock()
-        classes: dict[tuple, list[Node]] = {}
-        for node in self._usable(model, key, now, exclude, free_only=False):
-            classes.setdefault(self._rank(node, key, now), []).append(node)
-        groups = []
-        for rank in sorted(classes):
-            left = classes[rank]
-            while left:  # the fastest and its equals, then the fastest of the rest and its equals...
-                group = _fastest(left, key)
-                groups.append(group)
-                left = [n for n in left if n not in group]
+        choice = self._choose(key, now, self.forecast.length(key, tokens), exclude)
+        if choice is None or not choice[2]:
+            return None
+        return self.hold(choice[0], key, choice[1])
+
+    def ranked(self, model: str, exclude: Iterable[str] = (), tokens: Optional[int] = None) -> list[list[Node]]:
+        """The nodes that could run ``model`` whatever this operator's own count (the cluster
+        counts), in groups of equals by predicted finish, best first."""
+        key, now = model_key(model), self.clock()
+        excluded = set(exclude)
+        nodes = [n for n in self.registry.candidates(key) if n.node_id not in excluded]
+        awake = [n for n in nodes if not n.resting(now)] or nodes
+        length = self.forecast.length(key, tokens)
+        fallback = max((s for s in (n.speed(key) for n in awake) if s), default=DEFAULT_SPEED)
+        scored = sorted(((self.forecast.predict(n, key, now, length, n.speed(key) or fallback).total * (1.0 + n.errors), n)
+                         for n in awake), key=lambda s: s[0])
+        groups: list[list[Node]] = []
+        top = -1.0
+        for score, node in scored:  # the earliest and its equals, then the earliest of the rest and its equals...
+            if groups and score <= top * EQUAL_FINISH:
+                groups[-1].append(node)
+            else:
+                groups.append([node])
+                top = score
+        for group in groups:  # within a group: those not measured yet first (so they get measured)
+            group.sort(key=lambda n: n.speed(key) is not None)
         return groups
 
     async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
-                    place: Optional[Place] = None, ticket: str = "", since: Optional[float] = None) -> Optional[Claim]:
-        """A slot for ``model``, waiting in the queue if every node is full; None when no
-        healthy node (outside ``exclude``) has the model at all. ``place(n)`` hears the
-        job's place in the queue: at once, then when it changes, at most once a second.
-        ``ticket`` (the job's id) is its name in the cluster's queue; ``since`` (loop time),
-        when it began waiting, if it already had (its ``queue_timeout`` counts from then)."""
+                    place: Optional[Place] = None, ticket: str = "", since: Optional[float] = None,
+                    tokens: Optional[int] = None) -> Optional[Claim]:
+        """A slot for ``model``, waiting in the queue when no free slot is the best place for the
+        job; None when no healthy node (outside ``exclude``) has the model at all. ``tokens``: the
+        most the job asked for (``num_predict``), if it did. ``place(n)`` hears the job's place in
+        the queue: at once, then when it changes, at most once a second. ``ticket`` (the job's id)
+        is its name in the cluster's queue; ``since`` (loop time), when it began waiting, if it
+        already had (its ``queue_timeout`` counts from then)."""
         if self.closed is not None:
             raise self.closed
         if self.cluster is not None and self.cluster.ok:
             return await self._claim_in_cluster(self.cluster, model, caller, exclude, place,
-                                                ticket or os.urandom(8).hex())
-        key = model_key(model)
+                                                ticket or os.urandom(8).hex(), tokens)
+        key, now = model_key(model), self.clock()
+        length = self.forecast.length(key, tokens)
+        choice = self._choose(key, now, length, exclude)
+        if choice is None:
+            return None
+        node, prediction, free = choice
         queue = self.queues.get(key)
-        if not queue:  # nobody waits: a free slot is anyone's
-            claim = self.try_claim(model, exclude)
-            if claim is not None or not self.has_model(model, exclude):
-                return claim
+        if free and not queue:  # nobody waits: a free slot is anyone's
+            return self.hold(node, key, prediction)
         self._room_for(model, caller)
-        waiter = _Waiter(caller, frozenset(exclude))
+        waiter = _Waiter(caller, frozenset(exclude), length, prediction)
         queue = self.queues.setdefault(key, _ModelQueue())
         queue.add(waiter)
         self.waiting_by_caller[caller] += 1
         began = asyncio.get_running_loop().time() if since is None else since
         try:
+            self.wake(key)  # a slot the waiters ahead pass up may be its; alone, it looks again soon
             claim = await self._wait(queue, waiter, model, place, began + self.queue_timeout)
             claim.waited = asyncio.get_running_loop().time() - began
+            claim.prediction = waiter.prediction
             return claim
         finally:
             self._left(caller)
@@ -259,7 +328,7 @@ class Scheduler:
                 waiter.granted.result().release()  # granted just as it gave up: pass it on
 
     async def _claim_in_cluster(self, cluster: Cluster, model: str, caller: str, exclude: Iterable[str],
-                                place: Optional[Place], ticket: str) -> Optional[Claim]:
+                                place: Optional[Place], ticket: str, tokens: Optional[int]) -> Optional[Claim]:
         key, loop = model_key(model), asyncio.get_running_loop()
         began = loop.time()
         deadline, told, shown = began + self.queue_timeout, -math.inf, 0
@@ -269,14 +338,14 @@ class Scheduler:
             while cluster.ok:
                 if self.closed is not None:
                     raise self.closed
-                groups = self.ranked(model, exclude)
+                groups = self.ranked(model, exclude, tokens)
                 if not groups:
                     return None
                 asked = loop.time()
                 node, now_place = await cluster.take(key, ticket, caller, groups)
                 if node is not None:
                     ticketed = False  # the claim took its ticket out of the queue
-                    claim = self.hold(node, key)
+                    claim = self.hold(node, key, tokens=tokens)
                     claim.on_release = lambda: cluster.release(ticket)
                     claim.waited = loop.time() - began if counted else 0.0
                     return claim
@@ -310,7 +379,7 @@ class Scheduler:
             if ticketed:  # it gave up (or the client left): the jobs behind it move up
                 await cluster.leave(key, ticket, caller)
         # the cluster is away: this operator's own count and queue, for what is left of the wait
-        return await self.claim(model, caller, exclude, place, since=began if counted else None)
+        return await self.claim(model, caller, exclude, place, since=began if counted else None, tokens=tokens)
 
     def _room_for(self, model: str, caller: str) -> None:
         """Refuse a job that would wait past ``max_queue``, or past its caller's share of it."""
@@ -343,39 +412,78 @@ class Scheduler:
                 waiter.taken = True
                 return waiter.granted.result()
 
-    def _rank(self, node: Node, key: str, now: float) -> tuple[int, int]:
-        """The node's class for ``key``; within one, speed decides (``_fastest``)."""
-        warm, idle = node.warm(key, now), node.active_jobs == 0
-        rank = 0 if warm and idle else 1 if warm else 2 if idle else 3
-        return rank, round(node.errors * 4)  # a node that failed of late comes after its equals
-
-    def hold(self, node: Node, key: str) -> Claim:
-        """A slot on ``node`` for ``key``, counted here at once."""
+    def hold(self, node: Node, key: str, prediction: Optional[Prediction] = None,
+             tokens: Optional[int] = None) -> Claim:
+        """A slot on ``node`` for ``key``, counted here at once with its predicted end."""
+        now = self.clock()
+        if prediction is None:
+            length = self.forecast.length(key, tokens)
+            prediction = self.forecast.predict(node, key, now, length, node.speed(key) or DEFAULT_SPEED)
         node.inflight[key] = node.inflight.get(key, 0) + 1
         node.jobs_total += 1
-        return Claim(node, key, self)
+        end = now + prediction.total
+        node.ends.setdefault(key, []).append(end)
+        return Claim(node, key, self, prediction=prediction, end=end)
 
     def _release(self, claim: Claim) -> None:
         node, key = claim.node, claim.key
         node.inflight[key] = max(0, node.inflight.get(key, 0) - 1)
         if not node.inflight[key]:
             del node.inflight[key]
+        ends = node.ends.get(key)
+        if ends is not None:
+            if claim.end in ends:
+                ends.remove(claim.end)
+            if not ends or key not in node.inflight:
+                del node.ends[key]
         self.wake(key)
 
     def wake(self, key: Optional[str] = None, *, grown: bool = False) -> None:
-        """Hand free slots to waiters: after a release, or when nodes may have gained capacity
+        """Offer free slots to waiters: after a release, or when nodes may have gained capacity
         (``key`` None: every model). ``grown``: they did (a node joined, came back, or has more
-        slots or models): the jobs waiting in the cluster's queue look again too."""
+        slots or models): the jobs waiting in the cluster's queue look again too.
+
+        Waiters are planned in their order, each on the node predicted to finish it first, those
+        planned ahead counting there as running: a waiter whose best node has a free slot gets it.
+        """
         if grown and self.cluster is not None and self.cluster.ok:
             self.cluster.wake()  # (a slot freed in the cluster wakes them by itself)
         for k in [key] if key is not None else list(self.queues):
             queue = self.queues.get(k)
-            while queue:
-                waiter = next((w for w in queue.order() if not w.granted.done()), None)
-                if waiter is None:
-                    break
-                claim = self.try_claim(k, waiter.exclude) or self.try_claim(k)
-                if claim is None:
-                    break
-                queue.take(waiter)
-                waiter.granted.set_result(claim)
+            if not queue:
+                continue
+            now, planned, passed_up = self.clock(), {}, False
+            waiting = (w for w in queue.order() if not w.granted.done())
+            for waiter in itertools.islice(waiting, PLAN_AHEAD):
+                choice = self._choose(k, now, waiter.tokens, waiter.exclude, planned)
+                if choice is None:
+                    continue  # no node left outside those it failed on: it waits for one to join
+                node, prediction, free = choice
+                if free:
+                    queue.take(waiter)
+                    waiter.granted.set_result(self.hold(node, k, prediction))
+                    continue
+                planned.setdefault(node.node_id, []).append(now + prediction.total)
+                passed_up = passed_up or any(_free(n, k, planned) for n in self.registry.candidates(k))
+            if passed_up:
+                self._recheck(k)
+
+    def _recheck(self, key: str) -> None:
+        """Look at ``key``'s queue again in ``RECHECK_S``: the waiters passed up a free slot for a
+        busy node, which may overrun its predicted end."""
+        if key in self._rechecks or self.closed is not None:
+            return
+
+        def again() -> None:
+            self._rechecks.pop(key, None)
+            self.wake(key)
+
+        self._rechecks[key] = asyncio.get_running_loop().call_later(RECHECK_S, again)
+
+
+def _free(node: Node, key: str, planned: Optional[dict[str, list[float]]]) -> bool:
+    """A slot for ``key`` on ``node`` now: fewer jobs running and planned there than its slots."""
+    busy = node.inflight.get(key, 0)
+    if planned:
+        busy += len(planned.get(node.node_id, ()))
+    return busy < node.slots.get(key, 1)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, get_args
 
 from odla.core.errors import NoNodeError, ODLAError, QueueFull, QueueTimeout
-from odla.core.protocol import JobReceipt, Outcome
+from odla.core.protocol import JobPrediction, JobReceipt, Outcome
 from odla.core.times import iso
 from odla.core.usage import Usage
 
@@ -51,6 +51,10 @@ class Job:
     unless the answer was complete and Ollama counted it."""
     delivered: int = 0
     "Tokens relayed to the client (one per token line or event), whatever Ollama's final message says."
+    limited: bool = False
+    "It asked for at most some tokens (``num_predict``, ``max_tokens``)."
+    prediction: Optional[JobPrediction] = None
+    "When the scheduler predicted it would finish, on the node it picked first."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -86,4 +90,5 @@ class Job:
         return JobReceipt(id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),
                           first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
-                          failovers=self.failovers, queue_wait_s=self.queue_wait, **self.usage.stats())
+                          failovers=self.failovers, queue_wait_s=self.queue_wait, prediction=self.prediction,
+                          **self.usage.stats())

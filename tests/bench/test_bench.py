@@ -36,13 +36,17 @@ def test_benchmark_smoke_run(tmp_path):
 
 @pytest.mark.solo
 def test_cluster_benchmark_smoke_run(tmp_path):
-    """Every router is driven with the same arrivals, and ODLA loses none of them."""
-    data, _ = smoke_run(tmp_path, "cluster_bench.py", timeout=240)
-    odla = data["results"]["odla"]
+    """Every router is driven with the same arrivals, ODLA and the router told the truth lose none of
+    them, and ODLA is judged against the truth."""
+    data, printed = smoke_run(tmp_path, "cluster_bench.py", timeout=240)
+    odla, truth = data["results"]["odla"], data["results"]["truth"]
     assert odla["sent"] == data["requests"] > 0
-    assert odla["completed"] == odla["sent"] and odla["errors"] == odla["gave_up"] == 0
-    assert sum(odla["share"].values()) >= odla["sent"]
+    for router in (odla, truth):
+        assert router["completed"] == router["sent"] and router["errors"] == router["gave_up"] == 0
+        assert sum(router["share"].values()) >= router["sent"]
     assert all(r["sent"] == data["requests"] for r in data["results"].values())
+    assert data["against_truth"]["runs"]["odla"]["all_completed"] and "the truth's" in printed
+    assert set(data["scheduling_us_per_job"]) == {"4", "100"}
 
 
 @pytest.mark.solo

@@ -257,6 +257,57 @@ def test_an_unusable_jobs_db_stops_the_operator_with_a_clear_message(tmp_path):
         assert "cannot open jobs_db" in proc.output() and "Traceback" not in proc.output()
 
 
+def test_receipts_and_metrics_show_the_schedulers_prediction(sim, operator, node):
+    op = operator()
+    node(op.url, sim.url, "n1")
+    wait_for(lambda: node_ids(op.url) == {"n1"})
+    asks = (("/inference", {"model": "llama3", "prompt": "a", "options": {"num_predict": 4}}, 4),
+            ("/api/generate", {"model": "llama3", "prompt": "b", "options": {"num_predict": 5}}, 5),
+            ("/v1/chat/completions", {"model": "llama3", "max_tokens": 3, "messages": [{"role": "user", "content": "c"}]},
+             3))
+    for path, body, tokens in asks:
+        resp = httpx.post(f"{op.url}{path}", json=body)
+        assert resp.status_code == 200
+        guess = httpx.get(f"{op.url}/jobs/{resp.headers[p.JOB_HEADER]}").json()["prediction"]
+        assert guess["node"] == "n1" and guess["tokens"] == tokens, path  # the limit it asked for
+        assert guess["finish_s"] == pytest.approx(guess["wait_s"] + guess["load_s"] + guess["run_s"], abs=0.002)
+    found = samples(op.url)
+    assert total(found, "odla_prediction_error_seconds_count", model="llama3:latest") == 3
+    assert total(found, "odla_prediction_error_seconds_bucket", model="llama3:latest", le="+Inf") == 3
+
+
+def test_receipts_made_before_predictions_are_read_and_gain_them(tmp_path):
+    import asyncio
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    old = sqlite3.connect(path)  # the table as ODLA 0.x made it, with one receipt
+    old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, started REAL NOT NULL, model TEXT NOT NULL, node TEXT, "
+                "door TEXT NOT NULL, outcome TEXT, error TEXT, caller TEXT, first_token REAL, finished REAL, "
+                "failovers INTEGER NOT NULL, queue_wait REAL, prompt_tokens INTEGER, output_tokens INTEGER, "
+                "total_duration INTEGER, load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER)")
+    old.execute("INSERT INTO jobs (id, started, model, door, outcome, failovers) VALUES ('old', 1.0, 'm', 'inference', "
+                "'ok', 0)")
+    old.commit()
+    old.close()
+
+    async def main():
+        receipts = Receipts(str(path), keep_days=1e6)
+        await receipts.open()
+        try:
+            job = Job(door="inference", model="m", node="n1",
+                      prediction=p.JobPrediction(node="n1", finish_s=1.5, wait_s=0.5, load_s=0.0, run_s=1.0, tokens=9))
+            job.end("ok")
+            receipts.ended(job)
+            return await receipts.get("old"), (await receipts.find(node="n1"))[0]
+        finally:
+            await receipts.aclose()
+
+    before, after = asyncio.run(main())
+    assert before.prediction is None and before.outcome == "ok"
+    assert after.prediction == p.JobPrediction(node="n1", finish_s=1.5, wait_s=0.5, load_s=0.0, run_s=1.0, tokens=9)
+
+
 def test_receipts_are_kept_for_jobs_keep_days():
     import asyncio
 

@@ -1,0 +1,183 @@
+"""odla.operator.forecast and the scheduler's pick by predicted finish (no sockets, the clock moved by hand)."""
+
+import asyncio
+
+import pytest
+
+from odla.core.protocol import LoadedModel
+from odla.operator.forecast import DEFAULT_LOAD_S, DEFAULT_TOKENS, Forecaster
+from odla.operator.registry import Registry
+from odla.operator.scheduler import Scheduler
+
+LLAMA = "llama3:latest"
+WALL_LATER = "2099-01-01T00:00:00Z"  # still loaded whatever the clock
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def network(**nodes):
+    """``name={"speed": tokens/s, "slots": n, "warm": [models], "models": [...], "load": s}``."""
+    clock = Clock()
+    reg = Registry(prune_after=600, clock=clock)
+    for name, spec in nodes.items():
+        models = spec.get("models", [LLAMA])
+        node = reg.register(name, f"http://{name}", models, slots={m: spec.get("slots", 1) for m in models},
+                            loaded=[LoadedModel(name=m, expires_at=WALL_LATER) for m in spec.get("warm", [])])
+        for m in models:
+            node.saw(m, 101, 100 / spec["speed"])
+        if "load" in spec:
+            node.load_s[LLAMA] = spec["load"]
+    return Scheduler(reg, clock=clock), reg, clock
+
+
+def test_the_parts_of_a_prediction():
+    sched, reg, clock = network(fast={"speed": 100, "warm": [LLAMA]}, cold={"speed": 100, "load": 2.0})
+    forecast = sched.forecast
+    fast, cold = reg.get("fast"), reg.get("cold")
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100) == (0.0, 0.0, 0.5, 50)  # warm and free: the answer
+    assert forecast.predict(cold, LLAMA, clock.now, 50, 100) == (0.0, 2.0, 0.5, 50)  # its measured load first
+    claim = sched.hold(fast, LLAMA, tokens=300)  # predicted to end in 3 s
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100).wait == pytest.approx(3.0)
+    clock.now += 2
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100).wait == pytest.approx(1.0)
+    clock.now += 3  # 2 s past its predicted end: expected to run as long again
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100).wait == pytest.approx(2.0)
+    claim.release()
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100).wait == 0.0 and fast.ends == {}
+
+
+def test_a_load_waits_for_a_busy_model_to_be_evicted():
+    both = [LLAMA, "mistral:latest"]
+    sched, reg, clock = network(one={"speed": 100, "models": both, "warm": ["mistral:latest"]})
+    node = reg.get("one")
+    assert node.max_models == 0  # no eviction seen yet: none predicted
+    assert sched.forecast.predict(node, LLAMA, clock.now, 100, 100).wait == 0.0
+    reg.register("one", "http://one", both, loaded=[LoadedModel(name=LLAMA, expires_at=WALL_LATER)])
+    reg.register("one", "http://one", both, loaded=[LoadedModel(name="mistral:latest", expires_at=WALL_LATER)])
+    assert node.max_models == 1  # it dropped llama3 before its time to load mistral: it holds one
+    mistral = sched.hold(node, "mistral:latest", tokens=400)  # busy for 4 s
+    prediction = sched.forecast.predict(node, LLAMA, clock.now, 100, 100)
+    assert prediction.wait == pytest.approx(4.0) and prediction.load == DEFAULT_LOAD_S
+    mistral.release()  # idle: Ollama evicts it at once
+    assert sched.forecast.predict(node, LLAMA, clock.now, 100, 100).wait == 0.0
+
+
+def test_a_node_that_holds_one_model_is_known_cold_for_the_one_it_dropped():
+    both = [LLAMA, "mistral:latest"]
+    sched, reg, clock = network(one={"speed": 100, "models": both, "warm": [LLAMA]})
+    node = reg.get("one")
+    node.max_models = 1
+    node.use("mistral:latest", clock.now + 300, clock.now)  # a job loads mistral: llama3 goes
+    assert node.warm("mistral:latest", clock.now) and not node.warm(LLAMA, clock.now)
+    node.max_models = 2
+    node.use(LLAMA, clock.now + 300, clock.now)
+    assert node.warm("mistral:latest", clock.now) and node.warm(LLAMA, clock.now)
+
+
+def test_lengths_and_loads_are_learned_from_jobs_that_ended():
+    forecast = Forecaster()
+    reg = Registry(prune_after=60)
+    node = reg.register("n", "http://n", [LLAMA])
+    assert forecast.length(LLAMA, None) == DEFAULT_TOKENS and forecast.length(LLAMA, 64) == 64
+    forecast.learn(node, LLAMA, 40, limited=False, load_ns=3_000_000)  # warm: 3 ms is no load
+    forecast.learn(node, LLAMA, 500, limited=True, load_ns=None)  # asked for at most 500: not a natural length
+    assert forecast.length(LLAMA, None) == 40 and LLAMA not in node.load_s
+    forecast.learn(node, LLAMA, 40, limited=False, load_ns=2_500_000_000)
+    assert node.load_s[LLAMA] == 2.5 and forecast.loads[LLAMA] == 2.5
+    other = reg.register("m", "http://m", [LLAMA])
+    assert forecast.load_time(other, LLAMA) == 2.5  # a node not measured yet: the network's mean for the model
+
+
+def test_a_job_waits_for_a_fast_busy_node_rather_than_start_on_a_slow_one():
+    sched, reg, clock = network(fast={"speed": 100, "warm": [LLAMA]}, slow={"speed": 10, "warm": [LLAMA]})
+
+    async def main():
+        first = await sched.claim("llama3", tokens=100)  # 1 s on fast, 10 s on slow
+        assert first.node.node_id == "fast"
+        waiting = asyncio.ensure_future(sched.claim("llama3", tokens=100))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and reg.get("slow").active_jobs == 0  # 1 s wait + 1 s beats 10 s
+        first.release()
+        second = await asyncio.wait_for(waiting, 1)
+        assert second.node.node_id == "fast" and second.prediction.wait == pytest.approx(1.0)
+        second.release()
+        long_one = await asyncio.wait_for(sched.claim("llama3", tokens=2000), 0.1)  # 20 s on fast: the slow node finishes 100 sooner
+        assert long_one.node.node_id == "fast"
+        now = await asyncio.wait_for(sched.claim("llama3", tokens=100), 0.1)
+        assert now.node.node_id == "slow"
+
+    asyncio.run(main())
+
+
+def test_a_job_waits_for_a_warm_node_rather_than_load_the_model_on_a_cold_one():
+    sched, reg, clock = network(warm={"speed": 50, "warm": [LLAMA]}, cold={"speed": 50, "load": 6.0})
+
+    async def main():
+        busy = await sched.claim("llama3", tokens=100)  # 2 s on the warm node
+        waiting = asyncio.ensure_future(sched.claim("llama3", tokens=100))  # 2 + 2 s there, 6 + 2 s on cold
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        busy.release()
+        assert (await asyncio.wait_for(waiting, 1)).node.node_id == "warm"
+
+    asyncio.run(main())
+    assert reg.get("cold").jobs_total == 0
+
+
+def test_a_waiter_takes_the_slow_node_once_the_fast_ones_job_has_overrun_long_enough():
+    sched, reg, clock = network(fast={"speed": 100, "warm": [LLAMA]}, slow={"speed": 25, "warm": [LLAMA]})
+
+    async def main():
+        stuck = await sched.claim("llama3", tokens=100)  # predicted 1 s; it will hang
+        waiting = asyncio.ensure_future(sched.claim("llama3", tokens=100))  # 2 s there, 4 s on slow
+        await asyncio.sleep(0.7)  # a look again (RECHECK_S) at the same time: still waits
+        assert not waiting.done()
+        clock.now += 5  # 4 s past its end: expected to take 4 s more, then 1 s: the slow node's 4 s win
+        claim = await asyncio.wait_for(waiting, 2)
+        assert claim.node.node_id == "slow"
+        claim.release()
+        stuck.release()
+
+    asyncio.run(main())
+
+
+def test_waiters_planned_on_a_node_count_there_for_those_behind_them():
+    sched, reg, clock = network(fast={"speed": 100, "warm": [LLAMA]}, slow={"speed": 40, "warm": [LLAMA], "slots": 1})
+
+    async def queued():
+        running = await sched.claim("llama3", tokens=100)
+        first = asyncio.ensure_future(sched.claim("llama3", tokens=100))  # waits for fast: 2 s against 2.5
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(sched.claim("llama3", tokens=100))  # behind it fast is 3 s: slow's 2.5 wins
+        claim = await asyncio.wait_for(second, 0.5)
+        assert claim.node.node_id == "slow" and not first.done()
+        running.release()
+        assert (await asyncio.wait_for(first, 0.5)).node.node_id == "fast"
+
+    asyncio.run(queued())
+
+
+def test_equals_take_turns_and_a_free_one_goes_before_a_busy_equal():
+    sched, reg, clock = network(a={"speed": 50, "warm": [LLAMA], "slots": 2}, b={"speed": 52, "warm": [LLAMA], "slots": 2})
+    picks = []
+    for _ in range(4):
+        claim = sched.try_claim("llama3", tokens=10)
+        picks.append(claim.node.node_id)
+        claim.release()
+    assert sorted(picks) == ["a", "a", "b", "b"]
+    held = sched.try_claim("llama3", tokens=10)
+    other = sched.try_claim("llama3", tokens=10)
+    assert other.node is not held.node  # the idle equal before the busy one
+
+
+def test_of_a_hundred_nodes_the_fastest_and_their_equals_take_the_jobs():
+    """100 warm nodes of 10-59 tokens/s, one slot each: jobs go to those within 15 % of 59 tokens/s."""
+    sched, reg, clock = network(**{f"n{i}": {"speed": 10 + i % 50, "warm": [LLAMA]} for i in range(100)})
+    speeds = [sched.try_claim("llama3", tokens=100).node.speed(LLAMA) for _ in range(16)]
+    assert min(speeds) * 1.15 >= 59 and len(speeds) == 16  # 16 nodes of 52-59 tokens/s, each one job
