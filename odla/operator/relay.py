@@ -86,6 +86,8 @@ class Router:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
             if claim.waited:
                 job.queue_wait = (job.queue_wait or 0.0) + claim.waited
+            if job.prediction is None and claim.prediction is not None:  # its first pick's
+                job.prediction = predicted(claim.node.node_id, claim.prediction)
             resp = None
             try:
                 resp = await self._try(claim.node, method, path, body, failures, job.id)
@@ -95,8 +97,6 @@ class Router:
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
                 job.limited = tokens is not None
-                if job.prediction is None and claim.prediction is not None:  # its first pick's
-                    job.prediction = predicted(claim.node.node_id, claim.prediction)
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,

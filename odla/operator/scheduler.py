@@ -15,8 +15,8 @@ none unless no other can. Claiming counts the job at once with its predicted end
 callers (round-robin between API keys, first come first served within one), woken when a
 slot frees or a node's capacity grows. A freed slot is offered to the waiters in their order,
 each planned on its best node in turn (those planned ahead count there as running), so a newcomer
-cannot take it first; while a waiter passes up a free slot for a better busy one, the queue looks
-again every ``RECHECK_S`` (a job that overruns its predicted end makes its node look later). Past ``max_queue`` waiting jobs a new one
+cannot take it first. While jobs wait, the queue also looks again every ``RECHECK_S``: a job that
+overruns its predicted end makes its node look later, and a free slot passed up may become the best. Past ``max_queue`` waiting jobs a new one
 is refused (503 with Retry-After); one that waits ``queue_timeout`` gives up (504). A waiter
 whose client leaves is simply gone.
 
@@ -452,7 +452,7 @@ class Scheduler:
             queue = self.queues.get(k)
             if not queue:
                 continue
-            now, planned, passed_up = self.clock(), {}, False
+            now, planned = self.clock(), {}
             waiting = (w for w in queue.order() if not w.granted.done())
             for waiter in itertools.islice(waiting, PLAN_AHEAD):
                 choice = self._choose(k, now, waiter.tokens, waiter.exclude, planned)
@@ -464,13 +464,12 @@ class Scheduler:
                     waiter.granted.set_result(self.hold(node, k, prediction))
                     continue
                 planned.setdefault(node.node_id, []).append(now + prediction.total)
-                passed_up = passed_up or any(_free(n, k, planned) for n in self.registry.candidates(k))
-            if passed_up:
+            if planned:
                 self._recheck(k)
 
     def _recheck(self, key: str) -> None:
-        """Look at ``key``'s queue again in ``RECHECK_S``: the waiters passed up a free slot for a
-        busy node, which may overrun its predicted end."""
+        """Look at ``key``'s queue again in ``RECHECK_S``: its waiters are planned on busy nodes, whose
+        jobs may overrun their predicted ends (and a free slot they passed up may now be best)."""
         if key in self._rechecks or self.closed is not None:
             return
 
