@@ -9,8 +9,10 @@
 - **load**: none when the model is in memory. Else the node's measured load time for it
   (Ollama's ``load_duration`` of a job that loaded it), else the network's mean for the model,
   else the node's mean for any model, else ``DEFAULT_LOAD_S``. When the node already holds
-  as many models as it was seen to hold at most (``Node.max_models``) and none of them is idle, Ollama waits for
-  one to be idle before it evicts it: the wait until the first of them has ended its jobs.
+  as many models as it is taken to hold (``Node.room``: as seen when it dropped one to load another,
+  else the most seen at once) and none of them is idle, Ollama waits for one to be idle before it
+  evicts it: the wait until the first of them has ended its jobs (meanwhile the node gets no jobs
+  of the others: ``Node.loading``).
 - **run**: the job's output length (``num_predict``, ``max_tokens``; else the model's running
   mean of answers that set no limit; else ``DEFAULT_TOKENS``) over the node's speed for the
   model as the operator measured it. A node not measured yet is taken to be as fast as the
@@ -93,7 +95,7 @@ class Forecaster:
         slots = node.slots.get(key, 1)
         wait = 0.0
         if busy >= slots:
-            ends = [_left(end, now) for end in node.ends.get(key, ())]
+            ends = [end - now if end > now else max(MIN_OVERRUN_S, now - end) for end in node.ends.get(key, ())]
             if planned:
                 ends += [end - now for end in planned]
             ends += [run] * (busy - len(ends))  # jobs whose end was not predicted (claimed elsewhere)
@@ -102,14 +104,16 @@ class Forecaster:
         expires = node.loaded.get(key, _COLD)
         if expires is None or expires is not _COLD and expires > now:  # warm
             return Prediction(wait, 0.0, run, tokens)
-        return Prediction(max(wait, self._eviction(node, key, now)), self.load_time(node, key), run, tokens)
+        if node.room:
+            wait = max(wait, self._eviction(node, key, now))
+        return Prediction(wait, self.load_time(node, key), run, tokens)
 
     @staticmethod
     def _eviction(node: Node, key: str, now: float) -> float:
-        """Seconds until Ollama can make room for ``key``: 0 when the node holds fewer models than
-        it holds at most (``Node.max_models``), or one of them is idle; else until the first is idle."""
+        """Seconds until Ollama can make room for ``key`` on a node that holds ``Node.room`` models
+        at most: 0 when it holds fewer, or one of them is idle; else until the first of them is idle."""
         loaded = [k for k in node.loaded if k != key and node.warm(k, now)]
-        if not node.max_models or len(loaded) < node.max_models:
+        if len(loaded) < node.room:
             return 0.0
         idle_at = []
         for k in loaded:

@@ -9,9 +9,11 @@ and are never overwritten by what a node reports.
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from odla.core.names import display_name, model_key
 from odla.core.protocol import LoadedModel, NodeInfo
@@ -57,7 +59,13 @@ class Node:
     "Per model key: seconds its Ollama took to load it, as its answers' ``load_duration`` said (a moving average)."
     max_models: int = 0
     """Models its Ollama holds at most, as last seen when it dropped one to load another (0: not seen
-    yet, and no eviction is predicted); raised when it is seen holding more."""
+    yet); raised when it is seen holding more."""
+    most_loaded: int = 0
+    "The most models its Ollama was seen to hold at once."
+    loading: dict[str, int] = field(default_factory=dict)
+    """Per model key: jobs sent here whose model must push another out of memory, not yet answered.
+    Meanwhile the node gets no jobs of other models: they would keep the one to go busy, and Ollama
+    would never load this one."""
     failures: int = 0
     "Jobs that failed here in a row (unreachable, refused, broken off)."
     errors: float = 0.0
@@ -66,6 +74,10 @@ class Node:
     "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
     link: Any = None
     "The node's dial-out link (``odla.operator.link.Link``) while it has one; None for a node reached at its URL."
+    joined: int = 0
+    "Its place in the order nodes joined (equal nodes take turns in this order)."
+    on_speed: Optional[Callable[["Node", str], None]] = field(default=None, repr=False, compare=False)
+    "Told when ``seen_speed`` of a model changes (the registry keeps its nodes in order of speed)."
 
     @property
     def dialled(self) -> bool:
@@ -102,12 +114,24 @@ class Node:
     def use(self, key: str, until: float, now: float) -> None:
         """A job for ``key`` starts: Ollama has it in memory until ``until``; if that needed room
         (``max_models``), the least recently used idle model went."""
-        if not self.warm(key, now) and self.max_models:
-            held = [k for k in self.loaded if self.warm(k, now)]
-            idle = [k for k in held if not self.inflight.get(k)]
-            if len(held) >= self.max_models and idle:
+        if self.needs_room(key, now):
+            idle = [k for k in self.loaded if self.warm(k, now) and not self.inflight.get(k)]
+            if idle:
                 del self.loaded[min(idle, key=lambda k: self.loaded[k] or 0.0)]
         self.loaded[key] = until
+
+    @property
+    def room(self) -> int:
+        """Models its Ollama is taken to hold at once: as seen when it dropped one to load another,
+        else the most seen at once (0: none seen, no limit known)."""
+        return self.max_models or self.most_loaded
+
+    def needs_room(self, key: str, now: float) -> bool:
+        """Loading ``key`` here would push another model out of memory (as far as the operator knows:
+        heartbeats correct it)."""
+        if not self.room or self.warm(key, now):
+            return False
+        return sum(1 for k in self.loaded if self.warm(k, now)) >= self.room
 
     def speed(self, key: str) -> Optional[float]:
         """Tokens per second for this model as the operator saw them arrive, or the mean over the node's
@@ -123,6 +147,8 @@ class Node:
         rate = (tokens - 1) / seconds
         before = self.seen_speed.get(key)
         self.seen_speed[key] = rate if before is None else SPEED_WEIGHT * rate + (1 - SPEED_WEIGHT) * before
+        if self.on_speed is not None:
+            self.on_speed(self, key)
 
     def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
         """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share);
@@ -163,6 +189,10 @@ class Registry:
         self._nodes: dict[str, Node] = {}
         self._having: dict[str, dict[str, Node]] = {}
         "Per model key: the nodes that have it, by id (the scheduler's candidates without a scan of every node)."
+        self._by_speed: dict[str, list[tuple[float, int, Node]]] = {}
+        "Per model key: (-measured speed, or -inf if not measured; a tie-breaker; node), in order: fastest first."
+        self._entries: dict[tuple[str, str], tuple[float, int, Node]] = {}
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -180,7 +210,8 @@ class Registry:
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
         if node is None:
-            node = self._nodes[node_id] = Node(node_id, url, models, self.clock())
+            self._seq += 1
+            node = self._nodes[node_id] = Node(node_id, url, [], self.clock(), joined=self._seq, on_speed=self._place)
         node.url, node.last_seen, node.healthy = url, self.clock(), healthy
         self.set_models(node, models)
         node.slots = {model_key(m): n for m, n in (slots or {}).items()}
@@ -191,6 +222,7 @@ class Registry:
             node.max_models = len(node.loaded)
         elif node.max_models:
             node.max_models = max(node.max_models, len(node.loaded))
+        node.most_loaded = max(node.most_loaded, len(node.loaded))
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         node.slots_learned = slots_learned
         return node
@@ -202,6 +234,22 @@ class Registry:
         for key in keys - node.keys:
             self._having.setdefault(key, {})[node.node_id] = node
         node.models, node.keys = models, keys
+        for key in keys:
+            if (node.node_id, key) not in self._entries:
+                self._place(node, key)
+
+    def _place(self, node: Node, key: str) -> None:
+        """Put ``node`` where its speed for ``key`` puts it in ``fastest(key)``."""
+        entries = self._by_speed.setdefault(key, [])
+        old = self._entries.pop((node.node_id, key), None)
+        if old is not None:
+            entries.remove(old)
+        if key not in node.keys or self._nodes.get(node.node_id) is not node:
+            return
+        self._seq += 1
+        entry = (-node.seen_speed.get(key, math.inf), self._seq, node)
+        self._entries[(node.node_id, key)] = entry
+        bisect.insort(entries, entry)
 
     def _unindex(self, node: Node, key: str) -> None:
         having = self._having.get(key)
@@ -209,6 +257,11 @@ class Registry:
             del having[node.node_id]
             if not having:
                 del self._having[key]
+        old = self._entries.pop((node.node_id, key), None)
+        if old is not None:
+            self._by_speed[key].remove(old)
+            if not self._by_speed[key]:
+                del self._by_speed[key]
 
     def remove(self, node_id: str) -> bool:
         node = self._nodes.pop(node_id, None)
@@ -232,6 +285,15 @@ class Registry:
         node = self._nodes.get(node_id)
         if node is not None:
             node.healthy = False
+
+    def fastest(self, key: str) -> Iterator[Node]:
+        """The nodes with model ``key``, healthy or not: those not measured for it yet first, then
+        by the speed this operator measured, fastest first (kept in order as speeds change)."""
+        return (entry[2] for entry in self._by_speed.get(key, ()))
+
+    def ordered(self, key: str) -> list[tuple[float, int, Node]]:
+        """``fastest(key)`` as the registry keeps it: (-speed, a tie-breaker, node), not to be changed."""
+        return self._by_speed.get(key, [])
 
     def candidates(self, model: str) -> list[Node]:
         """Healthy nodes with ``model``, in registration order."""

@@ -89,9 +89,17 @@ class Router:
             if job.prediction is None and claim.prediction is not None:  # its first pick's
                 job.prediction = predicted(claim.node.node_id, claim.prediction)
             resp = None
+            node, key = claim.node, claim.key
+            making_room = node.needs_room(key, self.registry.clock())
+            if making_room:  # until Ollama has loaded it, the node's other models get no new jobs
+                node.loading[key] = node.loading.get(key, 0) + 1
             try:
-                resp = await self._try(claim.node, method, path, body, failures, job.id)
+                resp = await self._try(node, method, path, body, failures, job.id)
             finally:
+                if making_room:
+                    node.loading[key] -= 1
+                    if not node.loading[key]:
+                        del node.loading[key]
                 if resp is None:  # refused, unreachable, or the client left
                     claim.release()
             if resp is not None:

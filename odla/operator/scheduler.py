@@ -200,57 +200,82 @@ class Scheduler:
         """The node predicted to finish the job first (among equals: free, idle, not yet measured,
         then in turn), its prediction, and whether it has a free slot now; None: no node.
         Resting nodes only when no other has the model."""
-        nodes = self.registry.candidates(key)
-        if exclude:
-            excluded = set(exclude)
-            nodes = [n for n in nodes if n.node_id not in excluded]
-        scored = self._scored(key, nodes, now, tokens, planned, awake_only=True) \
-            or self._scored(key, nodes, now, tokens, planned, awake_only=False)
+        excluded = frozenset(exclude)
+        scored = self._scored(key, now, tokens, excluded, planned, awake_only=True) \
+            or self._scored(key, now, tokens, excluded, planned, awake_only=False)
         if not scored:
             return None
-        best = min(score for score, _, _ in scored)
-        equals = [(node, p) for score, node, p in scored if score <= best * EQUAL_FINISH]
-        if len(equals) == 1:
-            node, prediction = equals[0]
+        best = min(entry[0] for entry in scored)
+        equals = [entry for entry in scored if entry[0] <= best * EQUAL_FINISH]
+        if len(equals) > 1:
+            equals = ([e for e in equals if e[3]] or equals)  # a free slot
+            equals = ([e for e in equals if not e[1].active_jobs] or equals)
+            equals = ([e for e in equals if key not in e[1].seen_speed] or equals)
+            equals.sort(key=_joined)  # the cursor turns over the same order, however their speeds change
+            turn = next(self._cursors.setdefault(key, itertools.count()))  # it turns whenever there are equals
+            _, node, prediction, free = equals[turn % len(equals)]
         else:
-            equals = ([e for e in equals if _free(e[0], key, planned)] or equals)
-            equals = ([e for e in equals if not e[0].active_jobs] or equals)
-            equals = ([e for e in equals if e[0].speed(key) is None] or equals)
-            node, prediction = equals[next(self._cursors.setdefault(key, itertools.count())) % len(equals)]
-        return node, prediction, _free(node, key, planned)
+            _, node, prediction, free = equals[0]
+        if prediction is None:  # warm with a free slot: the answer alone
+            prediction = Prediction(0.0, 0.0, tokens / (node.speed(key) or self._fastest_speed(key)), tokens)
+        return node, prediction, free
 
-    def _scored(self, key: str, nodes: list[Node], now: float, tokens: int,
-                planned: Optional[dict[str, list[float]]], awake_only: bool) -> list[tuple[float, Node, Prediction]]:
-        """(score, node, prediction) for the nodes that may finish the job with the earliest: the
-        score is the predicted finish, longer for a node that failed of late. A node whose answer
-        alone would take longer than the earliest so far times ``EQUAL_FINISH`` is not predicted
-        (the hot path: with a hundred nodes, most are passed over at that cost)."""
+    def _scored(self, key: str, now: float, tokens: int, excluded: frozenset[str],
+                planned: Optional[dict[str, list[float]]], awake_only: bool
+                ) -> list[tuple[float, Node, Optional[Prediction], bool]]:
+        """(score, node, prediction, free) for the healthy nodes that may finish the job with the
+        earliest: the score is the predicted finish, longer for a node that failed of late; a warm
+        node with a free slot has no prediction made (its answer alone), ``free``: a slot now.
+
+        The hot path: nodes come fastest first (``Registry.fastest``), so once one's answer alone
+        would take longer than the earliest finish so far times ``EQUAL_FINISH``, so would every
+        slower one's, and the scan stops. With a hundred nodes, most are never looked at."""
         predict, fallback, best, scored = self.forecast.predict, 0.0, math.inf, []
-        for node in nodes:
-            if awake_only and node.resting_until is not None and node.resting_until > now:
+        for _, _, node in self.registry.ordered(key):
+            measured = node.seen_speed.get(key)
+            if measured is not None:
+                run = tokens / measured
+                if run > best * EQUAL_FINISH:
+                    break  # it and every slower node finish later than the best's equals
+            else:
+                run = -1.0
+            if not node.healthy or excluded and node.node_id in excluded or \
+                    awake_only and node.resting_until is not None and node.resting_until > now or \
+                    node.loading and key not in node.loading:  # making room for another model
                 continue
-            speed = node.seen_speed.get(key) or node.speed(key)
-            if speed is None:  # not measured yet: as fast as the fastest, so it gets a job and a measure
-                fallback = fallback or max((s for s in (n.speed(key) for n in nodes) if s), default=DEFAULT_SPEED)
-                speed = fallback
-            run = tokens / speed
+            if run < 0:  # not measured yet: as fast as the fastest, so it gets a job and a measure
+                speed = node.speed(key)
+                if speed is None:
+                    fallback = fallback or self._fastest_speed(key)
+                    speed = fallback
+                run = tokens / speed
+            else:
+                speed = measured
             score = run if not node.errors else run * (1.0 + node.errors)  # its answer alone
             if score > best * EQUAL_FINISH:
                 continue
             busy = node.inflight.get(key, 0)
             if planned and node.node_id in planned:
                 busy += len(planned[node.node_id])
-            if busy < node.slots.get(key, 1):
+            free = busy < node.slots.get(key, 1)
+            if free:
                 expires = node.loaded.get(key, _COLD)
-                if expires is None or expires is not _COLD and expires > now:  # warm with a free slot: the answer alone
-                    scored.append((score, node, Prediction(0.0, 0.0, run, tokens)))
-                    best = min(best, score)
+                if expires is None or expires is not _COLD and expires > now:  # warm with a free slot
+                    scored.append((score, node, None, True))
+                    if score < best:
+                        best = score
                     continue
             prediction = predict(node, key, now, tokens, speed, planned.get(node.node_id) if planned else None)
             score = (prediction.wait + prediction.load + run) * (1.0 + node.errors)
-            best = min(best, score)
-            scored.append((score, node, prediction))
+            if score < best:
+                best = score
+            scored.append((score, node, prediction, free))
         return scored
+
+    def _fastest_speed(self, key: str) -> float:
+        """The fastest speed measured for ``key`` on a healthy node, or ``DEFAULT_SPEED``."""
+        return next((n.seen_speed[key] for n in self.registry.fastest(key) if key in n.seen_speed and n.healthy),
+                    DEFAULT_SPEED)
 
     def try_claim(self, model: str, exclude: Iterable[str] = (), tokens: Optional[int] = None) -> Optional[Claim]:
         """A slot for ``model`` on the node predicted to finish the job first (``tokens``: the most
@@ -478,6 +503,10 @@ class Scheduler:
             self.wake(key)
 
         self._rechecks[key] = asyncio.get_running_loop().call_later(RECHECK_S, again)
+
+
+def _joined(entry: tuple) -> int:
+    return entry[1].joined
 
 
 def _free(node: Node, key: str, planned: Optional[dict[str, list[float]]]) -> bool:

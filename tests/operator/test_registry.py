@@ -90,3 +90,22 @@ def test_a_node_with_jobs_running_is_kept_out_of_rotation_not_pruned():
     del node.inflight["x:latest"]
     clock.now += 61
     assert reg.prune() == ["a"]
+
+
+def test_nodes_are_kept_in_order_of_measured_speed_per_model():
+    reg = Registry(prune_after=60)
+    for name in ("a", "b", "c"):
+        reg.register(name, f"http://{name}", ["llama3", "mistral"])
+    order = lambda key="llama3:latest": [n.node_id for n in reg.fastest(key)]  # noqa: E731
+    reg.get("a").saw("llama3:latest", 11, 1.0)  # 10 tokens/s
+    reg.get("b").saw("llama3:latest", 51, 1.0)  # 50
+    assert order() == ["c", "b", "a"]  # not measured first, then fastest first
+    reg.get("c").saw("llama3:latest", 31, 1.0)
+    assert order() == ["b", "c", "a"] and order("mistral:latest") == ["a", "b", "c"]  # per model
+    for _ in range(20):
+        reg.get("a").saw("llama3:latest", 101, 1.0)  # 100 tokens/s now
+    assert order() == ["a", "b", "c"]
+    reg.register("b", "http://b", ["mistral"])  # b no longer has llama3
+    assert order() == ["a", "c"]
+    reg.remove("a")
+    assert order() == ["c"] and order("mistral:latest") == ["b", "c"]
