@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -40,7 +41,7 @@ import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from odla.core.keep_alive import seconds_of  # noqa: E402
@@ -100,6 +101,11 @@ class Behaviour:
     num_parallel: int = 0
     "Requests that run at once (0: no limit)."
     max_queue: int = 512
+    prompt_ms_per_token: float = 0.0
+    """Milliseconds to read each prompt token its slot's cache does not hold (0: prompts cost nothing).
+    Each of a model's ``num_parallel`` slots (4 without a limit) keeps the tokens of its last
+    request and answer, and a request takes the free slot sharing the longest prefix with its
+    prompt, as Ollama's runner does (``findLongestCacheSlot``)."""
 
     def update(self, values: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
@@ -129,13 +135,15 @@ class Simulator:
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0,
-                      "queue_s": 0.0}
+                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0}
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
         self.release = asyncio.Event()
         self.loaded: dict[str, float] = {}  # model key -> when Ollama would unload it (epoch seconds)
         self.last_request: dict = {}  # the last /api/generate or /api/chat body, for tests: GET /_sim/last
         self._running: dict[str, int] = {}  # per model key
+        self.caches: dict[str, list[list[str]]] = {}  # per model key: each slot's cached tokens
+        self.cache_busy: dict[str, set[int]] = {}  # per model key: the slots in use
         self._waiting = 0
         self._cond: Optional[asyncio.Condition] = None
         self.loading_until: dict[str, float] = {}  # model key -> when its load ends (epoch seconds)
@@ -488,8 +496,44 @@ class Simulator:
         model, b = req["model"], self.b
         tokens = sim_tokens(prompt, self.count(req))
         started = time.perf_counter_ns()
+        if b.prompt_ms_per_token:
+            with self.cache_slot(req, chat, tokens) as read:
+                await first_of(asyncio.sleep(read * b.prompt_ms_per_token / 1000), watcher)
+                if watcher.done():
+                    self.stats["cancelled"] += 1
+                    self.stats["cancelled_early"] += 1
+                    return
+                await self._answer(req, prompt, tokens, started, watcher, send, chat=chat, waited_s=waited_s,
+                                   read=read)
+            return
+        await self._answer(req, prompt, tokens, started, watcher, send, chat=chat, waited_s=waited_s)
+
+    @contextlib.contextmanager
+    def cache_slot(self, req: dict, chat: bool, answer: list[str]) -> Iterator[int]:
+        """The free slot whose cache shares the longest prefix with the request's prompt, held while
+        it answers; gives the count of prompt tokens to read. The slot then caches prompt and answer."""
+        key = model_key(req["model"])
+        slots = self.caches.setdefault(key, [[] for _ in range(self.b.num_parallel or 4)])
+        busy = self.cache_busy.setdefault(key, set())
+        prompt = prompt_tokens(req, chat)
+        free = [i for i in range(len(slots)) if i not in busy] or list(range(len(slots)))
+        shared = {i: _shared(slots[i], prompt) for i in free}
+        slot = max(free, key=lambda i: (shared[i], -len(slots[i])))  # longest prefix, else the emptiest
+        read = len(prompt) - shared[slot]
+        self.stats["prompt_tokens"] += len(prompt)
+        self.stats["cached_tokens"] += shared[slot]
+        busy.add(slot)
+        try:
+            yield read
+        finally:
+            busy.discard(slot)
+            slots[slot] = prompt + (["assistant:"] if chat else []) + "".join(answer).split()
+
+    async def _answer(self, req: dict, prompt: str, tokens: list[str], started: int, watcher: asyncio.Future,
+                      send: Send, *, chat: bool, waited_s: float, read: int = 1) -> None:
+        model, b = req["model"], self.b
         if req.get("stream") is False:
-            await self.answer_whole(model, tokens, started, chat, watcher, waited_s)(send)
+            await self.answer_whole(model, tokens, started, chat, watcher, waited_s, read)(send)
             return
         self.stats["active"] += 1
         self.stats["most_active"] = max(self.stats["most_active"], self.stats["active"])
@@ -518,14 +562,14 @@ class Simulator:
                 self.sent_one(prompt)
             if not tokens:
                 await send_start(send, 200, "application/x-ndjson")
-            final = self.final(model, tokens, started, chat, waited_s)
+            final = self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token)
             await send_body(send, _compact(final) + b"\n", more=False)
             self.stats["completed"] += 1
         finally:
             self.stats["active"] -= 1
 
     def answer_whole(self, model: str, tokens: list[str], started: int, chat: bool, watcher: asyncio.Future,
-                     waited_s: float = 0.0):
+                     waited_s: float = 0.0, read: int = 1):
         """``"stream": false``: the whole answer, sent once generated (nothing before it)."""
         async def whole(send: Send) -> None:
             if self.b.error_after is not None and self.b.error_after < len(tokens):
@@ -536,7 +580,7 @@ class Simulator:
                 self.stats["cancelled"] += 1
                 self.stats["cancelled_early"] += 1
                 return
-            final = self.final(model, tokens, started, chat, waited_s)
+            final = self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token)
             if chat:
                 final["message"]["content"] = "".join(tokens)
             else:
@@ -560,7 +604,8 @@ class Simulator:
         return _compact({"model": model, "created_at": now, "response": token, "done": False})
 
     @staticmethod
-    def final(model: str, tokens: list[str], started: int, chat: bool, waited_s: float = 0.0) -> dict:
+    def final(model: str, tokens: list[str], started: int, chat: bool, waited_s: float = 0.0, read: int = 1,
+              ms_per_token: float = 0.0) -> dict:
         took = time.perf_counter_ns() - started
         out: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
         if chat:
@@ -570,9 +615,32 @@ class Simulator:
         out.update(done=True, done_reason="stop")
         if not chat:
             out["context"] = list(range(1, len(tokens) + 1))
-        out.update(total_duration=took, load_duration=max(1000, int(waited_s * 1e9)), prompt_eval_count=1,
-                   prompt_eval_duration=1000, eval_count=len(tokens), eval_duration=max(took, 1))
+        read_ns = max(1000, int(read * ms_per_token * 1e6))  # the prompt tokens read, not those cached
+        out.update(total_duration=took, load_duration=max(1000, int(waited_s * 1e9)), prompt_eval_count=max(1, read),
+                   prompt_eval_duration=read_ns, eval_count=len(tokens), eval_duration=max(took - read_ns, 1))
         return out
+
+
+def prompt_tokens(req: dict, chat: bool) -> list[str]:
+    """A request's prompt as the simulator's tokens (words): a chat's messages in order, each after
+    its role; a generate request's system prompt and prompt."""
+    if not chat:
+        return str(req.get("system") or "").split() + str(req.get("prompt", "")).split()
+    out: list[str] = []
+    for message in req.get("messages") or []:
+        if isinstance(message, dict):
+            out.append(f"{message.get('role', '')}:")
+            out += str(message.get("content", "")).split()
+    return out
+
+
+def _shared(a: list[str], b: list[str]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class _Slot:
@@ -753,6 +821,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-loaded", type=int, default=0, help="models in memory at once (0: no limit)")
     p.add_argument("--preload", default="", help="comma-separated models in memory at start")
     p.add_argument("--max-queue", type=int, default=512, help="requests that may wait before 503")
+    p.add_argument("--prompt-ms-per-token", type=float, default=0.0,
+                   help="milliseconds to read each prompt token a slot's cache does not hold (0: free)")
     return p.parse_args(argv)
 
 
@@ -762,7 +832,7 @@ def build(args: argparse.Namespace) -> Simulator:
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
         error_after=args.error_after, busy=args.busy, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
-        num_parallel=args.num_parallel, max_queue=args.max_queue,
+        num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))
     for model in filter(None, (m.strip() for m in args.preload.split(","))):
         sim.used(model)

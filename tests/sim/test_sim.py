@@ -96,3 +96,22 @@ def test_queued_counts_requests_beyond_num_parallel():
         assert sim.stats()["queued"] == 1 and sim.stats()["completed"] == 3
         stream(sim, "alone")
         assert sim.stats()["queued"] == 1
+
+
+def test_each_slot_caches_its_last_prompt_and_a_turn_reads_only_what_is_new():
+    """As Ollama's runner: a request takes the free slot with the longest shared prefix, and reads the rest."""
+    chat = lambda sim, messages: httpx.post(f"{sim.url}/api/chat", json={  # noqa: E731
+        "model": "llama3", "messages": messages, "stream": False}).json()
+    with Sim(tokens=5, num_parallel=2, prompt_ms_per_token=1.0) as sim:
+        first = [{"role": "system", "content": "rules " * 200}, {"role": "user", "content": "hello " * 50}]
+        answer = chat(sim, first)
+        assert answer["prompt_eval_count"] == 252 and answer["prompt_eval_duration"] >= 252_000_000 * 0.99
+        second = first + [answer["message"], {"role": "user", "content": "more " * 20}]
+        again = chat(sim, second)
+        assert again["prompt_eval_count"] == 21  # "user:" and 20 words: the rest was cached
+        other = chat(sim, [{"role": "user", "content": "elsewhere " * 30}])  # the other, empty slot
+        assert other["prompt_eval_count"] == 31
+        third = second + [again["message"], {"role": "user", "content": "last"}]
+        assert chat(sim, third)["prompt_eval_count"] == 2  # still cached in its own slot
+        stats = sim.stats()
+        assert stats["prompt_tokens"] == 252 + 279 + 31 + 287 and stats["cached_tokens"] == 258 + 285
