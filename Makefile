@@ -1,6 +1,6 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make test   install what the tests need and run them
-# make bench  the relay, cluster (two clusters), chaos and capacity benchmarks (docs/performance.md)
+# make bench  the relay, cluster (two clusters), multi-turn, chaos and capacity benchmarks (docs/performance.md)
 # make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
@@ -43,6 +43,7 @@ bench: $(VENV)/.dev test-tools
 	$(PY) bench/relay_bench.py
 	$(PY) bench/cluster_bench.py --cluster default
 	$(PY) bench/cluster_bench.py --cluster second
+	$(PY) bench/multiturn_bench.py
 	$(PY) bench/chaos_bench.py
 	$(PY) bench/capacity_bench.py
 

@@ -149,7 +149,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     registry = Registry(prune_after=settings.prune_after, **({"clock": clock} if clock else {}))
     per_key = settings.max_queue_per_key or (max(1, settings.max_queue // 2) if settings.api_keys else None)
     scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
-                          max_queue_per_key=per_key)
+                          max_queue_per_key=per_key, affinity=settings.affinity)
     prom = metrics_registry(registry, scheduler)
     counted = RequestMetrics(prom)
     activity = Activity()

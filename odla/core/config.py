@@ -49,7 +49,7 @@ SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout"
 ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
-                          "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "jobs_db", "jobs_keep_days", "max_nodes",
+                          "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "affinity", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
@@ -158,6 +158,9 @@ class Settings(BaseModel):
     still queue. Default half of ``max_queue`` (so no key fills the queue for the rest); none without API keys."""
     queue_timeout: float = Field(300, gt=0)
     "Seconds a job waits for a free slot before 504."
+    affinity: bool = True
+    """Count, in the scheduler's prediction, the prompt a node has cached: a conversation's next turn on
+    the node that served its last one skips reading its history again (off: every node reads it all)."""
     allowed_hosts: Optional[list[str]] = None
     "Host names a request may be addressed to; default: any, or only localhost's when listening on loopback."
     allowed_origins: list[str] = Field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import NamedTuple, Optional
 
@@ -53,12 +54,40 @@ def model_named(body: bytes) -> str:
     return requested(body).model
 
 
+class Prompt(NamedTuple):
+    """A job's prompt as the scheduler sees it: how long, and which conversation it goes on."""
+
+    tokens: int = 0
+    "Its length in tokens, estimated (a token is about 4 characters)."
+    history: int = 0
+    "Of those, the tokens before its newest message: what a node that served the last turn has cached."
+    conversation: Optional[str] = None
+    "A hash of the conversation's first messages, up to its first user message: the same on every turn."
+
+
 class Requested(NamedTuple):
     """What the scheduler reads of an Ollama or OpenAI API request."""
 
     model: str
     max_tokens: Optional[int]
     "The most output tokens it asks for (``options.num_predict``, ``max_tokens``, ``max_completion_tokens``)."
+    prompt: Prompt = Prompt()
+
+
+CHARS_PER_TOKEN = 4
+
+
+def prompt_of(data: dict) -> Prompt:
+    """The prompt of a request's body: a chat's ``messages``, or ``system`` and ``prompt``."""
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages:
+        sizes = [len(str(m.get("content", ""))) + 8 if isinstance(m, dict) else 0 for m in messages]
+        first_user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), 0)
+        opening = json.dumps(messages[:first_user + 1], sort_keys=True, default=str).encode()
+        conversation = hashlib.blake2b(opening, digest_size=12).hexdigest()
+        return Prompt(sum(sizes) // CHARS_PER_TOKEN, sum(sizes[:-1]) // CHARS_PER_TOKEN, conversation)
+    text = sum(len(v) for v in (data.get("system"), data.get("prompt")) if isinstance(v, str))
+    return Prompt(text // CHARS_PER_TOKEN)
 
 
 def requested(body: bytes) -> Requested:
@@ -81,7 +110,7 @@ def requested(body: bytes) -> Requested:
     limit = options.get("num_predict") if isinstance(options, dict) else None
     if limit is None:
         limit = data.get("max_completion_tokens", data.get("max_tokens"))
-    return Requested(model, output_limit(limit))
+    return Requested(model, output_limit(limit), prompt_of(data))
 
 
 def output_limit(value: object) -> Optional[int]:

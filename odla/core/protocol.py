@@ -238,11 +238,13 @@ class JobPrediction(BaseModel):
 
     node: str
     finish_s: float
-    "Seconds from the request to the job's end: ``wait_s + load_s + run_s``."
+    "Seconds from the request to the job's end: ``wait_s + load_s + prompt_s + run_s``."
     wait_s: float
     "For a free slot on the node (or for a loaded model to be idle, to make room for this one)."
     load_s: float
     "To load the model into memory (0: it was loaded)."
+    prompt_s: float = 0.0
+    "To read the prompt, but for what the node has cached of its conversation."
     run_s: float
     "To produce ``tokens`` at the node's measured speed."
     tokens: int

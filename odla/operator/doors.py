@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from odla.core.errors import NoNodeError, ODLAError
 from odla.serving.errors import shape_for
-from odla.core.names import Requested, model_key, requested
+from odla.core.names import Prompt, Requested, model_key, requested
 from odla.operator.nodes import NodeUnreachable
 from odla.operator.registry import Node, Registry
 from odla.serving.jobs import JOB_PATHS, Job
@@ -54,12 +54,12 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     async def routed(request: Request) -> LineStream:
         """A request naming a model: to a node that has it, the answer back as Ollama gave it."""
         body = await request.body()
-        model, limit = _requested(body)
+        model, limit, prompt = _requested(body)
         router: Router = request.app.state.router
         path, job = request.url.path, request.state.job
         job.model = model_key(model)  # one name per model in receipts and metrics, however it was spelled
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
-        return LineStream(opening=lambda tell: _open(router, model, path, body, job, limit), shape=shape_for(path),
+        return LineStream(opening=lambda tell: _open(router, model, path, body, job, limit, prompt), shape=shape_for(path),
                           headers={JOB_HEADER: job.id}, job=job)
 
     for path in ROUTED:
@@ -126,9 +126,10 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     return api
 
 
-async def _open(router: Router, model: str, path: str, body: bytes, job: Job, limit: Optional[int]) -> Opened:
+async def _open(router: Router, model: str, path: str, body: bytes, job: Job, limit: Optional[int],
+                prompt: Prompt) -> Opened:
     try:
-        claim, resp = await router.open(model, "POST", "/ollama" + path, body, job, tokens=limit)
+        claim, resp = await router.open(model, "POST", "/ollama" + path, body, job, tokens=limit, prompt=prompt)
     except NoNodeError:
         raise ODLAError(f"model '{model}' not found", 404) from None
     media = resp.headers.get("content-type", "application/json")

@@ -35,7 +35,7 @@ MAX_PENDING = 100_000
 "Ended jobs kept in memory while their receipts cannot be written (a full disk): the newest."
 USAGE = tuple(f.name for f in fields(Usage))
 PREDICTION = {"predicted_node": "TEXT", "predicted_wait": "REAL", "predicted_load": "REAL", "predicted_run": "REAL",
-              "predicted_tokens": "INTEGER"}
+              "predicted_tokens": "INTEGER", "predicted_prompt": "REAL"}
 "The scheduler's prediction (``JobPrediction``): columns added to a database made before them."
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
            "failovers", "queue_wait", *USAGE, *PREDICTION)
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     outcome TEXT, error TEXT, caller TEXT, first_token REAL, finished REAL, failovers INTEGER NOT NULL,
     queue_wait REAL, prompt_tokens INTEGER, output_tokens INTEGER, total_duration INTEGER,
     load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
-    predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER);
+    predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
 """
 INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -195,7 +195,8 @@ def connect(path: str) -> sqlite3.Connection:
 
 def _row(job: Job) -> tuple:
     guess = job.prediction
-    predicted = (guess.node, guess.wait_s, guess.load_s, guess.run_s, guess.tokens) if guess else (None,) * 5
+    predicted = (guess.node, guess.wait_s, guess.load_s, guess.run_s, guess.tokens, guess.prompt_s) if guess \
+        else (None,) * len(PREDICTION)
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
             job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted)
 
@@ -203,8 +204,9 @@ def _row(job: Job) -> tuple:
 def _receipt(row: tuple) -> JobReceipt:
     data = dict(zip(COLUMNS, row))
     usage = Usage(**{name: data.pop(name) for name in USAGE})
-    node, wait, load, run, tokens = (data.pop(name) for name in PREDICTION)
-    prediction = JobPrediction(node=node, finish_s=round(wait + load + run, 3), wait_s=wait, load_s=load, run_s=run,
-                               tokens=tokens) if node is not None else None
+    node, wait, load, run, tokens, prompt = (data.pop(name) for name in PREDICTION)
+    prompt = prompt or 0.0  # a receipt written before prompts were predicted
+    prediction = JobPrediction(node=node, finish_s=round(wait + load + prompt + run, 3), wait_s=wait, load_s=load,
+                               prompt_s=prompt, run_s=run, tokens=tokens) if node is not None else None
     return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, prediction=prediction,
                **data).receipt()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -74,6 +75,11 @@ class Node:
     "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
     link: Any = None
     "The node's dial-out link (``odla.operator.link.Link``) while it has one; None for a node reached at its URL."
+    prompt_s: dict[str, float] = field(default_factory=dict)
+    "Per model key: seconds its Ollama takes per prompt token it reads (``prompt_eval_duration``; a moving average)."
+    cached: dict[str, "OrderedDict[str, None]"] = field(default_factory=dict)
+    """Per model key: the conversations whose last turn it served, newest last, as many as it has slots:
+    Ollama keeps each slot's prompt and answer cached (odla/operator/forecast.py)."""
     joined: int = 0
     "Its place in the order nodes joined (equal nodes take turns in this order)."
     on_speed: Optional[Callable[["Node", str], None]] = field(default=None, repr=False, compare=False)
@@ -111,27 +117,31 @@ class Node:
         expires = self.loaded[key]
         return expires is None or expires > now
 
+    def served(self, key: str, conversation: str) -> None:
+        """A turn of ``conversation`` ended here: Ollama has it cached in one of the model's slots."""
+        recent = self.cached.setdefault(key, OrderedDict())
+        recent[conversation] = None
+        recent.move_to_end(conversation)
+        while len(recent) > self.slots_for(key):
+            recent.popitem(last=False)
+
     def use(self, key: str, until: float, now: float) -> None:
         """A job for ``key`` starts: Ollama has it in memory until ``until``; if that needed room
         (``max_models``), the least recently used idle model went."""
-        if self.needs_room(key, now):
+        if self.needs_room(key, now, known=True):
             idle = [k for k in self.loaded if self.warm(k, now) and not self.inflight.get(k)]
             if idle:
                 del self.loaded[min(idle, key=lambda k: self.loaded[k] or 0.0)]
         self.loaded[key] = until
 
-    @property
-    def room(self) -> int:
-        """Models its Ollama is taken to hold at once: as seen when it dropped one to load another,
-        else the most seen at once (0: none seen, no limit known)."""
-        return self.max_models or self.most_loaded
-
-    def needs_room(self, key: str, now: float) -> bool:
-        """Loading ``key`` here would push another model out of memory (as far as the operator knows:
-        heartbeats correct it)."""
-        if not self.room or self.warm(key, now):
+    def needs_room(self, key: str, now: float, known: bool = False) -> bool:
+        """Loading ``key`` here would push another model out of memory: it holds ``max_models``
+        already, or (unless ``known``) as many as it was ever seen to hold at once. (Heartbeats
+        correct what the operator takes to be loaded.)"""
+        room = self.max_models if known else self.max_models or self.most_loaded
+        if not room or self.warm(key, now):
             return False
-        return sum(1 for k in self.loaded if self.warm(k, now)) >= self.room
+        return sum(1 for k in self.loaded if self.warm(k, now)) >= room
 
     def speed(self, key: str) -> Optional[float]:
         """Tokens per second for this model as the operator saw them arrive, or the mean over the node's

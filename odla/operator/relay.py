@@ -16,7 +16,7 @@ from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
 from odla.serving.jobs import Job
 from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachable
-from odla.core.names import listed, model_key, output_limit
+from odla.core.names import CHARS_PER_TOKEN, Prompt, listed, model_key, output_limit
 from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
 from odla.operator.forecast import Prediction
@@ -59,7 +59,8 @@ class Router:
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
         limit = output_limit((request.options or {}).get("num_predict"))
-        claim, resp = await self.open(request.model, "POST", "/run", body, job, place, limit)
+        prompt = Prompt((len(request.prompt) + len(request.system or "")) // CHARS_PER_TOKEN)
+        claim, resp = await self.open(request.model, "POST", "/run", body, job, place, limit, prompt)
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
@@ -67,9 +68,11 @@ class Router:
                       gathered=True)
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
-                   place: Optional[Place] = None, tokens: Optional[int] = None) -> tuple[Claim, ClientResponse]:
+                   place: Optional[Place] = None, tokens: Optional[int] = None,
+                   prompt: Prompt = Prompt()) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it
-        (``tokens``: the most the job asked for, the length the scheduler plans for).
+        (``tokens``: the most the job asked for, the length the scheduler plans for; ``prompt``: its
+        length and conversation, for the prompt it reads).
 
         A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped (at
         most ``MAX_TRIES`` nodes are tried);
@@ -81,7 +84,7 @@ class Router:
             if len(failures) >= MAX_TRIES:
                 raise self._all_failed(model, failures)
             claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place,
-                                               job.id, tokens=tokens)
+                                               job.id, tokens=tokens, prompt=prompt)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
             if claim.waited:
@@ -104,7 +107,7 @@ class Router:
                     claim.release()
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
-                job.limited = tokens is not None
+                job.limited, job.conversation = tokens is not None, prompt.conversation
                 return claim, resp
 
     async def _try(self, node: Node, method: str, path: str, body: bytes,
@@ -243,7 +246,10 @@ class Router:
                 key = model_key(job.model)
                 node.saw(key, job.delivered, time.time() - job.first_token)
                 self.scheduler.forecast.learn(node, key, job.usage.output_tokens or job.delivered, job.limited,
-                                              job.usage.load_duration)
+                                              job.usage.load_duration, job.usage.prompt_tokens,
+                                              job.usage.prompt_eval_duration)
+                if job.conversation is not None:
+                    node.served(key, job.conversation)
         job.end("node_error" if job.error else "ok")
 
 
@@ -251,7 +257,8 @@ def predicted(node_id: str, prediction: Prediction) -> p.JobPrediction:
     """A prediction as the job's receipt shows it."""
     return p.JobPrediction.model_construct(node=node_id, finish_s=round(prediction.total, 3),
                                            wait_s=round(prediction.wait, 3), load_s=round(prediction.load, 3),
-                                           run_s=round(prediction.run, 3), tokens=prediction.tokens)
+                                           prompt_s=round(prediction.prompt, 3), run_s=round(prediction.run, 3),
+                                           tokens=prediction.tokens)
 
 
 async def _passed_on(body: Body) -> AsyncIterator[bytes]:

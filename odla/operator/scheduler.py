@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol
 
 from odla.core.errors import ODLAError, QueueFull, QueueTimeout
-from odla.core.names import model_key
+from odla.core.names import Prompt, model_key
 from odla.operator.forecast import _COLD, DEFAULT_SPEED, Forecaster, Prediction
 from odla.operator.registry import Node, Registry
 
@@ -106,6 +106,8 @@ class _Waiter:
     exclude: frozenset[str]
     tokens: int = 0
     "Its answer's predicted length."
+    prompt: Prompt = Prompt()
+    "Its prompt: its length, and its conversation."
     prediction: Optional[Prediction] = None
     "Its first pick's prediction (the one its receipt shows)."
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -152,7 +154,8 @@ class Scheduler:
     """Claims slots on nodes for jobs; queues jobs that find none."""
 
     def __init__(self, registry: Registry, *, max_queue: int = 512, queue_timeout: float = 300,
-                 clock: Optional[Callable[[], float]] = None, max_queue_per_key: Optional[int] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None, max_queue_per_key: Optional[int] = None,
+                 affinity: bool = True) -> None:
         self.registry = registry
         self.max_queue = max_queue
         self.max_queue_per_key = max_queue_per_key
@@ -168,7 +171,7 @@ class Scheduler:
         "Per model key: jobs of this operator waiting in the cluster's queue."
         self.closed: Optional[ODLAError] = None
         "Set when the operator stops: what every waiting job, and every new one, is answered."
-        self.forecast = Forecaster()
+        self.forecast = Forecaster(affinity)
         self._rechecks: dict[str, asyncio.TimerHandle] = {}
 
     def close(self, error: ODLAError) -> None:
@@ -196,13 +199,14 @@ class Scheduler:
         return any(n.node_id not in exclude for n in self.registry.candidates(model))
 
     def _choose(self, key: str, now: float, tokens: int, exclude: Iterable[str] = (),
-                planned: Optional[dict[str, list[float]]] = None) -> Optional[tuple[Node, Prediction, bool]]:
+                planned: Optional[dict[str, list[float]]] = None,
+                prompt: Prompt = Prompt()) -> Optional[tuple[Node, Prediction, bool]]:
         """The node predicted to finish the job first (among equals: free, idle, not yet measured,
         then in turn), its prediction, and whether it has a free slot now; None: no node.
         Resting nodes only when no other has the model."""
         excluded = frozenset(exclude)
-        scored = self._scored(key, now, tokens, excluded, planned, awake_only=True) \
-            or self._scored(key, now, tokens, excluded, planned, awake_only=False)
+        scored = self._scored(key, now, tokens, excluded, planned, prompt, awake_only=True) \
+            or self._scored(key, now, tokens, excluded, planned, prompt, awake_only=False)
         if not scored:
             return None
         best = min(entry[0] for entry in scored)
@@ -217,11 +221,12 @@ class Scheduler:
         else:
             _, node, prediction, free = equals[0]
         if prediction is None:  # warm with a free slot: the answer alone
-            prediction = Prediction(0.0, 0.0, tokens / (node.speed(key) or self._fastest_speed(key)), tokens)
+            prediction = Prediction(0.0, 0.0, tokens / (node.speed(key) or self._fastest_speed(key)), tokens,
+                                    self.forecast.prompt_time(node, key, prompt))
         return node, prediction, free
 
     def _scored(self, key: str, now: float, tokens: int, excluded: frozenset[str],
-                planned: Optional[dict[str, list[float]]], awake_only: bool
+                planned: Optional[dict[str, list[float]]], prompt: Prompt, awake_only: bool
                 ) -> list[tuple[float, Node, Optional[Prediction], bool]]:
         """(score, node, prediction, free) for the healthy nodes that may finish the job with the
         earliest: the score is the predicted finish, longer for a node that failed of late; a warm
@@ -231,6 +236,7 @@ class Scheduler:
         would take longer than the earliest finish so far times ``EQUAL_FINISH``, so would every
         slower one's, and the scan stops. With a hundred nodes, most are never looked at."""
         predict, fallback, best, scored = self.forecast.predict, 0.0, math.inf, []
+        reading = self.forecast.prompt_time if prompt.tokens else None
         for _, _, node in self.registry.ordered(key):
             measured = node.seen_speed.get(key)
             if measured is not None:
@@ -251,7 +257,8 @@ class Scheduler:
                 run = tokens / speed
             else:
                 speed = measured
-            score = run if not node.errors else run * (1.0 + node.errors)  # its answer alone
+            read = reading(node, key, prompt) if reading is not None else 0.0
+            score = run + read if not node.errors else (run + read) * (1.0 + node.errors)  # prompt and answer alone
             if score > best * EQUAL_FINISH:
                 continue
             busy = node.inflight.get(key, 0)
@@ -266,7 +273,9 @@ class Scheduler:
                         best = score
                     continue
             prediction = predict(node, key, now, tokens, speed, planned.get(node.node_id) if planned else None)
-            score = (prediction.wait + prediction.load + run) * (1.0 + node.errors)
+            if read:
+                prediction = prediction._replace(prompt=read)
+            score = (prediction.wait + prediction.load + read + run) * (1.0 + node.errors)
             if score < best:
                 best = score
             scored.append((score, node, prediction, free))
@@ -277,11 +286,12 @@ class Scheduler:
         return next((n.seen_speed[key] for n in self.registry.fastest(key) if key in n.seen_speed and n.healthy),
                     DEFAULT_SPEED)
 
-    def try_claim(self, model: str, exclude: Iterable[str] = (), tokens: Optional[int] = None) -> Optional[Claim]:
+    def try_claim(self, model: str, exclude: Iterable[str] = (), tokens: Optional[int] = None,
+                  prompt: Prompt = Prompt()) -> Optional[Claim]:
         """A slot for ``model`` on the node predicted to finish the job first (``tokens``: the most
         it asked for), claimed; None when that node has no free slot now (or no node has the model)."""
         key, now = model_key(model), self.clock()
-        choice = self._choose(key, now, self.forecast.length(key, tokens), exclude)
+        choice = self._choose(key, now, self.forecast.length(key, tokens), exclude, prompt=prompt)
         if choice is None or not choice[2]:
             return None
         return self.hold(choice[0], key, choice[1])
@@ -311,7 +321,7 @@ class Scheduler:
 
     async def claim(self, model: str, caller: str = "", exclude: Iterable[str] = (),
                     place: Optional[Place] = None, ticket: str = "", since: Optional[float] = None,
-                    tokens: Optional[int] = None) -> Optional[Claim]:
+                    tokens: Optional[int] = None, prompt: Prompt = Prompt()) -> Optional[Claim]:
         """A slot for ``model``, waiting in the queue when no free slot is the best place for the
         job; None when no healthy node (outside ``exclude``) has the model at all. ``tokens``: the
         most the job asked for (``num_predict``), if it did. ``place(n)`` hears the job's place in
@@ -322,10 +332,10 @@ class Scheduler:
             raise self.closed
         if self.cluster is not None and self.cluster.ok:
             return await self._claim_in_cluster(self.cluster, model, caller, exclude, place,
-                                                ticket or os.urandom(8).hex(), tokens)
+                                                ticket or os.urandom(8).hex(), tokens, prompt)
         key, now = model_key(model), self.clock()
         length = self.forecast.length(key, tokens)
-        choice = self._choose(key, now, length, exclude)
+        choice = self._choose(key, now, length, exclude, prompt=prompt)
         if choice is None:
             return None
         node, prediction, free = choice
@@ -333,7 +343,7 @@ class Scheduler:
         if free and not queue:  # nobody waits: a free slot is anyone's
             return self.hold(node, key, prediction)
         self._room_for(model, caller)
-        waiter = _Waiter(caller, frozenset(exclude), length, prediction)
+        waiter = _Waiter(caller, frozenset(exclude), tokens=length, prompt=prompt, prediction=prediction)
         queue = self.queues.setdefault(key, _ModelQueue())
         queue.add(waiter)
         self.waiting_by_caller[caller] += 1
@@ -353,7 +363,8 @@ class Scheduler:
                 waiter.granted.result().release()  # granted just as it gave up: pass it on
 
     async def _claim_in_cluster(self, cluster: Cluster, model: str, caller: str, exclude: Iterable[str],
-                                place: Optional[Place], ticket: str, tokens: Optional[int]) -> Optional[Claim]:
+                                place: Optional[Place], ticket: str, tokens: Optional[int],
+                                prompt: Prompt) -> Optional[Claim]:
         key, loop = model_key(model), asyncio.get_running_loop()
         began = loop.time()
         deadline, told, shown = began + self.queue_timeout, -math.inf, 0
@@ -404,7 +415,8 @@ class Scheduler:
             if ticketed:  # it gave up (or the client left): the jobs behind it move up
                 await cluster.leave(key, ticket, caller)
         # the cluster is away: this operator's own count and queue, for what is left of the wait
-        return await self.claim(model, caller, exclude, place, since=began if counted else None, tokens=tokens)
+        return await self.claim(model, caller, exclude, place, since=began if counted else None, tokens=tokens,
+                                prompt=prompt)
 
     def _room_for(self, model: str, caller: str) -> None:
         """Refuse a job that would wait past ``max_queue``, or past its caller's share of it."""
@@ -480,7 +492,7 @@ class Scheduler:
             now, planned = self.clock(), {}
             waiting = (w for w in queue.order() if not w.granted.done())
             for waiter in itertools.islice(waiting, PLAN_AHEAD):
-                choice = self._choose(k, now, waiter.tokens, waiter.exclude, planned)
+                choice = self._choose(k, now, waiter.tokens, waiter.exclude, planned, waiter.prompt)
                 if choice is None:
                     continue  # no node left outside those it failed on: it waits for one to join
                 node, prediction, free = choice

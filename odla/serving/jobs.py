@@ -53,6 +53,8 @@ class Job:
     "Tokens relayed to the client (one per token line or event), whatever Ollama's final message says."
     limited: bool = False
     "It asked for at most some tokens (``num_predict``, ``max_tokens``)."
+    conversation: Optional[str] = None
+    "The conversation it goes on (a hash of its first messages), when it has one."
     prediction: Optional[JobPrediction] = None
     "When the scheduler predicted it would finish, on the node it picked first."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)

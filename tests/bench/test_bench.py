@@ -49,6 +49,15 @@ def test_cluster_benchmark_smoke_run(tmp_path):
     assert set(data["scheduling_us_per_job"]) == {"4", "100"}
 
 
+def test_multiturn_benchmark_smoke_run(tmp_path):
+    """Both runs answer every turn; with affinity the simulators find the conversations cached."""
+    data, printed = smoke_run(tmp_path, "multiturn_bench.py")
+    plan, on, off = data["plan"], data["results"]["affinity"], data["results"]["no affinity"]
+    for run in (on, off):
+        assert run["turns"] == plan["conversations"] * plan["turns"] and run["errors"] == 0
+    assert on["cached_share"] > off["cached_share"] and "lower with affinity" in printed
+
+
 @pytest.mark.solo
 def test_hostile_benchmark_smoke_run(tmp_path):
     """Every attack runs, the honest client is served throughout, and the targets are checked."""

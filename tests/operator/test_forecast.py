@@ -1,9 +1,11 @@
 """odla.operator.forecast and the scheduler's pick by predicted finish (no sockets, the clock moved by hand)."""
 
 import asyncio
+import json
 
 import pytest
 
+from odla.core.names import Prompt, requested
 from odla.core.protocol import LoadedModel
 from odla.operator.forecast import DEFAULT_LOAD_S, DEFAULT_TOKENS, Forecaster
 from odla.operator.registry import Registry
@@ -40,8 +42,8 @@ def test_the_parts_of_a_prediction():
     sched, reg, clock = network(fast={"speed": 100, "warm": [LLAMA]}, cold={"speed": 100, "load": 2.0})
     forecast = sched.forecast
     fast, cold = reg.get("fast"), reg.get("cold")
-    assert forecast.predict(fast, LLAMA, clock.now, 50, 100) == (0.0, 0.0, 0.5, 50)  # warm and free: the answer
-    assert forecast.predict(cold, LLAMA, clock.now, 50, 100) == (0.0, 2.0, 0.5, 50)  # its measured load first
+    assert forecast.predict(fast, LLAMA, clock.now, 50, 100) == (0.0, 0.0, 0.5, 50, 0.0)  # warm and free: the answer
+    assert forecast.predict(cold, LLAMA, clock.now, 50, 100) == (0.0, 2.0, 0.5, 50, 0.0)  # its measured load first
     claim = sched.hold(fast, LLAMA, tokens=300)  # predicted to end in 3 s
     assert forecast.predict(fast, LLAMA, clock.now, 50, 100).wait == pytest.approx(3.0)
     clock.now += 2
@@ -56,7 +58,8 @@ def test_a_load_waits_for_a_busy_model_to_be_evicted():
     both = [LLAMA, "mistral:latest"]
     sched, reg, clock = network(one={"speed": 100, "models": both, "warm": ["mistral:latest"]})
     node = reg.get("one")
-    assert node.max_models == 0 and node.room == 1  # seen holding one model, never two: taken to hold one
+    assert node.max_models == 0 and node.most_loaded == 1
+    assert node.needs_room(LLAMA, clock.now) and not node.needs_room(LLAMA, clock.now, known=True)
     reg.register("one", "http://one", both, loaded=[LoadedModel(name=LLAMA, expires_at=WALL_LATER)])
     reg.register("one", "http://one", both, loaded=[LoadedModel(name="mistral:latest", expires_at=WALL_LATER)])
     assert node.max_models == 1  # it dropped llama3 before its time to load mistral: it holds one
@@ -93,6 +96,54 @@ def test_a_node_making_room_for_a_model_gets_no_jobs_of_the_one_to_go():
     assert sched.try_claim("mistral", tokens=100).node is fast  # its own model's jobs still go there
     del fast.loading["mistral:latest"]
     assert sched.try_claim("llama3", tokens=100).node is fast
+
+
+def test_a_conversations_next_turn_goes_where_its_history_is_cached():
+    sched, reg, clock = network(a={"speed": 50, "warm": [LLAMA], "slots": 2}, b={"speed": 50, "warm": [LLAMA], "slots": 2})
+    for node in reg.nodes():
+        node.prompt_s[LLAMA] = 0.001  # 1 ms a prompt token
+    turn = Prompt(tokens=3000, history=2800, conversation="c1")
+    picks = set()
+    for _ in range(4):  # nobody has it cached: equals take turns
+        claim = sched.try_claim("llama3", tokens=50, prompt=turn)
+        picks.add(claim.node.node_id)
+        assert claim.prediction.prompt == pytest.approx(3.0)
+        claim.release()
+    assert picks == {"a", "b"}
+    reg.get("b").served(LLAMA, "c1")
+    for _ in range(4):
+        claim = sched.try_claim("llama3", tokens=50, prompt=turn)
+        assert claim.node.node_id == "b" and claim.prediction.prompt == pytest.approx(0.2)  # 200 new tokens only
+        claim.release()
+    reg.get("b").served(LLAMA, "c2")
+    reg.get("b").served(LLAMA, "c3")  # two slots: c1's cache is gone there
+    assert list(reg.get("b").cached[LLAMA]) == ["c2", "c3"]
+    assert {sched.try_claim("llama3", tokens=50, prompt=turn).node.node_id for _ in range(2)} == {"a", "b"}
+
+
+def test_with_affinity_off_every_node_reads_the_whole_prompt():
+    sched, reg, clock = network(a={"speed": 50, "warm": [LLAMA]}, b={"speed": 50, "warm": [LLAMA]})
+    sched.forecast.affinity = False
+    reg.get("b").served(LLAMA, "c1")
+    turn = Prompt(tokens=3000, history=2800, conversation="c1")
+    picks = []
+    for _ in range(4):
+        claim = sched.try_claim("llama3", tokens=50, prompt=turn)
+        picks.append(claim.node.node_id)
+        claim.release()
+    assert sorted(picks) == ["a", "a", "b", "b"]
+
+
+def test_the_prompt_a_request_names_and_its_conversation_across_turns():
+    opening = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x" * 400}]
+    one = requested(json.dumps({"model": "m", "messages": opening}).encode()).prompt
+    later = opening + [{"role": "assistant", "content": "y" * 800}, {"role": "user", "content": "z" * 40}]
+    two = requested(json.dumps({"model": "m", "messages": later}).encode()).prompt
+    assert one.conversation == two.conversation is not None
+    assert two.tokens > two.history > one.tokens and two.tokens - two.history == (40 + 8) // 4
+    other = requested(json.dumps({"model": "m", "messages": [opening[0], {"role": "user", "content": "w"}]}).encode())
+    assert other.prompt.conversation != one.conversation
+    assert requested(b'{"model": "m", "prompt": "abcdefgh", "system": "abcd"}').prompt == Prompt(3)
 
 
 def test_lengths_and_loads_are_learned_from_jobs_that_ended():

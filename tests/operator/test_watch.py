@@ -270,7 +270,8 @@ def test_receipts_and_metrics_show_the_schedulers_prediction(sim, operator, node
         assert resp.status_code == 200
         guess = httpx.get(f"{op.url}/jobs/{resp.headers[p.JOB_HEADER]}").json()["prediction"]
         assert guess["node"] == "n1" and guess["tokens"] == tokens, path  # the limit it asked for
-        assert guess["finish_s"] == pytest.approx(guess["wait_s"] + guess["load_s"] + guess["run_s"], abs=0.002)
+        parts = guess["wait_s"] + guess["load_s"] + guess["prompt_s"] + guess["run_s"]
+        assert guess["finish_s"] == pytest.approx(parts, abs=0.003)
     found = samples(op.url)
     assert total(found, "odla_prediction_error_seconds_count", model="llama3:latest") == 3
     assert total(found, "odla_prediction_error_seconds_bucket", model="llama3:latest", le="+Inf") == 3
@@ -306,6 +307,7 @@ def test_receipts_made_before_predictions_are_read_and_gain_them(tmp_path):
     before, after = asyncio.run(main())
     assert before.prediction is None and before.outcome == "ok"
     assert after.prediction == p.JobPrediction(node="n1", finish_s=1.5, wait_s=0.5, load_s=0.0, run_s=1.0, tokens=9)
+    assert after.prediction.prompt_s == 0.0
 
 
 def test_receipts_are_kept_for_jobs_keep_days():
