@@ -29,6 +29,8 @@ REST_MAX_S = 120.0
 ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
 MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
+IN_USE_S = 10.0
+"A model that ran a job on a node this recently is in use there: pushing it out costs a load later."
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Node:
     yet); raised when it is seen holding more."""
     most_loaded: int = 0
     "The most models its Ollama was seen to hold at once."
+    used: dict[str, float] = field(default_factory=dict)
+    "Per model key: when a job of it last started here (registry clock)."
     loading: dict[str, int] = field(default_factory=dict)
     """Per model key: jobs sent here whose model must push another out of memory, not yet answered.
     Meanwhile the node gets no jobs of other models: they would keep the one to go busy, and Ollama
@@ -133,6 +137,14 @@ class Node:
             if idle:
                 del self.loaded[min(idle, key=lambda k: self.loaded[k] or 0.0)]
         self.loaded[key] = until
+        self.used[key] = now
+
+    def evicts_busy(self, key: str, now: float) -> bool:
+        """Loading ``key`` here would push out a model that ran a job here within ``IN_USE_S``: a
+        later job of it would load it again (one that sat idle is no loss)."""
+        if not self.needs_room(key, now):
+            return False
+        return any(now - self.used.get(k, -math.inf) < IN_USE_S for k in self.loaded if k != key and self.warm(k, now))
 
     def needs_room(self, key: str, now: float, known: bool = False) -> bool:
         """Loading ``key`` here would push another model out of memory: it holds ``max_models``

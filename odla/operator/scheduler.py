@@ -276,6 +276,8 @@ class Scheduler:
             if read:
                 prediction = prediction._replace(prompt=read)
             score = (prediction.wait + prediction.load + read + run) * (1.0 + node.errors)
+            if prediction.load and node.evicts_busy(key, now):
+                score += prediction.load  # it pushes out a model in use there, which a later job will load again
             if score < best:
                 best = score
             scored.append((score, node, prediction, free))

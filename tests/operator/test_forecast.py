@@ -146,6 +146,23 @@ def test_the_prompt_a_request_names_and_its_conversation_across_turns():
     assert requested(b'{"model": "m", "prompt": "abcdefgh", "system": "abcd"}').prompt == Prompt(3)
 
 
+def test_a_load_that_pushes_out_a_model_in_use_costs_that_models_next_load_too():
+    both = [LLAMA, "mistral:latest"]
+    sched, reg, clock = network(x={"speed": 50, "models": both, "warm": [LLAMA], "load": 1.5},
+                                y={"speed": 50, "models": both, "warm": [LLAMA], "load": 1.5})
+    x, y = reg.get("x"), reg.get("y")
+    for node in (x, y):
+        node.load_s["mistral:latest"] = 1.5
+    x.use(LLAMA, clock.now + 300, clock.now)  # x ran a llama3 job just now; y's has sat idle
+    assert x.evicts_busy("mistral:latest", clock.now) and not y.evicts_busy("mistral:latest", clock.now)
+    for _ in range(3):
+        claim = sched.try_claim("mistral", tokens=50)
+        assert claim.node is y and claim.prediction.load == 1.5  # its own finish is the same on both
+        claim.release()
+    clock.now += 11  # x's llama3 idle long enough: no loss either
+    assert not x.evicts_busy("mistral:latest", clock.now)
+
+
 def test_lengths_and_loads_are_learned_from_jobs_that_ended():
     forecast = Forecaster()
     reg = Registry(prune_after=60)
