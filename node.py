@@ -36,11 +36,11 @@ from odla.node.capacity import Capacity, Running, num_parallel
 from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
 from odla.core.errors import ODLAError, UpstreamError
-from odla.serving.errors import OLLAMA_FAILURES, ollama_failure, shape_for
+from odla.serving.errors import shape_for
 from odla.serving.lifespan import background, serve, stop_serving, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded
-from odla.node.ollama_clients import relay_client, sdk_client
+from odla.node.ollama_clients import OLLAMA_FAILURES, ollama_failure, relay_client, sdk_client
 from odla.core.logs import setup_logging
 from odla.core.names import model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken

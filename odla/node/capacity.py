@@ -29,7 +29,7 @@ import ollama
 
 from odla.core.config import Settings
 from odla.core.names import display_name, model_key
-from odla.serving.errors import OLLAMA_FAILURES
+from odla.node.ollama_clients import OLLAMA_FAILURES
 from odla.core.protocol import LoadedModel
 from odla.core.usage import Usage
 

@@ -26,8 +26,30 @@ import httpx
 import ollama
 
 from odla.core.config import Settings
+from odla.core.errors import ODLAError, UpstreamError
 
 DEFAULT_PORT = 11434
+
+# What a failed ollama SDK call raises: the cases ollama_failure maps.
+OLLAMA_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+
+
+def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
+    """What a failed ollama SDK call means to the caller of a node."""
+    if isinstance(exc, ollama.ResponseError):
+        if exc.status_code in (-1, 500) or exc.status_code >= 500 and exc.status_code != 503:
+            return UpstreamError(f"Ollama error: {exc.error}", 502)
+        return UpstreamError(exc.error, exc.status_code)
+    if isinstance(exc, (httpx.ConnectError, ConnectionError)):
+        # streaming SDK calls raise httpx.ConnectError, the others ConnectionError
+        return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(f"Ollama at {ollama_host} timed out", 504)
+    if isinstance(exc, httpx.HTTPError):
+        return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
+    if isinstance(exc, ValueError):
+        return UpstreamError(f"Ollama at {ollama_host} sent something that is not Ollama's API", 502)
+    raise exc
 
 
 def ollama_base_url(host: str) -> str:

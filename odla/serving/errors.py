@@ -1,6 +1,6 @@
 """Errors as the operator and the node answer them: in the shape of the API asked (ODLA's, Ollama's,
-OpenAI's: ``Shape``, chosen by path), from FastAPI's exception handlers; and what the ollama SDK
-raises, mapped onto ODLA's table (odla/core/errors.py) by ``ollama_failure``."""
+OpenAI's: ``Shape``, chosen by path), from FastAPI's exception handlers. (What the ollama SDK raises
+is the node's to map: odla/node/ollama_clients.py.)"""
 
 from __future__ import annotations
 
@@ -8,40 +8,16 @@ import json
 import logging
 from typing import Callable, Mapping, Optional
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from ollama import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from odla.core.errors import AuthError, ODLAError, UpstreamError, invalid_body
+from odla.core.errors import AuthError, ODLAError, invalid_body
 from odla.core.protocol import JOB_HEADER, ErrorLine, error_line
 
 log = logging.getLogger("odla")
-
-
-# What a failed ollama SDK call raises: the cases ollama_failure maps.
-OLLAMA_FAILURES = (ResponseError, ConnectionError, httpx.HTTPError, ValueError)
-
-
-def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
-    """What a failed ollama SDK call means to the caller of a node."""
-    if isinstance(exc, ResponseError):
-        if exc.status_code in (-1, 500) or exc.status_code >= 500 and exc.status_code != 503:
-            return UpstreamError(f"Ollama error: {exc.error}", 502)
-        return UpstreamError(exc.error, exc.status_code)
-    if isinstance(exc, (httpx.ConnectError, ConnectionError)):
-        # streaming SDK calls raise httpx.ConnectError, the others ConnectionError
-        return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(f"Ollama at {ollama_host} timed out", 504)
-    if isinstance(exc, httpx.HTTPError):
-        return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
-    if isinstance(exc, ValueError):
-        return UpstreamError(f"Ollama at {ollama_host} sent something that is not Ollama's API", 502)
-    raise exc
 
 
 class Shape:
