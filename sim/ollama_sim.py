@@ -493,7 +493,7 @@ class Simulator:
 
     async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool,
                      waited_s: float = 0.0) -> None:
-        model, b = req["model"], self.b
+        b = self.b
         tokens = sim_tokens(prompt, self.count(req))
         started = time.perf_counter_ns()
         if b.prompt_ms_per_token:
