@@ -103,6 +103,7 @@ class Router:
                     node.loading[key] -= 1
                     if not node.loading[key]:
                         del node.loading[key]
+                        self.scheduler.wake()  # jobs of its other models may start there again
                 if resp is None:  # refused, unreachable, or the client left
                     claim.release()
             if resp is not None:

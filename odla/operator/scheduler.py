@@ -246,8 +246,7 @@ class Scheduler:
             else:
                 run = -1.0
             if not node.healthy or excluded and node.node_id in excluded or \
-                    awake_only and node.resting_until is not None and node.resting_until > now or \
-                    node.loading and key not in node.loading:  # making room for another model
+                    awake_only and node.resting_until is not None and node.resting_until > now:
                 continue
             if run < 0:  # not measured yet: as fast as the fastest, so it gets a job and a measure
                 speed = node.speed(key)
@@ -264,7 +263,8 @@ class Scheduler:
             busy = node.inflight.get(key, 0)
             if planned and node.node_id in planned:
                 busy += len(planned[node.node_id])
-            free = busy < node.slots.get(key, 1)
+            making_room = node.loading and key not in node.loading  # for another model: no new jobs of this one
+            free = busy < node.slots.get(key, 1) and not making_room
             if free:
                 expires = node.loaded.get(key, _COLD)
                 if expires is None or expires is not _COLD and expires > now:  # warm with a free slot
@@ -273,6 +273,9 @@ class Scheduler:
                         best = score
                     continue
             prediction = predict(node, key, now, tokens, speed, planned.get(node.node_id) if planned else None)
+            if making_room:  # it can start once the other model is loaded
+                prediction = prediction._replace(wait=max(prediction.wait, max(
+                    self.forecast.load_time(node, other) for other in node.loading)))
             if read:
                 prediction = prediction._replace(prompt=read)
             score = (prediction.wait + prediction.load + read + run) * (1.0 + node.errors)

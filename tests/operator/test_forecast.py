@@ -98,6 +98,23 @@ def test_a_node_making_room_for_a_model_gets_no_jobs_of_the_one_to_go():
     assert sched.try_claim("llama3", tokens=100).node is fast
 
 
+def test_a_job_whose_only_node_is_making_room_for_another_model_waits_for_it():
+    both = [LLAMA, "mistral:latest"]
+    sched, reg, clock = network(only={"speed": 100, "models": both, "warm": [LLAMA], "slots": 2})
+    node = reg.get("only")
+    node.loading["mistral:latest"] = 1
+
+    async def main():
+        waiting = asyncio.ensure_future(sched.claim("llama3", tokens=100))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # it waits: the node is there, just not taking llama3 for now
+        del node.loading["mistral:latest"]
+        sched.wake()  # as the relay does when the load is answered
+        assert (await asyncio.wait_for(waiting, 0.5)).node is node
+
+    asyncio.run(main())
+
+
 def test_a_conversations_next_turn_goes_where_its_history_is_cached():
     sched, reg, clock = network(a={"speed": 50, "warm": [LLAMA], "slots": 2}, b={"speed": 50, "warm": [LLAMA], "slots": 2})
     for node in reg.nodes():
