@@ -48,7 +48,6 @@ DEFAULT_PROMPT_S = 0.0005
 "Seconds per prompt token read, before any was measured (a GPU reads a few thousand a second)."
 MIN_READ = 16
 "A prompt shorter than this tells no reading speed."
-_COLD = object()
 
 
 class Prediction(NamedTuple):
@@ -114,8 +113,7 @@ class Forecaster:
     def predict(self, node: Node, key: str, now: float, tokens: int, speed: float,
                 planned: Optional[list[float]] = None) -> Prediction:
         """``tokens`` of ``key`` on ``node`` at ``speed``, asked at ``now``; ``planned``: ends of the
-        jobs planned there ahead of this one. (The scheduler's hot path: a warm node with a free
-        slot costs two lookups.)"""
+        jobs planned there ahead of this one."""
         run = tokens / speed
         busy = node.inflight.get(key, 0)
         if planned:
@@ -123,14 +121,13 @@ class Forecaster:
         slots = node.slots.get(key, 1)
         wait = 0.0
         if busy >= slots:
-            ends = [end - now if end > now else max(MIN_OVERRUN_S, now - end) for end in node.ends.get(key, ())]
+            ends = [_left(end, now) for end in node.ends.get(key, ())]
             if planned:
                 ends += [end - now for end in planned]
             ends += [run] * (busy - len(ends))  # jobs whose end was not predicted (claimed elsewhere)
             ends.sort()
             wait = max(0.0, ends[busy - slots])
-        expires = node.loaded.get(key, _COLD)
-        if expires is None or expires is not _COLD and expires > now:  # warm
+        if node.warm(key, now):
             return Prediction(wait, 0.0, run, tokens)
         if node.max_models:
             wait = max(wait, self._eviction(node, key, now))

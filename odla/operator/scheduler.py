@@ -42,14 +42,14 @@ from typing import Callable, Iterable, Optional, Protocol
 
 from odla.core.errors import ODLAError, QueueFull, QueueTimeout
 from odla.core.names import Prompt, model_key
-from odla.operator.forecast import _COLD, DEFAULT_SPEED, Forecaster, Prediction
+from odla.operator.forecast import DEFAULT_SPEED, Forecaster, Prediction
 from odla.operator.registry import Node, Registry
 
 RETRY_AFTER_S = 5
 EQUAL_FINISH = 1.15
 "Nodes predicted to finish within 15 % of the earliest are equals: they take turns (no fixed steps to straddle)."
 RECHECK_S = 0.5
-"How often the queue looks again while a waiter passes up a free slot for a busy node predicted to finish sooner."
+"How often the queue looks again while a waiter is planned on a busy node (it may overrun, or a slot passed up become best)."
 PLAN_AHEAD = 32
 "Waiters planned per look at the queue: past them, a freed slot waits for the next look."
 CLUSTER_POLL_S = 2.0
@@ -260,18 +260,13 @@ class Scheduler:
             score = run + read if not node.errors else (run + read) * (1.0 + node.errors)  # prompt and answer alone
             if score > best * EQUAL_FINISH:
                 continue
-            busy = node.inflight.get(key, 0)
-            if planned and node.node_id in planned:
-                busy += len(planned[node.node_id])
             making_room = node.loading and key not in node.loading  # for another model: no new jobs of this one
-            free = busy < node.slots.get(key, 1) and not making_room
-            if free:
-                expires = node.loaded.get(key, _COLD)
-                if expires is None or expires is not _COLD and expires > now:  # warm with a free slot
-                    scored.append((score, node, None, True))
-                    if score < best:
-                        best = score
-                    continue
+            free = not making_room and _free(node, key, planned)
+            if free and node.warm(key, now):  # warm with a free slot
+                scored.append((score, node, None, True))
+                if score < best:
+                    best = score
+                continue
             prediction = predict(node, key, now, tokens, speed, planned.get(node.node_id) if planned else None)
             if making_room:  # it can start once the other model is loaded
                 prediction = prediction._replace(wait=max(prediction.wait, max(
@@ -309,7 +304,7 @@ class Scheduler:
         nodes = [n for n in self.registry.candidates(key) if n.node_id not in excluded]
         awake = [n for n in nodes if not n.resting(now)] or nodes
         length = self.forecast.length(key, tokens)
-        fallback = max((s for s in (n.speed(key) for n in awake) if s), default=DEFAULT_SPEED)
+        fallback = self._fastest_speed(key)
         scored = sorted(((self.forecast.predict(n, key, now, length, n.speed(key) or fallback).total * (1.0 + n.errors), n)
                          for n in awake), key=lambda s: s[0])
         groups: list[list[Node]] = []
