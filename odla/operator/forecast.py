@@ -129,19 +129,16 @@ class Forecaster:
             wait = max(0.0, ends[busy - slots])
         if node.warm(key, now):
             return Prediction(wait, 0.0, run, tokens)
-        if node.max_models:
-            wait = max(wait, self._eviction(node, key, now))
-        return Prediction(wait, self.load_time(node, key), run, tokens)
+        return Prediction(max(wait, self._eviction(node, key, now)), self.load_time(node, key), run, tokens)
 
     @staticmethod
     def _eviction(node: Node, key: str, now: float) -> float:
         """Seconds until Ollama can make room for ``key`` on a node known to hold ``max_models`` at
         most: 0 when it holds fewer, or one of them is idle; else until the first of them is idle."""
-        loaded = [k for k in node.loaded if k != key and node.warm(k, now)]
-        if len(loaded) < node.max_models:
+        if not node.needs_room(key, now, known=True):
             return 0.0
         idle_at = []
-        for k in loaded:
+        for k in (k for k in node.loaded if k != key and node.warm(k, now)):
             if not node.inflight.get(k):
                 return 0.0
             idle_at.append(max((_left(end, now) for end in node.ends.get(k, ())), default=0.0))

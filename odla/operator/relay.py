@@ -16,7 +16,7 @@ from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
 from odla.serving.jobs import Job
 from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachable
-from odla.core.names import CHARS_PER_TOKEN, Prompt, listed, model_key, output_limit
+from odla.core.names import Prompt, listed, model_key, output_limit, prompt_of
 from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
 from odla.operator.forecast import Prediction
@@ -59,7 +59,7 @@ class Router:
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
         limit = output_limit((request.options or {}).get("num_predict"))
-        prompt = Prompt((len(request.prompt) + len(request.system or "")) // CHARS_PER_TOKEN)
+        prompt = prompt_of({"prompt": request.prompt, "system": request.system})
         claim, resp = await self.open(request.model, "POST", "/run", body, job, place, limit, prompt)
         if resp.status != 200:  # the request itself is at fault
             claim.release()
