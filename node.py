@@ -21,6 +21,7 @@ import logging
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Callable, Optional
 from urllib.parse import urlsplit
@@ -42,9 +43,12 @@ from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded
 from odla.node.ollama_clients import OLLAMA_FAILURES, ollama_failure, relay_client, sdk_client
 from odla.core.logs import setup_logging
-from odla.core.names import model_named
+from odla.core.names import model_key, model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
-from odla.core.usage import Tail, Usage
+from odla.core.usage import Tail, Usage, door_tokens
+from odla.node.receipts import Asked, ReceiptBook, new_output, outcome_of
+from odla.proofs.identity import Identity, KeyFileError
+from odla.proofs.reports import signed
 
 log = logging.getLogger("odla.node")
 SHUTTING_DOWN = "the node is shutting down"
@@ -68,6 +72,8 @@ class NodeState:
     url: str
     models: list[str] = field(default_factory=list)
     ollama_error: Optional[str] = "not checked yet"
+    digests: dict[str, str] = field(default_factory=dict)
+    "Each model's digest, as Ollama lists it: what the node's receipts name."
     registered_with: set[str] = field(default_factory=set)
     "The operators the last registration with went through."
     joined: bool = False
@@ -114,8 +120,11 @@ class Node:
     """The node's long-lived parts, owned by the app's lifespan."""
 
     def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, raw: httpx.AsyncClient,
-                 http: httpx.AsyncClient) -> None:
+                 http: httpx.AsyncClient, identity: Identity) -> None:
         self.settings = settings
+        self.identity = identity  # signs its reports (and receipts)
+        self.receipts = ReceiptBook(identity)
+        self.operator_addresses: dict[str, str] = {}  # operator URL -> its key, from its answers
         self.ollama = ollama_api  # jobs and listings, through the SDK
         self.raw = raw  # the /ollama/... relay, bytes as they are
         self.http = http  # the operator
@@ -139,6 +148,7 @@ class Node:
             self.state.ollama_error = error
             return False
         models = [m.model for m in listing.models if m.model]
+        self.state.digests = {model_key(m.model): m.digest for m in listing.models if m.model and m.digest}
         if models != self.state.models or self.state.ollama_error:
             log.info("Ollama at %s has %d model(s): %s", self.settings.ollama_host, len(models),
                      ", ".join(models) or "none")
@@ -154,11 +164,24 @@ class Node:
         if not self.settings.node_url:  # derived again each time: the route may change, or resolve late
             self.state.url = await asyncio.to_thread(public_url, self.settings)  # (a name lookup blocks)
         cap = self.capacity
+        whose = self.operator_addresses.get(operator)
+        receipts = self.receipts.take(whose)
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
-                                 tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned)
-        resp = await self.http.post(f"{operator}/register", content=body.model_dump_json(), headers=self._headers())
-        resp.raise_for_status()
+                                 tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
+                                 address=self.identity.address, signed_at=time.time(), receipts=receipts)
+        content = signed(body.model_dump_json(exclude_none=True).encode(), self.identity)
+        try:
+            resp = await self.http.post(f"{operator}/register", content=content, headers=self._headers())
+            resp.raise_for_status()
+        except BaseException:
+            self.receipts.put_back(whose, receipts)  # for the next report
+            raise
+        with contextlib.suppress(ValueError, AttributeError):
+            if address := resp.json().get("operator_address"):
+                self.operator_addresses[operator] = address
+                if address != whose and self.receipts.waiting.get(address):
+                    self.report_soon.set()  # its receipts, now that the node knows whose they are
         if operator not in self.state.registered_with:
             log.info("registered as %s (%s) with operator %s", self.state.node_id, self.state.url, operator)
         self.state.registered_with.add(operator)
@@ -239,7 +262,7 @@ class Node:
                 continue
             backoff = 0.5
 
-    async def open_job(self, job: p.RunRequest) -> Opened:
+    async def open_job(self, job: p.RunRequest, asked: Optional[Asked] = None) -> Opened:
         """Start the job on Ollama and wait for its first part, so refusals become statuses."""
         if self.closing:
             raise UpstreamError(SHUTTING_DOWN, 503)
@@ -276,43 +299,53 @@ class Node:
             self.capacity.ended(running)
             await parts.aclose()
 
-        return Opened(Owned(self.relay(job.job_id, first, parts, running), close))
+        return Opened(Owned(self.relay(job.job_id, first, parts, running, asked), close))
 
     async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator,
-                    running: Optional[Running] = None) -> AsyncIterator[bytes]:
+                    running: Optional[Running] = None, asked: Optional[Asked] = None) -> AsyncIterator[bytes]:
         """Ollama's parts as protocol lines; always ends with one final line, which carries
-        Ollama's counts for the operator (``stats``). Logs one line per job."""
+        Ollama's counts for the operator (``stats``). Logs one line per job, and signs its receipt."""
         tokens, outcome, usage = 0, "cancelled", Usage()
+        out = new_output()  # what the operator is sent, as its receipt names it
         try:
             while True:
                 if part.response:
                     tokens += 1
-                    yield p.token_line(part.response)
+                    line = p.token_line(part.response)
+                    out.update(line)
+                    yield line
                 if part.done:
                     usage, outcome = Usage.from_ollama(part), "ok"
                     self.capacity.measured(part.model, part.eval_count, part.eval_duration)
                     if running is not None:
                         self.capacity.ended(running, usage)
-                    yield p.node_done_line(usage.stats())
+                    line = p.node_done_line(usage.stats())
+                    out.update(line)
+                    yield line
                     return
                 part = await parts.__anext__()
         except StopAsyncIteration:
             outcome = "error: Ollama ended the stream without a final message"
-            yield p.error_line(outcome[len("error: "):])
+            out.update(line := p.error_line(outcome[len("error: "):]))
+            yield line
         except OLLAMA_FAILURES as exc:
             message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
                 exc, self.settings.ollama_host).message
             message = SHUTTING_DOWN if self.closing else message
             outcome = f"error: {message}"
-            yield p.error_line(message)
+            out.update(line := p.error_line(message))
+            yield line
         finally:
             if running is not None:
                 self.capacity.ended(running)  # (a no-op once counted above)
             log.info("%s", summary(job_id, part.model, usage, tokens, outcome))
+            self.receipts.sign(asked, part.model, self.state.digests.get(model_key(part.model)), out, usage.prompt_tokens,
+                               usage.output_tokens if usage.output_tokens is not None else tokens, outcome_of(outcome))
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
-    async def open_ollama(self, method: str, path: str, query: str, body: bytes, job_id: str = "") -> Opened:
+    async def open_ollama(self, method: str, path: str, query: str, body: bytes, job_id: str = "",
+                          asked: Optional[Asked] = None) -> Opened:
         """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors), its
         ``keep_alive`` within the owner's bounds."""
         if method == "POST":
@@ -348,16 +381,19 @@ class Node:
                 self.capacity.ended(running)
             await resp.aclose()
 
-        return Opened(Owned(self.ollama_body(resp, job, running), close), resp.status_code, media)
+        return Opened(Owned(self.ollama_body(resp, job, running, asked if job is not None else None), close),
+                      resp.status_code, media)
 
     async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None,
-                          running: Optional[Running] = None) -> AsyncIterator[bytes]:
-        """Ollama's answer as it comes; for a job (its id and model), a log line at its end."""
-        tail, outcome = Tail(), "cancelled"
+                          running: Optional[Running] = None, asked: Optional[Asked] = None) -> AsyncIterator[bytes]:
+        """Ollama's answer as it comes; for a job (its id and model), a log line at its end, and its receipt."""
+        tail, outcome, out, sent = Tail(), "cancelled", new_output(), 0
         try:
             async for data in resp.aiter_raw():
                 if job is not None:
                     tail.add(data)
+                    out.update(data)
+                    sent += door_tokens(data)
                 yield data
             outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
         except httpx.HTTPError as exc:
@@ -371,7 +407,11 @@ class Node:
                 self.report_soon.set()
             await resp.aclose()
             if job is not None:
-                log.info("%s", summary(job[0], job[1], tail.usage(), None, outcome))
+                usage = tail.usage()
+                log.info("%s", summary(job[0], job[1], usage, None, outcome))
+                self.receipts.sign(asked, job[1], self.state.digests.get(model_key(job[1])), out, usage.prompt_tokens,
+                                   usage.output_tokens if usage.output_tokens is not None else sent,
+                                   outcome_of(outcome))
 
 
 def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcome: str) -> str:
@@ -410,8 +450,9 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 
 
 def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] = None,
-               http: Optional[httpx.AsyncClient] = None) -> FastAPI:
-    """The node agent's app; collaborators default to real clients built from ``settings``."""
+               http: Optional[httpx.AsyncClient] = None, identity: Optional[Identity] = None) -> FastAPI:
+    """The node agent's app; collaborators default to real clients built from ``settings``, and its
+    identity to the key in ``node_key_file`` (made there on first start) or ``NODE_PRIVATE_KEY``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -421,7 +462,12 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             client = http or await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
-            node = app.state.node = Node(settings, api, raw, client)
+            try:
+                me = identity or Identity.load(settings.node_key_file, settings.node_private_key)
+            except KeyFileError as exc:
+                app.state.startup_error = str(exc)
+                raise
+            node = app.state.node = Node(settings, api, raw, client, me)
             node.on_refused = lambda reason: stop_serving(app, reason)
             app.state.on_exit = node.leave
             if settings.link == "dial":  # no registration: a link to each operator is the node's presence
@@ -469,7 +515,8 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
     async def run(request: Request, node: NodeDep) -> LineStream:
         """JSON lines: tokens as Ollama makes them, then one final line."""
         job = await read_body(request, p.RunRequest, settings)
-        return LineStream(opening=lambda tell: node.open_job(job))
+        asked = node.receipts.asked(request.headers, await request.body())
+        return LineStream(opening=lambda tell: node.open_job(job, asked))
 
     @app.api_route("/ollama/{path:path}", methods=["GET", "POST"], dependencies=operator_only,
                    response_class=LineStream, include_in_schema=False)
@@ -480,7 +527,8 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
         body = await request.body()
         query, job_id = request.url.query, request.headers.get(p.JOB_HEADER, "")
-        return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body, job_id),
+        asked = node.receipts.asked(request.headers, body) if method == "POST" else None
+        return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body, job_id, asked),
                           shape=shape_for(path))
 
     return app

@@ -38,6 +38,9 @@ from odla.serving.auth import (api_key_dependency, caller_of, check_api_key, may
 from odla.core.config import Settings, script_settings
 from odla.operator.doors import doors_router
 from odla.core.errors import AuthError, ODLAError
+from odla.operator.countersign import Countersigner
+from odla.operator.identities import NodeAddresses
+from odla.proofs.identity import Identity, KeyFileError
 from odla.operator.link import link_router
 from odla.serving.lifespan import background, serve, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
@@ -158,11 +161,16 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         receipts = app.state.receipts = Receipts(settings.jobs_db, settings.jobs_keep_days)
         try:
+            identity = Identity.load(settings.operator_key_file, settings.operator_private_key)
+            app.state.countersigner = Countersigner(identity, receipts)
             await receipts.open()
-        except ReceiptsError as exc:
+            app.state.addresses = NodeAddresses(settings.node_addresses, settings.require_signed_nodes, receipts)
+            await app.state.addresses.open()
+        except (ReceiptsError, KeyFileError) as exc:
             app.state.startup_error = str(exc)
             raise
-        nodes = NodeClient(settings)
+        log.info("operator key %s", identity.address)
+        nodes = NodeClient(settings, identity.address)
         shared = app.state.shared = SharedState(settings, registry, scheduler.wake) if settings.redis_url else None
         try:
             router = app.state.router = Router(registry, nodes, scheduler)
@@ -205,6 +213,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         counted.observe(job)
         activity.add(job)
         app.state.receipts.ended(job)
+        app.state.countersigner.ended(job)
 
     async def new_job(request: Request) -> None:
         """A caller allowed to run jobs (``api_keys``) gets its job's record, before its body is
@@ -222,6 +231,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     async def register(request: Request) -> p.RegisterResponse:
         body = await read_body(request, p.RegisterRequest, settings)
         check_node(request, body.node_id)
+        address = request.app.state.addresses.admit(body.node_id, await request.body(), body)
         if is_self(body.url, settings):
             raise ODLAError(f"url {body.url} is this operator's own address, not a node's", 422)
         known = registry.get(body.node_id)
@@ -237,6 +247,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
                                  slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
                                  slots_learned=body.slots_learned)
+        node.address = address
+        request.app.state.countersigner.take(node, body.receipts)
         if doubted:
             request.app.state.checker.suspect(node)
         scheduler.wake(grown=bool(capacity(node) - before))  # its slots may have grown
@@ -244,7 +256,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             log.info("node %s registered at %s with %s", node.node_id, node.url, listed(node.models))
         if request.app.state.shared is not None:
             await request.app.state.shared.publish(body)
-        return p.RegisterResponse(node_id=node.node_id, models=node.models)
+        return p.RegisterResponse(node_id=node.node_id, models=node.models,
+                                  operator_address=request.app.state.countersigner.identity.address)
 
     @app.post("/deregister", dependencies=node_auth, openapi_extra=openapi_body(p.DeregisterRequest))
     async def deregister(request: Request) -> dict:

@@ -48,6 +48,8 @@ from odla.core.keep_alive import seconds_of  # noqa: E402
 from odla.core.names import display_name, model_key  # noqa: E402
 
 VERSION = "0.12.6"
+CHEATS = ("pad",)
+PAD = 10
 KEEP_ALIVE_S = 300.0
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 Send = Callable[[dict], Awaitable[None]]
@@ -101,6 +103,8 @@ class Behaviour:
     num_parallel: int = 0
     "Requests that run at once (0: no limit)."
     max_queue: int = 512
+    cheat: Optional[str] = None
+    "A dishonest node (``CHEATS``): ``pad`` reports ``PAD`` more ``eval_count`` than it sent tokens."
     prompt_ms_per_token: float = 0.0
     """Milliseconds to read each prompt token its slot's cache does not hold (0: prompts cost nothing).
     Each of a model's ``num_parallel`` slots (4 without a limit) keeps the tokens of its last
@@ -336,7 +340,8 @@ class Simulator:
         prompt = self.prompt_of(req, chat)
         tokens = sim_tokens(prompt, self.count(req, openai=True))
         ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
-        usage = {"prompt_tokens": 1, "completion_tokens": len(tokens), "total_tokens": len(tokens) + 1}
+        completion = len(tokens) + (PAD if self.b.cheat == "pad" else 0)
+        usage = {"prompt_tokens": 1, "completion_tokens": completion, "total_tokens": completion + 1}
         base = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": req["model"], "system_fingerprint": "fp_ollama"}
         if not req.get("stream"):
@@ -562,7 +567,7 @@ class Simulator:
                 self.sent_one(prompt)
             if not tokens:
                 await send_start(send, 200, "application/x-ndjson")
-            final = self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token)
+            final = self.cheated(self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token))
             await send_body(send, _compact(final) + b"\n", more=False)
             self.stats["completed"] += 1
         finally:
@@ -580,7 +585,7 @@ class Simulator:
                 self.stats["cancelled"] += 1
                 self.stats["cancelled_early"] += 1
                 return
-            final = self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token)
+            final = self.cheated(self.final(model, tokens, started, chat, waited_s, read, self.b.prompt_ms_per_token))
             if chat:
                 final["message"]["content"] = "".join(tokens)
             else:
@@ -594,6 +599,12 @@ class Simulator:
             await respond_json(send, 200, final)
             self.stats["completed"] += 1
         return whole
+
+    def cheated(self, final: dict) -> dict:
+        """A cheating node's final message: ``pad`` counts more tokens than it sent."""
+        if self.b.cheat == "pad":
+            final["eval_count"] += PAD
+        return final
 
     @staticmethod
     def part(model: str, token: str, chat: bool) -> bytes:
@@ -814,6 +825,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
+    p.add_argument("--cheat", choices=CHEATS, help="cheat as a dishonest node would (pad: count more tokens than sent)")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds before the first token")
     p.add_argument("--num-parallel", "--parallel", type=int, default=0,
                    help="requests each model runs at once (0: no limit)")
@@ -830,7 +842,7 @@ def build(args: argparse.Namespace) -> Simulator:
     sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, busy=args.busy, load_delay=args.load_delay, load_ms=args.load_ms,
+        error_after=args.error_after, busy=args.busy, cheat=args.cheat, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))

@@ -100,10 +100,15 @@ class Sim(ServerThread):
         return httpx.get(f"{self.url}/_sim/stats").json()
 
 
+NODE_KEY, OPERATOR_KEY = "0x" + "11" * 32, "0x" + "22" * 32
+"In-process tests' keys (no key files in the repository); processes make theirs next to their config."
+
+
 def settings(**values: Any) -> Settings:
     """Test settings: fast intervals, loopback only."""
     base = dict(operator_host="127.0.0.1", node_host="127.0.0.1", health_check_interval=0.5,
-                health_check_timeout=1, heartbeat_interval=0.5, connect_timeout=1, jobs_db=":memory:")
+                health_check_timeout=1, heartbeat_interval=0.5, connect_timeout=1, jobs_db=":memory:",
+                node_private_key=NODE_KEY, operator_private_key=OPERATOR_KEY)
     base.update(values)
     return Settings(**base)
 

@@ -75,11 +75,17 @@ def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bo
     if not listing.nodes:
         return "no nodes registered"
     now = now or datetime.now(timezone.utc)
-    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL")]
+    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY")]  # new columns go last
     for n in listing.nodes:
         rows.append((n.node_id, n.url, ", ".join(n.models) or "-", ago(n.last_seen, now),
-                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total)))
+                     "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total),
+                     short_address(n.address)))
     return table(rows, bold, width)
+
+
+def short_address(address: Optional[str]) -> str:
+    """``0x5B38…ddC4``, as wallets show an address; ``-`` for an unsigned node."""
+    return f"{address[:6]}…{address[-4:]}" if address else "-"
 
 
 def jobs_table(jobs: Sequence[JobReceipt], now: Optional[datetime] = None, bold: bool = False,

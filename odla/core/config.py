@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from typing import Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from odla.core.protocol import Address
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.json"
 
@@ -39,6 +40,10 @@ ENV_KEYS: dict[str, str] = {
     "NODE_LINK": "link",
     "ODLA_NODE_TOKENS": "node_tokens",
     "ODLA_REDIS_URL": "redis_url",
+    "NODE_PRIVATE_KEY": "node_private_key",
+    "ODLA_NODE_KEY_FILE": "node_key_file",
+    "OPERATOR_PRIVATE_KEY": "operator_private_key",
+    "ODLA_OPERATOR_KEY_FILE": "operator_key_file",
 }
 
 
@@ -50,10 +55,11 @@ ROLES: dict[str, set[str]] = {
     "client": {"operator_url", "default_model"},
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "affinity", "jobs_db", "jobs_keep_days", "max_nodes",
-                          "max_connections", "node_tokens", "redis_url", "lease_seconds"},
+                          "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
+                          "operator_private_key", "require_signed_nodes", "node_addresses"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
-                      "max_keep_alive"},
+                      "max_keep_alive", "node_key_file", "node_private_key"},
 }
 
 
@@ -179,6 +185,20 @@ class Settings(BaseModel):
     it; neither set: the node learns it from its jobs, up to ``max_slots``."""
     max_slots: int = Field(16, ge=1, le=65536)
     "Most slots a node learns for a model when its Ollama's parallelism is not configured (``num_parallel``)."
+    node_key_file: str = Field("node.key", min_length=1)
+    """The node's secp256k1 key (its identity, and what signs its reports and receipts): made on first start,
+    readable only by its owner (mode 0600); a relative path is next to the config file."""
+    node_private_key: Optional[str] = Field(None, repr=False)
+    "The node's key as 64 hex digits (``NODE_PRIVATE_KEY``), instead of ``node_key_file``; never written anywhere."
+    operator_key_file: str = Field("operator.key", min_length=1)
+    "The operator's key (what countersigns receipts), as ``node_key_file`` is the node's."
+    operator_private_key: Optional[str] = Field(None, repr=False)
+    "The operator's key as 64 hex digits (``OPERATOR_PRIVATE_KEY``), instead of ``operator_key_file``."
+    require_signed_nodes: bool = False
+    "Refuse (401) a node whose registration is not signed by a key."
+    node_addresses: dict[str, Address] = Field(default_factory=dict)
+    """Node id -> the address (key) it must sign with; an id not listed is bound to the first key that
+    signs for it, and kept so across restarts."""
 
     @field_validator("operator_url")
     @classmethod
@@ -268,6 +288,9 @@ def load_settings(
             raise ConfigError(f"invalid configuration: {origin.get('operator_url', 'operator_url')}: {url!r} {exc}") from None
     if settings.jobs_db != ":memory:" and not Path(settings.jobs_db).is_absolute():
         settings.jobs_db = str(path.resolve().parent / settings.jobs_db)  # next to config.json
+    for key in ("node_key_file", "operator_key_file"):
+        if not Path(getattr(settings, key)).is_absolute():
+            setattr(settings, key, str(path.resolve().parent / getattr(settings, key)))  # next to config.json
     if settings.node_tokens is not None:
         settings.node_tokens = _node_tokens(settings.node_tokens, path.resolve().parent, origin.get("node_tokens", "node_tokens"))
     return settings

@@ -27,6 +27,8 @@ JOB_HEADER = "x-odla-job"
 "Every job's answer names its id here (``GET /jobs/{id}``); the operator tells its node the same way."
 
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+"An Ethereum address: a node's or an operator's key (``odla.proofs``)."
 # No control characters: a name is written into log lines, which it must not be able to forge.
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_NAME, strip_whitespace=True,
                                              pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -67,6 +69,20 @@ class LoadedModel(BaseModel):
     "RFC 3339, when Ollama unloads it unless used again."
 
 
+OPERATOR_HEADER = "x-odla-operator"
+"The operator's address on each job it sends a node: whom the node's receipt for it is made out to."
+MAX_RECEIPTS = 1024
+"Receipts one report carries at most (a node keeps the rest for its next one)."
+
+
+class SignedReceipt(_Body):
+    """A job's receipt as its node signed it (``odla.proofs.receipts.Receipt``, by its EIP-712 names)."""
+
+    receipt: dict[str, Union[str, int]] = Field(max_length=16)
+    signature: str = Field(max_length=132)
+    "EIP-712 signature by the receipt's ``node``: 0x and 130 hex digits."
+
+
 class NodeReport(_Body):
     """What a node says about itself: in a registration (its heartbeat) and on a dial-out link."""
 
@@ -84,6 +100,15 @@ class NodeReport(_Body):
     "Moving average of eval tokens per second per model, from Ollama's final messages."
     slots_learned: bool = False
     "True: the node learns ``slots`` from its jobs (its Ollama's parallelism is not configured)."
+    address: Optional[Address] = None
+    "The node's key (``node_key_file``); with ``signed_at`` and ``signature``, the report is signed."
+    signed_at: Optional[float] = None
+    "Unix seconds when the node signed the report: the operator takes it within 5 minutes of its clock."
+    receipts: list[SignedReceipt] = Field(default_factory=list, max_length=MAX_RECEIPTS)
+    "Receipts the node signed for jobs of the operator it reports to, since its last report."
+    signature: Optional[str] = Field(None, max_length=132)
+    """EIP-191 signature by ``address`` of the report's bytes before this member, which comes last
+    (``odla.proofs.reports``)."""
 
 
 class RegisterRequest(NodeReport):
@@ -134,6 +159,8 @@ class RegisterResponse(BaseModel):
     status: Literal["registered"] = "registered"
     node_id: str
     models: list[str]
+    operator_address: Optional[str] = None
+    "The operator's key: the node makes its receipts for this operator's jobs out to it."
 
 
 class DeregisterRequest(_Body):
@@ -169,6 +196,8 @@ class NodeInfo(BaseModel):
     "ISO 8601, UTC: after failing several jobs in a row the node gets none until then."
     link: Literal["http", "dial"] = "http"
     "``dial``: the node dialled in (``/nodes/link``) and is reached through that link."
+    address: Optional[str] = None
+    "The node's key (Ethereum address) that signed its registration; none: an unsigned node."
 
 
 class NodesResponse(BaseModel):
@@ -283,6 +312,16 @@ class JobReceipt(BaseModel):
     eval_duration: Optional[int] = None
     prediction: Optional[JobPrediction] = None
     "The scheduler's prediction for the job (null when it reached no node)."
+    receipt: Optional[dict[str, Any]] = None
+    """The job's receipt as its node and this operator signed it: EIP-712 typed data (``types``,
+    ``primaryType``, ``domain``, ``message``); null until the node's signed receipt has come (with its
+    next report), or when the node has no key."""
+    node_signature: Optional[str] = None
+    "The node's signature of ``receipt`` (0x-hex)."
+    operator_signature: Optional[str] = None
+    "This operator's countersignature of ``receipt`` (0x-hex)."
+    disputed: Optional[str] = None
+    "Why the node's receipt does not match what this operator relayed; null when it does."
 
 
 class JobsResponse(BaseModel):

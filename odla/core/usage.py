@@ -110,3 +110,9 @@ class Tail:
         if isinstance(error, Mapping):
             error = error.get("message")
         return str(error) if error else "error"
+
+
+def door_tokens(chunk: bytes) -> int:
+    """Tokens in a piece of a door's answer: Ollama's stream has one line per token (``"done":false``),
+    its OpenAI API one event per token (``"finish_reason":null``; the last one says why it stopped)."""
+    return chunk.count(b'"done":false') + chunk.count(b'"finish_reason":null')

@@ -22,6 +22,7 @@ import logging
 import random
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +36,7 @@ from odla.serving.auth import JOIN_HEADER
 from odla.core.config import Settings
 from odla.serving.lifespan import freeze_gc
 from odla.core.protocol import REFUSED, TAKEN, WINDOW
+from odla.proofs.reports import signed
 
 log = logging.getLogger("odla.node")
 FIRST_DELAY_S = 0.5
@@ -94,6 +96,8 @@ class Dialer:
         self.seq = 0
         self.refused: Optional[str] = None
         self.ws: Optional[ClientConnection] = None
+        self.operator_address: Optional[str] = None
+        "The operator's key (its welcome says it): on its jobs, and whom their receipts go to."
         self.closing = False
         self.linked = False
         self.stopped = asyncio.Event()
@@ -156,7 +160,9 @@ class Dialer:
     async def serve(self, ws: ClientConnection) -> None:
         self.ws = ws
         await self.node.refresh()
-        await ws.send(self.report(p.LinkHello, t="hello", version=__version__, heartbeat_interval=self.heartbeat))
+        hello = self.report(p.LinkHello, t="hello", version=__version__, heartbeat_interval=self.heartbeat,
+                            address=self.node.identity.address, signed_at=time.time())
+        await ws.send(signed(hello.encode(), self.node.identity).decode())
         try:
             welcome = json.loads(await asyncio.wait_for(ws.recv(), self.settings.connect_timeout
                                                         + self.settings.health_check_timeout))
@@ -167,6 +173,7 @@ class Dialer:
             raise
         if welcome.get("t") != "welcome":
             raise ConnectionClosed(None, None)
+        self.operator_address = welcome.get("operator") if isinstance(welcome.get("operator"), str) else None
         log.info("linked to operator at %s as %s", self.operator, self.node.state.node_id)
         self.node.state.registered_with.add(self.operator)
         self.linked = True
@@ -201,7 +208,12 @@ class Dialer:
             self.node.report_soon.clear()
             await self.node.refresh()
             self.seq += 1
-            await ws.send(self.report(p.LinkStatus, t="status", seq=self.seq))
+            receipts = self.node.receipts.take(self.operator_address)
+            try:
+                await ws.send(self.report(p.LinkStatus, t="status", seq=self.seq, receipts=receipts))
+            except BaseException:
+                self.node.receipts.put_back(self.operator_address, receipts)
+                raise
             mark(self.node.state.healthy)
 
     def take(self, ws: ClientConnection, frame: dict) -> None:
@@ -231,6 +243,8 @@ class Dialer:
                    (b"content-length", str(len(body)).encode()), (p.JOB_HEADER.lower().encode(), job_id.encode())]
         if self.settings.join_token:
             headers.append((JOIN_HEADER.encode(), self.settings.join_token.encode()))
+        if self.operator_address:
+            headers.append((p.OPERATOR_HEADER.encode(), self.operator_address.encode()))
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
                  "root_path": "", "headers": headers, "client": ("link", 0), "server": ("localhost", 0)}

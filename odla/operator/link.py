@@ -34,7 +34,7 @@ from odla.core import protocol as p
 from odla.core.protocol import BAD_FRAME, REFUSED, REPLACED, SILENT, TAKEN, WINDOW
 from odla.serving.auth import holds_node_credential, may_join, node_credential
 from odla.core.config import Settings
-from odla.core.errors import NodeUnreachable
+from odla.core.errors import NodeUnreachable, ODLAError
 from odla.core.logs import Throttle
 from odla.core.names import listed
 from odla.operator.registry import LINK_SCHEME, Node, Registry, capacity
@@ -257,7 +257,8 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             return
         await ws.accept()
         try:
-            hello = p.LinkHello.model_validate_json(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S))
+            first = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S)
+            hello = p.LinkHello.model_validate_json(first)
         except (asyncio.TimeoutError, ValidationError, ValueError, KeyError, WebSocketDisconnect) as exc:
             reason = "the first frame must be a hello" if not isinstance(exc, asyncio.TimeoutError) else "no hello"
             await _close(ws, BAD_FRAME, reason)
@@ -266,6 +267,13 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             if refusals(ws.client.host if ws.client else "?") is not None:  # per address: ids are the caller's to vary
                 log.warning("refused the link of node %s from %s: missing or wrong join token", hello.node_id, peer)
             await _close(ws, REFUSED, f"missing or wrong join token for node {hello.node_id}")
+            return
+        try:
+            address = ws.app.state.addresses.admit(hello.node_id, first.encode(), hello)
+        except ODLAError as exc:  # one policy with /register: 401 and 409 become the link's refusals
+            if refusals(ws.client.host if ws.client else "?") is not None:
+                log.warning("refused the link of node %s from %s: %s", hello.node_id, peer, exc.message)
+            await _close(ws, TAKEN if exc.status_code == 409 else REFUSED, exc.message)
             return
         known = registry.get(hello.node_id)
         if known is None and len(registry) >= settings.max_nodes:
@@ -285,11 +293,15 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             old.lost("replaced by a new link")
             asyncio.ensure_future(_close(old.ws, REPLACED, "replaced by a new link"))
         this = Link(ws, hello)
+        signer = ws.app.state.countersigner
         node = _report(registry, this, hello, peer)
+        node.address = address
+        signer.take(node, hello.receipts)
         log.info("node %s linked from %s with %s", node.node_id, peer, listed(node.models))
         on_change(grown=True)
         writer = asyncio.ensure_future(this.writer())
-        this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval})
+        this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval,
+                   "operator": signer.identity.address})
 
         async def read() -> None:
             while True:  # no timer per frame: the watchdog below looks for silence
@@ -298,6 +310,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
                 if status is not None:
                     before = capacity(node)
                     _report(registry, this, status, peer)
+                    signer.take(node, status.receipts)
                     on_change(grown=bool(capacity(node) - before))
 
         reader = asyncio.ensure_future(read())

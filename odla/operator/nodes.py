@@ -30,7 +30,7 @@ from odla.serving.auth import join_headers, token_for
 from odla.core.config import Settings
 from odla.core.errors import NodeUnreachable
 from odla.operator.link import LinkResponse
-from odla.core.protocol import JOB_HEADER, HealthResponse
+from odla.core.protocol import JOB_HEADER, OPERATOR_HEADER, HealthResponse
 from odla.operator.registry import Node
 
 log = logging.getLogger("odla.operator")
@@ -43,7 +43,9 @@ MAX_ANSWER = 16 << 20
 class NodeClient:
     """One aiohttp session for every request to every node."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, operator_address: Optional[str] = None) -> None:
+        self.operator_address = operator_address
+        "This operator's key, on every job it sends: the node makes its receipt out to it."
         self.grace = min(1.0, settings.connect_timeout)
         self.start_timeout = settings.start_timeout
         self.too_late = f"did not begin to answer within {settings.start_timeout:g}s (start_timeout)"
@@ -99,7 +101,9 @@ class NodeClient:
         if body:
             headers["Content-Type"] = "application/json"
         if job_id:
-            headers[JOB_HEADER] = job_id  # for the node's log line
+            headers[JOB_HEADER] = job_id  # for the node's log line, and its receipt
+            if self.operator_address:
+                headers[OPERATOR_HEADER] = self.operator_address
         try:
             return await self.session.request(method, f"{node.url}{path}", data=body or None, headers=headers)
         except FAILURES as exc:

@@ -37,16 +37,23 @@ USAGE = tuple(f.name for f in fields(Usage))
 PREDICTION = {"predicted_node": "TEXT", "predicted_wait": "REAL", "predicted_load": "REAL", "predicted_run": "REAL",
               "predicted_tokens": "INTEGER", "predicted_prompt": "REAL"}
 "The scheduler's prediction (``JobPrediction``): columns added to a database made before them."
+PROOF = {"node_address": "TEXT", "request_hash": "TEXT", "output_hash": "TEXT", "receipt": "TEXT",
+         "node_signature": "TEXT", "operator_signature": "TEXT", "disputed": "TEXT"}
+"What the job's receipt proves (``odla.operator.countersign``): columns added to a database made before them."
+ADDED = {**PREDICTION, **PROOF}
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
-           "failovers", "queue_wait", *USAGE, *PREDICTION)
+           "failovers", "queue_wait", *USAGE, *PREDICTION, *PROOF)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, started REAL NOT NULL, model TEXT NOT NULL, node TEXT, door TEXT NOT NULL,
     outcome TEXT, error TEXT, caller TEXT, first_token REAL, finished REAL, failovers INTEGER NOT NULL,
     queue_wait REAL, prompt_tokens INTEGER, output_tokens INTEGER, total_duration INTEGER,
     load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
-    predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL);
+    predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL,
+    node_address TEXT, request_hash TEXT, output_hash TEXT, receipt TEXT, node_signature TEXT, operator_signature TEXT,
+    disputed TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
+CREATE TABLE IF NOT EXISTS node_addresses (node_id TEXT PRIMARY KEY, address TEXT NOT NULL, bound REAL NOT NULL);
 """
 INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -67,6 +74,10 @@ class Receipts:
         self.clock = clock
         self.running: dict[str, Job] = {}
         self.pending: list[Job] = []
+        self.bindings: list[tuple[str, str, float]] = []
+        self.signatures: list[tuple[str, str, str, Optional[str], str]] = []
+        "Receipts signed by their nodes and countersigned since the last batch: (typed, node's, operator's, disputed, id)."
+        "Node ids newly bound to their addresses (``odla.operator.identities``), written with the next batch."
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None
         self.mirror: Optional[Callable[[list[Job]], Awaitable[None]]] = None
@@ -103,7 +114,26 @@ class Receipts:
             except Exception:  # noqa: BLE001 - the writer outlives any one batch
                 log.exception("job receipts could not be written; that batch is dropped")
 
+    def countersigned(self, job: Job) -> None:
+        """``job.signed`` was set after the job ended: its row gets it with the next batch."""
+        assert job.signed is not None
+        self.signatures.append((*job.signed, job.id))
+
+    def bind(self, node_id: str, address: str) -> None:
+        self.bindings.append((node_id, address, self.clock()))
+
+    async def addresses(self) -> dict[str, str]:
+        """Every node id bound to an address, as kept."""
+        return dict(await self._call(self._select, "SELECT node_id, address FROM node_addresses", ()))
+
     async def flush(self) -> None:
+        if self.bindings:
+            bindings, self.bindings = self.bindings, []
+            try:
+                await self._call(self._bind, bindings)
+            except sqlite3.Error:
+                self.bindings[:0] = bindings
+                raise
         if self.pending:
             batch, self.pending = self.pending, []
             try:
@@ -113,6 +143,13 @@ class Receipts:
                 raise
             if self.mirror is not None:
                 await self.mirror(batch)
+        if self.signatures:  # after the jobs' rows: a receipt may come before its job was written
+            signatures, self.signatures = self.signatures, []
+            try:
+                await self._call(self._sign, signatures)
+            except sqlite3.Error:
+                self.signatures[:0] = signatures[-MAX_PENDING:]
+                raise
 
     async def get(self, job_id: str) -> Optional[JobReceipt]:
         job = self.running.get(job_id) or next((j for j in self.pending if j.id == job_id), None)
@@ -153,6 +190,17 @@ class Receipts:
         with self._db:
             self._db.executemany(INSERT, rows)
 
+    def _sign(self, rows: list[tuple]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany("UPDATE jobs SET receipt = ?, node_signature = ?, operator_signature = ?, "
+                                 "disputed = ? WHERE id = ?", rows)
+
+    def _bind(self, rows: list[tuple[str, str, float]]) -> None:
+        assert self._db is not None
+        with self._db:  # the first binding of an id stays (a restarted operator's own rows are the same)
+            self._db.executemany("INSERT OR IGNORE INTO node_addresses (node_id, address, bound) VALUES (?, ?, ?)", rows)
+
     def _select(self, sql: str, args: tuple) -> list[tuple]:
         assert self._db is not None
         return self._db.execute(sql, args).fetchall()
@@ -182,8 +230,8 @@ def connect(path: str) -> sqlite3.Connection:
                 db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in PREDICTION.items():
-                if column not in have:  # made by an older ODLA: its rows have no prediction
+            for column, kind in ADDED.items():
+                if column not in have:  # made by an older ODLA: its rows have none
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         except sqlite3.Error:
             db.close()
@@ -198,15 +246,20 @@ def _row(job: Job) -> tuple:
     predicted = (guess.node, guess.wait_s, guess.load_s, guess.run_s, guess.tokens, guess.prompt_s) if guess \
         else (None,) * len(PREDICTION)
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
-            job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted)
+            job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted,
+            job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 4))
 
 
 def _receipt(row: tuple) -> JobReceipt:
     data = dict(zip(COLUMNS, row))
     usage = Usage(**{name: data.pop(name) for name in USAGE})
     node, wait, load, run, tokens, prompt = (data.pop(name) for name in PREDICTION)
+    address, request_hash, output_hash, typed, node_signature, operator_signature, disputed = (
+        data.pop(name) for name in PROOF)
+    signed = (typed, node_signature, operator_signature, disputed) if typed else None
     prompt = prompt or 0.0  # a receipt written before prompts were predicted
     prediction = JobPrediction(node=node, finish_s=round(wait + load + prompt + run, 3), wait_s=wait, load_s=load,
                                prompt_s=prompt, run_s=run, tokens=tokens) if node is not None else None
     return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, prediction=prediction,
+               node_address=address, request_hash=request_hash, output_hash=output_hash, signed=signed,
                **data).receipt()

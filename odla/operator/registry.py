@@ -79,6 +79,8 @@ class Node:
     "After REST_AFTER failures in a row the node gets no jobs until then, unless no other node can."
     link: Any = None
     "The node's dial-out link (``odla.operator.link.Link``) while it has one; None for a node reached at its URL."
+    address: Optional[str] = None
+    "The key that signed its registration (``odla.operator.identities``); None: an unsigned node."
     prompt_s: dict[str, float] = field(default_factory=dict)
     "Per model key: seconds its Ollama takes per prompt token it reads (``prompt_eval_duration``; a moving average)."
     cached: dict[str, "OrderedDict[str, None]"] = field(default_factory=dict)
@@ -191,6 +193,7 @@ class Node:
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word
             resting_until=iso(wall + self.resting_until) if self.resting(now) else None,
             link="dial" if self.dialled else "http",
+            address=self.address,
         )
 
 

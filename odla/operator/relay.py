@@ -8,6 +8,7 @@ exactly one final line, and to take off it the counts the node adds for the job'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import AsyncIterator, Callable, Optional
@@ -21,7 +22,8 @@ from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
 from odla.operator.forecast import Prediction
 from odla.operator.scheduler import Claim, Place, Scheduler
-from odla.core.usage import Tail, Usage
+from odla.core.usage import Tail, Usage, door_tokens
+from odla.proofs.receipts import sha256_hex
 
 WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
 
@@ -108,6 +110,7 @@ class Router:
                     claim.release()
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
+                job.node_address, job.request_hash = claim.node.address, sha256_hex(body)
                 job.limited, job.conversation = tokens is not None, prompt.conversation
                 return claim, resp
 
@@ -206,8 +209,10 @@ class Router:
         node = claim.node
         lines = _Lines(job) if protocol else None
         tail = Tail() if not protocol else None
+        out = hashlib.sha256()  # the node's answer as it sent it, which its receipt must name
         try:
             async for chunk in body:
+                out.update(chunk)
                 if lines is not None:
                     chunk = lines.take(chunk)
                     if not chunk:
@@ -216,7 +221,7 @@ class Router:
                         claim.release()  # ask again at once, and must find it free)
                 else:
                     tail.add(chunk)
-                    job.delivered += _door_tokens(chunk)
+                    job.delivered += door_tokens(chunk)
                     if job.first_token is None and not chunk.startswith(b'{"error"'):
                         job.first()
                 yield chunk
@@ -230,6 +235,7 @@ class Router:
             raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
         finally:
             claim.release()
+            job.output_hash = "0x" + out.hexdigest()
         if lines is not None and not lines.ended:
             node.outcome(False, self.registry.clock())
             raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
@@ -282,12 +288,6 @@ async def _drain(body: Body) -> None:
                 break
     except NodeUnreachable:
         pass
-
-
-def _door_tokens(chunk: bytes) -> int:
-    """Tokens in a piece of a door's answer: Ollama's stream has one line per token (``"done":false``),
-    its OpenAI API one event per token (``"finish_reason":null``; the last one says why it stopped)."""
-    return chunk.count(b'"done":false') + chunk.count(b'"finish_reason":null')
 
 
 def _door_ended(chunk: bytes) -> bool:

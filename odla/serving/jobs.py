@@ -3,6 +3,7 @@ and what its receipt says. Every job ends exactly once, with one of ``OUTCOMES``
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,14 @@ class Job:
     "The conversation it goes on (a hash of its first messages), when it has one."
     prediction: Optional[JobPrediction] = None
     "When the scheduler predicted it would finish, on the node it picked first."
+    node_address: Optional[str] = None
+    "The key of the node that ran it (None: an unsigned node, whose jobs have no signed receipt)."
+    request_hash: Optional[str] = None
+    "SHA-256 of the request sent to that node (0x-hex), as its receipt must name it."
+    output_hash: Optional[str] = None
+    "SHA-256 of the answer that node sent, as far as it was read (0x-hex)."
+    signed: Optional[tuple[str, str, str, Optional[str]]] = None
+    "The node's receipt once checked: (typed data as JSON, node's signature, operator's, why it is disputed)."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -89,7 +98,9 @@ class Job:
 
     def receipt(self) -> JobReceipt:
         stamp = lambda t: iso(t, "milliseconds") if t is not None else None  # noqa: E731
-        return JobReceipt(id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
+        typed, node_signature, operator_signature, disputed = self.signed or (None, None, None, None)
+        return JobReceipt(receipt=json.loads(typed) if typed else None, node_signature=node_signature,
+                          operator_signature=operator_signature, disputed=disputed,id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),
                           first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
                           failovers=self.failovers, queue_wait_s=self.queue_wait, prediction=self.prediction,

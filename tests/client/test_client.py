@@ -70,14 +70,17 @@ def test_nodes_table_reads_well():
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     listing = p.NodesResponse(nodes=[
         p.NodeInfo(node_id="gpu1", url="http://10.0.0.2:8001", models=["llama3:latest", "mistral:latest"],
-                   last_seen=(now - timedelta(seconds=7)).isoformat(), healthy=True, active_jobs=2, jobs_total=40),
+                   last_seen=(now - timedelta(seconds=7)).isoformat(), healthy=True, active_jobs=2, jobs_total=40,
+                   address="0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"),
         p.NodeInfo(node_id="lap", url="http://10.0.0.3:8001", models=[], last_seen="2025-12-31T23:55:00Z",
                    healthy=False),
     ])
     table = nodes_table(listing, now).splitlines()
-    assert table[0].split() == ["NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL"]  # now, and ever
-    assert "llama3:latest, mistral:latest" in table[1] and "7s ago" in table[1] and table[1].split()[-2:] == ["2", "40"]
-    assert "5m ago" in table[2] and "UNHEALTHY" in table[2]
+    # the columns a script may read stay where they were; new ones go last
+    assert table[0].split() == ["NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY"]
+    assert "llama3:latest, mistral:latest" in table[1] and "7s ago" in table[1]
+    assert table[1].split()[-3:] == ["2", "40", "0x5B38…ddC4"]
+    assert "5m ago" in table[2] and "UNHEALTHY" in table[2] and table[2].split()[-1] == "-"  # an unsigned node
     assert nodes_table(p.NodesResponse(nodes=[])) == "no nodes registered"
 
 

@@ -8,9 +8,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from eth_account import Account
 
 from odla.core import protocol as p
-from tests.helpers import infer, node_ids, wait_for
+from tests.helpers import NODE_KEY, infer, node_ids, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -52,6 +53,8 @@ def test_the_dashboard_shows_nodes_and_jobs_live_with_an_api_key(sim, operator, 
     expect(page.locator("#nodes tbody")).to_contain_text("n2")
     rows = page.inner_text("#nodes tbody")
     assert "n1" in rows and "n2" in rows and "healthy" in rows
+    address = Account.from_key(NODE_KEY).address  # each node's key, as wallets show one
+    assert f"{address[:6]}…{address[-4:]}" in rows
 
     # jobs run while the page is open: they appear without a reload
     sim.configure(delay=0.25)  # each job runs 1.5 s: the page, polling every 2 s, sees one running

@@ -55,12 +55,14 @@ function drawNodes(nodes) {
   const rows = nodes.map((n) => {
     const health = n.resting_until ? ["resting", "warn"] : n.healthy ? ["healthy", "ok"] : ["unhealthy", "bad"];
     const slots = Object.entries(n.slots || {}).map(([m, s]) => m + " ×" + s).join(", ");
-    return [el("td", n.node_id, "mono"), el("td", health[0], health[1]), el("td", n.active_jobs, "num"),
+    const key = el("td", n.address ? n.address.slice(0, 6) + "…" + n.address.slice(-4) : "unsigned", "mono");
+    if (n.address) key.title = n.address;
+    return [el("td", n.node_id, "mono"), key, el("td", health[0], health[1]), el("td", n.active_jobs, "num"),
             el("td", slots || "1 each", "wrap"), el("td", (n.loaded || []).join(", ") || "none", "wrap"),
             el("td", n.tokens_per_s == null ? "" : n.tokens_per_s.toFixed(1), "num"), el("td", n.jobs_total, "num"),
             ago(n.last_seen)];
   });
-  fill(document.querySelector("#nodes tbody"), rows, 8, "No node has joined yet: start one with python node.py");
+  fill(document.querySelector("#nodes tbody"), rows, 9, "No node has joined yet: start one with python node.py");
 }
 
 function drawJobs(jobs) {

@@ -1,0 +1,110 @@
+"""The operator's side of receipts: each node's signed receipt, checked against what the operator
+saw of the job itself, then countersigned and kept with the job.
+
+    signer = Countersigner(identity, receipts)     # owned by the operator's lifespan
+    signer.ended(job)                              # every job that ended (a dict entry, no I/O)
+    signer.take(node, report.receipts)             # on each registration and link status
+
+The node sends its receipts with its next report (a heartbeat, sent soon after each job: no
+request of its own). The operator checks the node's signature, that the receipt is for one of
+its jobs that this node ran, and the facts it saw itself: the model, the request it sent, the
+answer it relayed (its hash and its token count) and the times. A receipt that does not match is
+countersigned all the same (both signatures show what the node claimed) and marked ``disputed``
+with the reason, which counts against the node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable, Optional
+
+from odla.core.names import model_key
+from odla.core.protocol import SignedReceipt
+from odla.operator.receipts import Receipts
+from odla.operator.registry import Node
+from odla.proofs.identity import BadSignature, Identity, hex_signature, recover
+from odla.proofs.receipts import Receipt
+from odla.serving.jobs import Job
+
+log = logging.getLogger("odla.operator")
+
+WAIT_S = 600.0
+"How long a job waits for its node's receipt (a node that went away never sends it)."
+MAX_AWAITING = 200_000
+"Jobs waiting for their node's receipt at once: past it, the oldest stop waiting."
+CLOCK_SKEW_S = 30.0
+"How far a node's clock may be from the operator's before its receipt's times are disputed."
+PADDING = (1.05, 2)
+"""A node may claim up to 5 % + 2 output tokens more than the operator relayed before it is
+disputed: Ollama can hold back a token whose bytes end mid-character, and send it with the next."""
+
+
+class Countersigner:
+    def __init__(self, identity: Identity, store: Receipts, clock: Callable[[], float] = time.time) -> None:
+        self.identity = identity
+        self.store = store
+        self.clock = clock
+        self.awaiting: dict[str, Job] = {}
+        "Jobs of signed nodes that ended, by id, oldest first, until their node's receipt comes."
+        self.disputes: dict[str, int] = {}
+        "Disputed receipts per node id, since the operator started."
+
+    def ended(self, job: Job) -> None:
+        if job.node_address is None or job.signed is not None:
+            return
+        self.awaiting[job.id] = job
+        if len(self.awaiting) > MAX_AWAITING:
+            del self.awaiting[next(iter(self.awaiting))]
+        oldest = next(iter(self.awaiting.values()))
+        while oldest.finished is not None and self.clock() - oldest.finished > WAIT_S:
+            del self.awaiting[oldest.id]
+            if not self.awaiting:
+                break
+            oldest = next(iter(self.awaiting.values()))
+
+    def take(self, node: Node, receipts: list[SignedReceipt]) -> None:
+        for signed in receipts:
+            try:
+                self._take(node, signed)
+            except (ValueError, KeyError, TypeError) as exc:  # BadSignature is a ValueError
+                log.warning("node %s sent a receipt that is not one: %s", node.node_id, str(exc)[:200])
+
+    def _take(self, node: Node, signed: SignedReceipt) -> None:
+        receipt = Receipt.from_message(signed.receipt)
+        signature = hex_signature(signed.signature)
+        digest = receipt.digest()
+        if node.address is None or recover(digest, signature) != node.address or receipt.node != node.address:
+            raise BadSignature(f"not signed by the node's key {node.address}")
+        job = self.awaiting.get(receipt.job_id)
+        if receipt.operator != self.identity.address or job is None or job.node != node.node_id:
+            log.debug("node %s sent a receipt for a job this operator is not waiting on: %s", node.node_id,
+                      receipt.job_id[:40])
+            return
+        del self.awaiting[job.id]
+        disputed = self.dispute(job, receipt)
+        if disputed is not None:
+            self.disputes[node.node_id] = self.disputes.get(node.node_id, 0) + 1
+            log.warning("job %s: node %s's receipt is disputed: %s", job.id, node.node_id, disputed)
+        job.signed = (json.dumps(receipt.typed_data(), separators=(",", ":")), signed.signature,
+                      "0x" + self.identity.sign(digest).hex(), disputed)
+        self.store.countersigned(job)
+
+    @staticmethod
+    def dispute(job: Job, receipt: Receipt) -> Optional[str]:
+        """Why ``receipt`` does not match what the operator saw of ``job``; None when it does."""
+        if model_key(receipt.model) != job.model:
+            return f"the receipt names model {receipt.model}, the job asked for {job.model}"
+        if receipt.request_hash != job.request_hash:
+            return "the receipt's request is not the one this operator sent"
+        if receipt.outcome == "ok" and job.outcome == "ok":  # the whole answer was read: it can be held to it
+            if receipt.output_hash != job.output_hash:
+                return "the receipt's output is not the answer this operator relayed"
+            ratio, extra = PADDING
+            if job.delivered and receipt.output_tokens > job.delivered * ratio + extra:
+                return f"the receipt claims {receipt.output_tokens} output tokens; {job.delivered} were relayed"
+        if receipt.started_ms < (job.started - CLOCK_SKEW_S) * 1000 or (
+                job.finished is not None and receipt.ended_ms > (job.finished + CLOCK_SKEW_S) * 1000):
+            return "the receipt's times are outside the job's as this operator saw it"
+        return None
