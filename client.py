@@ -8,6 +8,7 @@
     python client.py run llama3 "Why?" --verbose          (Ollama's stats after the answer, on stderr)
     python client.py chat --model llama3                  (also: python client.py, on a terminal)
     python client.py list | ps | show MODEL | nodes | jobs | pull MODEL | rm MODEL | version
+    python client.py verify JOB_ID                        (check a job's proof; --file proof.json offline)
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
@@ -29,7 +30,7 @@ from odla import __version__
 from odla.client.errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, operator_url
 from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
-COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "pull", "rm", "version"}
+COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "version"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run prompts and chats on an ODLA network, and look at its models, nodes and jobs.")
@@ -387,6 +388,46 @@ def jobs(
         listing = ask(operator, api_key, "GET", "/jobs", params=query)
         typer.echo(json.dumps(listing, indent=2) if as_json else
                    jobs_table(p.JobsResponse.model_validate(listing).jobs, bold=colour_wanted(), width=width()))
+
+    run_action(action)
+
+
+@app.command()
+def verify(
+    job_id: Annotated[Optional[str], typer.Argument(help="The job (its X-ODLA-Job header); or --file")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="A proof saved from GET /jobs/{id}/proof: "
+                                                "checked offline")] = None,
+    operator: OperatorOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Check a job's proof: the node's and the operator's signatures of its receipt, the Merkle
+    path to its epoch's root, and the operator's signature of the epoch. Exit 0 when it holds, 1
+    when it does not (saying which part failed), 2 on bad usage."""
+
+    def action() -> None:
+        if (job_id is None) == (file is None):
+            raise Failure("give a JOB_ID, or --file proof.json (one of them)", EXIT_USAGE)
+        if file is not None:
+            try:
+                with open(file, encoding="utf-8") as source:
+                    document = json.load(source)
+            except (OSError, ValueError) as exc:
+                raise Failure(f"cannot read a proof from {file}: {exc}", EXIT_USAGE) from None
+        else:
+            document = ask(operator, api_key, "GET", f"/jobs/{job_id}/proof")
+        from odla.proofs.verify import check
+
+        results = check(document)
+        for part, problem in results:
+            typer.echo(f"{'ok' if problem is None else 'FAILED':6} {part}" + (f": {problem}" if problem else ""))
+        failed = [part for part, problem in results if problem is not None]
+        if failed:
+            raise Failure(f"the proof does not hold: {', '.join(failed)}", 1)
+        receipt, epoch = document["receipt"]["message"], document["epoch"]["message"]
+        typer.echo(f"job {receipt['jobId']}: run by node {receipt['node']}, countersigned by operator "
+                   f"{receipt['operator']}, in epoch {epoch['number']} (root {epoch['root']})")
+        if document.get("disputed"):
+            typer.echo(f"note: the operator disputed this receipt: {document['disputed']}")
 
     run_action(action)
 

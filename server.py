@@ -39,6 +39,7 @@ from odla.core.config import Settings, script_settings
 from odla.operator.doors import doors_router
 from odla.core.errors import AuthError, ODLAError
 from odla.operator.countersign import Countersigner
+from odla.operator.epochs import Epochs
 from odla.operator.identities import NodeAddresses
 from odla.proofs.identity import Identity, KeyFileError
 from odla.operator.link import link_router
@@ -163,6 +164,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         try:
             identity = Identity.load(settings.operator_key_file, settings.operator_private_key)
             app.state.countersigner = Countersigner(identity, receipts)
+            epochs = app.state.epochs = Epochs(identity, receipts, settings.epoch_seconds)
             await receipts.open()
             app.state.addresses = NodeAddresses(settings.node_addresses, settings.require_signed_nodes, receipts)
             await app.state.addresses.open()
@@ -185,6 +187,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             async with contextlib.AsyncExitStack() as loops:
                 await loops.enter_async_context(background(checker.run(), "health-checks"))
                 await loops.enter_async_context(background(receipts.run(), "receipts"))
+                await loops.enter_async_context(background(epochs.run(), "epochs"))
                 if shared is not None:
                     await loops.enter_async_context(background(shared.run(), "shared-state"))
                     await loops.enter_async_context(background(shared.listen(), "freed-slots"))
@@ -226,7 +229,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     job_auth = [Depends(new_job)]
 
     # Bodies are read by the endpoints, after the join token is checked: no credentials, no read.
-    @app.post("/register", response_model=p.RegisterResponse, dependencies=node_auth,
+    @app.post("/register", response_model=p.RegisterResponse, response_model_exclude_none=True, dependencies=node_auth,
               openapi_extra=openapi_body(p.RegisterRequest))
     async def register(request: Request) -> p.RegisterResponse:
         body = await read_body(request, p.RegisterRequest, settings)
@@ -256,8 +259,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             log.info("node %s registered at %s with %s", node.node_id, node.url, listed(node.models))
         if request.app.state.shared is not None:
             await request.app.state.shared.publish(body)
-        return p.RegisterResponse(node_id=node.node_id, models=node.models,
-                                  operator_address=request.app.state.countersigner.identity.address)
+        # a signing node hears whom to make its receipts out to; SPEC.md's answer is unchanged otherwise
+        return p.RegisterResponse(node_id=node.node_id, models=node.models, operator_address=address and
+                                  request.app.state.countersigner.identity.address)
 
     @app.post("/deregister", dependencies=node_auth, openapi_extra=openapi_body(p.DeregisterRequest))
     async def deregister(request: Request) -> dict:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from typing import Any, Callable, Iterator
 
 import pytest
+
+# The tests check ODLA's signatures against eth-account, whose import (eth-keyfile -> py_ecc) raises
+# the interpreter's recursion limit to 100,000 for good: deeply nested JSON then overflows the C stack
+# of an in-process server's thread (a segfault) instead of raising RecursionError. The limit goes back.
+_LIMIT = sys.getrecursionlimit()
+import eth_account  # noqa: E402,F401
+sys.setrecursionlimit(_LIMIT)
 
 from tests.helpers import Network, RedisServer, ServerThread, Sim, bound_socket, settings
 

@@ -56,7 +56,7 @@ ROLES: dict[str, set[str]] = {
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "affinity", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
-                          "operator_private_key", "require_signed_nodes", "node_addresses"},
+                          "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
                       "max_keep_alive", "node_key_file", "node_private_key"},
@@ -194,6 +194,9 @@ class Settings(BaseModel):
     "The operator's key (what countersigns receipts), as ``node_key_file`` is the node's."
     operator_private_key: Optional[str] = Field(None, repr=False)
     "The operator's key as 64 hex digits (``OPERATOR_PRIVATE_KEY``), instead of ``operator_key_file``."
+    epoch_seconds: float = Field(3600, gt=0)
+    """Every so often the operator closes an epoch: a Merkle root over the receipts it countersigned since
+    the last, signed by it (``GET /epochs``); a job's proof is ready once its epoch is closed."""
     require_signed_nodes: bool = False
     "Refuse (401) a node whose registration is not signed by a key."
     node_addresses: dict[str, Address] = Field(default_factory=dict)

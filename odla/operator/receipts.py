@@ -38,9 +38,11 @@ PREDICTION = {"predicted_node": "TEXT", "predicted_wait": "REAL", "predicted_loa
               "predicted_tokens": "INTEGER", "predicted_prompt": "REAL"}
 "The scheduler's prediction (``JobPrediction``): columns added to a database made before them."
 PROOF = {"node_address": "TEXT", "request_hash": "TEXT", "output_hash": "TEXT", "receipt": "TEXT",
-         "node_signature": "TEXT", "operator_signature": "TEXT", "disputed": "TEXT"}
+         "node_signature": "TEXT", "operator_signature": "TEXT", "disputed": "TEXT", "receipt_digest": "TEXT"}
 "What the job's receipt proves (``odla.operator.countersign``): columns added to a database made before them."
-ADDED = {**PREDICTION, **PROOF}
+EPOCH = {"epoch": "INTEGER", "leaf_index": "INTEGER"}
+"The epoch whose Merkle tree holds the job's receipt, and its place there (``odla.operator.epochs``)."
+ADDED = {**PREDICTION, **PROOF, **EPOCH}
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
            "failovers", "queue_wait", *USAGE, *PREDICTION, *PROOF)
 SCHEMA = """
@@ -51,8 +53,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
     predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL,
     node_address TEXT, request_hash TEXT, output_hash TEXT, receipt TEXT, node_signature TEXT, operator_signature TEXT,
-    disputed TEXT);
+    disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
+CREATE TABLE IF NOT EXISTS epochs (number INTEGER PRIMARY KEY, typed TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS node_addresses (node_id TEXT PRIMARY KEY, address TEXT NOT NULL, bound REAL NOT NULL);
 """
 INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -75,8 +78,9 @@ class Receipts:
         self.running: dict[str, Job] = {}
         self.pending: list[Job] = []
         self.bindings: list[tuple[str, str, float]] = []
-        self.signatures: list[tuple[str, str, str, Optional[str], str]] = []
-        "Receipts signed by their nodes and countersigned since the last batch: (typed, node's, operator's, disputed, id)."
+        self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
+        """Receipts signed by their nodes and countersigned since the last batch: (typed, node's, operator's,
+        disputed, digest, id)."""
         "Node ids newly bound to their addresses (``odla.operator.identities``), written with the next batch."
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None
@@ -182,6 +186,10 @@ class Receipts:
             await self._call(self._close)
             self._thread.shutdown(wait=True)
 
+    async def in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(connection, *args)`` in the database's thread (``odla.operator.epochs`` reads and writes so)."""
+        return await self._call(lambda: fn(self._db, *args))
+
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
@@ -194,7 +202,7 @@ class Receipts:
         assert self._db is not None
         with self._db:
             self._db.executemany("UPDATE jobs SET receipt = ?, node_signature = ?, operator_signature = ?, "
-                                 "disputed = ? WHERE id = ?", rows)
+                                 "disputed = ?, receipt_digest = ? WHERE id = ?", rows)
 
     def _bind(self, rows: list[tuple[str, str, float]]) -> None:
         assert self._db is not None
@@ -247,16 +255,16 @@ def _row(job: Job) -> tuple:
         else (None,) * len(PREDICTION)
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
             job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted,
-            job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 4))
+            job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 5))
 
 
 def _receipt(row: tuple) -> JobReceipt:
     data = dict(zip(COLUMNS, row))
     usage = Usage(**{name: data.pop(name) for name in USAGE})
     node, wait, load, run, tokens, prompt = (data.pop(name) for name in PREDICTION)
-    address, request_hash, output_hash, typed, node_signature, operator_signature, disputed = (
+    address, request_hash, output_hash, typed, node_signature, operator_signature, disputed, digest = (
         data.pop(name) for name in PROOF)
-    signed = (typed, node_signature, operator_signature, disputed) if typed else None
+    signed = (typed, node_signature, operator_signature, disputed, digest) if typed else None
     prompt = prompt or 0.0  # a receipt written before prompts were predicted
     prediction = JobPrediction(node=node, finish_s=round(wait + load + prompt + run, 3), wait_s=wait, load_s=load,
                                prompt_s=prompt, run_s=run, tokens=tokens) if node is not None else None

@@ -78,6 +78,21 @@ def watch_router(prom: Any, activity: Activity, auth: Sequence[Any], api_keys: S
             raise ODLAError(f"unknown job: {job_id}", 404)
         return receipt
 
+    @api.get("/jobs/{job_id}/proof", dependencies=auth, summary="A job's proof: receipt, signatures, Merkle path, epoch")
+    async def proof(job_id: str, request: Request) -> dict:
+        """What ``client.py verify`` checks (``odla.proofs.verify``); 409 while the job's epoch is open."""
+        await job(job_id, request)  # 404 unless the caller may read the job
+        return await request.app.state.epochs.proof(job_id)
+
+    @api.get("/epochs", dependencies=auth, summary="Closed epochs, newest first")
+    async def epochs(request: Request, limit: int = Query(100, ge=1, le=1000),
+                     before: Optional[int] = Query(None, ge=1)) -> dict:
+        return {"epochs": await request.app.state.epochs.list(limit, before)}
+
+    @api.get("/epochs/{number}", dependencies=auth, summary="One closed epoch: its Merkle root, signed")
+    async def one_epoch(number: int, request: Request) -> dict:
+        return await request.app.state.epochs.get(number)
+
     def whose(request: Request) -> Optional[str]:
         """Whose receipts the caller may read: with API keys, its own (a hash of its key), unless its
         key is one of ``admin_keys``; None: everyone's."""

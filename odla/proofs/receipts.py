@@ -5,9 +5,9 @@
     receipt.typed_data()                # the whole typed message, as eth-account and wallets take it
     Receipt.from_message(typed["message"])
 
-One struct, hashed here directly (the same words ``eth_account.messages.encode_typed_data``
-makes, which tests/proofs checks on random receipts), because the library's encoding costs about
-0.6 ms a receipt and the operator checks one per job. ``request_hash`` and ``output_hash`` are
+Hashed by ``odla.proofs.typed`` (the same words ``eth_account.messages.encode_typed_data`` makes,
+which tests/proofs checks on random receipts), because the library's encoding costs about 0.6 ms
+a receipt and the operator checks one per job. ``request_hash`` and ``output_hash`` are
 SHA-256 of the exact bytes the operator sent the node and the node sent back: both ends hash what
 crossed the wire, whatever it was (ODLA's JSON lines, or Ollama's own answer on a door).
 """
@@ -15,25 +15,17 @@ crossed the wire, whatever it was (ODLA's JSON lines, or Ollama's own answer on 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-from odla.proofs.identity import checksum, keccak
+from odla.proofs.identity import checksum
+from odla.proofs.typed import ZERO, Struct, Typed
 
-DOMAIN = {"name": "ODLA", "version": "1"}
-"No chain yet: settlement adds ``chainId`` and ``verifyingContract``."
 FIELDS = (("jobId", "string"), ("operator", "address"), ("node", "address"), ("model", "string"),
           ("modelDigest", "bytes32"), ("requestHash", "bytes32"), ("outputHash", "bytes32"),
           ("promptTokens", "uint32"), ("outputTokens", "uint32"), ("startedMs", "uint64"), ("endedMs", "uint64"),
           ("outcome", "string"))
-TYPES = {
-    "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"}],
-    "Receipt": [{"name": name, "type": kind} for name, kind in FIELDS],
-}
-_TYPE_HASH = keccak(("Receipt(" + ",".join(f"{kind} {name}" for name, kind in FIELDS) + ")").encode())
-_DOMAIN_SEPARATOR = keccak(keccak(b"EIP712Domain(string name,string version)") + keccak(DOMAIN["name"].encode())
-                           + keccak(DOMAIN["version"].encode()))
-ZERO = "0x" + "00" * 32
+RECEIPT = Struct("Receipt", FIELDS)
 UINT32 = 2 ** 32 - 1
 UINT64 = 2 ** 64 - 1
 OUTCOMES = ("ok", "error", "cancelled")
@@ -51,7 +43,8 @@ def digest_hex(ollama_digest: Optional[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(Typed):
+    STRUCT = RECEIPT
     job_id: str
     operator: str
     node: str
@@ -80,29 +73,3 @@ class Receipt:
         object.__setattr__(self, "node", checksum(self.node))
         if not isinstance(self.job_id, str) or not isinstance(self.model, str) or self.outcome not in OUTCOMES:
             raise ValueError(f"job_id and model are strings, outcome one of {', '.join(OUTCOMES)}")
-
-    def digest(self) -> bytes:
-        """The EIP-712 hash: ``keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(receipt))``."""
-        words = [_TYPE_HASH, keccak(self.job_id.encode()), bytes(12) + bytes.fromhex(self.operator[2:]),
-                 bytes(12) + bytes.fromhex(self.node[2:]), keccak(self.model.encode()),
-                 bytes.fromhex(self.model_digest[2:]), bytes.fromhex(self.request_hash[2:]),
-                 bytes.fromhex(self.output_hash[2:]), self.prompt_tokens.to_bytes(32, "big"),
-                 self.output_tokens.to_bytes(32, "big"), self.started_ms.to_bytes(32, "big"),
-                 self.ended_ms.to_bytes(32, "big"), keccak(self.outcome.encode())]
-        return keccak(b"\x19\x01" + _DOMAIN_SEPARATOR + keccak(b"".join(words)))
-
-    def message(self) -> dict[str, Any]:
-        """The receipt's fields by their EIP-712 names."""
-        return {name: value for (name, _), value in zip(FIELDS, asdict(self).values())}
-
-    def typed_data(self) -> dict[str, Any]:
-        """The whole typed message (``eth_account.messages.encode_typed_data(full_message=...)``)."""
-        return {"types": TYPES, "primaryType": "Receipt", "domain": dict(DOMAIN), "message": self.message()}
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> "Receipt":
-        """From its EIP-712 fields; ``ValueError`` (or ``KeyError``, ``TypeError``) for one that is not a receipt."""
-        if set(message) != {name for name, _ in FIELDS}:
-            raise ValueError(f"a receipt has exactly the fields {', '.join(name for name, _ in FIELDS)}")
-        return cls(*(message[name] for name, _ in FIELDS))
-

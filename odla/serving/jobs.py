@@ -64,8 +64,9 @@ class Job:
     "SHA-256 of the request sent to that node (0x-hex), as its receipt must name it."
     output_hash: Optional[str] = None
     "SHA-256 of the answer that node sent, as far as it was read (0x-hex)."
-    signed: Optional[tuple[str, str, str, Optional[str]]] = None
-    "The node's receipt once checked: (typed data as JSON, node's signature, operator's, why it is disputed)."
+    signed: Optional[tuple[str, str, str, Optional[str], str]] = None
+    """The node's receipt once checked: (typed data as JSON, node's signature, operator's, why it is
+    disputed, its EIP-712 digest)."""
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -98,7 +99,7 @@ class Job:
 
     def receipt(self) -> JobReceipt:
         stamp = lambda t: iso(t, "milliseconds") if t is not None else None  # noqa: E731
-        typed, node_signature, operator_signature, disputed = self.signed or (None, None, None, None)
+        typed, node_signature, operator_signature, disputed, _ = self.signed or (None,) * 5
         return JobReceipt(receipt=json.loads(typed) if typed else None, node_signature=node_signature,
                           operator_signature=operator_signature, disputed=disputed,id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),

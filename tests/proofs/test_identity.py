@@ -101,3 +101,17 @@ def test_a_stale_or_misattributed_report_fails():
         signer(raw, me.address, 1000.0, clock=lambda: 1000.0 + FRESH_S + 1)
     with pytest.raises(BadSignature):
         recover(b"\0" * 32, b"\0" * 65)
+
+
+def test_the_scripts_never_import_eth_account():
+    """Its import costs 0.7-3 s per process, and py_ecc's raises the recursion limit to 100,000 (deep
+    JSON would then crash a thread instead of failing to parse): the reference stays in the tests."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = ("import sys; import server, node, client, odla.proofs.verify; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('eth_account', 'py_ecc')], sys.getrecursionlimit())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["[]", "1000"], done.stdout + done.stderr

@@ -57,3 +57,15 @@ def test_a_receipt_that_cannot_be_signed_is_refused(bad):
 def test_ollama_digests_become_bytes32():
     assert digest_hex("sha256:" + "AB" * 32) == "0x" + "ab" * 32
     assert digest_hex(None) == digest_hex("latest") == "0x" + "00" * 32
+
+
+@hsettings(max_examples=20, deadline=None)
+@given(st.integers(0, 2 ** 64 - 1), hashes, st.integers(0, 2 ** 32 - 1), st.integers(0, 2 ** 64 - 1))
+def test_an_epochs_digest_is_eth_accounts(number, root, count, ended):
+    from odla.proofs.epochs import Epoch
+
+    epoch = Epoch(operator=OPERATOR.address, number=number, root=root, count=count, started_ms=0, ended_ms=ended)
+    signable = encode_typed_data(full_message=epoch.typed_data())
+    assert _hash_eip191_message(signable) == epoch.digest()
+    assert Account.recover_message(signable, signature=OPERATOR.sign(epoch.digest())) == OPERATOR.address
+    assert Epoch.from_message(epoch.message()) == epoch
