@@ -87,7 +87,7 @@ class Countersigner:
         if disputed is not None:
             self.disputes[node.node_id] = self.disputes.get(node.node_id, 0) + 1
             log.warning("job %s: node %s's receipt is disputed: %s", job.id, node.node_id, disputed)
-        job.signed = (json.dumps(receipt.typed_data(), separators=(",", ":")), signed.signature,
+        job.signed = (json.dumps(signed.receipt, separators=(",", ":")), signed.signature,
                       "0x" + self.identity.sign(digest).hex(), disputed, "0x" + digest.hex())
         self.store.countersigned(job)
 

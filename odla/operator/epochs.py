@@ -28,6 +28,7 @@ from odla.operator.receipts import Receipts
 from odla.proofs.epochs import Epoch
 from odla.proofs.identity import Identity
 from odla.proofs.merkle import Tree, leaf
+from odla.proofs.receipts import RECEIPT
 
 log = logging.getLogger("odla.operator")
 TREES_KEPT = 2
@@ -117,7 +118,7 @@ class Epochs:
                             f"(every {self.seconds:g} s, epoch_seconds)", 409, headers={"Retry-After": "60"})
         epoch = await self.get(number)
         tree = self.trees.get(number) or await self._rebuild(number, epoch["count"])
-        return {"job_id": job_id, "receipt": json.loads(typed), "node_signature": node_signature,
+        return {"job_id": job_id, "receipt": RECEIPT.typed_data(json.loads(typed)), "node_signature": node_signature,
                 "operator_signature": operator_signature, "disputed": disputed, "leaf_index": index,
                 "proof": ["0x" + step.hex() for step in tree.proof(index)], "epoch": epoch["typed"],
                 "epoch_signature": epoch["signature"]}

@@ -79,8 +79,8 @@ class Receipts:
         self.pending: list[Job] = []
         self.bindings: list[tuple[str, str, float]] = []
         self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
-        """Receipts signed by their nodes and countersigned since the last batch: (typed, node's, operator's,
-        disputed, digest, id)."""
+        """Receipts signed by their nodes and countersigned since the last batch: (message, node's,
+        operator's, disputed, digest, id)."""
         "Node ids newly bound to their addresses (``odla.operator.identities``), written with the next batch."
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None

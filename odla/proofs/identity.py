@@ -21,6 +21,7 @@ million receipts hash two million times); eth-account checks both in the tests (
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -48,6 +49,7 @@ def keccak(data: bytes) -> bytes:
     return keccak_256(data).digest()
 
 
+@functools.lru_cache(maxsize=4096)  # a network has few addresses, and every receipt names two
 def checksum(address: str) -> str:
     """An address in EIP-55 mixed case; ``ValueError`` for anything that is not 20 bytes of hex."""
     if not _ADDRESS.fullmatch(address):

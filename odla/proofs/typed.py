@@ -12,6 +12,7 @@ Only the types ODLA's structs use: ``string``, ``address``, ``bytes32`` and ``ui
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 from typing import Any, ClassVar, Sequence
 
@@ -39,9 +40,11 @@ class Struct:
     def message(self, values: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, values))
 
-    def typed_data(self, values: Sequence[Any]) -> dict[str, Any]:
+    def typed_data(self, values: "Sequence[Any] | dict[str, Any]") -> dict[str, Any]:
+        """The whole typed message of ``values`` (in order, or a message by name, taken as it is)."""
         types = {"EIP712Domain": DOMAIN_TYPE, self.name: [{"name": f, "type": k} for f, k in self.fields]}
-        return {"types": types, "primaryType": self.name, "domain": dict(DOMAIN), "message": self.message(values)}
+        message = values if isinstance(values, dict) else self.message(values)
+        return {"types": types, "primaryType": self.name, "domain": dict(DOMAIN), "message": message}
 
     def values(self, message: dict[str, Any]) -> list[Any]:
         """The fields of ``message`` in order; ``ValueError`` unless it has exactly this struct's fields."""
@@ -56,7 +59,7 @@ class Typed:
     STRUCT: ClassVar[Struct]
 
     def _values(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return tuple(getattr(self, name) for name in _names(type(self)))
 
     def digest(self) -> bytes:
         """The EIP-712 hash: ``keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(self))``."""
@@ -74,6 +77,11 @@ class Typed:
     def from_message(cls, message: dict[str, Any]) -> Any:
         """From its EIP-712 fields; ``ValueError`` (or ``TypeError``) for a message that is not one."""
         return cls(*cls.STRUCT.values(message))
+
+
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 _ENCODERS = {

@@ -13,6 +13,7 @@ from odla.core.errors import NoNodeError, ODLAError, QueueFull, QueueTimeout
 from odla.core.protocol import JobPrediction, JobReceipt, Outcome
 from odla.core.times import iso
 from odla.core.usage import Usage
+from odla.proofs.receipts import RECEIPT
 
 OUTCOMES = get_args(Outcome)
 JOB_PATHS = frozenset({"/inference", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
@@ -65,8 +66,8 @@ class Job:
     output_hash: Optional[str] = None
     "SHA-256 of the answer that node sent, as far as it was read (0x-hex)."
     signed: Optional[tuple[str, str, str, Optional[str], str]] = None
-    """The node's receipt once checked: (typed data as JSON, node's signature, operator's, why it is
-    disputed, its EIP-712 digest)."""
+    """The node's receipt once checked: (its EIP-712 message as JSON, node's signature, operator's, why
+    it is disputed, its EIP-712 digest)."""
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:
@@ -99,8 +100,9 @@ class Job:
 
     def receipt(self) -> JobReceipt:
         stamp = lambda t: iso(t, "milliseconds") if t is not None else None  # noqa: E731
-        typed, node_signature, operator_signature, disputed, _ = self.signed or (None,) * 5
-        return JobReceipt(receipt=json.loads(typed) if typed else None, node_signature=node_signature,
+        message, node_signature, operator_signature, disputed, _ = self.signed or (None,) * 5
+        return JobReceipt(receipt=RECEIPT.typed_data(json.loads(message)) if message else None,
+                          node_signature=node_signature,
                           operator_signature=operator_signature, disputed=disputed,id=self.id, model=self.model, node=self.node or None, door=self.door, outcome=self.outcome,
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),
                           first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),

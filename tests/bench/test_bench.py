@@ -94,3 +94,10 @@ def test_capacity_benchmark_smoke_run(tmp_path):
     assert run["answered"] == data["plan"]["requests"] and run["gave_up"] == 0, run
     assert data["results"]["learned"]["slots_over_time"][0][1] == 1  # it started at one slot
     assert "reached 2 slots" in result.stdout
+
+
+def test_proofs_benchmark_smoke_run(tmp_path):
+    """In one process, no network: not solo. Its figures (1,000,000 receipts) come from make bench."""
+    data, printed = smoke_run(tmp_path, "proofs_bench.py")
+    assert data["countersign_us_per_job"] > 0 and data["merkle_leaves"] == 10_000 and data["proof_steps"] == 14
+    assert "client.py verify --file" in printed and "target" in printed

@@ -52,9 +52,9 @@ def test_a_proof_verifies_online_and_offline_and_an_altered_receipt_does_not(net
     # a receipt altered in the database: its signatures no longer hold
     db = sqlite3.connect(next(tmp_path.glob("jobs-*.db")))
     with db:
-        typed = json.loads(db.execute("SELECT receipt FROM jobs WHERE id = ?", (ids[1],)).fetchone()[0])
-        typed["message"]["outputTokens"] += 100
-        db.execute("UPDATE jobs SET receipt = ? WHERE id = ?", (json.dumps(typed), ids[1]))
+        message = json.loads(db.execute("SELECT receipt FROM jobs WHERE id = ?", (ids[1],)).fetchone()[0])
+        message["outputTokens"] += 100
+        db.execute("UPDATE jobs SET receipt = ? WHERE id = ?", (json.dumps(message), ids[1]))
     db.close()
     wait_for(lambda: httpx.get(f"{net.op_url}/jobs/{ids[1]}/proof").status_code == 200, timeout=15)
     altered = verify(net, ids[1])
