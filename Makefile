@@ -1,6 +1,6 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make test   install what the tests need and run them
-# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity and proofs benchmarks (docs/performance.md)
+# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs and audits benchmarks (docs/performance.md)
 # make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
@@ -47,6 +47,7 @@ bench: $(VENV)/.dev test-tools
 	$(PY) bench/chaos_bench.py
 	$(PY) bench/capacity_bench.py
 	$(PY) bench/proofs_bench.py
+	$(PY) bench/audits_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

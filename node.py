@@ -169,7 +169,8 @@ class Node:
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
                                  tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
-                                 address=self.identity.address, signed_at=time.time(), receipts=receipts)
+                                 digests=self.state.digests, address=self.identity.address, signed_at=time.time(),
+                                 receipts=receipts)
         content = signed(body.model_dump_json(exclude_none=True).encode(), self.identity)
         try:
             resp = await self.http.post(f"{operator}/register", content=content, headers=self._headers())

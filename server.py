@@ -38,6 +38,7 @@ from odla.serving.auth import (api_key_dependency, caller_of, check_api_key, may
 from odla.core.config import Settings, script_settings
 from odla.operator.doors import doors_router
 from odla.core.errors import AuthError, ODLAError
+from odla.operator.audits import Auditor
 from odla.operator.countersign import Countersigner
 from odla.operator.epochs import Epochs
 from odla.operator.identities import NodeAddresses
@@ -46,7 +47,7 @@ from odla.operator.link import link_router
 from odla.serving.lifespan import background, serve, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.logs import setup_logging
-from odla.operator.metrics import Activity, RequestMetrics, metrics_registry
+from odla.operator.metrics import Activity, NetworkCollector, RequestMetrics, metrics_registry
 from odla.operator.nodes import NodeClient, NodeUnreachable
 from odla.operator.registry import Clock, Node, Registry, capacity
 from odla.serving.jobs import Job, door_of
@@ -154,7 +155,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     per_key = settings.max_queue_per_key or (max(1, settings.max_queue // 2) if settings.api_keys else None)
     scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
                           max_queue_per_key=per_key, affinity=settings.affinity)
-    prom = metrics_registry(registry, scheduler)
+    network = NetworkCollector(registry, scheduler)
+    prom = metrics_registry(network)
     counted = RequestMetrics(prom)
     activity = Activity()
 
@@ -180,6 +182,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
+            router.audit_seed = settings.audit_seed
+            auditor = app.state.auditor = network.auditor = Auditor(settings, registry, router)
+            app.state.countersigner.auditor = auditor
+            auditor.on_quarantine = lambda node: receipts.dispute_open(node.node_id, "the node is quarantined")
             if shared is not None:
                 checker.shared, shared.on_unreachable = shared, router.abort
                 receipts.mirror = shared.add_receipts
@@ -193,6 +199,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                     await loops.enter_async_context(background(shared.listen(), "freed-slots"))
                 yield
         finally:
+            if getattr(app.state, "auditor", None) is not None:
+                await app.state.auditor.aclose()
             await nodes.aclose()
             await receipts.aclose()  # writes the last receipts
             if shared is not None:
@@ -217,13 +225,14 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         activity.add(job)
         app.state.receipts.ended(job)
         app.state.countersigner.ended(job)
+        app.state.auditor.ended(job)
 
     async def new_job(request: Request) -> None:
         """A caller allowed to run jobs (``api_keys``) gets its job's record, before its body is
         read. One dependency rather than the API-key one and this: FastAPI's cost is per dependency."""
         check_api_key(request.headers, settings.api_keys)
         job = request.state.job = Job(door=door_of(request.scope["path"]), caller=caller_of(request.headers),
-                                      on_end=job_ended)
+                                      on_end=job_ended, audit=app.state.auditor.sample())
         app.state.receipts.started(job)
 
     job_auth = [Depends(new_job)]
@@ -249,8 +258,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         before = capacity(known)
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
                                  slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
-                                 slots_learned=body.slots_learned)
+                                 slots_learned=body.slots_learned, digests=body.digests)
         node.address = address
+        request.app.state.auditor.restore(node)
         request.app.state.countersigner.take(node, body.receipts)
         if doubted:
             request.app.state.checker.suspect(node)

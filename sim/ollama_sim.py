@@ -48,7 +48,8 @@ from odla.core.keep_alive import seconds_of  # noqa: E402
 from odla.core.names import display_name, model_key  # noqa: E402
 
 VERSION = "0.12.6"
-CHEATS = ("pad",)
+CHEATS = ("substitute", "pad", "truncate")
+DRIFT_AFTER = 4
 PAD = 10
 KEEP_ALIVE_S = 300.0
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
@@ -104,7 +105,13 @@ class Behaviour:
     "Requests that run at once (0: no limit)."
     max_queue: int = 512
     cheat: Optional[str] = None
-    "A dishonest node (``CHEATS``): ``pad`` reports ``PAD`` more ``eval_count`` than it sent tokens."
+    """A dishonest node (``CHEATS``): ``substitute`` answers with another model's tokens under the
+    claimed name; ``pad`` reports ``PAD`` more ``eval_count`` than it sent tokens; ``truncate`` stops
+    after half its tokens and says it finished."""
+    seeded: bool = False
+    "Answers follow ``options.seed`` (OpenAI: ``seed``), as Ollama's on one build do; no seed: a new answer each time."
+    drift: float = 0.0
+    "Each token after the first few differs with this probability (an honest GPU of another make)."
     prompt_ms_per_token: float = 0.0
     """Milliseconds to read each prompt token its slot's cache does not hold (0: prompts cost nothing).
     Each of a model's ``num_parallel`` slots (4 without a limit) keeps the tokens of its last
@@ -338,7 +345,7 @@ class Simulator:
 
     async def v1_answer(self, req: dict, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         prompt = self.prompt_of(req, chat)
-        tokens = sim_tokens(prompt, self.count(req, openai=True))
+        tokens = self.tokens_for(req, prompt, self.count(req, openai=True), openai=True)
         ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
         completion = len(tokens) + (PAD if self.b.cheat == "pad" else 0)
         usage = {"prompt_tokens": 1, "completion_tokens": completion, "total_tokens": completion + 1}
@@ -499,7 +506,7 @@ class Simulator:
     async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool,
                      waited_s: float = 0.0) -> None:
         b = self.b
-        tokens = sim_tokens(prompt, self.count(req))
+        tokens = self.tokens_for(req, prompt, self.count(req))
         started = time.perf_counter_ns()
         if b.prompt_ms_per_token:
             with self.cache_slot(req, chat, tokens) as read:
@@ -599,6 +606,27 @@ class Simulator:
             await respond_json(send, 200, final)
             self.stats["completed"] += 1
         return whole
+
+    def tokens_for(self, req: dict, prompt: str, n: int, openai: bool = False) -> list[str]:
+        """The answer: ``sim_tokens(prompt, n)``; with ``seeded``, one that follows the request's seed
+        as Ollama's sampling does (the same model, prompt, options and seed: the same tokens; no seed:
+        new ones each time); a cheat's or a drifting node's as they would differ."""
+        b, key = self.b, prompt
+        if b.seeded:
+            options = dict(req.get("options") or {}) if not openai else {
+                k: req[k] for k in ("seed", "temperature", "top_p", "max_tokens") if k in req}
+            seed = options.pop("seed", None)
+            seed = seed if seed is not None else random.getrandbits(64)  # sampled: an answer of its own
+            key = f"{model_key(str(req.get('model', '')))}\x00{prompt}\x00{json.dumps(options, sort_keys=True)}\x00{seed}"
+        if b.cheat == "substitute":  # a smaller model under the claimed name: other words
+            key = "a smaller model\x00" + key
+        tokens = sim_tokens(key, n)
+        if b.cheat == "truncate":  # stops early and says it finished
+            tokens = tokens[:max(1, n // 2)]
+        if b.drift:  # an honest GPU of another make: now and then a different token, after the first few
+            tokens = [t if i < DRIFT_AFTER or random.random() >= b.drift else f" {WORDS[random.randrange(len(WORDS))]}"
+                      for i, t in enumerate(tokens)]
+        return tokens
 
     def cheated(self, final: dict) -> dict:
         """A cheating node's final message: ``pad`` counts more tokens than it sent."""
@@ -825,7 +853,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
-    p.add_argument("--cheat", choices=CHEATS, help="cheat as a dishonest node would (pad: count more tokens than sent)")
+    p.add_argument("--cheat", choices=CHEATS, help="cheat as a dishonest node would: substitute (another model's "
+                   "tokens), pad (count more tokens than sent), truncate (stop at half, saying it finished)")
+    p.add_argument("--seeded", action="store_true", help="answers follow options.seed; none: a new answer each time")
+    p.add_argument("--drift", type=float, default=0.0, help="probability that a token after the first few differs")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds before the first token")
     p.add_argument("--num-parallel", "--parallel", type=int, default=0,
                    help="requests each model runs at once (0: no limit)")
@@ -842,7 +873,7 @@ def build(args: argparse.Namespace) -> Simulator:
     sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, busy=args.busy, cheat=args.cheat, load_delay=args.load_delay, load_ms=args.load_ms,
+        error_after=args.error_after, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))

@@ -75,11 +75,11 @@ def nodes_table(listing: NodesResponse, now: Optional[datetime] = None, bold: bo
     if not listing.nodes:
         return "no nodes registered"
     now = now or datetime.now(timezone.utc)
-    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY")]  # new columns go last
+    rows = [("NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY", "REPUTATION")]  # new ones go last
     for n in listing.nodes:
         rows.append((n.node_id, n.url, ", ".join(n.models) or "-", ago(n.last_seen, now),
                      "healthy" if n.healthy else "UNHEALTHY", str(n.active_jobs), str(n.jobs_total),
-                     short_address(n.address)))
+                     short_address(n.address), f"{n.reputation:.2f}" + (" QUARANTINED" if n.quarantined else "")))
     return table(rows, bold, width)
 
 

@@ -56,7 +56,8 @@ ROLES: dict[str, set[str]] = {
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "affinity", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
-                          "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds"},
+                          "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds", "audit_rate",
+                          "audit_tokens", "audit_seed", "quarantine_below"},
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
                       "max_keep_alive", "node_key_file", "node_private_key"},
@@ -197,6 +198,16 @@ class Settings(BaseModel):
     epoch_seconds: float = Field(3600, gt=0)
     """Every so often the operator closes an epoch: a Merkle root over the receipts it countersigned since
     the last, signed by it (``GET /epochs``); a job's proof is ready once its epoch is closed."""
+    audit_rate: float = Field(0.02, ge=0, le=1)
+    """The share of jobs the operator re-runs, unannounced, on another node with the same model digest to
+    check the answer (0: none)."""
+    audit_tokens: int = Field(32, ge=1, le=4096)
+    "How many first words of the two answers must match."
+    audit_seed: bool = True
+    """Give every job that set no seed a random one, so that a re-run on another node can match it (the
+    answers still vary as before)."""
+    quarantine_below: float = Field(0.5, ge=0, le=1)
+    "A node whose reputation (from its audits and disputed receipts) falls under this gets no jobs."
     require_signed_nodes: bool = False
     "Refuse (401) a node whose registration is not signed by a key."
     node_addresses: dict[str, Address] = Field(default_factory=dict)

@@ -100,6 +100,9 @@ class NodeReport(_Body):
     "Moving average of eval tokens per second per model, from Ollama's final messages."
     slots_learned: bool = False
     "True: the node learns ``slots`` from its jobs (its Ollama's parallelism is not configured)."
+    digests: dict[ModelName, Annotated[str, StringConstraints(max_length=80)]] = Field(default_factory=dict,
+                                                                                       max_length=4096)
+    "Each model's digest as the node's Ollama lists it: audits re-run a job on a node with the same one."
     address: Optional[Address] = None
     "The node's key (``node_key_file``); with ``signed_at`` and ``signature``, the report is signed."
     signed_at: Optional[float] = None
@@ -198,6 +201,14 @@ class NodeInfo(BaseModel):
     "``dial``: the node dialled in (``/nodes/link``) and is reached through that link."
     address: Optional[str] = None
     "The node's key (Ethereum address) that signed its registration; none: an unsigned node."
+    reputation: float = 1.0
+    "0 to 1, from its audits and disputed receipts (1 until something counts against it)."
+    audits: dict[str, int] = Field(default_factory=lambda: {"passed": 0, "failed": 0})
+    "Audits of its answers: passed, failed."
+    disputed: int = 0
+    "Its receipts this operator disputed."
+    quarantined: bool = False
+    "Its reputation fell under ``quarantine_below``: it gets no jobs."
 
 
 class NodesResponse(BaseModel):

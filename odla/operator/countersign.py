@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from odla.core.names import model_key
 from odla.core.protocol import SignedReceipt
@@ -48,8 +48,8 @@ class Countersigner:
         self.clock = clock
         self.awaiting: dict[str, Job] = {}
         "Jobs of signed nodes that ended, by id, oldest first, until their node's receipt comes."
-        self.disputes: dict[str, int] = {}
-        "Disputed receipts per node id, since the operator started."
+        self.auditor: Any = None
+        "The operator's auditor (``odla.operator.audits``): hears of each node's model digests and disputes."
 
     def ended(self, job: Job) -> None:
         if job.node_address is None or job.signed is not None:
@@ -85,8 +85,11 @@ class Countersigner:
         del self.awaiting[job.id]
         disputed = self.dispute(job, receipt)
         if disputed is not None:
-            self.disputes[node.node_id] = self.disputes.get(node.node_id, 0) + 1
             log.warning("job %s: node %s's receipt is disputed: %s", job.id, node.node_id, disputed)
+        if disputed is not None and self.auditor is not None:
+            self.auditor.disputed(node)
+        if disputed is None and node.quarantined:
+            disputed = "the node is quarantined"
         job.signed = (json.dumps(signed.receipt, separators=(",", ":")), signed.signature,
                       "0x" + self.identity.sign(digest).hex(), disputed, "0x" + digest.hex())
         self.store.countersigned(job)

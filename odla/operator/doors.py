@@ -25,6 +25,7 @@ from odla.core.names import Prompt, Requested, model_key, requested
 from odla.operator.nodes import NodeUnreachable
 from odla.operator.registry import Node, Registry
 from odla.serving.jobs import JOB_PATHS, Job
+from odla.operator.audits import seeded
 from odla.operator.relay import Router
 from odla.core.protocol import JOB_HEADER
 from odla.serving.responses import LineStream, Opened, Tell
@@ -56,6 +57,8 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         body = await request.body()
         model, limit, prompt = _requested(body)
         router: Router = request.app.state.router
+        if router.audit_seed:  # so that an audit can match (odla.operator.audits)
+            body = seeded(request.url.path, body)
         path, job = request.url.path, request.state.job
         job.model = model_key(model)  # one name per model in receipts and metrics, however it was spelled
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have

@@ -296,6 +296,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
         signer = ws.app.state.countersigner
         node = _report(registry, this, hello, peer)
         node.address = address
+        ws.app.state.auditor.restore(node)
         signer.take(node, hello.receipts)
         log.info("node %s linked from %s with %s", node.node_id, peer, listed(node.models))
         on_change(grown=True)
@@ -352,7 +353,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
 def _report(registry: Registry, link: Link, report: p.NodeReport, peer: str) -> Node:
     node = registry.register(report.node_id, f"{LINK_SCHEME}{peer}", report.models, healthy=report.healthy,
                              slots=report.slots, loaded=report.loaded, tokens_per_s=report.tokens_per_s,
-                             slots_learned=report.slots_learned)
+                             slots_learned=report.slots_learned, digests=report.digests)
     node.link = link
     return node
 

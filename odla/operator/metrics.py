@@ -10,10 +10,10 @@ token, time per output token, tokens in and out (Ollama's counts) and failovers.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from odla import __version__
@@ -33,6 +33,8 @@ class NetworkCollector(Collector):
     def __init__(self, registry: Registry, scheduler: Scheduler) -> None:
         self.registry = registry
         self.scheduler = scheduler
+        self.auditor: Any = None
+        "The operator's auditor (``odla.operator.audits``), once its lifespan has made it."
 
     def collect(self) -> Iterator:
         now = self.registry.clock()
@@ -55,6 +57,18 @@ class NetworkCollector(Collector):
         info = InfoMetricFamily("odla", "The operator's version")
         info.add_metric([], {"version": __version__})
         yield from (up, slots, inflight, loaded, depth, info)
+        reputation = GaugeMetricFamily("odla_node_reputation", "0 to 1, from the node's audits and disputed receipts",
+                                       labels=["node"])
+        for node in self.registry.nodes():
+            reputation.add_metric([node.node_id], node.reputation)
+        yield reputation
+        if self.auditor is not None:  # audit traffic, apart from the clients'
+            audits = CounterMetricFamily("odla_audits", "Audits of sampled jobs, by result", labels=["result"])
+            for result, count in self.auditor.counts.items():
+                audits.add_metric([result], count)
+            tokens = CounterMetricFamily("odla_audit_tokens", "Tokens the audits' re-runs cost")
+            tokens.add_metric([], self.auditor.audit_tokens)
+            yield from (audits, tokens)
 
 
 # Inference takes from milliseconds to minutes: buckets to match.
@@ -123,10 +137,10 @@ class RequestMetrics:
             self.prediction_error.labels(model).observe(job.finished - job.started - job.prediction.finish_s)
 
 
-def metrics_registry(registry: Registry, scheduler: Scheduler) -> CollectorRegistry:
+def metrics_registry(network: NetworkCollector) -> CollectorRegistry:
     """One Prometheus registry per app (never the global one: tests build many apps)."""
     prom = CollectorRegistry(auto_describe=False)
-    prom.register(NetworkCollector(registry, scheduler))
+    prom.register(network)
     return prom
 
 

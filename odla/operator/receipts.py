@@ -78,6 +78,7 @@ class Receipts:
         self.running: dict[str, Job] = {}
         self.pending: list[Job] = []
         self.bindings: list[tuple[str, str, float]] = []
+        self.disputes: list[tuple[str, str]] = []
         self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
         """Receipts signed by their nodes and countersigned since the last batch: (message, node's,
         operator's, disputed, digest, id)."""
@@ -123,6 +124,10 @@ class Receipts:
         assert job.signed is not None
         self.signatures.append((*job.signed, job.id))
 
+    def dispute_open(self, node_id: str, reason: str) -> None:
+        """The node's receipts not yet in a closed epoch are disputed (with the next batch)."""
+        self.disputes.append((reason, node_id))
+
     def bind(self, node_id: str, address: str) -> None:
         self.bindings.append((node_id, address, self.clock()))
 
@@ -154,6 +159,9 @@ class Receipts:
             except sqlite3.Error:
                 self.signatures[:0] = signatures[-MAX_PENDING:]
                 raise
+        if self.disputes:
+            disputes, self.disputes = self.disputes, []
+            await self._call(self._dispute, disputes)
 
     async def get(self, job_id: str) -> Optional[JobReceipt]:
         job = self.running.get(job_id) or next((j for j in self.pending if j.id == job_id), None)
@@ -203,6 +211,12 @@ class Receipts:
         with self._db:
             self._db.executemany("UPDATE jobs SET receipt = ?, node_signature = ?, operator_signature = ?, "
                                  "disputed = ?, receipt_digest = ? WHERE id = ?", rows)
+
+    def _dispute(self, rows: list[tuple[str, str]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany("UPDATE jobs SET disputed = ? WHERE node = ? AND receipt IS NOT NULL AND epoch IS NULL "
+                                 "AND disputed IS NULL", rows)
 
     def _bind(self, rows: list[tuple[str, str, float]]) -> None:
         assert self._db is not None

@@ -81,6 +81,14 @@ class Node:
     "The node's dial-out link (``odla.operator.link.Link``) while it has one; None for a node reached at its URL."
     address: Optional[str] = None
     "The key that signed its registration (``odla.operator.identities``); None: an unsigned node."
+    reputation: float = 1.0
+    "From its audits and disputed receipts (``odla.operator.audits``): 1 until something counts against it."
+    quarantined: bool = False
+    "Its reputation fell under ``quarantine_below``: it gets no jobs."
+    digests: dict[str, str] = field(default_factory=dict)
+    "Model key -> the digest the node's Ollama lists for it, as the node reports it."
+    standing: Any = None
+    "What audits and receipts found of it (``odla.operator.audits.Standing``); None: nothing yet."
     prompt_s: dict[str, float] = field(default_factory=dict)
     "Per model key: seconds its Ollama takes per prompt token it reads (``prompt_eval_duration``; a moving average)."
     cached: dict[str, "OrderedDict[str, None]"] = field(default_factory=dict)
@@ -194,6 +202,11 @@ class Node:
             resting_until=iso(wall + self.resting_until) if self.resting(now) else None,
             link="dial" if self.dialled else "http",
             address=self.address,
+            reputation=round(self.reputation, 3),
+            audits={"passed": self.standing.passed, "failed": self.standing.failed} if self.standing else
+            {"passed": 0, "failed": 0},
+            disputed=self.standing.disputed if self.standing else 0,
+            quarantined=self.quarantined,
         )
 
 
@@ -230,7 +243,8 @@ class Registry:
 
     def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
                  slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
-                 tokens_per_s: Optional[Mapping[str, float]] = None, slots_learned: bool = False) -> Node:
+                 tokens_per_s: Optional[Mapping[str, float]] = None, slots_learned: bool = False,
+                 digests: Optional[Mapping[str, str]] = None) -> Node:
         """Add a node, or update the one with this id (never a second row)."""
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
@@ -250,6 +264,7 @@ class Registry:
         node.most_loaded = max(node.most_loaded, len(node.loaded))
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         node.slots_learned = slots_learned
+        node.digests = {model_key(m): d for m, d in (digests or {}).items()}
         return node
 
     def set_models(self, node: Node, models: list[str]) -> None:
@@ -322,7 +337,7 @@ class Registry:
 
     def candidates(self, model: str) -> list[Node]:
         """Healthy nodes with ``model``, in registration order."""
-        return [n for n in self._having.get(model_key(model), {}).values() if n.healthy]
+        return [n for n in self._having.get(model_key(model), {}).values() if n.healthy and not n.quarantined]
 
     @staticmethod
     def _local(when: Optional[float], now: float, wall: float) -> Optional[float]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
@@ -44,6 +45,8 @@ class Router:
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
         self.closing = False
+        self.audit_seed = False
+        "Give every job a seed unless it set one (``audit_seed``: ``odla.operator.audits``)."
 
     def close(self) -> None:
         """The operator is stopping: waiting jobs are refused and running ones end now, each with a
@@ -56,8 +59,10 @@ class Router:
     async def open_job(self, request: p.InferenceRequest, job: Job, tell: Optional[Tell] = None) -> Opened:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
         # already validated as an InferenceRequest: built without validating it again
-        run = p.RunRequest.model_construct(job_id=job.id, model=request.model, prompt=request.prompt,
-                                           **request.ollama_fields())
+        fields = request.ollama_fields()
+        if self.audit_seed and (fields.get("options") or {}).get("seed") is None:  # so that an audit can match
+            fields["options"] = {**(fields.get("options") or {}), "seed": random.getrandbits(31)}
+        run = p.RunRequest.model_construct(job_id=job.id, model=request.model, prompt=request.prompt, **fields)
         body = run.model_dump_json(exclude_none=True).encode()
         place = (lambda n: tell(p.queued_line(n))) if tell is not None else None
         limit = output_limit((request.options or {}).get("num_predict"))
@@ -71,7 +76,7 @@ class Router:
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
                    place: Optional[Place] = None, tokens: Optional[int] = None,
-                   prompt: Prompt = Prompt()) -> tuple[Claim, ClientResponse]:
+                   prompt: Prompt = Prompt(), avoid: Sequence[str] = ()) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it
         (``tokens``: the most the job asked for, the length the scheduler plans for; ``prompt``: its
         length and conversation, for the prompt it reads).
@@ -85,7 +90,8 @@ class Router:
         while True:
             if len(failures) >= MAX_TRIES:
                 raise self._all_failed(model, failures)
-            claim = await self.scheduler.claim(model, job.caller, [node.node_id for node, _, _ in failures], place,
+            claim = await self.scheduler.claim(model, job.caller, [*avoid, *(node.node_id for node, _, _ in failures)],
+                                               place,
                                                job.id, tokens=tokens, prompt=prompt)
             if claim is None:
                 raise self._all_failed(model, failures) if failures else self.no_node(model)
@@ -111,6 +117,8 @@ class Router:
             if resp is not None:
                 job.node, job.failovers = claim.node.node_id, len(failures)
                 job.node_address, job.request_hash = claim.node.address, sha256_hex(body)
+                if job.audit is not None:
+                    job.audit.request = (method, path, body)
                 job.limited, job.conversation = tokens is not None, prompt.conversation
                 return claim, resp
 
@@ -156,7 +164,8 @@ class Router:
         key, now = model_key(model), self.registry.clock()
         having = [n for n in self.registry.nodes() if key in n.keys]
         if having:
-            states = ", ".join(f"{n.node_id} {'resting' if n.resting(now) else 'unhealthy'}" for n in having)
+            states = ", ".join(f"{n.node_id} {'quarantined' if n.quarantined else 'resting' if n.resting(now) else 'unhealthy'}"
+                               for n in having)
             return NoNodeError(model, f"{len(having)} node(s) have it, none can take jobs now: {states}")
         models = sorted({m for n in self.registry.nodes() if n.healthy for m in n.models})
         if not models:
@@ -213,6 +222,8 @@ class Router:
         try:
             async for chunk in body:
                 out.update(chunk)
+                if job.audit is not None:
+                    job.audit.add(chunk)
                 if lines is not None:
                     chunk = lines.take(chunk)
                     if not chunk:

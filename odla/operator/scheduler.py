@@ -245,7 +245,7 @@ class Scheduler:
                     break  # it and every slower node finish later than the best's equals
             else:
                 run = -1.0
-            if not node.healthy or excluded and node.node_id in excluded or \
+            if not node.healthy or node.quarantined or excluded and node.node_id in excluded or \
                     awake_only and node.resting_until is not None and node.resting_until > now:
                 continue
             if run < 0:  # not measured yet: as fast as the fastest, so it gets a job and a measure
@@ -257,7 +257,8 @@ class Scheduler:
             else:
                 speed = measured
             read = reading(node, key, prompt) if reading is not None else 0.0
-            score = run + read if not node.errors else (run + read) * (1.0 + node.errors)  # prompt and answer alone
+            doubt = node.errors + 1.0 - node.reputation  # failed of late, or caught
+            score = run + read if not doubt else (run + read) * (1.0 + doubt)  # prompt and answer alone
             if score > best * EQUAL_FINISH:
                 continue
             making_room = node.loading and key not in node.loading  # for another model: no new jobs of this one
@@ -273,7 +274,7 @@ class Scheduler:
                     self.forecast.load_time(node, other) for other in node.loading)))
             if read:
                 prediction = prediction._replace(prompt=read)
-            score = (prediction.wait + prediction.load + read + run) * (1.0 + node.errors)
+            score = (prediction.wait + prediction.load + read + run) * (1.0 + doubt)
             if prediction.load and node.evicts_busy(key, now):
                 score += prediction.load  # it pushes out a model in use there, which a later job will load again
             if score < best:

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, get_args
+from typing import Any, Callable, Optional, get_args
 
 from odla.core.errors import NoNodeError, ODLAError, QueueFull, QueueTimeout
 from odla.core.protocol import JobPrediction, JobReceipt, Outcome
@@ -65,6 +65,8 @@ class Job:
     "SHA-256 of the request sent to that node (0x-hex), as its receipt must name it."
     output_hash: Optional[str] = None
     "SHA-256 of the answer that node sent, as far as it was read (0x-hex)."
+    audit: Any = None
+    "Sampled for an audit: the request and the first bytes of its answer (``odla.operator.audits.Capture``)."
     signed: Optional[tuple[str, str, str, Optional[str], str]] = None
     """The node's receipt once checked: (its EIP-712 message as JSON, node's signature, operator's, why
     it is disputed, its EIP-712 digest)."""

@@ -101,3 +101,12 @@ def test_proofs_benchmark_smoke_run(tmp_path):
     data, printed = smoke_run(tmp_path, "proofs_bench.py")
     assert data["countersign_us_per_job"] > 0 and data["merkle_leaves"] == 10_000 and data["proof_steps"] == 14
     assert "client.py verify --file" in printed and "target" in printed
+
+
+@pytest.mark.solo
+def test_audits_benchmark_smoke_run(tmp_path):
+    """Thirteen processes: alone. Its figures (20 runs of up to 300 jobs) come from make bench."""
+    data, printed = smoke_run(tmp_path, "audits_bench.py")
+    run = data["runs"][0]
+    assert run["client_jobs"] >= 6 and run["failed_requests"] == 0 and set(run["jobs_per_node"]) >= {"honest-1"}
+    assert "honest nodes quarantined" in printed and "every cheater quarantined" in printed

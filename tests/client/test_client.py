@@ -71,16 +71,16 @@ def test_nodes_table_reads_well():
     listing = p.NodesResponse(nodes=[
         p.NodeInfo(node_id="gpu1", url="http://10.0.0.2:8001", models=["llama3:latest", "mistral:latest"],
                    last_seen=(now - timedelta(seconds=7)).isoformat(), healthy=True, active_jobs=2, jobs_total=40,
-                   address="0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"),
+                   address="0x5B38Da6a701c568545dCfcB03FcB875f56beddC4", reputation=0.2, quarantined=True),
         p.NodeInfo(node_id="lap", url="http://10.0.0.3:8001", models=[], last_seen="2025-12-31T23:55:00Z",
                    healthy=False),
     ])
     table = nodes_table(listing, now).splitlines()
     # the columns a script may read stay where they were; new ones go last
-    assert table[0].split() == ["NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY"]
+    assert table[0].split() == ["NODE", "URL", "MODELS", "SEEN", "HEALTH", "ACTIVE", "TOTAL", "KEY", "REPUTATION"]
     assert "llama3:latest, mistral:latest" in table[1] and "7s ago" in table[1]
-    assert table[1].split()[-3:] == ["2", "40", "0x5B38…ddC4"]
-    assert "5m ago" in table[2] and "UNHEALTHY" in table[2] and table[2].split()[-1] == "-"  # an unsigned node
+    assert table[1].split()[-5:] == ["2", "40", "0x5B38…ddC4", "0.20", "QUARANTINED"]
+    assert "5m ago" in table[2] and "UNHEALTHY" in table[2] and table[2].split()[-2:] == ["-", "1.00"]  # unsigned
     assert nodes_table(p.NodesResponse(nodes=[])) == "no nodes registered"
 
 
@@ -227,6 +227,7 @@ def test_prompt_options_reach_ollama(network, sim):
     assert result.exit_code == 0, result.output
     last = httpx.get(f"{sim.url}/_sim/last").json()
     assert last["system"] == "be brief" and last["format"] == "json" and last["keep_alive"] == "10m"
+    assert isinstance(last["options"].pop("seed"), int)  # the operator's (audit_seed)
     assert last["options"] == {"num_ctx": 8192, "stop": ["\n"], "mirostat_tau": "x", "temperature": 0.2}
     result = cli("hi", "--operator", network.url, "--option", "novalue")
     assert result.exit_code == 2 and "key=value" in result.stderr

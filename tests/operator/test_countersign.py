@@ -49,13 +49,16 @@ def test_every_door_gets_a_receipt_both_sign_and_eth_account_verifies(sim, opera
     assert job["receipt"]["message"]["outputTokens"] == job["output_tokens"] == 2
 
 
-def test_a_node_that_pads_its_token_count_is_disputed_on_its_first_receipt(sim, operator, node):
-    op = operator()
+def test_a_node_that_pads_its_token_count_is_disputed_on_its_first_receipt_and_quarantined(sim, operator, node):
+    op = operator(audit_rate=0)
     node(op.url, sim.url, "n1")
     wait_for(lambda: node_ids(op.url) == {"n1"})
     sim.configure(cheat="pad")
-    for path, body in JOBS[:2]:
-        resp = httpx.post(f"{op.url}{path}", json=body)
-        job = signed(op.url, resp.headers[p.JOB_HEADER])
-        assert job["disputed"] == "the receipt claims 16 output tokens; 6 were relayed", path
-        assert job["receipt"]["message"]["outputTokens"] == 16
+    resp = httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "b"})
+    job = signed(op.url, resp.headers[p.JOB_HEADER])
+    assert job["disputed"] == "the receipt claims 16 output tokens; 6 were relayed"
+    assert job["receipt"]["message"]["outputTokens"] == 16
+    row = httpx.get(f"{op.url}/nodes").json()["nodes"][0]
+    assert (row["quarantined"], row["reputation"], row["disputed"]) == (True, 0.2, 1)
+    refused = httpx.post(f"{op.url}/inference", json={"model": "llama3", "prompt": "again"})
+    assert refused.status_code == 404 and "n1 quarantined" in refused.json()["error"]  # as any node that cannot take jobs

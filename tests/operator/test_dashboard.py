@@ -54,7 +54,7 @@ def test_the_dashboard_shows_nodes_and_jobs_live_with_an_api_key(sim, operator, 
     rows = page.inner_text("#nodes tbody")
     assert "n1" in rows and "n2" in rows and "healthy" in rows
     address = Account.from_key(NODE_KEY).address  # each node's key, as wallets show one
-    assert f"{address[:6]}…{address[-4:]}" in rows
+    assert f"{address[:6]}…{address[-4:]}" in rows and "1.00" in rows  # and its reputation
 
     # jobs run while the page is open: they appear without a reload
     sim.configure(delay=0.25)  # each job runs 1.5 s: the page, polling every 2 s, sees one running

@@ -455,7 +455,10 @@ def test_ollama_options_reach_ollama_unchanged(sim, operator, node):
     status, lines = infer_with(op.url, {"model": "llama3", "prompt": "q", **extra})
     assert status == 200 and [line["token"] for line in lines[:-1]] == sim_tokens("q", 3)  # num_predict held
     sent = httpx.get(f"{sim.url}/_sim/last").json()
-    assert {k: sent[k] for k in extra} == extra and sent["prompt"] == "q"
+    seed = sent["options"].pop("seed")  # every job gets one, so that an audit can re-run it (audit_seed)
+    assert isinstance(seed, int) and {k: sent[k] for k in extra} == extra and sent["prompt"] == "q"
+    infer_with(op.url, {"model": "llama3", "prompt": "q", "options": {"seed": 7}})
+    assert httpx.get(f"{sim.url}/_sim/last").json()["options"] == {"seed": 7}  # a client's own is kept
 
 
 def infer_with(url, body):

@@ -60,9 +60,10 @@ function drawNodes(nodes) {
     return [el("td", n.node_id, "mono"), key, el("td", health[0], health[1]), el("td", n.active_jobs, "num"),
             el("td", slots || "1 each", "wrap"), el("td", (n.loaded || []).join(", ") || "none", "wrap"),
             el("td", n.tokens_per_s == null ? "" : n.tokens_per_s.toFixed(1), "num"), el("td", n.jobs_total, "num"),
+            el("td", n.reputation.toFixed(2) + (n.quarantined ? " quarantined" : ""), n.quarantined ? "bad" : "num"),
             ago(n.last_seen)];
   });
-  fill(document.querySelector("#nodes tbody"), rows, 9, "No node has joined yet: start one with python node.py");
+  fill(document.querySelector("#nodes tbody"), rows, 10, "No node has joined yet: start one with python node.py");
 }
 
 function drawJobs(jobs) {

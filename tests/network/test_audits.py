@@ -1,0 +1,46 @@
+"""Audits over real processes: a node that answers with another model's tokens under the name it
+claims is caught by re-running sampled jobs on its peers, and quarantined; honest nodes are not
+(issue 26)."""
+
+import concurrent.futures
+
+import httpx
+
+from tests.helpers import wait_for
+
+
+def test_a_node_that_substitutes_another_model_is_caught_by_audits_and_gets_no_more_jobs(net):
+    slow = ("--seeded", "--num-parallel", "1", "--delay", "0.02")  # one job at a time each: load spreads
+    honest = [net.sim(*slow), net.sim(*slow)]
+    cheat = net.sim(*slow, "--cheat", "substitute")
+    net.operator(audit_rate=1.0)
+    for name, sim in (("a", honest[0]), ("b", honest[1]), ("cheat", cheat)):
+        net.node(name, sim)
+    net.wait_nodes("a", "b", "cheat")
+    sent = 0
+
+    def ask(i: int) -> None:
+        httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"question {i}", "stream": False},
+                   timeout=20).raise_for_status()
+
+    def caught() -> bool:  # three clients at once, so that every node serves some
+        nonlocal sent
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(ask, range(sent, sent + 3)))
+        sent += 3
+        return net.listing()["cheat"]["quarantined"]
+
+    wait_for(caught, timeout=30, interval=0.2)
+    rows = net.listing()
+    assert rows["cheat"]["audits"]["failed"] >= 1 and rows["cheat"]["reputation"] < 0.5
+    for name in ("a", "b"):
+        assert not rows[name]["quarantined"] and rows[name]["audits"]["failed"] == 0, rows[name]
+    assert rows["a"]["audits"]["passed"] + rows["b"]["audits"]["passed"] >= 1
+    metrics = httpx.get(f"{net.op_url}/metrics").text
+    assert 'odla_audits_total{result="failed"}' in metrics and "odla_audit_tokens_total" in metrics
+    # quarantined: no more jobs for it, while the others serve on
+    before = httpx.get(f"{cheat}/_sim/stats").json()["requests"]
+    for i in range(6):
+        httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"after {i}", "stream": False},
+                   timeout=10).raise_for_status()
+    assert httpx.get(f"{cheat}/_sim/stats").json()["requests"] == before
