@@ -19,8 +19,10 @@ The first ``audit_tokens`` words of the two answers match: the job passes. They 
 node answers too, and any node whose answer is the odd one out (the other two agree, within
 drift, and it agrees with neither) fails, as does one that stopped well short of what both others
 gave under the same seed. Otherwise (no third node, or three different answers) the audit says
-nothing. A node's reputation is ``(1 + passed) / (1 + passed + 4 x (failed + disputed))``; under
-``quarantine_below`` it gets no jobs, and its receipts from the open epoch on are disputed.
+nothing. What the audits and receipts found is ``(1 + passed) / (1 + passed + 4 x (failed +
+disputed))``; a node's reputation is that, weighed by the share of its jobs that ended well
+(``Node.rate``). Under ``quarantine_below`` it gets no jobs, and its receipts from the open epoch on
+are disputed.
 """
 
 from __future__ import annotations
@@ -312,7 +314,7 @@ class Auditor:
 
     def _judge(self, node: Node) -> None:
         standing = node.standing = self.of(node.node_id)
-        node.reputation = standing.reputation
+        node.rate()
         if not node.quarantined and node.reputation < self.quarantine_below:
             node.quarantined = True
             log.warning("node %s is quarantined: reputation %.2f (%d audits passed, %d failed, %d receipts "

@@ -82,7 +82,11 @@ class Node:
     address: Optional[str] = None
     "The key that signed its registration (``odla.operator.identities``); None: an unsigned node."
     reputation: float = 1.0
-    "From its audits and disputed receipts (``odla.operator.audits``): 1 until something counts against it."
+    """From its audits, disputed receipts and outcomes (``rate``; ``odla.operator.audits``): 1 until
+    something counts against it."""
+    ok_jobs: int = 0
+    failed_jobs: int = 0
+    "Its jobs that ended well, and those it failed (here, since it joined)."
     quarantined: bool = False
     "Its reputation fell under ``quarantine_below``: it gets no jobs."
     digests: dict[str, str] = field(default_factory=dict)
@@ -108,9 +112,20 @@ class Node:
         """A job here ended: ``ok``, or it failed because of the node. Rests only ever get longer."""
         self.errors = ERROR_WEIGHT * (0.0 if ok else 1.0) + (1 - ERROR_WEIGHT) * self.errors
         self.failures = 0 if ok else self.failures + 1
+        if ok:
+            self.ok_jobs += 1
+        else:
+            self.failed_jobs += 1
+        self.rate()
         if self.failures >= REST_AFTER:
             rest = min(REST_MAX_S, REST_BASE_S * 2 ** (self.failures - REST_AFTER))
             self.resting_until = max(self.resting_until or 0.0, now + rest)
+
+    def rate(self) -> None:
+        """Its reputation: what audits and receipts found of it (``standing``), weighed by how many
+        of its jobs ended well (a node that fails half its jobs keeps at most 7/8 of it)."""
+        found = self.standing.reputation if self.standing is not None else 1.0
+        self.reputation = found * (0.75 + 0.25 * (1 + self.ok_jobs) / (1 + self.ok_jobs + self.failed_jobs))
 
     def resting(self, now: float) -> bool:
         return self.resting_until is not None and self.resting_until > now

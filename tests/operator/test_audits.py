@@ -32,3 +32,18 @@ def test_agreement_and_reputation():
     assert Standing().reputation == 1.0
     assert Standing(failed=1).reputation == 0.2 and Standing(disputed=1).reputation == 0.2
     assert Standing(passed=9, failed=1).reputation > 0.5  # one wrong verdict among many does not quarantine
+
+
+def test_a_nodes_outcomes_weigh_on_its_reputation_but_never_quarantine_it_alone():
+    from odla.operator.registry import Node
+
+    node = Node("n1", "http://127.0.0.1:1", ["llama3"], 0.0)
+    for ok in [True, False] * 50:
+        node.outcome(ok, 0.0)
+    assert 0.85 < node.reputation < 0.9  # half its jobs failed: at most 7/8 of what was found of it
+    for _ in range(1000):
+        node.outcome(False, 0.0)
+    assert node.reputation > 0.75 > 0.5 and not node.quarantined
+    node.standing = Standing(failed=1)
+    node.rate()
+    assert node.reputation < 0.2
