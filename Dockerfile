@@ -17,10 +17,13 @@ COPY sim/ sim/
 COPY scripts/healthcheck.py scripts/
 COPY server.py node.py client.py config.json ./
 
-# The operator's job receipts live in /data (a volume in docker-compose.yml), writable by the app's user.
+# The operator's job receipts and each program's key (made on first start, mode 0600) live in /data
+# (a volume in docker-compose.yml), writable by the app's user: a node's id belongs to its key.
 RUN groupadd --gid 10001 odla && useradd --create-home --uid 10001 --gid 10001 odla \
     && mkdir /data && chown 10001:10001 /data
-ENV ODLA_JOBS_DB=/data/jobs.db
+ENV ODLA_JOBS_DB=/data/jobs.db \
+    ODLA_NODE_KEY_FILE=/data/node.key \
+    ODLA_OPERATOR_KEY_FILE=/data/operator.key
 VOLUME ["/data"]
 USER 10001:10001
 

@@ -181,6 +181,7 @@ class Node:
         with contextlib.suppress(ValueError, AttributeError):
             if address := resp.json().get("operator_address"):
                 self.operator_addresses[operator] = address
+                self.receipts.known.add(address)
                 if address != whose and self.receipts.waiting.get(address):
                     self.report_soon.set()  # its receipts, now that the node knows whose they are
         if operator not in self.state.registered_with:

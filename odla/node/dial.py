@@ -174,6 +174,8 @@ class Dialer:
         if welcome.get("t") != "welcome":
             raise ConnectionClosed(None, None)
         self.operator_address = welcome.get("operator") if isinstance(welcome.get("operator"), str) else None
+        if self.operator_address:
+            self.node.receipts.known.add(self.operator_address)
         log.info("linked to operator at %s as %s", self.operator, self.node.state.node_id)
         self.node.state.registered_with.add(self.operator)
         self.linked = True

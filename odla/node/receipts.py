@@ -42,6 +42,10 @@ class ReceiptBook:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
         self.waiting: dict[str, collections.deque[p.SignedReceipt]] = {}
+        self.known: set[str] = set()
+        "The operators (addresses) this node reports to: only their receipts are kept."
+        self.said: set[str] = set()
+        "Operators whose receipts were dropped, said once each."
 
     def asked(self, headers: Mapping[str, str], body: bytes) -> Optional[Asked]:
         """The job in this request, when an operator sent it (its address and the job's id in the headers)."""
@@ -58,6 +62,12 @@ class ReceiptBook:
         """Sign the receipt of a job that ended (``outcome``: ok, error or cancelled) and keep it for its operator."""
         if asked is None:
             return
+        if asked.operator not in self.known:  # an operator sharing this node through Redis, which it never reports to
+            if asked.operator not in self.said:
+                self.said.add(asked.operator)
+                log.warning("jobs come from operator %s, which this node does not report to: their receipts are not "
+                            "kept (add it to COORDINATOR_URL)", asked.operator)
+            return
         receipt = Receipt(job_id=asked.job_id, operator=asked.operator, node=self.identity.address, model=model,
                           model_digest=digest_hex(digest), request_hash=asked.request_hash,
                           output_hash="0x" + output.hexdigest(), prompt_tokens=min(prompt_tokens or 0, 2 ** 32 - 1),
@@ -66,8 +76,9 @@ class ReceiptBook:
         signed = p.SignedReceipt.model_construct(receipt=receipt.message(),
                                                  signature="0x" + self.identity.sign(receipt.digest()).hex())
         queue = self.waiting.setdefault(asked.operator, collections.deque(maxlen=MAX_WAITING))
-        if len(queue) == MAX_WAITING:
-            log.warning("receipts for operator %s are not being collected: the oldest is dropped", asked.operator)
+        if len(queue) == MAX_WAITING and asked.operator not in self.said:
+            self.said.add(asked.operator)
+            log.warning("receipts for operator %s are not being collected: the oldest go", asked.operator)
         queue.append(signed)
 
     def take(self, operator: Optional[str], limit: int = p.MAX_RECEIPTS) -> list[p.SignedReceipt]:
