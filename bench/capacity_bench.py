@@ -76,7 +76,8 @@ def run(name: str, told: bool, parallel: int, plan: dict) -> dict:
     ports = {k: free_port() for k in ("sim", "operator", "node")}
     config = workdir / "config.json"
     config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{ports['operator']}", "log_level": "warning",
-                                  "operator_host": "127.0.0.1", "node_host": "127.0.0.1", "jobs_db": ":memory:"}))
+                                  "operator_host": "127.0.0.1", "node_host": "127.0.0.1", "jobs_db": ":memory:",
+                                  "audit_rate": 0}))
     try:
         procs.start("sim", [PY, "sim/ollama_sim.py", "--port", str(ports["sim"]), "--models", "llama3",
                             "--tokens", "50", "--delay", "0.02", "--num-parallel", str(parallel), "--preload", "llama3"])

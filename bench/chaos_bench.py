@@ -398,7 +398,7 @@ def main() -> None:
             wait_port(ports["redis"])
             common = {"operator_host": "127.0.0.1", "node_host": "127.0.0.1", "log_level": "warning",
                       "health_check_interval": 0.5, "health_check_timeout": 1, "heartbeat_interval": 0.5,
-                      "prune_after": 3, "connect_timeout": 1, "lease_seconds": 3,
+                      "prune_after": 3, "connect_timeout": 1, "lease_seconds": 3, "audit_rate": 0,
                       "redis_url": f"redis://127.0.0.1:{redis_proxy.url.rsplit(':', 1)[1]}/0"}
             for name, port in (("a", ports["a"]), ("b", ports["b"])):
                 config = workdir / f"{name}.json"

@@ -350,7 +350,7 @@ def start_odla(procs: Procs, cluster: Cluster, workdir: Path, sim_ports: dict[st
     config = workdir / "config.json"
     config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
                                   "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
-                                  "jobs_db": str(workdir / f"jobs-{op_port}.db")}))
+                                  "audit_rate": 0, "jobs_db": str(workdir / f"jobs-{op_port}.db")}))
     env = {"ODLA_CONFIG": str(config)}
     procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
     for name, (_, slots, _, _) in cluster.nodes.items():

@@ -214,7 +214,7 @@ def main() -> None:
     config = workdir / "config.json"
     config.write_text(json.dumps({"operator_url": op_url, "operator_host": "127.0.0.1", "node_host": "127.0.0.1",
                                   "join_token": TOKEN, "health_check_interval": 2, "prune_after": 10,
-                                  "jobs_db": ":memory:", "log_level": "warning"}))
+                                  "jobs_db": ":memory:", "log_level": "warning", "audit_rate": 0}))
     env = {"ODLA_CONFIG": str(config)}
     flag = ["--smoke"] if args.smoke else []
     try:

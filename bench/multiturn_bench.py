@@ -82,7 +82,7 @@ def run(affinity: bool, plan: dict) -> dict:
         config = workdir / "config.json"
         config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
                                       "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
-                                      "affinity": affinity, "jobs_db": str(workdir / "jobs.db")}))
+                                      "affinity": affinity, "audit_rate": 0, "jobs_db": str(workdir / "jobs.db")}))
         env = {"ODLA_CONFIG": str(config)}
         procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
         for i, port in enumerate(sims):

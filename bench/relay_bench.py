@@ -419,7 +419,7 @@ def main() -> None:
         config = workdir / "config.json"
         config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{ports['operator']}",
                                       "operator_host": "127.0.0.1", "node_host": "127.0.0.1",
-                                      "log_level": "warning"}))
+                                      "log_level": "warning", "audit_rate": 0}))
         env = {"ODLA_CONFIG": str(config)}
         procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(ports["operator"])})
         for i, port in enumerate(node_ports):

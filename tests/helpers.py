@@ -108,7 +108,7 @@ def settings(**values: Any) -> Settings:
     """Test settings: fast intervals, loopback only."""
     base = dict(operator_host="127.0.0.1", node_host="127.0.0.1", health_check_interval=0.5,
                 health_check_timeout=1, heartbeat_interval=0.5, connect_timeout=1, jobs_db=":memory:",
-                node_private_key=NODE_KEY, operator_private_key=OPERATOR_KEY)
+                node_private_key=NODE_KEY, operator_private_key=OPERATOR_KEY, audit_rate=0)
     base.update(values)
     return Settings(**base)
 
@@ -197,7 +197,8 @@ def wait_http(url: str, timeout: float = 15) -> None:
 
 
 FAST = {"health_check_interval": 0.5, "health_check_timeout": 1, "heartbeat_interval": 0.5,
-        "prune_after": 3, "connect_timeout": 1}
+        "prune_after": 3, "connect_timeout": 1, "audit_rate": 0}
+"(No audits unless a test asks: a re-run is a job on a node, which most tests count.)"
 
 
 class Network:
