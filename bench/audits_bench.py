@@ -81,7 +81,9 @@ def one_run(seed: int, workdir: Path, max_jobs: int) -> dict:
         deadline = time.monotonic() + 60
         while len(httpx.get(f"{url}/nodes", timeout=5).json()["nodes"]) < len(nodes):
             if time.monotonic() > deadline:
-                raise SystemExit("bench: the nodes did not all register")
+                dead = [name for name, proc in procs.procs.items() if proc.poll() is not None]
+                said = {name: (workdir / f"{name}.log").read_text()[-600:] for name in dead}
+                raise SystemExit(f"bench: the nodes did not all register; stopped: {said}")
             time.sleep(0.2)
         caught: dict[str, int] = {}
         wrongly: set[str] = set()
@@ -139,12 +141,13 @@ def _metric(text: str, name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--first", type=int, default=1, help="the first run's seed")
     parser.add_argument("--smoke", action="store_true", help="one short run: that it runs, not its figures")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "audits.json"))
     args = parser.parse_args()
     runs, max_jobs = (1, 30) if args.smoke else (args.runs, MAX_JOBS)
     results = []
-    for seed in range(1, runs + 1):
+    for seed in range(args.first, args.first + runs):
         with tempfile.TemporaryDirectory(prefix="odla-audits-") as folder:
             result = one_run(seed, Path(folder), max_jobs)
         results.append(result)

@@ -56,10 +56,15 @@ class ServerThread:
                                 timeout_graceful_shutdown=2, **config)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     def _serve(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self.sock])
+
         with contextlib.suppress(SystemExit):  # uvicorn's own exit when the app's start-up failed
-            asyncio.run(self.server.serve(sockets=[self.sock]))
+            asyncio.run(serve())
 
     def start(self) -> "ServerThread":
         self.thread.start()
@@ -74,6 +79,18 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        if self.thread.is_alive():  # say where it hangs: a server that does not stop is a bug to find
+            stacks = []
+            for task in list(asyncio.all_tasks(self.loop)):
+                frames, coro = [], task.get_coro()
+                while coro is not None:  # down the chain of awaits, to where it waits
+                    frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+                    if frame is not None:
+                        frames.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+                    coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+                stacks.append(f"{task.get_name()}:\n" + "\n".join(frames))
+            sys.__stderr__.write(f"\nserver thread {self.url} did not stop within 10 s; its tasks:\n"
+                                 + "\n".join(stacks) + "\n")
         self.sock.close()
 
     def __enter__(self) -> "ServerThread":

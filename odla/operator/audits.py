@@ -138,12 +138,13 @@ def words_of(data: bytes) -> list[str]:
 
 
 def agreement(a: list[str], b: list[str], n: int) -> float:
-    """The share of the first ``n`` words that two answers have alike (position by position)."""
+    """The share of the first ``n`` words that two answers have alike, position by position, as far
+    as the shorter goes (an answer cut short agrees with the whole one: ``_short`` judges its length)."""
     a, b = a[:n], b[:n]
-    longest = max(len(a), len(b))
-    if not longest:
+    shortest = min(len(a), len(b))
+    if not shortest:
         return 1.0
-    return sum(x == y for x, y in zip(a, b)) / longest
+    return sum(x == y for x, y in zip(a, b)) / shortest
 
 
 class Auditor:

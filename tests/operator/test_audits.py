@@ -28,7 +28,7 @@ def test_words_are_read_from_every_doors_answer():
 
 def test_agreement_and_reputation():
     assert agreement(["a", "b", "c", "d"], ["a", "b", "x", "d"], 32) == 0.75
-    assert agreement(["a"], ["a", "b"], 32) == 0.5 and agreement([], [], 32) == 1.0
+    assert agreement(["a"], ["a", "b"], 32) == 1.0 and agreement([], [], 32) == 1.0  # a cut answer: its length judges it
     assert Standing().reputation == 1.0
     assert Standing(failed=1).reputation == 0.2 and Standing(disputed=1).reputation == 0.2
     assert Standing(passed=9, failed=1).reputation > 0.5  # one wrong verdict among many does not quarantine
