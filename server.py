@@ -194,6 +194,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                 await loops.enter_async_context(background(checker.run(), "health-checks"))
                 await loops.enter_async_context(background(receipts.run(), "receipts"))
                 await loops.enter_async_context(background(epochs.run(), "epochs"))
+                await loops.enter_async_context(background(app.state.countersigner.run(), "receipts-check"))
                 if shared is not None:
                     await loops.enter_async_context(background(shared.run(), "shared-state"))
                     await loops.enter_async_context(background(shared.listen(), "freed-slots"))

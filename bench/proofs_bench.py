@@ -3,7 +3,7 @@
     make bench                (or: .venv/bin/python bench/proofs_bench.py [--smoke] [--out FILE])
 
 - The operator's CPU per job for a node's receipt: its signature recovered, its facts checked
-  against the job, the operator's countersignature (``Countersigner.take``, as on a report);
+  against the job, the operator's countersignature (``Countersigner.check``, as on a report);
   target at most 300 us.
 - A Merkle root over 1,000,000 receipts (target at most 10 s) and a proof's size (at most 2 KiB).
 - ``client.py verify --file`` on a saved proof, a whole process (target under a second).
@@ -68,7 +68,7 @@ def countersign_cost(jobs: int) -> float:
                                                        signature="0x" + node_key.sign(receipt.digest()).hex()))
     began = time.process_time()
     for i in range(0, jobs, 16):  # as reports bring them: a few at a time
-        signer.take(node, reports[i:i + 16])
+        signer.check(node, reports[i:i + 16])
     took = time.process_time() - began
     assert signer.store.signed == jobs, "every receipt checks out"  # type: ignore[attr-defined]
     return took / jobs * 1e6
