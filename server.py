@@ -183,7 +183,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
             router.audit_seed = settings.audit_seed
-            auditor = app.state.auditor = network.auditor = Auditor(settings, registry, router)
+            auditor = app.state.auditor = network.auditor = Auditor(settings, registry, router, receipts)
+            await auditor.open()
             app.state.countersigner.auditor = auditor
             auditor.on_quarantine = lambda node: receipts.dispute_open(node.node_id, "the node is quarantined")
             if shared is not None:

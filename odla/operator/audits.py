@@ -148,7 +148,7 @@ def agreement(a: list[str], b: list[str], n: int) -> float:
 
 
 class Auditor:
-    def __init__(self, settings: Settings, registry: Registry, router: Any,
+    def __init__(self, settings: Settings, registry: Registry, router: Any, store: Any = None,
                  rng: Callable[[], float] = random.random) -> None:
         self.rate = settings.audit_rate
         self.tokens = settings.audit_tokens
@@ -156,6 +156,8 @@ class Auditor:
         self.registry = registry
         self.router = router
         self.rng = rng
+        self.store = store
+        "Where what was found of each node is kept (``Receipts.stand``): a restart forgets no cheat."
         self.standing: dict[str, Standing] = {}
         self.running: set[asyncio.Task] = set()
         self.on_quarantine: Callable[[Node], None] = lambda node: None
@@ -163,6 +165,10 @@ class Auditor:
         self.counts = {"passed": 0, "failed": 0, "inconclusive": 0, "skipped": 0}
         self.audit_tokens = 0
         "Tokens the audits' answers cost, all together (apart from the clients' in /metrics)."
+
+    async def open(self) -> None:
+        if self.store is not None:
+            self.standing = {node_id: Standing(*found) for node_id, found in (await self.store.standings_kept()).items()}
 
     # --- per job, on the event loop: no I/O ------------------------------------------------------
 
@@ -177,6 +183,7 @@ class Auditor:
 
     def disputed(self, node: Node) -> None:
         self.of(node.node_id).disputed += 1
+        self._keep(node.node_id)
         self._judge(node)
 
     def ended(self, job: Job) -> None:
@@ -296,6 +303,7 @@ class Auditor:
     def _passed(self, node_id: str) -> None:
         self.counts["passed"] += 1
         self.of(node_id).passed += 1
+        self._keep(node_id)
         node = self.registry.get(node_id)
         if node is not None:
             self._judge(node)
@@ -308,10 +316,16 @@ class Auditor:
     def _failed(self, node_id: str, job: Job, why: str) -> None:
         self.counts["failed"] += 1
         self.of(node_id).failed += 1
+        self._keep(node_id)
         log.warning("node %s failed an audit (job %s, model %s): %s", node_id, job.id, job.model, why)
         node = self.registry.get(node_id)
         if node is not None:
             self._judge(node)
+
+    def _keep(self, node_id: str) -> None:
+        if self.store is not None:
+            found = self.standing[node_id]
+            self.store.stand(node_id, found.passed, found.failed, found.disputed)
 
     def _judge(self, node: Node) -> None:
         standing = node.standing = self.of(node.node_id)

@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
 CREATE TABLE IF NOT EXISTS epochs (number INTEGER PRIMARY KEY, typed TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS standings (node_id TEXT PRIMARY KEY, passed INTEGER NOT NULL, failed INTEGER NOT NULL,
+    disputed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS node_addresses (node_id TEXT PRIMARY KEY, address TEXT NOT NULL, bound REAL NOT NULL);
 """
 INSERT = f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -79,6 +81,7 @@ class Receipts:
         self.pending: list[Job] = []
         self.bindings: list[tuple[str, str, float]] = []
         self.disputes: list[tuple[str, str]] = []
+        self.standings: dict[str, tuple[int, int, int]] = {}
         self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
         """Receipts signed by their nodes and countersigned since the last batch: (message, node's,
         operator's, disputed, digest, id)."""
@@ -124,6 +127,14 @@ class Receipts:
         assert job.signed is not None
         self.signatures.append((*job.signed, job.id))
 
+    def stand(self, node_id: str, passed: int, failed: int, disputed: int) -> None:
+        """What audits and receipts found of a node, kept with the next batch (``odla.operator.audits``)."""
+        self.standings[node_id] = (passed, failed, disputed)
+
+    async def standings_kept(self) -> dict[str, tuple[int, int, int]]:
+        rows = await self._call(self._select, "SELECT node_id, passed, failed, disputed FROM standings", ())
+        return {node_id: (passed, failed, disputed) for node_id, passed, failed, disputed in rows}
+
     def dispute_open(self, node_id: str, reason: str) -> None:
         """The node's receipts not yet in a closed epoch are disputed (with the next batch)."""
         self.disputes.append((reason, node_id))
@@ -162,6 +173,9 @@ class Receipts:
         if self.disputes:
             disputes, self.disputes = self.disputes, []
             await self._call(self._dispute, disputes)
+        if self.standings:
+            standings, self.standings = self.standings, {}
+            await self._call(self._stand, [(node_id, *found) for node_id, found in standings.items()])
 
     async def get(self, job_id: str) -> Optional[JobReceipt]:
         job = self.running.get(job_id) or next((j for j in self.pending if j.id == job_id), None)
@@ -211,6 +225,12 @@ class Receipts:
         with self._db:
             self._db.executemany("UPDATE jobs SET receipt = ?, node_signature = ?, operator_signature = ?, "
                                  "disputed = ?, receipt_digest = ? WHERE id = ?", rows)
+
+    def _stand(self, rows: list[tuple[str, int, int, int]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO standings (node_id, passed, failed, disputed) VALUES (?, ?, ?, ?)",
+                                 rows)
 
     def _dispute(self, rows: list[tuple[str, str]]) -> None:
         assert self._db is not None

@@ -13,7 +13,7 @@ def test_a_node_that_substitutes_another_model_is_caught_by_audits_and_gets_no_m
     slow = ("--seeded", "--num-parallel", "1", "--delay", "0.02")  # one job at a time each: load spreads
     honest = [net.sim(*slow), net.sim(*slow)]
     cheat = net.sim(*slow, "--cheat", "substitute")
-    net.operator(audit_rate=1.0)
+    operator = net.operator(audit_rate=1.0)
     for name, sim in (("a", honest[0]), ("b", honest[1]), ("cheat", cheat)):
         net.node(name, sim)
     net.wait_nodes("a", "b", "cheat")
@@ -44,3 +44,9 @@ def test_a_node_that_substitutes_another_model_is_caught_by_audits_and_gets_no_m
         httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"after {i}", "stream": False},
                    timeout=10).raise_for_status()
     assert httpx.get(f"{cheat}/_sim/stats").json()["requests"] == before
+    # what was found is kept: a restarted operator does not take the cheat back
+    operator.stop()
+    net.operator(audit_rate=1.0)
+    wait_for(lambda: len(net.listing()) == 3, timeout=15)
+    rows = net.listing()
+    assert rows["cheat"]["quarantined"] and rows["cheat"]["audits"]["failed"] >= 1 and not rows["a"]["quarantined"]
