@@ -19,7 +19,9 @@ The first ``audit_tokens`` words of the two answers match: the job passes. They 
 node answers too, and any node whose answer is the odd one out (the other two agree, within
 drift, and it agrees with neither) fails, as does one that stopped well short of what both others
 gave under the same seed. Otherwise (no third node, or three different answers) the audit says
-nothing. What the audits and receipts found is ``(1 + passed) / (1 + passed + 4 x (failed +
+nothing. A node that has no peer with its model's digest is asked a canary instead: a request
+whose answer two nodes gave alike in a passed audit (the last ``CANARIES`` per model and digest),
+and held to that answer. What the audits and receipts found is ``(1 + passed) / (1 + passed + 4 x (failed +
 disputed))``; a node's reputation is that, weighed by the share of its jobs that ended well
 (``Node.rate``). Under ``quarantine_below`` it gets no jobs, and its receipts from the open epoch on
 are disputed.
@@ -28,6 +30,7 @@ are disputed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -53,6 +56,8 @@ DISAGREE = 0.5
 "An answer that matches less than this share of another's first words is another answer."
 SHORT = 0.75
 "An answer this much shorter than both others' under the same seed stopped early."
+CANARIES = 16
+"Canaries kept per model and digest (the latest passed audits')."
 PENALTY = 4
 "What a failed audit or a disputed receipt weighs against a passed audit."
 SEEDED_PATHS = {"/run": "options", "/inference": "options", "/api/generate": "options", "/api/chat": "options",
@@ -163,6 +168,10 @@ class Auditor:
         self.on_quarantine: Callable[[Node], None] = lambda node: None
         "Called when a node falls under quarantine_below (its receipts from the open epoch on are disputed)."
         self.counts = {"passed": 0, "failed": 0, "inconclusive": 0, "skipped": 0}
+        self.canary_runs = 0
+        "Audits made with a canary (a node without a peer), among those counted."
+        self.canaries: dict[tuple[str, str], collections.deque] = {}
+        "(model key, digest) -> requests and the answer two nodes gave alike: for nodes without a peer."
         self.audit_tokens = 0
         "Tokens the audits' answers cost, all together (apart from the clients' in /metrics)."
 
@@ -224,6 +233,9 @@ class Auditor:
             return
         original = words_of(capture.answer)
         answers: dict[str, list[str]] = {job.node: original}
+        if self._peers(key, digest, {job.node}) is None:  # no other node runs this model: a canary instead
+            await self._canary(job, key, digest)
+            return
         for _ in range(2):
             peers = self._peers(key, digest, set(answers))
             if peers is None:
@@ -238,11 +250,36 @@ class Auditor:
                     self._failed(job.node, job, f"it counted {claimed} output tokens for an answer of {counted}")
                 else:
                     self._passed(job.node)
+                    self._record(key, digest, capture.request, original)
                 return
         if len(answers) < 3:
             self.counts["inconclusive"] += 1
             return
         self._judge_three(job, answers)
+
+    def _record(self, key: str, digest: str, request: tuple[str, str, bytes], words: list[str]) -> None:
+        """Two nodes gave this answer to this request: a canary for a node that has no peer later."""
+        canaries = self.canaries.setdefault((key, digest), collections.deque(maxlen=CANARIES))
+        canaries.append((request, words))
+
+    async def _canary(self, job: Job, key: str, digest: str) -> None:
+        """The node has no peer with its model's digest: ask it a request whose answer two nodes
+        gave alike before (recorded from a passed audit), and hold it to that answer."""
+        canaries = self.canaries.get((key, digest))
+        if not canaries:
+            self.counts["inconclusive"] += 1  # none recorded yet: nothing to hold it to
+            return
+        request, expected = canaries[int(self.rng() * len(canaries)) % len(canaries)]
+        others = [n.node_id for n in self.registry.nodes() if n.node_id != job.node]
+        node_id, words, _ = await self._rerun(job, request, others)
+        if node_id != job.node:
+            self.counts["inconclusive"] += 1
+            return
+        self.canary_runs += 1
+        if agreement(words, expected, self.tokens) < DISAGREE or _short(words, expected):
+            self._failed(job.node, job, "its answer to a canary is not the one two nodes gave")
+        else:
+            self._passed(job.node)
 
     def _peers(self, key: str, digest: str, used: set[str]) -> Optional[list[str]]:
         """The node ids NOT to ask: every node without this digest for the model, and those asked."""

@@ -3,6 +3,7 @@ claims is caught by re-running sampled jobs on its peers, and quarantined; hones
 (issue 26)."""
 
 import concurrent.futures
+import re
 
 import httpx
 
@@ -50,3 +51,37 @@ def test_a_node_that_substitutes_another_model_is_caught_by_audits_and_gets_no_m
     wait_for(lambda: len(net.listing()) == 3, timeout=15)
     rows = net.listing()
     assert rows["cheat"]["quarantined"] and rows["cheat"]["audits"]["failed"] >= 1 and not rows["a"]["quarantined"]
+
+
+def test_a_node_left_without_peers_is_held_to_the_answers_two_nodes_gave_before(net):
+    slow = ("--seeded", "--num-parallel", "1", "--delay", "0.02")
+    sims = {"a": net.sim(*slow), "b": net.sim(*slow)}
+    net.operator(audit_rate=1.0)
+    for name, sim in sims.items():
+        net.node(name, sim)
+    net.wait_nodes("a", "b")
+
+    def ask(i: int) -> None:
+        httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"canary {i}", "stream": False},
+                   timeout=20).raise_for_status()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # audits pass: their answers become canaries
+        list(pool.map(ask, range(6)))
+    wait_for(lambda: net.listing()["a"]["audits"]["passed"] + net.listing()["b"]["audits"]["passed"] >= 2)
+    net.nodes["b"].stop()  # a is alone with its model now
+    wait_for(lambda: "b" not in net.listing() or not net.listing()["b"]["healthy"], timeout=15)
+    httpx.post(f"{sims['a']}/_sim/config", json={"cheat": "substitute"}).raise_for_status()
+    sent = 100
+
+    def caught() -> bool:  # (once it is quarantined no node can take the job: look first)
+        nonlocal sent
+        if net.listing()["a"]["quarantined"]:
+            return True
+        sent += 1
+        ask(sent)
+        return net.listing()["a"]["quarantined"]
+
+    wait_for(caught, timeout=30, interval=0.3)
+    assert net.listing()["a"]["audits"]["failed"] >= 1
+    failed = re.search(r'odla_audits_total\{result="failed"\} (\S+)', httpx.get(f"{net.op_url}/metrics").text)
+    assert failed and float(failed[1]) >= 1
