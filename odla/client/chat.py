@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,40 @@ class Answer:
     node: str = ""
 
 
+class Stop:
+    """Ctrl-C during an answer: the answer's task is cancelled, and the stream is left at its next
+    line even if the cancellation was swallowed on the way (asyncio.run's own Ctrl-C handling relies
+    on the cancellation reaching it, and a cancel scope inside the HTTP client can take it as its
+    own: the answer then went on to its end, the Ctrl-C lost)."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.task: Optional[asyncio.Task] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.asked = True
+        if self.loop is not None and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        try:
+            previous = signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread: Python's KeyboardInterrupt as it is
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 async def ask(operator: str, headers: dict[str, str], body: dict[str, Any],
-              on_token: Callable[[str], None]) -> Answer:
-    """One answer from ``/api/chat``, streamed to ``on_token``."""
+              on_token: Callable[[str], None], stop: Optional[Stop] = None) -> Answer:
+    """One answer from ``/api/chat``, streamed to ``on_token``; ``stop`` ends it (Ctrl-C)."""
+    if stop is not None:
+        stop.task, stop.loop = asyncio.current_task(), asyncio.get_running_loop()
     answer = Answer()
     async with httpx.AsyncClient(base_url=operator, headers=headers, timeout=httpx.Timeout(10, read=None)) as http:
         async with http.stream("POST", "/api/chat", json=body) as resp:
@@ -92,6 +124,8 @@ async def ask(operator: str, headers: dict[str, str], body: dict[str, Any],
                 raise ChatError(error_in(resp.content) or resp.text.strip() or f"HTTP {resp.status_code}")
             answer.job_id, answer.node = resp.headers.get(JOB_HEADER, ""), resp.headers.get("x-odla-node", "")
             async for line in resp.aiter_lines():
+                if stop is not None and stop.asked:
+                    raise KeyboardInterrupt
                 if not line.strip():
                     continue
                 try:
@@ -320,10 +354,12 @@ def _answer(operator: str, headers: dict[str, str], body: dict[str, Any]) -> Opt
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    with spinner:
+    with spinner, Stop().installed() as stop:
         try:
-            answer = asyncio.run(ask(operator, headers, body, on_token))
-        except KeyboardInterrupt:
+            answer = asyncio.run(ask(operator, headers, body, on_token, stop))
+            if stop.asked:  # the cancellation was swallowed: the answer ended all the same
+                raise KeyboardInterrupt
+        except (KeyboardInterrupt, asyncio.CancelledError):
             spinner.stop()
             print("\n[stopped]", file=sys.stderr)
             return None
