@@ -46,7 +46,7 @@ from odla.core.logs import setup_logging
 from odla.core.names import model_key, model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
 from odla.core.usage import Tail, Usage, door_tokens
-from odla.node.receipts import Asked, ReceiptBook, new_output, outcome_of
+from odla.node.receipts import Asked, ReceiptBook, new_output
 from odla.proofs.identity import Identity, KeyFileError
 from odla.proofs.reports import signed
 
@@ -123,7 +123,7 @@ class Node:
                  http: httpx.AsyncClient, identity: Identity) -> None:
         self.settings = settings
         self.identity = identity  # signs its reports (and receipts)
-        self.receipts = ReceiptBook(identity)
+        self.receipts = ReceiptBook(identity, lambda model: self.state.digests.get(model_key(model)))
         self.operator_addresses: dict[str, str] = {}  # operator URL -> its key, from its answers
         self.ollama = ollama_api  # jobs and listings, through the SDK
         self.raw = raw  # the /ollama/... relay, bytes as they are
@@ -341,8 +341,7 @@ class Node:
             if running is not None:
                 self.capacity.ended(running)  # (a no-op once counted above)
             log.info("%s", summary(job_id, part.model, usage, tokens, outcome))
-            self.receipts.sign(asked, part.model, self.state.digests.get(model_key(part.model)), out, usage.prompt_tokens,
-                               usage.output_tokens if usage.output_tokens is not None else tokens, outcome_of(outcome))
+            self.receipts.sign(asked, part.model, out, usage, tokens, outcome)
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
@@ -411,9 +410,7 @@ class Node:
             if job is not None:
                 usage = tail.usage()
                 log.info("%s", summary(job[0], job[1], usage, None, outcome))
-                self.receipts.sign(asked, job[1], self.state.digests.get(model_key(job[1])), out, usage.prompt_tokens,
-                                   usage.output_tokens if usage.output_tokens is not None else sent,
-                                   outcome_of(outcome))
+                self.receipts.sign(asked, job[1], out, usage, sent, outcome)
 
 
 def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcome: str) -> str:

@@ -1,10 +1,10 @@
 """The node's side of receipts: it signs one at the end of every job, and hands them to the
 operator that sent the job with its next report (a registration, or a status on its link).
 
-    book = ReceiptBook(identity)
+    book = ReceiptBook(identity, digest_of)           # digest_of(model): its Ollama digest
     asked = book.asked(request.headers, body)          # None: no operator named (nothing to sign)
-    out = hashlib.sha256(); out.update(piece) ...       # each piece of the answer as it is sent
-    book.sign(asked, model, digest, out, prompt_tokens, output_tokens, outcome)
+    out = new_output(); out.update(piece) ...          # each piece of the answer as it is sent
+    book.sign(asked, model, out, usage, sent, outcome) # sent: tokens counted, when Ollama gives no count
     book.take(operator_address) -> [SignedReceipt]; book.put_back(...) when the report failed
 
 Receipts wait in memory, ``MAX_WAITING`` per operator at most (the oldest go first): an operator
@@ -18,11 +18,12 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from odla.core import protocol as p
 from odla.proofs.identity import Identity, checksum
-from odla.proofs.receipts import Receipt, digest_hex, sha256_hex
+from odla.core.usage import Usage
+from odla.proofs.receipts import UINT32, Receipt, digest_hex, sha256_hex
 
 log = logging.getLogger("odla.node")
 MAX_WAITING = 10_000
@@ -39,8 +40,9 @@ class Asked:
 
 
 class ReceiptBook:
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, digest_of: Callable[[str], Optional[str]] = lambda model: None) -> None:
         self.identity = identity
+        self.digest_of = digest_of
         self.waiting: dict[str, collections.deque[p.SignedReceipt]] = {}
         self.known: set[str] = set()
         "The operators (addresses) this node reports to: only their receipts are kept."
@@ -57,9 +59,10 @@ class ReceiptBook:
         except ValueError:
             return None
 
-    def sign(self, asked: Optional[Asked], model: str, digest: Optional[str], output: "hashlib._Hash",
-             prompt_tokens: Optional[int], output_tokens: Optional[int], outcome: str) -> None:
-        """Sign the receipt of a job that ended (``outcome``: ok, error or cancelled) and keep it for its operator."""
+    def sign(self, asked: Optional[Asked], model: str, output: "hashlib._Hash", usage: Usage, sent: int,
+             outcome: str) -> None:
+        """Sign the receipt of a job that ended and keep it for its operator: Ollama's counts (``sent``,
+        the tokens the node counted, when Ollama gives none); ``outcome`` as the node's log line says it."""
         if asked is None:
             return
         if asked.operator not in self.known:  # an operator sharing this node through Redis, which it never reports to
@@ -69,10 +72,11 @@ class ReceiptBook:
                             "kept (add it to COORDINATOR_URL)", asked.operator)
             return
         receipt = Receipt(job_id=asked.job_id, operator=asked.operator, node=self.identity.address, model=model,
-                          model_digest=digest_hex(digest), request_hash=asked.request_hash,
-                          output_hash="0x" + output.hexdigest(), prompt_tokens=min(prompt_tokens or 0, 2 ** 32 - 1),
-                          output_tokens=min(output_tokens or 0, 2 ** 32 - 1), started_ms=int(asked.started * 1000),
-                          ended_ms=int(time.time() * 1000), outcome=outcome)
+                          model_digest=digest_hex(self.digest_of(model)), request_hash=asked.request_hash,
+                          output_hash="0x" + output.hexdigest(), prompt_tokens=min(usage.prompt_tokens or 0, UINT32),
+                          output_tokens=min(usage.output_tokens if usage.output_tokens is not None else sent, UINT32),
+                          started_ms=int(asked.started * 1000), ended_ms=int(time.time() * 1000),
+                          outcome=outcome_of(outcome))
         signed = p.SignedReceipt.model_construct(receipt=receipt.message(),
                                                  signature="0x" + self.identity.sign(receipt.digest()).hex())
         queue = self.waiting.setdefault(asked.operator, collections.deque(maxlen=MAX_WAITING))

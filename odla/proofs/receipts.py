@@ -18,7 +18,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
-from odla.proofs.identity import checksum
 from odla.proofs.typed import ZERO, Struct, Typed
 
 FIELDS = (("jobId", "string"), ("operator", "address"), ("node", "address"), ("model", "string"),
@@ -27,7 +26,6 @@ FIELDS = (("jobId", "string"), ("operator", "address"), ("node", "address"), ("m
           ("outcome", "string"))
 RECEIPT = Struct("Receipt", FIELDS)
 UINT32 = 2 ** 32 - 1
-UINT64 = 2 ** 64 - 1
 OUTCOMES = ("ok", "error", "cancelled")
 "How the job ended at the node: its answer complete, an error in its last line, or cut short."
 
@@ -59,17 +57,6 @@ class Receipt(Typed):
     outcome: str
 
     def __post_init__(self) -> None:
-        for name in ("model_digest", "request_hash", "output_hash"):
-            value = getattr(self, name)
-            if not (isinstance(value, str) and len(value) == 66 and value.startswith("0x")):
-                raise ValueError(f"{name} must be 0x and 64 hex digits")
-            bytes.fromhex(value[2:])
-        for name, top in (("prompt_tokens", UINT32), ("output_tokens", UINT32), ("started_ms", UINT64),
-                          ("ended_ms", UINT64)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-                raise ValueError(f"{name} must be an integer 0..{top}")
-        object.__setattr__(self, "operator", checksum(self.operator))
-        object.__setattr__(self, "node", checksum(self.node))
-        if not isinstance(self.job_id, str) or not isinstance(self.model, str) or self.outcome not in OUTCOMES:
-            raise ValueError(f"job_id and model are strings, outcome one of {', '.join(OUTCOMES)}")
+        super().__post_init__()  # each field against its type
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome is one of {', '.join(OUTCOMES)}")

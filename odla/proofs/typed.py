@@ -16,7 +16,7 @@ import functools
 from dataclasses import fields
 from typing import Any, ClassVar, Sequence
 
-from odla.proofs.identity import keccak
+from odla.proofs.identity import checksum, keccak
 
 DOMAIN = {"name": "ODLA", "version": "1"}
 "No chain yet: settlement adds ``chainId`` and ``verifyingContract``."
@@ -54,9 +54,27 @@ class Struct:
 
 
 class Typed:
-    """A frozen dataclass whose fields, in order, are ``STRUCT``'s: its digest and typed data."""
+    """A frozen dataclass whose fields, in order, are ``STRUCT``'s: its digest and typed data. Each
+    value is checked against its EIP-712 type when made (``ValueError``), addresses checksummed."""
 
     STRUCT: ClassVar[Struct]
+
+    def __post_init__(self) -> None:
+        for name, (_, kind) in zip(_names(type(self)), self.STRUCT.fields):
+            value = getattr(self, name)
+            if kind == "address":
+                object.__setattr__(self, name, checksum(value))
+            elif kind == "bytes32":
+                if not (isinstance(value, str) and len(value) == 66 and value.startswith("0x")):
+                    raise ValueError(f"{name} must be 0x and 64 hex digits")
+                bytes.fromhex(value[2:])
+            elif kind == "string":
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string")
+            else:  # uintN
+                top = 2 ** int(kind[4:]) - 1
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                    raise ValueError(f"{name} must be an integer 0..{top}")
 
     def _values(self) -> tuple:
         return tuple(getattr(self, name) for name in _names(type(self)))
