@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relay_bench import PY, ROOT, Procs, cpu_ns, free_port, wait_port  # noqa: E402
+from relay_bench import PY, ROOT, Procs, cpu_ns, free_port, odla_config, wait_port, wait_registered  # noqa: E402
 
 HONEST = ("honest-1", "honest-2", "honest-3")
 CHEATS = {"substitute": "substitute", "pad": "pad", "truncate": "truncate"}
@@ -59,11 +59,8 @@ def one_run(seed: int, workdir: Path, max_jobs: int) -> dict:
     procs = Procs(workdir)
     try:
         op_port = free_port()
-        config = workdir / "config.json"
-        config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
-                                      "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
-                                      "audit_rate": 0.05, "jobs_db": str(workdir / f"jobs-{op_port}.db")}))
-        env = {"ODLA_CONFIG": str(config)}
+        env = odla_config(workdir, op_port, heartbeat_interval=2, audit_rate=0.05,
+                          jobs_db=str(workdir / f"jobs-{op_port}.db"))
         nodes = {name: [] for name in HONEST} | {f"cheat-{kind}": ["--cheat", kind] for kind in CHEATS}
         for i, (name, flags) in enumerate(nodes.items()):
             port = free_port()
@@ -78,13 +75,7 @@ def one_run(seed: int, workdir: Path, max_jobs: int) -> dict:
                                                          "NODE_PRIVATE_KEY": "0x%064x" % (seed * 100 + i + 1)})
         wait_port(op_port)
         url = f"http://127.0.0.1:{op_port}"
-        deadline = time.monotonic() + 60
-        while len(httpx.get(f"{url}/nodes", timeout=5).json()["nodes"]) < len(nodes):
-            if time.monotonic() > deadline:
-                dead = [name for name, proc in procs.procs.items() if proc.poll() is not None]
-                said = {name: (workdir / f"{name}.log").read_text()[-600:] for name in dead}
-                raise SystemExit(f"bench: the nodes did not all register; stopped: {said}")
-            time.sleep(0.2)
+        wait_registered(op_port, len(nodes), timeout=60, procs=procs)
         caught: dict[str, int] = {}
         wrongly: set[str] = set()
         sent, failures = 0, 0

@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relay_bench import (NGINX_CONF, PY, ROOT, Procs, free_port, nginx_location, pct,  # noqa: E402
+from relay_bench import (NGINX_CONF, PY, ROOT, Procs, free_port, nginx_location, odla_config, pct,  # noqa: E402
                          wait_port, wait_registered)
 
 LOAD_MS = 1500
@@ -347,11 +347,7 @@ def judge(results: dict[str, dict]) -> dict:
 
 def start_odla(procs: Procs, cluster: Cluster, workdir: Path, sim_ports: dict[str, int]):
     op_port = free_port()
-    config = workdir / "config.json"
-    config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
-                                  "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
-                                  "audit_rate": 0, "jobs_db": str(workdir / f"jobs-{op_port}.db")}))
-    env = {"ODLA_CONFIG": str(config)}
+    env = odla_config(workdir, op_port, heartbeat_interval=2, audit_rate=0, jobs_db=str(workdir / f"jobs-{op_port}.db"))
     procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
     for name, (_, slots, _, _) in cluster.nodes.items():
         procs.start(f"node-{name}", [PY, "node.py"], {**env, "NODE_ID": name, "NODE_PORT": str(free_port()),

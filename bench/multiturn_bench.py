@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relay_bench import PY, ROOT, Procs, free_port, pct, wait_port, wait_registered  # noqa: E402
+from relay_bench import PY, ROOT, Procs, free_port, odla_config, pct, wait_port, wait_registered  # noqa: E402
 
 FULL = {"conversations": 40, "turns": 8, "system_words": 300, "user_words": 250, "answer": 60, "think_s": 2.5,
         "nodes": 4, "parallel": 10, "delay": 0.01, "prompt_ms": 1.0}
@@ -79,11 +79,8 @@ def run(affinity: bool, plan: dict) -> dict:
                                      "--prompt-ms-per-token", str(plan["prompt_ms"])])
         for port in sims:
             wait_port(port)
-        config = workdir / "config.json"
-        config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
-                                      "node_host": "127.0.0.1", "log_level": "warning", "heartbeat_interval": 2,
-                                      "affinity": affinity, "audit_rate": 0, "jobs_db": str(workdir / "jobs.db")}))
-        env = {"ODLA_CONFIG": str(config)}
+        env = odla_config(workdir, op_port, heartbeat_interval=2, affinity=affinity, audit_rate=0,
+                          jobs_db=str(workdir / "jobs.db"))
         procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
         for i, port in enumerate(sims):
             procs.start(f"node-{i}", [PY, "node.py"], {**env, "NODE_ID": f"n{i}", "NODE_PORT": str(free_port()),

@@ -479,8 +479,18 @@ def main() -> None:
     print(f"\nwritten: {out}")
 
 
-def wait_registered(port: int, count: int) -> None:
-    deadline = time.monotonic() + 30
+def odla_config(workdir: Path, op_port: int, **settings: object) -> dict[str, str]:
+    """A config.json in ``workdir`` for an operator on ``op_port`` and its nodes, on loopback and quiet
+    (``settings`` added); the environment that points a process at it."""
+    config = workdir / "config.json"
+    config.write_text(json.dumps({"operator_url": f"http://127.0.0.1:{op_port}", "operator_host": "127.0.0.1",
+                                  "node_host": "127.0.0.1", "log_level": "warning", **settings}))
+    return {"ODLA_CONFIG": str(config)}
+
+
+def wait_registered(port: int, count: int, timeout: float = 30, procs: Optional[Procs] = None) -> None:
+    """Until ``count`` nodes are listed; if not in time, which of ``procs`` stopped, and what they said."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port)) as s:
@@ -493,7 +503,9 @@ def wait_registered(port: int, count: int) -> None:
         except OSError:
             pass
         time.sleep(0.1)
-    raise SystemExit("bench: nodes did not register")
+    dead = [name for name, proc in (procs.procs.items() if procs else ()) if proc.poll() is not None]
+    said = {name: (procs.workdir / f"{name}.log").read_text()[-600:] for name in dead} if procs else {}
+    raise SystemExit(f"bench: nodes did not register{f'; stopped: {said}' if said else ''}")
 
 
 if __name__ == "__main__":
