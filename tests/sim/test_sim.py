@@ -89,7 +89,8 @@ def test_queued_counts_requests_beyond_num_parallel():
         threads = [threading.Thread(target=stream, args=(sim, f"p{i}")) for i in range(3)]
         for t in threads:
             t.start()
-        wait_for(lambda: sim.stats()["requests"] == 3 and sim.stats()["active"] == 2)
+        # the third is waiting for a slot before any is freed (under load it could arrive only after)
+        wait_for(lambda: sim.stats()["requests"] == 3 and sim.stats()["active"] == 2 and sim.stats()["queued"] == 1)
         sim.release()
         for t in threads:
             t.join()
