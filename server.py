@@ -33,9 +33,10 @@ from typing import AsyncIterator, Callable, Optional
 from fastapi import Depends, FastAPI, Request
 
 from odla.core import protocol as p
-from odla.serving.auth import (api_key_dependency, caller_of, check_api_key, may_join, node_credential,
+from odla.serving.auth import (Callers, may_join, node_credential,
                        node_credential_dependency)
 from odla.core.config import Settings, script_settings
+from odla.operator.accounts import accounts_router
 from odla.operator.doors import doors_router
 from odla.core.errors import AuthError, ODLAError
 from odla.operator.audits import Auditor
@@ -43,6 +44,9 @@ from odla.operator.countersign import Countersigner
 from odla.operator.epochs import Epochs
 from odla.operator.identities import NodeAddresses
 from odla.proofs.identity import Identity, KeyFileError
+from odla.settlement import ledger
+from odla.settlement.prices import Prices
+from odla.settlement.signin import Sessions
 from odla.operator.link import link_router
 from odla.serving.lifespan import background, serve, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
@@ -156,6 +160,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     scheduler = Scheduler(registry, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout,
                           max_queue_per_key=per_key, affinity=settings.affinity)
     network = NetworkCollector(registry, scheduler)
+    prices = Prices(settings.prices, settings.operator_fee_bps)
+    sessions = Sessions(settings.signin_ttl, settings.chain_id, settings.signin_domain)
     prom = metrics_registry(network)
     counted = RequestMetrics(prom)
     activity = Activity()
@@ -170,6 +176,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             await receipts.open()
             app.state.addresses = NodeAddresses(settings.node_addresses, settings.require_signed_nodes, receipts)
             await app.state.addresses.open()
+            if prices:
+                app.state.countersigner.prices = prices
+            if settings.settlement == "evm":
+                await settle_on_chain(app, identity)
         except (ReceiptsError, KeyFileError) as exc:
             app.state.startup_error = str(exc)
             raise
@@ -178,6 +188,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         shared = app.state.shared = SharedState(settings, registry, scheduler.wake) if settings.redis_url else None
         try:
             router = app.state.router = Router(registry, nodes, scheduler)
+            router.purse = app.state.purse
             app.state.on_exit = router.close  # Ctrl-C, SIGTERM: answers end now, saying why
             checker = app.state.checker = HealthChecker(registry, nodes, settings, on_unreachable=router.abort,
                                                         on_healthy=scheduler.wake)
@@ -196,6 +207,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                 await loops.enter_async_context(background(receipts.run(), "receipts"))
                 await loops.enter_async_context(background(epochs.run(), "epochs"))
                 await loops.enter_async_context(background(app.state.countersigner.run(), "receipts-check"))
+                if app.state.poster is not None:
+                    await loops.enter_async_context(background(app.state.poster.run(), "settlement"))
                 if shared is not None:
                     await loops.enter_async_context(background(shared.run(), "shared-state"))
                     await loops.enter_async_context(background(shared.listen(), "freed-slots"))
@@ -214,13 +227,36 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                     listen_host=settings.operator_host)
     app.state.registry = registry
     app.state.shared = None  # set by the lifespan when redis_url is
+    app.state.prices, app.state.sessions = prices, sessions
+    app.state.purse = app.state.poster = None  # set by the lifespan with settlement "evm"
+
+    async def settle_on_chain(app: FastAPI, identity: Identity) -> None:
+        """Deposits read from the escrow, settlements posted to it (``settlement: "evm"``)."""
+        from odla.settlement.chain import CHAINS, ChainError, Escrow  # web3: only when settling
+        from odla.settlement.poster import Poster
+        from odla.settlement.purse import Purse
+        escrow = Escrow(settings.chain_rpc_url, settings.chain_id, settings.escrow_address)
+        try:
+            await asyncio.to_thread(escrow.check)
+        except ChainError as exc:  # it may come back: jobs wait for it (503), nothing is lost
+            log.warning("settlement: %s", exc)
+        purse = app.state.purse = Purse(prices, escrow, settings.max_job_tokens, settings.chain_poll)
+        purse.open(await app.state.receipts.in_db(ledger.spent))
+        app.state.countersigner.on_charge = purse.charged
+        app.state.receipts.on_refund = purse.refunded
+        poster = app.state.poster = Poster(identity, escrow, app.state.receipts)
+        await poster.open()
+        app.state.epochs.on_close = poster.epoch_closed
+        log.info("settlement on %s (chain %d), escrow %s", CHAINS.get(settings.chain_id, "chain"),
+                 settings.chain_id, settings.escrow_address)
     node_auth = [Depends(node_credential_dependency(settings))]
 
     def check_node(request: Request, node_id: str) -> None:
         """The credential presented is the one for this node id (its own, or the join token)."""
         if not may_join(settings, node_id, node_credential(request.headers)):
             raise AuthError(f"missing or wrong join token for node {node_id}")
-    client_auth = [Depends(api_key_dependency(settings.api_keys))]
+    callers = Callers(settings.api_keys, settings.admin_keys, sessions)
+    client_auth = [Depends(callers.dependency())]
 
     def job_ended(job: Job) -> None:
         counted.observe(job)
@@ -228,12 +264,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         app.state.receipts.ended(job)
         app.state.countersigner.ended(job)
         app.state.auditor.ended(job)
+        if app.state.purse is not None:
+            app.state.purse.ended(job)
 
     async def new_job(request: Request) -> None:
         """A caller allowed to run jobs (``api_keys``) gets its job's record, before its body is
         read. One dependency rather than the API-key one and this: FastAPI's cost is per dependency."""
-        check_api_key(request.headers, settings.api_keys)
-        job = request.state.job = Job(door=door_of(request.scope["path"]), caller=caller_of(request.headers),
+        job = request.state.job = Job(door=door_of(request.scope["path"]), caller=callers(request.headers),
                                       on_end=job_ended, audit=app.state.auditor.sample())
         app.state.receipts.started(job)
 
@@ -316,7 +353,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     app.include_router(doors_router(registry, client_auth, job_auth))
     app.include_router(link_router(registry, settings, on_change=scheduler.wake,
                                    is_live=lambda node: app.state.router.nodes.is_node(node)))
-    app.include_router(watch_router(prom, activity, client_auth, settings.api_keys, settings.admin_keys))
+    app.include_router(watch_router(prom, activity, client_auth, callers))
+    app.include_router(accounts_router(prices, callers, client_auth))
     if settings.api_keys:
         @app.get("/openapi.json", dependencies=client_auth, include_in_schema=False)
         async def openapi() -> dict:

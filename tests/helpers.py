@@ -49,6 +49,7 @@ class ServerThread:
     """An ASGI app served by uvicorn on its own socket and event loop, in a thread."""
 
     def __init__(self, app: Any, sock: Optional[socket.socket] = None, **config: Any) -> None:
+        self.app = app
         self.sock = sock or bound_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,6 +66,11 @@ class ServerThread:
 
         with contextlib.suppress(SystemExit):  # uvicorn's own exit when the app's start-up failed
             asyncio.run(serve())
+
+    def call(self, coroutine: Any, timeout: float = 10) -> Any:
+        """Run ``coroutine`` in the server's event loop (as its own tasks would) and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def start(self) -> "ServerThread":
         self.thread.start()

@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator,
+                      model_validator)
 from odla.core.protocol import Address
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.json"
@@ -44,23 +45,27 @@ ENV_KEYS: dict[str, str] = {
     "ODLA_NODE_KEY_FILE": "node_key_file",
     "OPERATOR_PRIVATE_KEY": "operator_private_key",
     "ODLA_OPERATOR_KEY_FILE": "operator_key_file",
+    "ODLA_CHAIN_RPC_URL": "chain_rpc_url",
+    "ODLA_ESCROW_ADDRESS": "escrow_address",
 }
 
 
 # What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
 # does not stop the client. Keys outside every role are still errors.
+CHAIN = {"chain_rpc_url", "chain_id", "escrow_address"}
 SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars",
           "allowed_hosts", "allowed_origins", "request_timeout", "header_timeout"}
 ROLES: dict[str, set[str]] = {
-    "client": {"operator_url", "default_model"},
+    "client": {"operator_url", "default_model"} | CHAIN,
     "operator": SHARED | {"operator_host", "operator_port", "health_check_interval", "prune_after", "api_keys",
                           "admin_keys", "start_timeout", "max_queue", "max_queue_per_key", "queue_timeout", "affinity", "jobs_db", "jobs_keep_days", "max_nodes",
                           "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
                           "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds", "audit_rate",
-                          "audit_tokens", "audit_seed", "quarantine_below"},
+                          "audit_tokens", "audit_seed", "quarantine_below", "prices", "operator_fee_bps",
+                          "settlement", "max_job_tokens", "signin_ttl", "signin_domain", "chain_poll"} | CHAIN,
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
-                      "max_keep_alive", "node_key_file", "node_private_key"},
+                      "max_keep_alive", "node_key_file", "node_private_key"} | CHAIN,
 }
 
 
@@ -85,6 +90,14 @@ def operator_address(value: str) -> str:
         raise ValueError(f"is not an operator's address: {HOW}")
     netloc = parts.netloc if port is not None or "://" in value else f"{parts.netloc}:8000"
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+class Price(BaseModel):
+    """A model's price per million tokens, in the settlement unit's smallest denomination (wei)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictInt = Field(ge=0)
+    output: StrictInt = Field(ge=0)
 
 
 class ConfigError(Exception):
@@ -214,6 +227,38 @@ class Settings(BaseModel):
     """Node id -> the address (key) it must sign with; an id not listed is bound to the first key that
     signs for it, and kept so across restarts."""
 
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Per model (``"*"``: any other), per million prompt and output tokens, in the smallest unit:
+    ``{"llama3": {"prompt": 100000, "output": 400000}}``. Integers only. Set, it runs the ledger."""
+    operator_fee_bps: StrictInt = Field(0, ge=0, le=10_000)
+    "The operator's share of each job's cost, in basis points (100 = 1 %)."
+    settlement: Optional[Literal["evm"]] = None
+    """``"evm"``: clients pay from deposits in the escrow contract (``escrow_address`` on ``chain_rpc_url``);
+    a job that could overdraw its client's deposit is refused with 402."""
+    chain_rpc_url: Optional[str] = Field(None, repr=False)
+    "The chain's JSON-RPC endpoint (Arbitrum One, Arbitrum Sepolia, or a local anvil)."
+    chain_id: Optional[StrictInt] = Field(None, ge=1)
+    "The chain that endpoint must be (42161 Arbitrum One, 421614 Arbitrum Sepolia, 31337 anvil)."
+    escrow_address: Optional[Address] = None
+    "The escrow contract (``python scripts/escrow.py deploy`` prints it)."
+    chain_poll: float = Field(5, gt=0)
+    "How long the operator trusts a deposit it read from the chain, in seconds."
+    max_job_tokens: StrictInt = Field(4096, ge=1)
+    """The output a job that sets no limit (``num_predict``, ``max_tokens``) is held for against its
+    client's balance, with ``settlement``."""
+    signin_ttl: float = Field(86400, gt=0, le=30 * 86400)
+    "How long a wallet sign-in's bearer token works, in seconds."
+    signin_domain: Optional[str] = None
+    """The domain a sign-in message must name (EIP-4361); unset: the host the client reached
+    (its ``Host`` header, e.g. ``localhost:8000``)."""
+
+    @field_validator("chain_rpc_url")
+    @classmethod
+    def _rpc_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
     @field_validator("operator_url")
     @classmethod
     def _operator_url(cls, value: str) -> str:
@@ -259,6 +304,11 @@ class Settings(BaseModel):
         if self.jobs_db is None:
             self.jobs_db = f"jobs-{self.operator_port}.db"
         self.api_keys += [key for key in self.admin_keys if key not in self.api_keys]  # an admin is a client too
+        if self.settlement == "evm" and not (self.chain_rpc_url and self.escrow_address and self.chain_id):
+            raise ValueError("settlement \"evm\" needs chain_rpc_url, chain_id and escrow_address "
+                             "(python scripts/escrow.py deploy prints the address)")
+        if self.settlement == "evm" and not self.prices:
+            raise ValueError("settlement \"evm\" needs prices: what would clients pay for?")
         if self.min_keep_alive > self.max_keep_alive:
             raise ValueError(f"min_keep_alive ({self.min_keep_alive:g}) is more than max_keep_alive "
                              f"({self.max_keep_alive:g})")

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 from odla.core.config import Settings
 from odla.core.errors import ODLAError
 from odla.core.names import model_key
-from odla.operator.countersign import PADDING
+from odla.operator.countersign import AUDIT_CALLER, PADDING
 from odla.operator.registry import Node, Registry
 from odla.serving.jobs import Job
 
@@ -62,8 +62,6 @@ PENALTY = 4
 "What a failed audit or a disputed receipt weighs against a passed audit."
 SEEDED_PATHS = {"/run": "options", "/inference": "options", "/api/generate": "options", "/api/chat": "options",
                 "/v1/chat/completions": "top", "/v1/completions": "top"}
-AUDIT_CALLER = "odla-audit"
-
 
 @dataclass
 class Capture:

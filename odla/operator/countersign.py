@@ -29,6 +29,11 @@ from odla.operator.registry import Node
 from odla.proofs.identity import BadSignature, Identity, hex_signature, recover
 from odla.proofs.receipts import Receipt
 from odla.serving.jobs import Job
+from odla.settlement.ledger import Charge, account_of
+from odla.settlement.prices import Prices
+
+AUDIT_CALLER = "odla-audit"
+"The caller of an audit's re-run: the operator itself, which no client pays for."
 
 log = logging.getLogger("odla.operator")
 
@@ -54,6 +59,10 @@ class Countersigner:
         self.arrived = asyncio.Event()
         self.awaiting: dict[str, Job] = {}
         "Jobs of signed nodes that ended, by id, oldest first, until their node's receipt comes."
+        self.prices: Optional[Prices] = None
+        "What jobs cost (``prices`` in config): an undisputed receipt of a priced job moves money in the ledger."
+        self.on_charge: Callable[[Job], None] = lambda job: None
+        "Hears of each job whose charge was decided (``odla.settlement.purse``: its hold becomes spent)."
         self.auditor: Any = None
         "The operator's auditor (``odla.operator.audits``): hears of each node's model digests and disputes."
 
@@ -116,7 +125,21 @@ class Countersigner:
             disputed = "the node is quarantined"
         job.signed = (json.dumps(signed.receipt, separators=(",", ":")), signed.signature,
                       "0x" + self.identity.sign(digest).hex(), disputed, "0x" + digest.hex())
+        if disputed is None and self.prices and job.caller != AUDIT_CALLER:
+            job.charge = self.charge(job, receipt)
         self.store.countersigned(job)
+        self.on_charge(job)
+
+    def charge(self, job: Job, receipt: Receipt) -> Charge:
+        """What the job costs: the prompt its node read, and the output the client was sent (never more
+        than the receipt claims, nor than the operator relayed: a client that left pays for what it got)."""
+        assert self.prices is not None
+        relayed = job.delivered or job.usage.output_tokens or 0
+        output = min(receipt.output_tokens, relayed)
+        cost = self.prices.cost(job.model, receipt.prompt_tokens, output)
+        earned, fee = self.prices.split(cost)
+        return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee,
+                      receipt.prompt_tokens, output)
 
     @staticmethod
     def dispute(job: Job, receipt: Receipt) -> Optional[str]:

@@ -101,6 +101,10 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
                 if name not in seen:
                     seen.add(name)
                     merged.append(entry)
+        prices = request.app.state.prices
+        if prices and path != "/api/ps":  # what each model costs, beside what Ollama says of it
+            merged = [{**entry, "price": price} if (price := prices.row(
+                entry.get("name") or entry.get("id") or entry.get("model"))) is not None else entry for entry in merged]
         return JSONResponse({"object": "list", "data": merged} if key == "data" else {"models": merged})
 
     for path in LISTINGS:

@@ -21,7 +21,7 @@ import json
 import logging
 import sqlite3
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from odla.core.errors import ODLAError
 from odla.operator.receipts import Receipts
@@ -29,6 +29,7 @@ from odla.proofs.epochs import Epoch
 from odla.proofs.identity import Identity
 from odla.proofs.merkle import Tree, leaf
 from odla.proofs.receipts import RECEIPT
+from odla.settlement import ledger
 
 log = logging.getLogger("odla.operator")
 TREES_KEPT = 2
@@ -40,6 +41,8 @@ class Epochs:
         self.store = store
         self.seconds = seconds
         self.trees: collections.OrderedDict[int, Tree] = collections.OrderedDict()
+        self.on_close: Callable[[], None] = lambda: None
+        "Hears of each epoch closed (``odla.settlement.poster``: its settlement goes on chain)."
 
     async def run(self) -> None:
         while True:
@@ -58,6 +61,7 @@ class Epochs:
         epoch, tree = closed
         self._keep(epoch["number"], tree)
         log.info("epoch %d closed: %d receipt(s), root %s", epoch["number"], len(tree), epoch["root"])
+        self.on_close()
         return epoch
 
     def _close(self, db: sqlite3.Connection, now: float) -> Optional[tuple[dict[str, Any], Tree]]:
@@ -77,6 +81,7 @@ class Epochs:
             db.executemany("UPDATE jobs SET epoch = ?, leaf_index = ? WHERE id = ?",
                            ((number, i, job_id) for i, (job_id, _) in enumerate(rows)))
             db.execute("INSERT INTO epochs (number, typed, signature) VALUES (?, ?, ?)", (number, typed, signature))
+            ledger.close_epoch(db, number)  # what those receipts moved is settled with them
         return _shown(number, typed, signature), tree
 
     def _keep(self, number: int, tree: Tree) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Optional
 from odla.serving.jobs import Job
 from odla.core.protocol import JobPrediction, JobReceipt
 from odla.core.usage import Usage
+from odla.settlement import ledger
 
 log = logging.getLogger("odla.operator")
 
@@ -85,9 +86,13 @@ class Receipts:
         self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
         """Receipts signed by their nodes and countersigned since the last batch: (message, node's,
         operator's, disputed, digest, id)."""
+        self.charges: list[ledger.Charge] = []
+        "What those receipts move in the ledger (``odla.settlement.ledger``): written in their transaction."
         "Node ids newly bound to their addresses (``odla.operator.identities``), written with the next batch."
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None
+        self.on_refund: Callable[[list[tuple[str, int]]], None] = lambda refunds: None
+        "Hears of charges reversed by a dispute: (client, amount) each (``odla.settlement.purse``)."
         self.mirror: Optional[Callable[[list[Job]], Awaitable[None]]] = None
         "Also gets each batch written (several operators: odla/operator/cluster.py copies it to Redis)."
 
@@ -105,6 +110,12 @@ class Receipts:
     async def open(self) -> None:
         """Open (or create) the database; ``ReceiptsError`` says why it cannot be."""
         self._db = await self._call(connect, self.path)
+        try:
+            await self._call(ledger.check, self._db)
+        except ledger.LedgerError as exc:
+            await self._call(self._close)
+            raise ReceiptsError(f"the ledger in {self.path} does not balance: {exc}. Nothing was changed; "
+                                "restore the file from a backup") from None
         await self._call(self._prune, self.clock() - self.keep_s)
 
     async def run(self) -> None:
@@ -126,6 +137,8 @@ class Receipts:
         """``job.signed`` was set after the job ended: its row gets it with the next batch."""
         assert job.signed is not None
         self.signatures.append((*job.signed, job.id))
+        if job.charge is not None:
+            self.charges.append(job.charge)
 
     def stand(self, node_id: str, passed: int, failed: int, disputed: int) -> None:
         """What audits and receipts found of a node, kept with the next batch (``odla.operator.audits``)."""
@@ -165,14 +178,16 @@ class Receipts:
                 await self.mirror(batch)
         if self.signatures:  # after the jobs' rows: a receipt may come before its job was written
             signatures, self.signatures = self.signatures, []
+            charges, self.charges = self.charges, []
             try:
-                await self._call(self._sign, signatures)
+                await self._call(self._sign, signatures, charges)
             except sqlite3.Error:
                 self.signatures[:0] = signatures[-MAX_PENDING:]
+                self.charges[:0] = charges
                 raise
         if self.disputes:
             disputes, self.disputes = self.disputes, []
-            await self._call(self._dispute, disputes)
+            self.on_refund(await self._call(self._dispute, disputes))
         if self.standings:
             standings, self.standings = self.standings, {}
             await self._call(self._stand, [(node_id, *found) for node_id, found in standings.items()])
@@ -220,11 +235,14 @@ class Receipts:
         with self._db:
             self._db.executemany(INSERT, rows)
 
-    def _sign(self, rows: list[tuple]) -> None:
+    def _sign(self, rows: list[tuple], charges: list[ledger.Charge]) -> None:
         assert self._db is not None
-        with self._db:
+        with self._db:  # a receipt and what it moves in the ledger: both or neither
             self._db.executemany("UPDATE jobs SET receipt = ?, node_signature = ?, operator_signature = ?, "
                                  "disputed = ?, receipt_digest = ? WHERE id = ?", rows)
+            now = self.clock()
+            for charge in charges:
+                ledger.post(self._db, charge, now)
 
     def _stand(self, rows: list[tuple[str, int, int, int]]) -> None:
         assert self._db is not None
@@ -232,11 +250,20 @@ class Receipts:
             self._db.executemany("INSERT OR REPLACE INTO standings (node_id, passed, failed, disputed) VALUES (?, ?, ?, ?)",
                                  rows)
 
-    def _dispute(self, rows: list[tuple[str, str]]) -> None:
+    def _dispute(self, rows: list[tuple[str, str]]) -> list[tuple[str, int]]:
         assert self._db is not None
-        with self._db:
-            self._db.executemany("UPDATE jobs SET disputed = ? WHERE node = ? AND receipt IS NOT NULL AND epoch IS NULL "
-                                 "AND disputed IS NULL", rows)
+        refunds = []
+        with self._db:  # disputed, and what they moved undone by new entries, in one transaction
+            for reason, node_id in rows:
+                open_ = [job_id for (job_id,) in self._db.execute(
+                    "SELECT id FROM jobs WHERE node = ? AND receipt IS NOT NULL AND epoch IS NULL AND disputed IS NULL",
+                    (node_id,))]
+                self._db.executemany("UPDATE jobs SET disputed = ? WHERE id = ?", ((reason, j) for j in open_))
+                undone = ledger.reverse(self._db, open_, self.clock())
+                if undone:
+                    log.warning("node %s: %d charge(s) of its open epoch reversed: %s", node_id, len(undone), reason)
+                refunds += undone
+        return refunds
 
     def _bind(self, rows: list[tuple[str, str, float]]) -> None:
         assert self._db is not None
@@ -270,7 +297,7 @@ def connect(path: str) -> sqlite3.Connection:
             if path != ":memory:":
                 db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
                 db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + ledger.SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, kind in ADDED.items():
                 if column not in have:  # made by an older ODLA: its rows have none

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import random
 import time
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
@@ -21,6 +21,7 @@ from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachabl
 from odla.core.names import Prompt, listed, model_key, output_limit, prompt_of
 from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
+from odla.operator.countersign import AUDIT_CALLER
 from odla.operator.forecast import Prediction
 from odla.operator.scheduler import Claim, Place, Scheduler
 from odla.core.usage import Tail, Usage, door_tokens
@@ -45,6 +46,8 @@ class Router:
         self.on_failure = on_failure or (lambda node: None)
         self.streams: dict[str, set[ClientResponse]] = {}
         self.closing = False
+        self.purse: Any = None
+        "With ``settlement``: holds each job's worst case against its client's balance (``odla.settlement.purse``)."
         self.audit_seed = False
         "Give every job a seed unless it set one (``audit_seed``: ``odla.operator.audits``)."
 
@@ -86,6 +89,8 @@ class Router:
         any other answer (200, or the request's own fault such as 400) is returned with the
         claim on the node's slot, which the caller releases (``relay`` does).
         """
+        if self.purse is not None and job.caller != AUDIT_CALLER:  # 402 before any node works on it
+            await self.purse.hold(job, model, prompt.tokens, tokens)
         failures: list[tuple[Node, int, str]] = []
         while True:
             if len(failures) >= MAX_TRIES:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from odla.core import protocol as p
-from odla.serving.auth import bearer, caller_of, matches
+from odla.serving.auth import Callers
 from odla.core.errors import ODLAError
 from odla.operator.metrics import CONTENT_TYPE, Activity, exposition
 from odla.core.names import model_key
@@ -39,8 +39,7 @@ PAGE_POLICY = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 
                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def watch_router(prom: Any, activity: Activity, auth: Sequence[Any], api_keys: Sequence[str] = (),
-                 admin_keys: Sequence[str] = ()) -> APIRouter:
+def watch_router(prom: Any, activity: Activity, auth: Sequence[Any], callers: Callers) -> APIRouter:
     api = APIRouter(tags=["Seeing the network"])
 
     @api.get("/metrics", dependencies=auth, response_class=Response, summary="Prometheus metrics (text format)")
@@ -94,12 +93,8 @@ def watch_router(prom: Any, activity: Activity, auth: Sequence[Any], api_keys: S
         return await request.app.state.epochs.get(number)
 
     def whose(request: Request) -> Optional[str]:
-        """Whose receipts the caller may read: with API keys, its own (a hash of its key), unless its
-        key is one of ``admin_keys``; None: everyone's."""
-        key = bearer(request.headers)
-        if not api_keys or key is None or matches(key, admin_keys):
-            return None
-        return caller_of(request.headers)
+        """Whose receipts the caller may read: with API keys, its own, unless its key is an admin's."""
+        return callers.whose(request.headers)
 
     @api.get("/dashboard/activity", dependencies=auth, summary="Jobs and output tokens per 5 s, last 10 minutes")
     async def activity_series() -> dict:

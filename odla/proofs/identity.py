@@ -27,7 +27,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import coincurve
 from sha3 import keccak_256  # safe-pysha3
@@ -96,6 +96,14 @@ class Identity:
 
     def __repr__(self) -> str:
         return f"Identity({self.address})"
+
+    def eth_account(self) -> Any:
+        """This key as an eth-account ``LocalAccount``, to sign chain transactions with
+        (``odla.settlement.chain``); eth-account is imported only then."""
+        from odla.settlement.chain import web3_imported
+        with web3_imported():
+            from eth_account import Account
+        return Account.from_key(self._key.secret)
 
     def sign(self, digest: bytes) -> bytes:
         """r ‖ s ‖ v with v 27 or 28, as eth-account's ``unsafe_sign_hash`` makes it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping, Optional
 
 from starlette.requests import Request
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from odla.core.config import Settings
 
 JOIN_HEADER = "x-odla-join-token"
+WALLET_TOKEN = "odla_wallet_"
+"How a wallet sign-in's bearer token begins (``odla.settlement.signin``)."
 log = logging.getLogger("odla")
 
 
@@ -45,16 +47,41 @@ def check_join_token(headers: Mapping[str, str], token: Optional[str]) -> None:
         raise AuthError("missing or wrong join token (header X-ODLA-Join-Token)")
 
 
-def check_api_key(headers: Mapping[str, str], keys: list[str]) -> None:
-    """Client-facing endpoints: ``Authorization: Bearer <key>``, when keys are set."""
-    if keys and not matches(bearer(headers), keys):
-        raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
+class Callers:
+    """Who a client is, on every client-facing endpoint: one of ``api_keys`` (its account is a hash
+    of the key, never the key), or a wallet signed in (``odla.settlement.signin``: its address).
+    Without ``api_keys`` anyone may ask, as ``""`` (or as the wallet it signed in with)."""
 
+    def __init__(self, api_keys: list[str], admin_keys: list[str], sessions: Any = None) -> None:
+        self.api_keys = api_keys
+        self.admin_keys = admin_keys
+        self.sessions = sessions
 
-def caller_of(headers: Mapping[str, str]) -> str:
-    """Who is asking, for fair queueing: a hash of the API key (never the key), or "" without one."""
-    key = bearer(headers)
-    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
+    def __call__(self, headers: Mapping[str, str]) -> str:
+        """The caller's account; ``AuthError`` when it may not ask."""
+        key = bearer(headers)
+        if key and self.sessions is not None and key.startswith(WALLET_TOKEN):
+            account = self.sessions.account(key)
+            if account is None:
+                raise AuthError("the wallet sign-in has expired or is unknown here: sign in again (client.py login)")
+            return account
+        if self.api_keys and not matches(key, self.api_keys):
+            raise AuthError("missing or wrong API key (send Authorization: Bearer <key>)")
+        return hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
+
+    def whose(self, headers: Mapping[str, str]) -> Optional[str]:
+        """Whose records the caller may read: its own account, or None (everyone's) for an admin key,
+        and for anyone on an operator without ``api_keys``."""
+        caller = self(headers)
+        if not self.api_keys or matches(bearer(headers), self.admin_keys):
+            return None
+        return caller
+
+    def dependency(self) -> Callable[[Request], Awaitable[None]]:
+        """A FastAPI dependency that lets through only callers who may ask."""
+        async def client_auth(request: Request) -> None:
+            self(request.headers)
+        return client_auth
 
 
 def join_headers(token: Optional[str]) -> dict[str, str]:
@@ -90,13 +117,6 @@ def token_for(settings: "Settings", node_id: str) -> Optional[str]:
 
 
 # FastAPI dependencies (async: FastAPI runs plain-def dependencies in a thread pool, a hand-off per request)
-
-def api_key_dependency(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that lets through only callers holding one of ``keys`` (anyone when empty)."""
-    async def client_auth(request: Request) -> None:
-        check_api_key(request.headers, keys)
-    return client_auth
-
 
 def node_credential_dependency(settings: "Settings") -> Callable[[Request], Awaitable[None]]:
     """The operator's node-facing endpoints: the caller must hold a credential of this network

@@ -70,6 +70,8 @@ class Job:
     signed: Optional[tuple[str, str, str, Optional[str], str]] = None
     """The node's receipt once checked: (its EIP-712 message as JSON, node's signature, operator's, why
     it is disputed, its EIP-712 digest)."""
+    charge: Any = None
+    "What its countersigned receipt moves in the ledger (``odla.settlement.ledger.Charge``), when priced."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
     def first(self) -> None:

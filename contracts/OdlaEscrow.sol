@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.28;
+
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {Address} from "@openzeppelin/contracts/utils/Address.sol";
+
+/// @title ODLA's escrow: clients deposit, the operator posts each epoch's settlement, nodes claim.
+/// @notice Amounts are wei. Every figure the operator posts is cumulative, so a replayed or
+/// repeated post or claim moves nothing: a payee is paid `owed - claimed`, a client is charged
+/// `charged - alreadyCharged`.
+/// - Clients `deposit`. At each epoch the operator `post`s what each client has been charged in
+///   all (never more than it deposited, never less than before) and the Merkle root of what each
+///   payee (node or operator) is owed in all; leaves are
+///   keccak256(bytes.concat(keccak256(abi.encode(payee, owed)))), pairs sorted (OpenZeppelin).
+/// - Payees `claim` with a proof; claims never pay out more than clients were charged.
+/// - Clients `requestWithdrawal`, then `withdraw` what was not charged, after `withdrawDelay`
+///   (time for the operator to post what they spent until then).
+contract OdlaEscrow is ReentrancyGuard {
+    address public immutable operator;
+    uint256 public immutable withdrawDelay;
+
+    uint64 public epoch;
+    bytes32 public root;
+    uint256 public totalCharged;
+    uint256 public totalClaimed;
+    mapping(address => uint256) public deposited;
+    mapping(address => uint256) public charged;
+    mapping(address => uint256) public claimed;
+    mapping(address => uint256) public withdrawableAt;
+
+    event Deposited(address indexed client, uint256 amount, uint256 deposited);
+    event Charged(address indexed client, uint256 charged);
+    event Posted(uint64 indexed epoch, bytes32 root, uint256 totalCharged);
+    event Claimed(address indexed payee, uint256 amount, uint256 owed);
+    event WithdrawalRequested(address indexed client, uint256 withdrawableAt);
+    event Withdrawn(address indexed client, uint256 amount);
+
+    error NotOperator();
+    error EmptyDeposit();
+    error StaleEpoch(uint64 latest);
+    error LengthMismatch();
+    error ChargeDecreased(address client, uint256 charged);
+    error Overdrawn(address client, uint256 charge, uint256 deposited);
+    error BadProof();
+    error NothingToClaim(uint256 claimed);
+    error Unfunded(uint256 available);
+    error NothingToWithdraw();
+    error NoWithdrawalRequested();
+    error TooEarly(uint256 withdrawableAt);
+
+    constructor(address operator_, uint256 withdrawDelay_) {
+        operator = operator_;
+        withdrawDelay = withdrawDelay_;
+    }
+
+    function deposit() external payable {
+        if (msg.value == 0) revert EmptyDeposit();
+        deposited[msg.sender] += msg.value;
+        emit Deposited(msg.sender, msg.value, deposited[msg.sender]);
+    }
+
+    /// @notice Epoch `epoch_`'s settlement: each listed client's cumulative charge, and the root
+    /// of every payee's cumulative earnings. Only the operator; epochs only go up.
+    function post(uint64 epoch_, bytes32 root_, address[] calldata clients, uint256[] calldata charges) external {
+        if (msg.sender != operator) revert NotOperator();
+        if (epoch_ <= epoch) revert StaleEpoch(epoch);
+        if (clients.length != charges.length) revert LengthMismatch();
+        uint256 total = totalCharged;
+        for (uint256 i = 0; i < clients.length; i++) {
+            address client = clients[i];
+            uint256 before = charged[client];
+            if (charges[i] < before) revert ChargeDecreased(client, before);
+            if (charges[i] > deposited[client]) revert Overdrawn(client, charges[i], deposited[client]);
+            if (charges[i] != before) {
+                charged[client] = charges[i];
+                total += charges[i] - before;
+                emit Charged(client, charges[i]);
+            }
+        }
+        totalCharged = total;
+        epoch = epoch_;
+        root = root_;
+        emit Posted(epoch_, root_, total);
+    }
+
+    /// @notice Pay the caller what it is owed in all (`owed`, proven in the latest root) less what
+    /// it was paid before.
+    function claim(uint256 owed, bytes32[] calldata proof) external nonReentrant {
+        bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(msg.sender, owed))));
+        if (!MerkleProof.verifyCalldata(proof, root, leaf)) revert BadProof();
+        uint256 before = claimed[msg.sender];
+        if (owed <= before) revert NothingToClaim(before);
+        uint256 amount = owed - before;
+        if (totalClaimed + amount > totalCharged) revert Unfunded(totalCharged - totalClaimed);
+        claimed[msg.sender] = owed;
+        totalClaimed += amount;
+        emit Claimed(msg.sender, amount, owed);
+        Address.sendValue(payable(msg.sender), amount);
+    }
+
+    function available(address client) external view returns (uint256) {
+        return deposited[client] - charged[client];
+    }
+
+    function requestWithdrawal() external {
+        if (deposited[msg.sender] <= charged[msg.sender]) revert NothingToWithdraw();
+        withdrawableAt[msg.sender] = block.timestamp + withdrawDelay;
+        emit WithdrawalRequested(msg.sender, withdrawableAt[msg.sender]);
+    }
+
+    /// @notice After the delay, what the caller deposited and was not charged.
+    function withdraw() external nonReentrant {
+        uint256 at = withdrawableAt[msg.sender];
+        if (at == 0) revert NoWithdrawalRequested();
+        if (block.timestamp < at) revert TooEarly(at);
+        uint256 amount = deposited[msg.sender] - charged[msg.sender];
+        if (amount == 0) revert NothingToWithdraw();
+        deposited[msg.sender] = charged[msg.sender];
+        withdrawableAt[msg.sender] = 0;
+        emit Withdrawn(msg.sender, amount);
+        Address.sendValue(payable(msg.sender), amount);
+    }
+}

@@ -1,0 +1,85 @@
+"""Paying for work, the operator's routes (``odla.settlement``):
+
+    GET  /prices                      what each model's tokens cost, and the operator's fee
+    GET  /auth/nonce                  a nonce to sign in with a wallet (EIP-4361)
+    POST /auth/verify                 {message, signature} -> {token, account, expires_at}
+    POST /auth/logout                 forget the bearer token sent
+    GET  /accounts/{account}          balance and ledger entries, newest first (``me``: the caller's)
+    GET  /settlement/claims/{address} what a payee can claim on chain, with its Merkle proof
+
+An account's ledger is its own business: with ``api_keys``, a caller reads only its own (an
+admin key, any). A payee's claim is public, as the chain it is posted to.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from odla.core.errors import ODLAError
+from odla.proofs.identity import checksum
+from odla.serving.auth import Callers, bearer
+from odla.settlement import ledger
+from odla.settlement.prices import Prices
+
+ADDRESS_LIKE = r"^0x[0-9a-fA-F]{40}$"
+
+
+class Verify(BaseModel):
+    message: str = Field(max_length=4096)
+    signature: str = Field(max_length=200)
+
+
+def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> APIRouter:
+    api = APIRouter(tags=["Paying for work"])
+
+    @api.get("/prices", dependencies=auth, summary="What each model's tokens cost")
+    async def price_list() -> dict:
+        return prices.listing()
+
+    @api.get("/auth/nonce", summary="A nonce for a wallet's sign-in message (EIP-4361)")
+    async def nonce(request: Request) -> dict:
+        return request.app.state.sessions.nonce()
+
+    @api.post("/auth/verify", summary="Sign in with a wallet: a bearer token that works as an API key does")
+    async def verify(body: Verify, request: Request) -> dict:
+        return request.app.state.sessions.verify(body.message, body.signature, request.headers.get("host", ""))
+
+    @api.post("/auth/logout", summary="Forget this bearer token")
+    async def logout(request: Request) -> dict:
+        return {"signed_out": request.app.state.sessions.forget(bearer(request.headers))}
+
+    @api.get("/accounts/{account}", dependencies=auth, summary="An account's balance and ledger entries")
+    async def account(account: str, request: Request, limit: int = Query(50, ge=1, le=1000),
+                      before: Optional[int] = Query(None, ge=1, le=2 ** 63 - 1)) -> dict:
+        caller = callers(request.headers)
+        if account == "me":
+            account = ledger.account_of(caller)
+        elif account.startswith("0x") and len(account) == 42:
+            try:
+                account = checksum(account)
+            except ValueError:
+                raise ODLAError(f"not an address: {account}", 422) from None
+        whose = callers.whose(request.headers)
+        if whose is not None and account != ledger.account_of(whose):
+            raise ODLAError(f"unknown account: {account}", 404)  # another caller's is none of its business
+        statement = await request.app.state.receipts.in_db(ledger.statement, account, limit, before)
+        purse = request.app.state.purse
+        if purse is not None and account.startswith("0x"):
+            statement["chain"] = await purse.standing(account)
+        return statement
+
+    @api.get("/settlement/claims/{address}", summary="What a node (or the operator) can claim on chain")
+    async def claim(request: Request, address: str = Path(pattern=ADDRESS_LIKE)) -> dict:
+        poster = request.app.state.poster
+        if poster is None:
+            raise ODLAError("this operator does not settle on chain (settlement is not \"evm\")", 404)
+        found = poster.claim(address)
+        if found is None:
+            raise ODLAError(f"{address} has nothing to claim in the last settlement posted"
+                            + ("" if poster.posted else " (none is posted yet: the first is when an epoch closes)"), 404)
+        return found
+
+    return api

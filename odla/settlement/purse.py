@@ -1,0 +1,145 @@
+"""What each client may still spend, with ``settlement: "evm"``: its deposit in the escrow, less
+what the ledger says it spent, less what its jobs hold. A job is held for its worst case before
+any node works on it, and refused with 402 when that would overdraw the client.
+
+    purse = Purse(prices, escrow, settings)     # owned by the operator's lifespan
+    await purse.open(spent_by_account)          # what the ledger says each client spent
+    await purse.hold(job, model, prompt_tokens, max_tokens)   # Router.open, on every door; 402
+    purse.ended(job); purse.charged(job)        # the job's end; its receipt countersigned
+    await purse.standing(account)               # deposited, spent, held, available
+
+A hold is the job's worst case: its prompt (estimated) and the most output it asked for
+(``num_predict``, ``max_tokens``; ``max_job_tokens`` without one). When the job ends, its hold
+becomes its cost as the operator counted it, until the node's receipt sets the charge in the
+ledger (or never comes: ``countersign.WAIT_S``). Deposits are read from the chain at most every
+``chain_poll`` seconds per client; while the chain cannot be reached, the last reading stands (a
+withdrawal takes the contract's delay, so it cannot have left meanwhile), and a client never read
+is refused with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any, Callable, Optional
+
+from odla.core.errors import ODLAError
+from odla.settlement.chain import ChainError, Escrow, Standing
+from odla.settlement.prices import Prices
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+WAIT_S = 600.0
+"How long an ended job's hold waits for its receipt (as ``countersign.WAIT_S``)."
+
+
+class PaymentRequired(ODLAError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 402)
+
+
+class Purse:
+    def __init__(self, prices: Prices, escrow: Escrow, max_job_tokens: int, poll_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.prices = prices
+        self.escrow = escrow
+        self.max_job_tokens = max_job_tokens
+        self.poll_s = poll_s
+        self.clock = clock
+        self.spent: dict[str, int] = {}
+        self.holds: dict[str, tuple[str, int, Optional[float]]] = {}
+        "Job id -> (account, amount, when it ended or None while it runs)."
+        self.held: dict[str, int] = {}
+        self.chain: dict[str, tuple[Standing, float]] = {}
+        self._reading: dict[str, asyncio.Future] = {}
+
+    def open(self, spent: dict[str, int]) -> None:
+        self.spent = dict(spent)
+
+    async def hold(self, job: Any, model: str, prompt_tokens: int, max_tokens: Optional[int]) -> None:
+        """Hold the job's worst case against its client's balance; ``PaymentRequired`` (402) when it
+        would overdraw it. A job held already (failing over) is not held again."""
+        if job.id in self.holds:
+            return
+        worst = self.prices.cost(model, prompt_tokens, max_tokens or self.max_job_tokens)
+        if worst <= 0:
+            return
+        account = job.caller
+        if not _ADDRESS.fullmatch(account or ""):
+            raise PaymentRequired("this operator is paid from deposits on chain: sign in with a wallet "
+                                  "(python client.py login) and deposit (python client.py deposit AMOUNT)")
+        standing = await self._standing(account)
+        self._expire()
+        if standing.withdrawable_at:
+            raise PaymentRequired(f"{account} has asked to withdraw its deposit: no new jobs until it has, "
+                                  "and deposited again")
+        available = standing.deposited - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
+        if worst > available:
+            raise PaymentRequired(f"this job may cost up to {worst} wei ({model}: its prompt and up to "
+                                  f"{max_tokens or self.max_job_tokens} output tokens); {account} has {max(available, 0)} "
+                                  "available. Deposit more (python client.py deposit AMOUNT) or ask for fewer tokens")
+        self.holds[job.id] = (account, worst, None)
+        self.held[account] = self.held.get(account, 0) + worst
+
+    def ended(self, job: Any) -> None:
+        """The job's hold becomes its cost as the operator counted it, until its receipt comes; none
+        when no receipt will (an unsigned node, or no node ran it)."""
+        found = self.holds.get(job.id)
+        if found is None:
+            return
+        if job.node_address is None or job.charge is not None or job.signed is not None:
+            self._release(job.id)
+            return
+        account, amount, _ = found
+        cost = self.prices.cost(job.model, job.usage.prompt_tokens or 0, job.delivered or job.usage.output_tokens or 0)
+        self.holds[job.id] = (account, min(cost, amount), self.clock())
+        self.held[account] += min(cost, amount) - amount
+
+    def charged(self, job: Any) -> None:
+        """The job's receipt was countersigned: its charge (if any) is spent, its hold let go."""
+        if job.charge is not None:
+            self.spent[job.charge.client] = self.spent.get(job.charge.client, 0) + job.charge.cost
+        if job.outcome is not None:
+            self._release(job.id)
+
+    def refunded(self, refunds: list[tuple[str, int]]) -> None:
+        """Charges reversed (a disputed node's): (client, amount) each."""
+        for account, amount in refunds:
+            self.spent[account] = self.spent.get(account, 0) - amount
+
+    async def standing(self, account: str) -> dict[str, Any]:
+        standing = await self._standing(account, fresh=True)
+        spent = max(self.spent.get(account, 0), standing.charged)
+        held = self.held.get(account, 0)
+        return {"deposited": standing.deposited, "charged_on_chain": standing.charged, "spent": spent,
+                "held": held, "available": max(standing.deposited - spent - held, 0),
+                "withdrawable_at": standing.withdrawable_at or None}
+
+    def _release(self, job_id: str) -> None:
+        account, amount, _ = self.holds.pop(job_id)
+        self.held[account] -= amount
+        if not self.held[account]:
+            del self.held[account]
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for job_id in [j for j, (_, _, ended) in self.holds.items() if ended is not None and now - ended > WAIT_S]:
+            self._release(job_id)
+
+    async def _standing(self, account: str, fresh: bool = False) -> Standing:
+        known = self.chain.get(account)
+        if known is not None and not fresh and self.clock() - known[1] < self.poll_s:
+            return known[0]
+        reading = self._reading.get(account)
+        if reading is None:  # one read per account at a time, however many jobs ask
+            reading = self._reading[account] = asyncio.ensure_future(asyncio.to_thread(self.escrow.standing, account))
+            reading.add_done_callback(lambda _: self._reading.pop(account, None))
+        try:
+            standing = await asyncio.shield(reading)
+        except ChainError as exc:
+            if known is not None:
+                return known[0]
+            raise ODLAError(f"cannot read {account}'s deposit from the chain: {exc}", 503,
+                            headers={"Retry-After": "10"}) from None
+        self.chain[account] = (standing, self.clock())
+        return standing
