@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench docs test-tools clean
+.PHONY: demo test bench docs test-tools clean contracts
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,17 @@ test-tools:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
 		|| echo "note:$$missing not installed; the tests that need them say so (apt-get install$$missing)"; }
 
+# The escrow contract's toolchain from npm (contracts/package-lock.json): solc-js compiles it, anvil is
+# the local chain the settlement tests run against, OpenZeppelin's contracts are its libraries.
+contracts/node_modules/.installed: contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+contracts: contracts/node_modules/.installed
+	cd contracts && node compile.mjs
+
 # Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
-test: $(VENV)/.dev test-tools
+test: $(VENV)/.dev test-tools contracts/node_modules/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 -m "not solo"
 	$(PY) -m pytest -m solo

@@ -9,6 +9,8 @@
     python client.py chat --model llama3                  (also: python client.py, on a terminal)
     python client.py list | ps | show MODEL | nodes | jobs | pull MODEL | rm MODEL | version
     python client.py verify JOB_ID                        (check a job's proof; --file proof.json offline)
+    python client.py login | logout | balance             (sign in with a wallet: --key-file or ODLA_WALLET_KEY)
+    python client.py deposit AMOUNT | withdraw            (the escrow on chain, in wei)
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
@@ -30,7 +32,8 @@ from odla import __version__
 from odla.client.errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, operator_url
 from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
-COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "version"}
+COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "version",
+            "login", "logout", "balance", "deposit", "withdraw"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run prompts and chats on an ODLA network, and look at its models, nodes and jobs.")
@@ -191,7 +194,7 @@ def converse(model: Optional[str], operator: Optional[str], api_key: Optional[st
     conf = settings()
     url = operator_url(operator or conf.operator_url)
     try:
-        run_chat(url, auth_headers(api_key), model or conf.default_model, extras, system, verbose)
+        run_chat(url, auth_headers(api_key, url), model or conf.default_model, extras, system, verbose)
     except httpx.HTTPError as exc:
         raise unreachable(url, exc) from exc
 
@@ -428,6 +431,148 @@ def verify(
                    f"{receipt['operator']}, in epoch {epoch['number']} (root {epoch['root']})")
         if document.get("disputed"):
             typer.echo(f"note: the operator disputed this receipt: {document['disputed']}")
+
+    run_action(action)
+
+
+KeyFileOpt = Annotated[Optional[str], typer.Option(
+    "--key-file", help="The wallet's private key file (64 hex digits, mode 0600); else ODLA_WALLET_KEY")]
+
+
+@app.command()
+def login(operator: OperatorOpt = None, key_file: KeyFileOpt = None) -> None:
+    """Sign in to the operator with a wallet (Sign-In with Ethereum): the token it gives is kept and
+    sent by every command to that operator, as an API key would be, until it expires."""
+
+    def action() -> None:
+        from odla.client.wallet import keep, wallet
+        from odla.settlement.signin import SignIn, stamp
+        import time
+
+        import httpx
+
+        me = wallet(key_file)
+        url = operator_url(operator or settings().operator_url)
+        nonce = ask(url, None, "GET", "/auth/nonce")
+        now = time.time()
+        message = SignIn(domain=httpx.URL(url).netloc.decode(), address=me.address, uri=url,
+                         chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=stamp(now),
+                         expiration_time=stamp(now + 7 * 86400))
+        session = ask(url, None, "POST", "/auth/verify", body={"message": message.text(), "signature": message.sign(me)})
+        keep(url, session)
+        typer.echo(f"signed in to {url} as {session['account']} until {session['expires_at']}")
+
+    run_action(action)
+
+
+@app.command()
+def logout(operator: OperatorOpt = None) -> None:
+    """Forget the wallet sign-in kept for the operator (and tell it to)."""
+
+    def action() -> None:
+        from odla.client.wallet import forget
+
+        url = operator_url(operator or settings().operator_url)
+        session = forget(url)
+        if session is None:
+            typer.echo(f"not signed in to {url}")
+            return
+        try:
+            ask(url, session["token"], "POST", "/auth/logout")
+        except Failure:  # forgotten here all the same; the token expires there
+            pass
+        typer.echo(f"signed out of {url}")
+
+    run_action(action)
+
+
+@app.command()
+def balance(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Your account on the operator's ledger: what you spent, and with settlement on chain what you
+    deposited, what running jobs hold and what is available."""
+
+    def action() -> None:
+        account = ask(operator, api_key, "GET", "/accounts/me", params={"limit": 10})
+        if as_json:
+            typer.echo(json.dumps(account, indent=2))
+            return
+        typer.echo(f"account    {account['account']}")
+        chain = account.get("chain")
+        if chain is None:
+            typer.echo(f"balance    {account['balance']}")
+        else:
+            for name in ("deposited", "spent", "held", "available"):
+                typer.echo(f"{name:10} {chain[name]} wei")
+            if chain.get("withdrawable_at"):
+                typer.echo(f"withdrawal requested: python client.py withdraw again from block time {chain['withdrawable_at']}")
+        for entry in account["entries"]:
+            typer.echo(f"  {entry['kind']:8} {entry['amount']:>14}  job {entry['job_id']}")
+
+    run_action(action)
+
+
+def escrow() -> Any:
+    """The escrow contract the config names (chain_rpc_url, chain_id, escrow_address)."""
+    conf = settings()
+    if not (conf.chain_rpc_url and conf.chain_id and conf.escrow_address):
+        raise Failure("no chain: set chain_rpc_url, chain_id and escrow_address in config.json (or "
+                      "ODLA_CHAIN_RPC_URL, ODLA_CHAIN_ID, ODLA_ESCROW_ADDRESS)", EXIT_USAGE)
+    from odla.settlement.chain import Escrow
+
+    return Escrow(conf.chain_rpc_url, conf.chain_id, conf.escrow_address, timeout=30)
+
+
+def on_chain(step: Callable[[], str]) -> str:
+    from odla.settlement.chain import ChainError
+
+    try:
+        return step()
+    except ChainError as exc:
+        raise Failure(str(exc), 1) from None
+
+
+@app.command()
+def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (an integer)")],
+            key_file: KeyFileOpt = None) -> None:
+    """Deposit into the escrow, to pay for jobs with. The last line is the transaction's hash."""
+
+    def action() -> None:
+        from odla.client.wallet import wallet
+
+        if not amount.isdigit() or int(amount) <= 0:
+            raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
+        me, contract = wallet(key_file), escrow()
+        tx = on_chain(lambda: contract.deposit(me, int(amount)))
+        typer.echo(f"deposited {amount} wei from {me.address} into {contract.address}")
+        typer.echo(tx)
+
+    run_action(action)
+
+
+@app.command()
+def withdraw(key_file: KeyFileOpt = None) -> None:
+    """Take back what you deposited and did not spend: the first call asks (the operator then has
+    the contract's delay to post what you spent), a call after the delay pays. The last line is
+    the transaction's hash."""
+
+    def action() -> None:
+        from odla.client.wallet import wallet
+
+        me, contract = wallet(key_file), escrow()
+        standing = on_chain(lambda: contract.standing(me.address))
+        if not standing.withdrawable_at:
+            tx = on_chain(lambda: contract.request_withdrawal(me))
+            at = on_chain(lambda: contract.standing(me.address)).withdrawable_at
+            typer.echo(f"withdrawal of up to {standing.available} wei requested; run withdraw again from block time {at}")
+        else:
+            wait = standing.withdrawable_at - on_chain(contract.now)
+            if wait > 0:
+                from odla.settlement.signin import stamp
+                raise Failure(f"the withdrawal can be made from {stamp(standing.withdrawable_at)} (the chain's "
+                              f"time; {wait} s from now): run withdraw again then", 1)
+            tx = on_chain(lambda: contract.withdraw(me))
+            typer.echo(f"withdrew {standing.available} wei to {me.address}")
+        typer.echo(tx)
 
     run_action(action)
 

@@ -1,6 +1,7 @@
 """ODLA node agent: runs inference jobs on this machine's Ollama, through the ollama SDK.
 
     python node.py          (NODE_ID, NODE_PORT, NODE_URL, COORDINATOR_URL, OLLAMA_HOST)
+    python node.py claim    (take what the node earned from the escrow on chain: odla/node/claim.py)
 
 Endpoints:
     POST /run       {job_id, prompt, model?} -> JSON-lines token stream (operator only)
@@ -534,6 +535,9 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["claim"]:  # python node.py claim [--config FILE]: what this node earned, from the escrow
+        from odla.node.claim import claim
+        sys.exit(claim(script_settings("node", sys.argv[2:])))
     settings = script_settings("node")
     setup_logging(settings.log_level)
     tune_gc()

@@ -17,7 +17,7 @@ _LIMIT = sys.getrecursionlimit()
 import eth_account  # noqa: E402,F401
 sys.setrecursionlimit(_LIMIT)
 
-from tests.helpers import Network, RedisServer, ServerThread, Sim, bound_socket, settings
+from tests.helpers import Anvil, Network, RedisServer, ServerThread, Sim, bound_socket, settings
 
 import node as node_agent
 import server as operator_app
@@ -63,6 +63,13 @@ def net(tmp_path) -> Iterator[Network]:
     """The network as real processes (``python X.py``), all stopped by pid at the end."""
     with contextlib.ExitStack() as stack:
         yield Network(tmp_path, stack)
+
+
+@pytest.fixture
+def anvil(tmp_path) -> Iterator[Anvil]:
+    """A local chain of the test's own (anvil), on a free port; stopped by its pid."""
+    with Anvil(tmp_path / "anvil-state.json") as chain:
+        yield chain
 
 
 @pytest.fixture

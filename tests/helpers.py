@@ -263,11 +263,73 @@ class Network:
                                                 OLLAMA_HOST=ollama_url, **env)
         return proc
 
+    def sims_url(self) -> str:
+        """The only simulator's URL."""
+        (url,) = self.sims
+        return url
+
     def listing(self) -> dict:
         return {n["node_id"]: n for n in httpx.get(f"{self.op_url}/nodes", timeout=5).json()["nodes"]}
 
     def wait_nodes(self, *ids: str, timeout: float = 15) -> None:
         wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
+
+
+ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
+ANVIL_KEYS = ["0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
+              "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+              "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+              "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+              "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
+              "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba"]
+"anvil's first funded accounts (its well-known test mnemonic): operator, nodes, clients in the tests."
+
+
+class Anvil:
+    """A local EVM chain (Foundry's anvil, from npm: make test installs it) on a free port of
+    127.0.0.1, its state kept in ``state`` across a stop and a start; stopped by its pid."""
+
+    def __init__(self, state: Optional[Path] = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = state
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Anvil":
+        assert ANVIL.exists(), "anvil is missing: make test installs it (npm ci in contracts/)"
+        args = [str(ANVIL), "--host", "127.0.0.1", "--port", str(self.port), "--silent", "--chain-id", "31337"]
+        if self.state is not None:
+            args += ["--state", str(self.state)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
+                              timeout=1).json().get("result") == "0x7a69":
+                    return self
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError("anvil did not start")
+            time.sleep(0.1)
+
+    def rpc(self, method: str, *params: Any) -> Any:
+        return httpx.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)},
+                          timeout=10).json().get("result")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # anvil writes its --state on the way out
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Anvil":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class RedisServer:

@@ -19,10 +19,14 @@ from odla.client.streaming import StreamError, tokens
 
 
 def http_client(operator: str, api_key: Optional[str]) -> httpx.Client:
-    return httpx.Client(base_url=operator, headers=auth_headers(api_key), timeout=httpx.Timeout(10, read=None))
+    return httpx.Client(base_url=operator, headers=auth_headers(api_key, operator), timeout=httpx.Timeout(10, read=None))
 
 
-def auth_headers(api_key: Optional[str]) -> dict[str, str]:
+def auth_headers(api_key: Optional[str], operator: Optional[str] = None) -> dict[str, str]:
+    """The API key given, else the wallet sign-in kept for ``operator`` (``client.py login``)."""
+    if not api_key and operator is not None:
+        from odla.client.wallet import saved_token
+        api_key = saved_token(operator)
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
@@ -32,7 +36,8 @@ def refused(resp: httpx.Response, operator: str) -> Failure:
     if resp.status_code == 404 and p.JOB_HEADER not in resp.headers and (message is None or message == "Not Found"):
         return not_an_operator(operator, f"it answered {resp.status_code} {resp.text.strip()[:60]!r}")
     if resp.status_code == 401:
-        return Failure(f"{message or 'an API key is needed'}: pass --api-key KEY or set ODLA_API_KEY")
+        return Failure(f"{message or 'an API key is needed'}: pass --api-key KEY or set ODLA_API_KEY, or sign in "
+                       "with a wallet (client.py login)")
     message = message or resp.text.strip() or f"HTTP {resp.status_code}"
     return Failure(f"{message} (HTTP {resp.status_code})" if resp.status_code >= 500 else message)
 

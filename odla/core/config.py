@@ -46,6 +46,7 @@ ENV_KEYS: dict[str, str] = {
     "OPERATOR_PRIVATE_KEY": "operator_private_key",
     "ODLA_OPERATOR_KEY_FILE": "operator_key_file",
     "ODLA_CHAIN_RPC_URL": "chain_rpc_url",
+    "ODLA_CHAIN_ID": "chain_id",
     "ODLA_ESCROW_ADDRESS": "escrow_address",
 }
 
@@ -237,7 +238,7 @@ class Settings(BaseModel):
     a job that could overdraw its client's deposit is refused with 402."""
     chain_rpc_url: Optional[str] = Field(None, repr=False)
     "The chain's JSON-RPC endpoint (Arbitrum One, Arbitrum Sepolia, or a local anvil)."
-    chain_id: Optional[StrictInt] = Field(None, ge=1)
+    chain_id: Optional[int] = Field(None, ge=1)
     "The chain that endpoint must be (42161 Arbitrum One, 421614 Arbitrum Sepolia, 31337 anvil)."
     escrow_address: Optional[Address] = None
     "The escrow contract (``python scripts/escrow.py deploy`` prints it)."

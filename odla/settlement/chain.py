@@ -108,6 +108,10 @@ class Escrow:
         f = self.contract.functions
         return self._call(lambda: f.epoch().call()), "0x" + self._call(lambda: f.root().call()).hex()
 
+    def now(self) -> int:
+        """The chain's time: its latest block's timestamp."""
+        return self._call(lambda: self.w3.eth.get_block("latest")["timestamp"])
+
     def balance(self, account: str) -> int:
         return self._call(lambda: self.w3.eth.get_balance(self.w3.to_checksum_address(account)))
 

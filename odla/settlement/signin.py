@@ -127,7 +127,8 @@ class Sessions:
             del self.nonces[next(iter(self.nonces))]
         value = secrets.token_hex(16)
         self.nonces[value] = now + NONCE_TTL_S
-        return {"nonce": value, "expires_at": stamp(now + NONCE_TTL_S)}
+        # what the message must name besides: this operator's chain (1, Ethereum's, when it settles on none)
+        return {"nonce": value, "expires_at": stamp(now + NONCE_TTL_S), "chain_id": self.chain_id or 1}
 
     def verify(self, message: str, signature: str, host: str) -> dict[str, str]:
         """A token for the wallet that signed ``message``; ``AuthError`` (401) saying why not."""
