@@ -1,12 +1,13 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
+# make demo-settle  the same, paid through a local chain (anvil): deposit, jobs, ledger, epoch, claim
 # make test   install what the tests need and run them
-# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs and audits benchmarks (docs/performance.md)
+# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs, audits and settlement benchmarks (docs/performance.md)
 # make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench docs test-tools clean contracts
+.PHONY: demo demo-settle test bench docs test-tools clean contracts
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,10 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 
 demo: $(VENV)/.runtime
 	$(PY) scripts/demo.py
+
+# The demo paid through a local chain (anvil): a deposit, jobs, the ledger, an epoch settled, a claim.
+demo-settle: $(VENV)/.runtime contracts/node_modules/.installed
+	$(PY) scripts/demo.py --settle
 
 # Debian's docker-compose checks docker-compose.yml statically; nginx is the benchmarks' floor and baseline;
 # chromium runs the dashboard's browser test; redis-server is shared state's real Redis (each test starts
@@ -48,7 +53,7 @@ test: $(VENV)/.dev test-tools contracts/node_modules/.installed
 docs: $(VENV)/.dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-bench: $(VENV)/.dev test-tools
+bench: $(VENV)/.dev test-tools contracts/node_modules/.installed
 	$(PY) bench/relay_bench.py
 	$(PY) bench/cluster_bench.py --cluster default
 	$(PY) bench/cluster_bench.py --cluster second
@@ -57,6 +62,7 @@ bench: $(VENV)/.dev test-tools
 	$(PY) bench/capacity_bench.py
 	$(PY) bench/proofs_bench.py
 	$(PY) bench/audits_bench.py
+	$(PY) bench/settlement_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -103,6 +103,11 @@ contract OdlaEscrow is ReentrancyGuard {
         return deposited[client] - charged[client];
     }
 
+    /// @notice An account in one call: what it deposited, was charged, claimed, and when it may withdraw.
+    function standing(address account) external view returns (uint256, uint256, uint256, uint256) {
+        return (deposited[account], charged[account], claimed[account], withdrawableAt[account]);
+    }
+
     function requestWithdrawal() external {
         if (deposited[msg.sender] <= charged[msg.sender]) revert NothingToWithdraw();
         withdrawableAt[msg.sender] = block.timestamp + withdrawDelay;

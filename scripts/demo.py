@@ -2,6 +2,10 @@
 
 Uses the Ollama at OLLAMA_HOST when one answers (and a model it has); otherwise starts
 the simulator (sim/ollama_sim.py) in its place and says so.
+
+make demo-settle (``--settle``): the same network paid through a local chain (anvil, from
+contracts/node_modules; never a public chain): the escrow deployed, a wallet signing in and
+depositing, jobs charged in the ledger, an epoch settled on chain and a node claiming its earnings.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+import json
 
 import httpx
 
@@ -80,7 +86,75 @@ def wait_until(check, what: str, timeout: float = 20) -> None:
     raise SystemExit(f"demo: timed out waiting for {what}; see .venv/demo-*.log")
 
 
-def run_demo() -> int:
+ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
+ANVIL_KEYS = ["0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",  # anvil's well-known test accounts
+              "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+              "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+              "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"]
+settle_env: dict[str, str] = {}
+"With --settle: the environment every process gets (the demo's config file, the wallet)."
+
+
+def start_chain() -> str:
+    """A local chain and the escrow on it; the config every process reads. Nothing public."""
+    if not ANVIL.exists():
+        raise SystemExit("demo: anvil is missing: make demo-settle installs it (npm ci in contracts/)")
+    port = free_port()
+    say(f"Starting a local chain (anvil) on 127.0.0.1:{port}: test ETH, nothing public")
+    log = open(ROOT / ".venv" / "demo-anvil.log", "w")
+    procs.append(subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port)], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True))
+    rpc = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.post(rpc, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
+                                  timeout=1).status_code == 200, "the chain")
+    config = ROOT / ".venv" / "demo-settle.json"
+    config.write_text(json.dumps({"chain_rpc_url": rpc, "chain_id": 31337, "log_level": "warning",
+                                  "prices": {"*": {"prompt": 2_000_000, "output": 5_000_000}},
+                                  "operator_fee_bps": 500, "epoch_seconds": 3, "chain_poll": 2}))
+    settle_env.update({"ODLA_CONFIG": str(config), "OPERATOR_PRIVATE_KEY": ANVIL_KEYS[0],
+                       "ODLA_WALLET_KEY": ANVIL_KEYS[3], "XDG_CONFIG_HOME": str(ROOT / ".venv" / "demo-xdg")})
+    say("python scripts/escrow.py deploy --withdraw-delay 60")
+    deployed = subprocess.run([sys.executable, "scripts/escrow.py", "deploy", "--withdraw-delay", "60"], cwd=ROOT,
+                              env={**os.environ, **settle_env}, capture_output=True, text=True)
+    print(deployed.stdout + deployed.stderr, end="")
+    if deployed.returncode != 0:
+        raise SystemExit("demo: the escrow was not deployed")
+    address = deployed.stdout.strip().splitlines()[-1].split()[-1]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "settlement": "evm", "escrow_address": address}))
+    return rpc
+
+
+def show_settlement(cli: list[str], operator: str, model: str) -> int:
+    """Sign in, deposit, run jobs, see the ledger, wait for the epoch on chain, let a node claim."""
+    def step(*args: str, **env: str) -> int:
+        say("python " + " ".join(args))
+        return subprocess.call([sys.executable, *args], cwd=ROOT, env={**os.environ, **settle_env, **env})
+
+    codes = [step("client.py", "login", "--operator", operator)]
+    say("A job before any deposit is refused with 402:")
+    codes.append(0 if step("client.py", "infer", "hello", "--model", model, "--operator", operator) == 1 else 1)
+    codes.append(step("client.py", "deposit", "1000000000000000"))
+    for prompt in ("What is a ledger?", "Why settle per epoch?"):
+        codes.append(step("client.py", "infer", prompt, "--model", model, "--operator", operator))
+    say("Waiting for the nodes' receipts and an epoch to be settled on chain")
+    wait_until(lambda: httpx.get(f"{operator}/settlement/claims/{node_address(1)}", timeout=2).status_code == 200
+               or httpx.get(f"{operator}/settlement/claims/{node_address(2)}", timeout=2).status_code == 200,
+               "an epoch settled on chain", timeout=60)
+    codes.append(step("client.py", "balance", "--operator", operator))
+    claimed = [step("node.py", "claim", NODE_PRIVATE_KEY=ANVIL_KEYS[i], COORDINATOR_URL=operator) for i in (1, 2)]
+    codes.append(min(claimed))  # one node may have served no job yet: nothing to claim is not a failure
+    return max(codes)
+
+
+def node_address(i: int) -> str:
+    from odla.proofs.identity import Identity
+    return Identity(bytes.fromhex(ANVIL_KEYS[i][2:])).address
+
+
+def run_demo(settle: bool = False) -> int:
+    if settle:
+        sys.path.insert(0, str(ROOT))
+        start_chain()
     ollama_host = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
     model = real_ollama(ollama_host)
     if model:
@@ -101,17 +175,20 @@ def run_demo() -> int:
     operator = f"http://127.0.0.1:{op_port}"
     say(f"Starting the operator on {operator}")
     start("operator", ["server.py"], {"operator_port": str(op_port), "OPERATOR_HOST": "127.0.0.1",
-                                      "ODLA_JOBS_DB": str(receipts)})
+                                      "ODLA_JOBS_DB": str(receipts), **settle_env})
     wait_until(lambda: httpx.get(f"{operator}/health", timeout=1).status_code == 200, "the operator")
 
-    for node_id in ("node1", "node2"):
+    for i, node_id in enumerate(("node1", "node2"), start=1):
         port = free_port()
         start(node_id, ["node.py"], {"NODE_ID": node_id, "NODE_PORT": str(port), "NODE_HOST": "127.0.0.1",
-                                     "COORDINATOR_URL": operator, "OLLAMA_HOST": ollama_host})
+                                     "COORDINATOR_URL": operator, "OLLAMA_HOST": ollama_host, **settle_env,
+                                     **({"NODE_PRIVATE_KEY": ANVIL_KEYS[i]} if settle else {})})
     wait_until(lambda: len(httpx.get(f"{operator}/nodes", timeout=1).json()["nodes"]) == 2,
                "both nodes to register")
 
     cli = [sys.executable, "client.py"]
+    if settle:
+        return show_settlement(cli, operator, model)
     say(f"The dashboard, while the demo runs: {operator}/dashboard")
     say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --verbose')
     first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--verbose"], cwd=ROOT)
@@ -139,7 +216,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     code = 1
     try:
-        code = run_demo()
+        code = run_demo(settle="--settle" in sys.argv[1:])
     except KeyboardInterrupt:
         code = 130
     finally:

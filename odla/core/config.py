@@ -242,7 +242,7 @@ class Settings(BaseModel):
     "The chain that endpoint must be (42161 Arbitrum One, 421614 Arbitrum Sepolia, 31337 anvil)."
     escrow_address: Optional[Address] = None
     "The escrow contract (``python scripts/escrow.py deploy`` prints it)."
-    chain_poll: float = Field(5, gt=0)
+    chain_poll: float = Field(10, gt=0)
     "How long the operator trusts a deposit it read from the chain, in seconds."
     max_job_tokens: StrictInt = Field(4096, ge=1)
     """The output a job that sets no limit (``num_predict``, ``max_tokens``) is held for against its

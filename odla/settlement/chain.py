@@ -99,9 +99,7 @@ class Escrow:
 
     def standing(self, account: str) -> Standing:
         who = self.w3.to_checksum_address(account)
-        f = self.contract.functions
-        return Standing(*(self._call(lambda fn=fn: fn(who).call()) for fn in
-                          (f.deposited, f.charged, f.claimed, f.withdrawableAt)))
+        return Standing(*self._call(lambda: self.contract.functions.standing(who).call()))
 
     def posted(self) -> tuple[int, str]:
         """The latest epoch posted, and its root."""

@@ -29,6 +29,8 @@ from odla.settlement.chain import ChainError, Escrow, Standing
 from odla.settlement.prices import Prices
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+FRESH_S = 1.0
+"A job that the last reading of its client's deposit would refuse is refused only on a reading this fresh."
 WAIT_S = 600.0
 "How long an ended job's hold waits for its receipt (as ``countersign.WAIT_S``)."
 
@@ -70,10 +72,12 @@ class Purse:
                                   "(python client.py login) and deposit (python client.py deposit AMOUNT)")
         standing = await self._standing(account)
         self._expire()
+        if worst > self._available(account, standing) and self.clock() - self.chain[account][1] >= FRESH_S:
+            standing = await self._standing(account, fresh=True)  # refused only on a fresh reading: a deposit just made counts
         if standing.withdrawable_at:
             raise PaymentRequired(f"{account} has asked to withdraw its deposit: no new jobs until it has, "
                                   "and deposited again")
-        available = standing.deposited - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
+        available = self._available(account, standing)
         if worst > available:
             raise PaymentRequired(f"this job may cost up to {worst} wei ({model}: its prompt and up to "
                                   f"{max_tokens or self.max_job_tokens} output tokens); {account} has {max(available, 0)} "
@@ -114,6 +118,9 @@ class Purse:
         return {"deposited": standing.deposited, "charged_on_chain": standing.charged, "spent": spent,
                 "held": held, "available": max(standing.deposited - spent - held, 0),
                 "withdrawable_at": standing.withdrawable_at or None}
+
+    def _available(self, account: str, standing: Standing) -> int:
+        return standing.deposited - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
 
     def _release(self, job_id: str) -> None:
         account, amount, _ = self.holds.pop(job_id)

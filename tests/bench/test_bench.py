@@ -110,3 +110,13 @@ def test_audits_benchmark_smoke_run(tmp_path):
     run = data["runs"][0]
     assert run["client_jobs"] >= 6 and run["failed_requests"] == 0 and set(run["jobs_per_node"]) >= {"honest-1"}
     assert "honest nodes quarantined" in printed and "every cheater quarantined" in printed
+
+
+@pytest.mark.solo
+@pytest.mark.timeout(180)
+def test_settlement_benchmark_smoke_run(tmp_path):
+    """A chain, an operator and eight processes: alone. Its figures (10,000 jobs) come from make bench."""
+    data, printed = smoke_run(tmp_path, "settlement_bench.py", timeout=300)
+    assert data["books"]["agree"], data["books"]["problems"]
+    assert data["books"]["charges"] > 0 and data["books"]["charged_on_chain"] == data["books"]["paid_out"] > 0
+    assert "ledger, chain and receipts agree after 200 jobs: yes" in printed
