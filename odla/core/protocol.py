@@ -269,7 +269,8 @@ class ModelsResponse(BaseModel):
     models: list[str]
 
 
-Outcome = Literal["ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request"]
+Outcome = Literal["ok", "client_cancel", "node_error", "no_node", "queue_full", "queue_timeout", "bad_request",
+                  "unpaid"]
 "How a job ended: the values of ``odla_requests_total``'s ``outcome`` and of a receipt's."
 
 

@@ -65,7 +65,9 @@ def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> AP
         whose = callers.whose(request.headers)
         if whose is not None and account != ledger.account_of(whose):
             raise ODLAError(f"unknown account: {account}", 404)  # another caller's is none of its business
-        statement = await request.app.state.receipts.in_db(ledger.statement, account, limit, before)
+        receipts = request.app.state.receipts
+        await receipts.flush()  # the charges of receipts countersigned so far are in
+        statement = await receipts.in_db(ledger.statement, account, limit, before)
         purse = request.app.state.purse
         if purse is not None and account.startswith("0x"):
             statement["chain"] = await purse.standing(account)

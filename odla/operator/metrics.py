@@ -116,7 +116,7 @@ class RequestMetrics:
             return
         # a model no node has is whatever a caller typed: one label value for all of them, so no
         # caller can grow the metrics without bound
-        model = job.model if job.node or job.outcome not in ("no_node", "bad_request") else ""
+        model = job.model if job.node or job.outcome not in ("no_node", "bad_request", "unpaid") else ""
         self.requests.labels(model, job.node, job.door, job.outcome).inc()
         if job.finished is not None:
             self.duration.labels(model, job.node).observe(job.finished - job.started)

@@ -98,6 +98,8 @@ class Job:
             outcome = "no_node"
         elif exc.status_code in (400, 413, 422):
             outcome = "bad_request"
+        elif exc.status_code == 402:  # its client's balance could not cover it (odla.settlement.purse)
+            outcome = "unpaid"
         else:
             outcome = "node_error"
         self.end(outcome, exc.message)

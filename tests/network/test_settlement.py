@@ -64,6 +64,8 @@ def test_a_wallet_deposits_pays_for_jobs_the_node_claims_and_the_client_withdraw
         refused = httpx.post(f"{net.op_url}{path}", json=body, headers=auth, timeout=10)
         assert refused.status_code == 402 and "0 available" in refused.text, (path, refused.text)
     assert httpx.get(f"{net.sims_url()}/_sim/stats").json()["requests"] == before
+    unpaid = httpx.get(f"{net.op_url}/jobs", params={"outcome": "unpaid"}).json()["jobs"]
+    assert len(unpaid) == 3 and all(j["caller"] == CLIENT and j["node"] is None for j in unpaid)
     failed = script(net, "client.py", "infer", "hi", "--model", "llama3")
     assert failed.returncode == 1 and "deposit" in failed.stderr
     # an API key's account has no deposit on chain: told to sign in with a wallet

@@ -68,7 +68,7 @@ def test_a_node_caught_padding_has_its_open_charges_reversed_and_its_closed_epoc
     assert op.call(op.app.state.epochs.close())["count"] == 1  # its epoch closes
     opened = sum(cost(run(f"open {i}")) for i in range(3))
     account = httpx.get(f"{op.url}/accounts/anonymous").json()
-    assert account["balance"] == -(settled + opened)
+    assert account["balance"] == -(settled + opened), account
     sim.configure(cheat="pad")
     disputed = run("padded")
     assert disputed["disputed"] and "claims" in disputed["disputed"]
