@@ -532,7 +532,7 @@ def on_chain(step: Callable[[], str]) -> str:
 
 
 @app.command()
-def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (an integer)")],
+def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (or the settlement token's smallest unit)")],
             key_file: KeyFileOpt = None) -> None:
     """Deposit into the escrow, to pay for jobs with. The last line is the transaction's hash."""
 
@@ -542,8 +542,10 @@ def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (an int
         if not amount.isdigit() or int(amount) <= 0:
             raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
         me, contract = wallet(key_file), escrow()
+        token = on_chain(contract.token)
         tx = on_chain(lambda: contract.deposit(me, int(amount)))
-        typer.echo(f"deposited {amount} wei from {me.address} into {contract.address}")
+        typer.echo(f"deposited {amount} {'wei' if token is None else 'units of the token ' + token} from {me.address} "
+                   f"into {contract.address}")
         typer.echo(tx)
 
     run_action(action)

@@ -238,8 +238,13 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         escrow = Escrow(settings.chain_rpc_url, settings.chain_id, settings.escrow_address)
         try:
             await asyncio.to_thread(escrow.check)
+            token = await asyncio.to_thread(escrow.token)
         except ChainError as exc:  # it may come back: jobs wait for it (503), nothing is lost
             log.warning("settlement: %s", exc)
+        else:
+            if (token or "").lower() != (settings.settlement_token or "").lower():
+                raise ReceiptsError(f"the escrow {settings.escrow_address} settles in {token or 'the native currency'}, "
+                                    f"settlement_token says {settings.settlement_token or 'the native currency'}")
         purse = app.state.purse = Purse(prices, escrow, settings.max_job_tokens, settings.chain_poll)
         purse.open(await app.state.receipts.in_db(ledger.spent))
         app.state.countersigner.on_charge = purse.charged

@@ -4,9 +4,12 @@ pragma solidity 0.8.28;
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
 import {Address} from "@openzeppelin/contracts/utils/Address.sol";
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 
 /// @title ODLA's escrow: clients deposit, the operator posts each epoch's settlement, nodes claim.
-/// @notice Amounts are wei. Every figure the operator posts is cumulative, so a replayed or
+/// @notice Amounts are in the settlement unit's smallest denomination: wei of the chain's native
+/// currency, or of the ERC-20 `token` when one was given at deployment. Every figure the operator posts is cumulative, so a replayed or
 /// repeated post or claim moves nothing: a payee is paid `owed - claimed`, a client is charged
 /// `charged - alreadyCharged`.
 /// - Clients `deposit`. At each epoch the operator `post`s what each client has been charged in
@@ -17,7 +20,11 @@ import {Address} from "@openzeppelin/contracts/utils/Address.sol";
 /// - Clients `requestWithdrawal`, then `withdraw` what was not charged, after `withdrawDelay`
 ///   (time for the operator to post what they spent until then).
 contract OdlaEscrow is ReentrancyGuard {
+    using SafeERC20 for IERC20;
+
     address public immutable operator;
+    /// @notice The ERC-20 clients pay in; address(0): the chain's native currency.
+    IERC20 public immutable token;
     uint256 public immutable withdrawDelay;
 
     uint64 public epoch;
@@ -48,16 +55,30 @@ contract OdlaEscrow is ReentrancyGuard {
     error NothingToWithdraw();
     error NoWithdrawalRequested();
     error TooEarly(uint256 withdrawableAt);
+    error WrongCurrency();
 
-    constructor(address operator_, uint256 withdrawDelay_) {
+    constructor(address operator_, uint256 withdrawDelay_, address token_) {
         operator = operator_;
         withdrawDelay = withdrawDelay_;
+        token = IERC20(token_);
     }
 
-    function deposit() external payable {
-        if (msg.value == 0) revert EmptyDeposit();
-        deposited[msg.sender] += msg.value;
-        emit Deposited(msg.sender, msg.value, deposited[msg.sender]);
+    /// @notice Deposit `amount`: sent with the call in the native currency, or taken from the
+    /// caller's ERC-20 allowance (what arrives is what counts, whatever the token charges).
+    function deposit(uint256 amount) external payable nonReentrant {
+        uint256 received;
+        if (address(token) == address(0)) {
+            if (msg.value != amount) revert WrongCurrency();
+            received = amount;
+        } else {
+            if (msg.value != 0) revert WrongCurrency();
+            uint256 before = token.balanceOf(address(this));
+            token.safeTransferFrom(msg.sender, address(this), amount);
+            received = token.balanceOf(address(this)) - before;
+        }
+        if (received == 0) revert EmptyDeposit();
+        deposited[msg.sender] += received;
+        emit Deposited(msg.sender, received, deposited[msg.sender]);
     }
 
     /// @notice Epoch `epoch_`'s settlement: each listed client's cumulative charge, and the root
@@ -96,7 +117,7 @@ contract OdlaEscrow is ReentrancyGuard {
         claimed[msg.sender] = owed;
         totalClaimed += amount;
         emit Claimed(msg.sender, amount, owed);
-        Address.sendValue(payable(msg.sender), amount);
+        _pay(msg.sender, amount);
     }
 
     function available(address client) external view returns (uint256) {
@@ -124,6 +145,14 @@ contract OdlaEscrow is ReentrancyGuard {
         deposited[msg.sender] = charged[msg.sender];
         withdrawableAt[msg.sender] = 0;
         emit Withdrawn(msg.sender, amount);
-        Address.sendValue(payable(msg.sender), amount);
+        _pay(msg.sender, amount);
+    }
+
+    function _pay(address to, uint256 amount) private {
+        if (address(token) == address(0)) {
+            Address.sendValue(payable(to), amount);
+        } else {
+            token.safeTransfer(to, amount);
+        }
     }
 }

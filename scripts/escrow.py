@@ -2,8 +2,8 @@
 
     python scripts/escrow.py deploy [--config FILE] [--withdraw-delay SECONDS]
 
-Reads ``chain_rpc_url``, ``chain_id`` and ``operator_key_file`` (or OPERATOR_PRIVATE_KEY) from
-the config: the operator's key deploys the contract, pays the gas, and is the only key that can
+Reads ``chain_rpc_url``, ``chain_id``, ``settlement_token`` (an ERC-20's address; unset: the
+chain's native currency) and ``operator_key_file`` (or OPERATOR_PRIVATE_KEY) from the config: the operator's key deploys the contract, pays the gas, and is the only key that can
 post settlements to it. Prints the transaction's hash, and last ``escrow_address: 0x…``: put that
 in config.json as ``escrow_address``, with ``"settlement": "evm"``.
 """
@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     escrow = Escrow(settings.chain_rpc_url, settings.chain_id, timeout=30)
     try:
-        address, tx = escrow.deploy(operator, operator.address, args.withdraw_delay)
+        address, tx = escrow.deploy(operator, operator.address, args.withdraw_delay, settings.settlement_token)
     except ChainError as exc:
         print(f"escrow: {exc}", file=sys.stderr)
         return 1
     print(f"deployed OdlaEscrow on {CHAINS.get(settings.chain_id, f'chain {settings.chain_id}')}, operator "
-          f"{operator.address}, withdrawal delay {args.withdraw_delay} s")
+          f"{operator.address}, settling in {settings.settlement_token or 'the native currency'}, withdrawal delay "
+          f"{args.withdraw_delay} s")
     print(tx)
     print(f"escrow_address: {address}")
     return 0

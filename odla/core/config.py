@@ -53,7 +53,7 @@ ENV_KEYS: dict[str, str] = {
 
 # What each script uses: a script validates only these, so a bad node-only value (NODE_PORT=abc)
 # does not stop the client. Keys outside every role are still errors.
-CHAIN = {"chain_rpc_url", "chain_id", "escrow_address"}
+CHAIN = {"chain_rpc_url", "chain_id", "escrow_address", "settlement_token"}
 SHARED = {"operator_url", "log_level", "connect_timeout", "health_check_timeout", "join_token", "max_prompt_chars",
           "allowed_hosts", "allowed_origins", "request_timeout", "header_timeout"}
 ROLES: dict[str, set[str]] = {
@@ -242,6 +242,9 @@ class Settings(BaseModel):
     "The chain that endpoint must be (42161 Arbitrum One, 421614 Arbitrum Sepolia, 31337 anvil)."
     escrow_address: Optional[Address] = None
     "The escrow contract (``python scripts/escrow.py deploy`` prints it)."
+    settlement_token: Optional[Address] = None
+    """The ERC-20 the escrow settles in (its address; ``scripts/escrow.py deploy`` deploys for it); unset: the
+    chain's native currency. Prices are then in the token's smallest unit."""
     chain_poll: float = Field(10, gt=0)
     "How long the operator trusts a deposit it read from the chain, in seconds."
     max_job_tokens: StrictInt = Field(4096, ge=1)

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 ARTIFACT = Path(__file__).with_name("OdlaEscrow.json")
 "The contract's ABI and bytecode, compiled from contracts/OdlaEscrow.sol (make contracts)."
 CHAINS = {42161: "Arbitrum One", 421614: "Arbitrum Sepolia", 31337: "anvil (local)"}
+ZERO_ADDRESS = "0x" + "00" * 20
 TIMEOUT_S = 120.0
 "How long a transaction may take to be mined."
 
@@ -115,18 +116,34 @@ class Escrow:
 
     # --- transactions: each returns its hash once mined ------------------------------------
 
-    def deploy(self, wallet: Any, operator: str, withdraw_delay: int) -> tuple[str, str]:
-        """(the new contract's address, the transaction's hash)."""
+    def deploy(self, wallet: Any, operator: str, withdraw_delay: int, token: Optional[str] = None) -> tuple[str, str]:
+        """(the new contract's address, the transaction's hash); ``token``: the ERC-20 it settles in
+        (None: the chain's native currency)."""
         self.check()
         factory = self.w3.eth.contract(abi=self.artifact["abi"], bytecode=self.artifact["bytecode"])
-        receipt = self._send(wallet, factory.constructor(self.w3.to_checksum_address(operator), withdraw_delay))
+        receipt = self._send(wallet, factory.constructor(self.w3.to_checksum_address(operator), withdraw_delay,
+                                                         self.w3.to_checksum_address(token or ZERO_ADDRESS)))
         self.address = receipt["contractAddress"]
         return receipt["contractAddress"], "0x" + receipt["transactionHash"].hex().removeprefix("0x")
 
+    def token(self) -> Optional[str]:
+        """The ERC-20 the escrow settles in; None: the chain's native currency."""
+        found = self._call(lambda: self.contract.functions.token().call())
+        return None if int(found, 16) == 0 else found
+
     def deposit(self, wallet: Any, amount: int) -> str:
+        """Deposit ``amount``: sent with the call, or (an ERC-20 escrow) approved for the escrow first,
+        when its allowance is short. The deposit's transaction."""
         if amount <= 0:
-            raise ChainError("a deposit is a positive number of wei")
-        return self._tx(wallet, self.contract.functions.deposit(), value=amount)
+            raise ChainError("a deposit is a positive number of the settlement unit's smallest denomination")
+        token = self.token()
+        if token is None:
+            return self._tx(wallet, self.contract.functions.deposit(amount), value=amount)
+        erc20 = self.w3.eth.contract(address=token, abi=self.artifact["erc20Abi"])
+        me = wallet.eth_account().address
+        if self._call(lambda: erc20.functions.allowance(me, self.contract.address).call()) < amount:
+            self._tx(wallet, erc20.functions.approve(self.contract.address, amount))
+        return self._tx(wallet, self.contract.functions.deposit(amount))
 
     def post(self, wallet: Any, epoch: int, root: str, clients: Sequence[str], charges: Sequence[int]) -> str:
         return self._tx(wallet, self.contract.functions.post(

@@ -5,6 +5,8 @@ busy test workers, nodes took longer than the relay run's 30 s to register.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -13,11 +15,24 @@ import pytest
 from tests.helpers import ROOT
 
 
+def bench_run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python bench/… args`` in a process group of its own: should it be stopped (its deadline, or
+    the test's), the whole group goes with it, the processes it started too, not only the script."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def smoke_run(tmp_path, script: str, timeout: float = 180) -> tuple[dict, str]:
     """``bench/<script> --smoke``: what it wrote, and what it printed."""
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+    result = bench_run([f"bench/{script}", "--smoke", "--out", str(out)], timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text()), result.stdout
 
@@ -86,8 +101,7 @@ def test_chaos_benchmark_smoke_run(tmp_path):
 def test_capacity_benchmark_smoke_run(tmp_path):
     """A learning node in front of a simulator of 3: every request answered, from one slot up."""
     out = tmp_path / "capacity.json"
-    result = subprocess.run([sys.executable, "bench/capacity_bench.py", "--smoke", "--parallel", "3", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    result = bench_run(["bench/capacity_bench.py", "--smoke", "--parallel", "3", "--out", str(out)], 180)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(out.read_text())
     run = data["results"]["learned"]

@@ -93,3 +93,35 @@ def test_another_chain_and_no_chain_are_refused_before_anything_is_signed(anvil)
     anvil.stop()
     with pytest.raises(ChainError, match="cannot reach the chain"):
         escrow.standing(CLIENT.address)
+
+
+def test_an_escrow_in_an_erc20_takes_deposits_from_allowances_and_pays_in_the_token(anvil):
+    import json
+
+    artifact = json.loads((ROOT / "tests" / "settlement" / "TestToken.json").read_text())
+    escrow = Escrow(anvil.url, 31337)
+    factory = escrow.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    token_address = escrow._send(OPERATOR, factory.constructor())["contractAddress"]
+    token = escrow.w3.eth.contract(address=token_address, abi=artifact["abi"])
+    escrow._tx(OPERATOR, token.functions.mint(CLIENT.address, 10_000))
+    escrow.deploy(OPERATOR, OPERATOR.address, 0, token_address)
+    assert escrow.token() == token_address
+    escrow.deposit(CLIENT, 4000)  # approves, then deposits
+    assert escrow.standing(CLIENT.address).deposited == 4000
+    assert token.functions.balanceOf(CLIENT.address).call() == 6000
+    with pytest.raises(ChainError, match="WrongCurrency"):
+        escrow._tx(CLIENT, escrow.contract.functions.deposit(1), value=1)  # ETH sent to a token escrow
+    plan = Settlement(payees={NODE.address: 2500}, clients={CLIENT.address: 2500})
+    escrow.post(OPERATOR, 1, plan.root, list(plan.clients), list(plan.clients.values()))
+    escrow.claim(NODE, *plan.proof(NODE.address))
+    assert token.functions.balanceOf(NODE.address).call() == 2500
+    escrow.request_withdrawal(CLIENT)
+    escrow.withdraw(CLIENT)  # no delay at deployment
+    assert token.functions.balanceOf(CLIENT.address).call() == 6000 + 1500
+
+
+def test_a_native_escrow_refuses_a_deposit_whose_value_is_not_its_amount(anvil):
+    escrow = deployed(anvil)
+    assert escrow.token() is None
+    with pytest.raises(ChainError, match="WrongCurrency"):
+        escrow._tx(CLIENT, escrow.contract.functions.deposit(5), value=4)
