@@ -79,6 +79,7 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
     plan = [(i, *request(i, rng), rng.random() < DEPART, i % len(tokens)) for i in range(jobs)]
     done = {"ok": 0, "errors": 0, "departed": 0, "refused": 0, "hung": 0}
     hung: list[str] = []
+    seen: list[str] = []  # every job id the clients were given
     left: dict[str, int] = {}  # job id -> token lines the client read before it left
     queue: asyncio.Queue = asyncio.Queue()
     for item in plan:
@@ -97,6 +98,7 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
             try:
                 async with http.post(url + path, json=body, headers=headers) as resp:
                     job_id = resp.headers.get("x-odla-job", "?")
+                    seen.append(job_id)
                     if resp.status != 200:
                         done["refused"] += 1
                         await resp.read()
@@ -111,7 +113,8 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
                         done["departed"] += 1
                         continue
                     data = await resp.read()
-                    done["errors" if b'"error"' in data[-300:] else "ok"] += 1
+                    done["errors" if data.rstrip().endswith(b'"done": true}') and b'{"error": ' in data[-400:]
+                         or b'"error":{' in data[-400:] else "ok"] += 1
             except aiohttp.ClientError:
                 done["errors"] += 1
             except asyncio.TimeoutError:  # no answer, or no end to it, within a minute: a defect to look into
@@ -120,7 +123,7 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         await asyncio.gather(*(worker(http) for _ in range(AT_ONCE)))
-    return {**done, "hung_jobs": hung, "left_lines": left}
+    return {**done, "hung_jobs": hung, "left_lines": left, "seen": seen}
 
 
 def sign_in(url: str, wallet: Identity) -> str:
@@ -172,15 +175,24 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
         wait_registered(op_port, len(NODES), timeout=60, procs=procs)
         tokens = [sign_in(url, wallet) for wallet in CLIENTS] if settle else ["", "", ""]
         began, cpu = time.monotonic(), cpu_ns([operator.pid])
-        driven = asyncio.run(drive(url, tokens, jobs, seed, lambda: nodes["n4"].send_signal(signal.SIGKILL)))
+        def kill() -> None:  # n4, while it streams: what was delivered is what is paid
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                rows = httpx.get(f"{url}/nodes", timeout=5).json()["nodes"]
+                if any(n["node_id"] == "n4" and n["active_jobs"] for n in rows):
+                    break
+            nodes["n4"].send_signal(signal.SIGKILL)
+
+        driven = asyncio.run(drive(url, tokens, jobs, seed, kill))
         seconds, cpu_us = time.monotonic() - began, (cpu_ns([operator.pid]) - cpu) / 1000
         result = {"jobs": jobs, "seconds": seconds, "operator_cpu_us_per_job": cpu_us / jobs,
-                  **{k: v for k, v in driven.items() if k != "left_lines"},
+                  **{k: v for k, v in driven.items() if k not in ("left_lines", "seen")},
                   "node_killed_with_jobs": "n4" in [j["node"] for j in httpx.get(
                       f"{url}/jobs", params={"outcome": "node_error", "limit": 1000}).json()["jobs"]]}
         if settle and quick_epochs:  # the books can be checked only once an epoch has settled them
             assert escrow is not None
             result |= settle_and_check(url, escrow, tokens, workdir / "jobs.db", driven["left_lines"])
+            result["jobs_unrecorded"] = unrecorded(workdir / "jobs.db", driven["seen"])
         return result
     finally:
         procs.stop()
@@ -259,6 +271,14 @@ def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path,
             "left": {"jobs": len(left), "lines_read": sum(left.values()),
                      "tokens_relayed": sum(v or 0 for v in sent_left.values()),
                      "node_claimed": sum(v or 0 for v in charged_left.values() if v is not None)}}
+
+
+def unrecorded(db_path: Path, seen: list[str]) -> list[str]:
+    """Jobs a client was given an id for that the operator has no record of (each must have one)."""
+    db = sqlite3.connect(db_path)
+    known = {job_id for (job_id,) in db.execute("SELECT id FROM jobs")}
+    db.close()
+    return [job_id for job_id in seen if job_id not in known]
 
 
 def micro(n: int) -> dict[str, float]:

@@ -137,3 +137,25 @@ def test_the_chain_stopping_and_coming_back_loses_nothing(net, anvil, tmp_path):
     claimed = script(net, "node.py", "claim", NODE_PRIVATE_KEY=NODE_KEY)
     assert claimed.returncode == 0, claimed.stderr
     assert escrow.standing(NODE).claimed == node_owed
+
+
+def test_a_node_caught_padding_has_its_open_charges_reversed_before_the_epoch_closes(net, anvil, tmp_path):
+    settled_network(net, anvil, tmp_path, epoch_seconds=3600)  # the epoch stays open
+    assert script(net, "client.py", "login").returncode == 0
+    assert script(net, "client.py", "deposit", "500000").returncode == 0
+    auth = bearer(tmp_path)
+    for i in range(3):
+        assert httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"q{i}"}, headers=auth,
+                          timeout=10).status_code == 200
+    charged = wait_for(lambda: (a := httpx.get(f"{net.op_url}/accounts/me", headers=auth).json())
+                       and len(a["entries"]) == 3 and a, timeout=15)
+    assert charged["balance"] < 0 and charged["chain"]["spent"] == -charged["balance"]
+    httpx.post(f"{net.sims_url()}/_sim/config", json={"cheat": "pad"}).raise_for_status()
+    assert httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": "padded"}, headers=auth,
+                      timeout=10).status_code == 200
+    undone = wait_for(lambda: (a := httpx.get(f"{net.op_url}/accounts/me", headers=auth).json())
+                      and a["balance"] == 0 and a, timeout=15)
+    assert [e["kind"] for e in undone["entries"]].count("reversal") == 3 and undone["chain"]["spent"] == 0
+    assert httpx.get(f"{net.op_url}/accounts/{NODE}").json()["balance"] == 0  # the cheat earns nothing
+    assert net.listing()["n1"]["quarantined"]
+    assert httpx.get(f"{net.op_url}/settlement/claims/{NODE}").status_code == 404
