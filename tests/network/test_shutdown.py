@@ -1,6 +1,7 @@
 """Stopping and refusing, as real processes: Ctrl-C mid-answer ends every stream with a last line
 and the process within 2 s; a node that cannot join says why in one line and stops."""
 
+import re
 import signal
 import threading
 import time
@@ -116,4 +117,5 @@ def test_a_taken_node_id_is_one_line_without_a_traceback(net):
     assert second.proc.wait(timeout=20) == 1
     printed = second.output()
     assert "node: node id 'n1' is taken by a live node at http://127.0.0.1:" in printed
-    assert "Traceback" not in printed and "409" not in printed and "startup failed" not in printed
+    assert "Traceback" not in printed and "startup failed" not in printed
+    assert re.search(r"\b409\b", printed) is None  # (a port such as 34097 may hold the digits)
