@@ -10,7 +10,7 @@
     python client.py list | ps | show MODEL | nodes | jobs | pull MODEL | rm MODEL | version
     python client.py verify JOB_ID                        (check a job's proof; --file proof.json offline)
     python client.py login | logout | balance             (sign in with a wallet: --key-file or ODLA_WALLET_KEY)
-    python client.py deposit AMOUNT | withdraw            (the escrow on chain, in wei)
+    python client.py deposit AMOUNT | allow AMOUNT | withdraw   (the escrow on chain, in wei)
 
 Exit codes: 0 done; 1 the network answered with an error; 2 the operator could not
 be reached or the command line is wrong; 130 interrupted (Ctrl-C).
@@ -33,7 +33,7 @@ from odla.client.errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, operator_u
 from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
 COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "version",
-            "login", "logout", "balance", "deposit", "withdraw"}
+            "login", "logout", "balance", "deposit", "allow", "withdraw"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run prompts and chats on an ODLA network, and look at its models, nodes and jobs.")
@@ -501,7 +501,7 @@ def balance(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: Js
         if chain is None:
             typer.echo(f"balance    {account['balance']}")
         else:
-            for name in ("deposited", "spent", "held", "available"):
+            for name in ("deposited", "signed_off", "spent", "held", "available"):
                 typer.echo(f"{name:10} {chain[name]} wei")
             if chain.get("withdrawable_at"):
                 typer.echo(f"withdrawal requested: python client.py withdraw again from block time {chain['withdrawable_at']}")
@@ -547,6 +547,35 @@ def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (or the
         typer.echo(f"deposited {amount} {'wei' if token is None else 'units of the token ' + token} from {me.address} "
                    f"into {contract.address}")
         typer.echo(tx)
+
+    run_action(action)
+
+
+@app.command()
+def allow(amount: Annotated[str, typer.Argument(help="How much more the operator may charge you, in wei")],
+          operator: OperatorOpt = None, key_file: KeyFileOpt = None) -> None:
+    """Sign off that the operator may charge you AMOUNT more (a spend voucher, kept by the operator):
+    it can never charge you more than you signed off, whatever it posts on chain."""
+
+    def action() -> None:
+        from odla.client.wallet import wallet
+        from odla.settlement.vouchers import Voucher
+
+        if not amount.isdigit() or int(amount) <= 0:
+            raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
+        me = wallet(key_file)
+        account = ask(operator, None, "GET", "/accounts/me", params={"limit": 1})
+        chain = account.get("chain")
+        if chain is None:
+            raise Failure("this operator does not settle on chain, or you are not signed in with a wallet "
+                          "(python client.py login)", 1)
+        if account["account"] != me.address:
+            raise Failure(f"signed in as {account['account']}, but the key is {me.address}: log in with it", EXIT_USAGE)
+        cumulative = chain["signed_off"] + int(amount)
+        voucher = Voucher(me.address, cumulative)
+        done = ask(operator, None, "POST", "/accounts/me/allowance", body={
+            "cumulative": cumulative, "signature": voucher.sign(me, chain["chain_id"], chain["escrow"])})
+        typer.echo(f"signed off {cumulative} wei in all for escrow {chain['escrow']}; {done['available']} available")
 
     run_action(action)
 

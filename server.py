@@ -234,6 +234,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         """Deposits read from the escrow, settlements posted to it (``settlement: "evm"``)."""
         from odla.settlement.chain import CHAINS, ChainError, Escrow  # web3: only when settling
         from odla.settlement.poster import Poster
+        from odla.settlement import vouchers
         from odla.settlement.purse import Purse
         escrow = Escrow(settings.chain_rpc_url, settings.chain_id, settings.escrow_address)
         try:
@@ -246,10 +247,12 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                 raise ReceiptsError(f"the escrow {settings.escrow_address} settles in {token or 'the native currency'}, "
                                     f"settlement_token says {settings.settlement_token or 'the native currency'}")
         purse = app.state.purse = Purse(prices, escrow, settings.max_job_tokens, settings.chain_poll)
-        purse.open(await app.state.receipts.in_db(ledger.spent))
+        receipts = app.state.receipts
+        purse.open(await receipts.in_db(ledger.spent), await receipts.in_db(vouchers.kept))
+        purse.keep = lambda client, cumulative, signature: receipts.in_db(vouchers.keep, client, cumulative, signature)
         app.state.countersigner.on_charge = purse.charged
         app.state.receipts.on_refund = purse.refunded
-        poster = app.state.poster = Poster(identity, escrow, app.state.receipts)
+        poster = app.state.poster = Poster(identity, escrow, receipts, purse.vouchers)
         await poster.open()
         app.state.epochs.on_close = poster.epoch_closed
         log.info("settlement on %s (chain %d), escrow %s", CHAINS.get(settings.chain_id, "chain"),

@@ -5,7 +5,7 @@ the wei, and what does the settlement path cost the operator?
 
 A local chain (anvil), the escrow deployed on it, one operator settling on it (``settlement``
 "evm", epochs every 5 s) and four simulated nodes, each with its own key. Three wallets sign in
-and deposit; they send ``--jobs`` jobs between them, eight at a time, on every door, and about
+deposit and sign off what they deposited; they send ``--jobs`` jobs between them, eight at a time, on every door, and about
 2 % of them leave mid-answer. Halfway, one node is killed (SIGKILL) while it streams. Then every
 node and the operator claim what they earned.
 
@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from odla.proofs.identity import Identity  # noqa: E402
 from odla.settlement.chain import Escrow  # noqa: E402
 from odla.settlement.signin import SignIn, stamp  # noqa: E402
+from odla.settlement.vouchers import Voucher  # noqa: E402
 
 ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
 KEYS = ["ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",   # anvil's well-known test accounts
@@ -174,6 +175,12 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
         url = f"http://127.0.0.1:{op_port}"
         wait_registered(op_port, len(NODES), timeout=60, procs=procs)
         tokens = [sign_in(url, wallet) for wallet in CLIENTS] if settle else ["", "", ""]
+        if settle:
+            assert escrow is not None
+            for wallet, token in zip(CLIENTS, tokens):  # each signs off all it deposited
+                signature = Voucher(wallet.address, 10 ** 15).sign(wallet, 31337, escrow.address)
+                httpx.post(f"{url}/accounts/me/allowance", json={"cumulative": 10 ** 15, "signature": signature},
+                           headers={"authorization": f"Bearer {token}"}).raise_for_status()
         began, cpu = time.monotonic(), cpu_ns([operator.pid])
         def kill() -> None:  # n4, while it streams: what was delivered is what is paid
             deadline = time.monotonic() + 5
@@ -298,6 +305,7 @@ def micro(n: int) -> dict[str, float]:
     client = CLIENTS[0].address
     purse = Purse(prices, escrow=None, max_job_tokens=4096, poll_s=1e9)  # type: ignore[arg-type]
     purse.chain[client] = (Standing(10 ** 18, 0, 0, 0), time.monotonic())
+    purse.vouchers[client] = (10 ** 18, "0x")
     jobs = [Job(door="ollama", model="llama3:latest", caller=client, node_address=OPERATOR.address) for _ in range(n)]
 
     async def holds() -> None:

@@ -6,21 +6,27 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 import {Address} from "@openzeppelin/contracts/utils/Address.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 
 /// @title ODLA's escrow: clients deposit, the operator posts each epoch's settlement, nodes claim.
 /// @notice Amounts are in the settlement unit's smallest denomination: wei of the chain's native
 /// currency, or of the ERC-20 `token` when one was given at deployment. Every figure the operator posts is cumulative, so a replayed or
 /// repeated post or claim moves nothing: a payee is paid `owed - claimed`, a client is charged
 /// `charged - alreadyCharged`.
-/// - Clients `deposit`. At each epoch the operator `post`s what each client has been charged in
-///   all (never more than it deposited, never less than before) and the Merkle root of what each
+/// - Clients `deposit`, and sign off what the operator may charge them in all: an EIP-712
+///   `Spend(client, cumulative)` voucher, which the operator keeps.
+/// - At each epoch the operator `post`s what each client has been charged in all (never more than
+///   it deposited, nor than a voucher it signed, never less than before) and the Merkle root of what each
 ///   payee (node or operator) is owed in all; leaves are
 ///   keccak256(bytes.concat(keccak256(abi.encode(payee, owed)))), pairs sorted (OpenZeppelin).
 /// - Payees `claim` with a proof; claims never pay out more than clients were charged.
 /// - Clients `requestWithdrawal`, then `withdraw` what was not charged, after `withdrawDelay`
 ///   (time for the operator to post what they spent until then).
-contract OdlaEscrow is ReentrancyGuard {
+contract OdlaEscrow is ReentrancyGuard, EIP712 {
     using SafeERC20 for IERC20;
+
+    bytes32 public constant SPEND_TYPEHASH = keccak256("Spend(address client,uint256 cumulative)");
 
     address public immutable operator;
     /// @notice The ERC-20 clients pay in; address(0): the chain's native currency.
@@ -56,8 +62,9 @@ contract OdlaEscrow is ReentrancyGuard {
     error NoWithdrawalRequested();
     error TooEarly(uint256 withdrawableAt);
     error WrongCurrency();
+    error NotSignedOff(address client, uint256 charge, uint256 signedOff);
 
-    constructor(address operator_, uint256 withdrawDelay_, address token_) {
+    constructor(address operator_, uint256 withdrawDelay_, address token_) EIP712("ODLA Escrow", "1") {
         operator = operator_;
         withdrawDelay = withdrawDelay_;
         token = IERC20(token_);
@@ -81,12 +88,16 @@ contract OdlaEscrow is ReentrancyGuard {
         emit Deposited(msg.sender, received, deposited[msg.sender]);
     }
 
-    /// @notice Epoch `epoch_`'s settlement: each listed client's cumulative charge, and the root
-    /// of every payee's cumulative earnings. Only the operator; epochs only go up.
-    function post(uint64 epoch_, bytes32 root_, address[] calldata clients, uint256[] calldata charges) external {
+    /// @notice Epoch `epoch_`'s settlement: each listed client's cumulative charge, with the
+    /// voucher (`signedOff`, `signatures`) by which the client allowed at least that much, and the
+    /// root of every payee's cumulative earnings. Only the operator; epochs only go up.
+    function post(uint64 epoch_, bytes32 root_, address[] calldata clients, uint256[] calldata charges,
+                  uint256[] calldata signedOff, bytes[] calldata signatures) external {
         if (msg.sender != operator) revert NotOperator();
         if (epoch_ <= epoch) revert StaleEpoch(epoch);
-        if (clients.length != charges.length) revert LengthMismatch();
+        if (clients.length != charges.length || clients.length != signedOff.length || clients.length != signatures.length) {
+            revert LengthMismatch();
+        }
         uint256 total = totalCharged;
         for (uint256 i = 0; i < clients.length; i++) {
             address client = clients[i];
@@ -94,6 +105,11 @@ contract OdlaEscrow is ReentrancyGuard {
             if (charges[i] < before) revert ChargeDecreased(client, before);
             if (charges[i] > deposited[client]) revert Overdrawn(client, charges[i], deposited[client]);
             if (charges[i] != before) {
+                bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(SPEND_TYPEHASH, client, signedOff[i])));
+                (address signer, ECDSA.RecoverError failed,) = ECDSA.tryRecover(digest, signatures[i]);
+                if (charges[i] > signedOff[i] || failed != ECDSA.RecoverError.NoError || signer != client) {
+                    revert NotSignedOff(client, charges[i], signedOff[i]);
+                }
                 charged[client] = charges[i];
                 total += charges[i] - before;
                 emit Charged(client, charges[i]);

@@ -134,6 +134,8 @@ def show_settlement(cli: list[str], operator: str, model: str) -> int:
     say("A job before any deposit is refused with 402:")
     codes.append(0 if step("client.py", "infer", "hello", "--model", model, "--operator", operator) == 1 else 1)
     codes.append(step("client.py", "deposit", "1000000000000000"))
+    say("A deposit alone allows nothing: the client signs off what the operator may charge it")
+    codes.append(step("client.py", "allow", "100000000000000", "--operator", operator))
     for prompt in ("What is a ledger?", "Why settle per epoch?"):
         codes.append(step("client.py", "infer", prompt, "--model", model, "--operator", operator))
     say("Waiting for the nodes' receipts and an epoch to be settled on chain")

@@ -5,6 +5,7 @@
     POST /auth/verify                 {message, signature} -> {token, account, expires_at}
     POST /auth/logout                 forget the bearer token sent
     GET  /accounts/{account}          balance and ledger entries, newest first (``me``: the caller's)
+    POST /accounts/me/allowance       {cumulative, signature}: a wallet signs off what it may be charged
     GET  /settlement/claims/{address} what a payee can claim on chain, with its Merkle proof
 
 An account's ledger is its own business: with ``api_keys``, a caller reads only its own (an
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from odla.core.errors import ODLAError
 from odla.proofs.identity import checksum
@@ -25,6 +26,13 @@ from odla.settlement import ledger
 from odla.settlement.prices import Prices
 
 ADDRESS_LIKE = r"^0x[0-9a-fA-F]{40}$"
+
+
+class Allowance(BaseModel):
+    cumulative: StrictInt = Field(ge=0, lt=2 ** 256)
+    "What the wallet allows the operator to charge it in all (not in addition), in the smallest unit."
+    signature: str = Field(max_length=200)
+    "Its EIP-712 signature of Spend(client, cumulative) for this escrow (``odla.settlement.vouchers``)."
 
 
 class Verify(BaseModel):
@@ -72,6 +80,16 @@ def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> AP
         if purse is not None and account.startswith("0x"):
             statement["chain"] = await purse.standing(account)
         return statement
+
+    @api.post("/accounts/me/allowance", dependencies=auth, summary="Sign off what this wallet may be charged in all")
+    async def allowance(body: Allowance, request: Request) -> dict:
+        purse = request.app.state.purse
+        if purse is None:
+            raise ODLAError("this operator does not settle on chain (settlement is not \"evm\")", 404)
+        caller = callers(request.headers)
+        if not caller.startswith("0x"):
+            raise ODLAError("sign in with the wallet that signs off (python client.py login)", 403)
+        return await purse.allow(caller, body.cumulative, body.signature)
 
     @api.get("/settlement/claims/{address}", summary="What a node (or the operator) can claim on chain")
     async def claim(request: Request, address: str = Path(pattern=ADDRESS_LIKE)) -> dict:

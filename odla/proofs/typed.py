@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 from odla.proofs.identity import checksum, keccak
 
@@ -26,16 +26,35 @@ DOMAIN_SEPARATOR = keccak(keccak(b"EIP712Domain(string name,string version)") + 
 ZERO = "0x" + "00" * 32
 
 
+@functools.lru_cache(maxsize=64)
+def domain_separator(name: str, version: str, chain_id: Optional[int] = None, contract: Optional[str] = None) -> bytes:
+    """An EIP-712 domain's separator: ODLA's own (name and version), or with a chain and the contract
+    that verifies (the escrow's spend vouchers, ``odla.settlement.vouchers``)."""
+    fields, words = ["string name", "string version"], keccak(name.encode()) + keccak(version.encode())
+    if chain_id is not None:
+        fields.append("uint256 chainId")
+        words += chain_id.to_bytes(32, "big")
+    if contract is not None:
+        fields.append("address verifyingContract")
+        words += bytes(12) + bytes.fromhex(contract[2:])
+    return keccak(keccak(f"EIP712Domain({','.join(fields)})".encode()) + words)
+
+
 class Struct:
-    def __init__(self, name: str, fields: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, name: str, fields: Sequence[tuple[str, str]], domain: Optional[dict[str, Any]] = None) -> None:
+        """``domain``: its EIP-712 domain when not ODLA's own (a chain's contract: ``chainId`` and
+        ``verifyingContract`` are then given with each digest)."""
         self.name, self.fields = name, tuple(fields)
+        self.domain = domain or DOMAIN
         self.names = [field for field, _ in self.fields]
         self.type_hash = keccak(f"{name}({','.join(f'{kind} {field}' for field, kind in self.fields)})".encode())
         self._encoders = [_ENCODERS[kind if not kind.startswith("uint") else "uint"] for _, kind in self.fields]
 
-    def digest(self, values: Sequence[Any]) -> bytes:
+    def digest(self, values: Sequence[Any], chain_id: Optional[int] = None, contract: Optional[str] = None) -> bytes:
         words = b"".join(encode(value) for encode, value in zip(self._encoders, values))
-        return keccak(b"\x19\x01" + DOMAIN_SEPARATOR + keccak(self.type_hash + words))
+        separator = DOMAIN_SEPARATOR if self.domain is DOMAIN and chain_id is None else domain_separator(
+            self.domain["name"], self.domain["version"], chain_id, contract)
+        return keccak(b"\x19\x01" + separator + keccak(self.type_hash + words))
 
     def message(self, values: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, values))

@@ -145,10 +145,13 @@ class Escrow:
             self._tx(wallet, erc20.functions.approve(self.contract.address, amount))
         return self._tx(wallet, self.contract.functions.deposit(amount))
 
-    def post(self, wallet: Any, epoch: int, root: str, clients: Sequence[str], charges: Sequence[int]) -> str:
+    def post(self, wallet: Any, epoch: int, root: str, clients: Sequence[str], charges: Sequence[int],
+             vouchers: Sequence[tuple[int, str]]) -> str:
+        """``vouchers``: for each client, the cumulative amount it signed off and its signature."""
         return self._tx(wallet, self.contract.functions.post(
             epoch, bytes.fromhex(root.removeprefix("0x")), [self.w3.to_checksum_address(c) for c in clients],
-            list(charges)))
+            list(charges), [amount for amount, _ in vouchers],
+            [bytes.fromhex(signature.removeprefix("0x")) for _, signature in vouchers]))
 
     def claim(self, wallet: Any, owed: int, proof: Sequence[str]) -> str:
         return self._tx(wallet, self.contract.functions.claim(owed, [bytes.fromhex(p.removeprefix("0x"))

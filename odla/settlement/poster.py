@@ -32,12 +32,15 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, r
 
 
 class Poster:
-    def __init__(self, identity: Identity, escrow: Escrow, store: Receipts) -> None:
+    def __init__(self, identity: Identity, escrow: Escrow, store: Receipts,
+                 vouchers: Optional[dict[str, tuple[int, str]]] = None) -> None:
         self.identity = identity
         self.escrow = escrow
         self.store = store
         self.posted: Optional[tuple[int, Settlement, str]] = None
         "The last settlement on chain: (epoch, what it posted, its transaction)."
+        self.vouchers = vouchers if vouchers is not None else {}
+        "Each client's highest spend voucher (the purse's): posted with its charge, which it caps."
         self.wake = asyncio.Event()
         self._tree: Any = None
 
@@ -70,14 +73,17 @@ class Poster:
         if number is None or self.posted is not None and number <= self.posted[0]:
             return None
         plan = Settlement.of(balances)
-        for client, charge in list(plan.clients.items()):  # the contract refuses more than a deposit
-            deposited = (await asyncio.to_thread(self.escrow.standing, client)).deposited
-            if charge > deposited:
-                log.error("client %s spent %d wei but deposited %d: only the deposit is charged", client, charge,
-                          deposited)
-                plan.clients[client] = deposited
+        for client, charge in list(plan.clients.items()):  # the contract refuses more than a deposit or a voucher
+            standing = await asyncio.to_thread(self.escrow.standing, client)
+            limit = min(standing.deposited, self.vouchers.get(client, (0, ""))[0])
+            if charge > limit:
+                log.error("client %s spent %d wei but deposited %d and signed off %d: only that is charged", client,
+                          charge, standing.deposited, self.vouchers.get(client, (0, ""))[0])
+                plan.clients[client] = max(limit, standing.charged)
+            if plan.clients[client] == standing.charged:
+                del plan.clients[client]  # nothing new: no voucher needed
         tx = await asyncio.to_thread(self.escrow.post, self.identity, number, plan.root, list(plan.clients),
-                                     list(plan.clients.values()))
+                                     list(plan.clients.values()), [self.vouchers[c] for c in plan.clients])
         await self.store.in_db(_record, number, plan, tx)
         self.posted, self._tree = (number, plan, tx), None
         log.info("epoch %d settled on chain: %d payee(s), %d client(s), root %s, transaction %s", number,

@@ -1,9 +1,11 @@
 """What each client may still spend, with ``settlement: "evm"``: its deposit in the escrow, less
-what the ledger says it spent, less what its jobs hold. A job is held for its worst case before
+what the ledger says it spent, less what its jobs hold, and never past what it signed off (its
+highest spend voucher, ``odla.settlement.vouchers``). A job is held for its worst case before
 any node works on it, and refused with 402 when that would overdraw the client.
 
     purse = Purse(prices, escrow, settings)     # owned by the operator's lifespan
-    await purse.open(spent_by_account)          # what the ledger says each client spent
+    purse.open(spent_by_account, vouchers)      # what the ledger says each client spent; what each signed off
+    await purse.allow(account, cumulative, signature)           # a client signs off more (a voucher)
     await purse.hold(job, model, prompt_tokens, max_tokens)   # Router.open, on every door; 402
     purse.ended(job); purse.charged(job)        # the job's end; its receipt countersigned
     await purse.standing(account)               # deposited, spent, held, available
@@ -27,6 +29,7 @@ from typing import Any, Callable, Optional
 from odla.core.errors import ODLAError
 from odla.settlement.chain import ChainError, Escrow, Standing
 from odla.settlement.prices import Prices
+from odla.settlement.vouchers import Voucher
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 FRESH_S = 1.0
@@ -54,9 +57,29 @@ class Purse:
         self.held: dict[str, int] = {}
         self.chain: dict[str, tuple[Standing, float]] = {}
         self._reading: dict[str, asyncio.Future] = {}
+        self.vouchers: dict[str, tuple[int, str]] = {}
+        "Each client's highest spend voucher: (cumulative, signature)."
+        self.keep: Callable[[str, int, str], Any] = lambda client, cumulative, signature: None
+        "Stores a voucher (awaitable): in jobs_db, set by the operator's lifespan."
 
-    def open(self, spent: dict[str, int]) -> None:
+    def open(self, spent: dict[str, int], vouchers: Optional[dict[str, tuple[int, str]]] = None) -> None:
         self.spent = dict(spent)
+        self.vouchers = dict(vouchers or {})
+
+    async def allow(self, account: str, cumulative: int, signature: str) -> dict[str, Any]:
+        """Take a client's voucher (checked: signed by ``account`` for this escrow); ``ODLAError`` 401
+        when it is not. A voucher for less than the one kept changes nothing."""
+        try:
+            signer = Voucher(account, cumulative).signer(signature, self.escrow.chain_id, self.escrow.address)
+        except ValueError as exc:
+            raise ODLAError(f"not a spend voucher: {exc}", 422) from None
+        if signer != account:
+            raise ODLAError(f"the voucher is signed by {signer}, not by {account} (for escrow {self.escrow.address} "
+                            f"on chain {self.escrow.chain_id})", 401)
+        if cumulative > self.vouchers.get(account, (0, ""))[0]:
+            await self.keep(account, cumulative, signature)
+            self.vouchers[account] = (cumulative, signature)
+        return await self.standing(account)
 
     async def hold(self, job: Any, model: str, prompt_tokens: int, max_tokens: Optional[int]) -> None:
         """Hold the job's worst case against its client's balance; ``PaymentRequired`` (402) when it
@@ -78,6 +101,11 @@ class Purse:
             raise PaymentRequired(f"{account} has asked to withdraw its deposit: no new jobs until it has, "
                                   "and deposited again")
         available = self._available(account, standing)
+        signed_off = self.vouchers.get(account, (0, ""))[0]
+        if worst > available and signed_off < standing.deposited:
+            raise PaymentRequired(f"this job may cost up to {worst} wei; {account} has signed off {signed_off} in all "
+                                  f"and {max(available, 0)} of it is left. Sign off more (python client.py allow "
+                                  "AMOUNT) or ask for fewer tokens")
         if worst > available:
             raise PaymentRequired(f"this job may cost up to {worst} wei ({model}: its prompt and up to "
                                   f"{max_tokens or self.max_job_tokens} output tokens); {account} has {max(available, 0)} "
@@ -115,12 +143,15 @@ class Purse:
         standing = await self._standing(account, fresh=True)
         spent = max(self.spent.get(account, 0), standing.charged)
         held = self.held.get(account, 0)
-        return {"deposited": standing.deposited, "charged_on_chain": standing.charged, "spent": spent,
-                "held": held, "available": max(standing.deposited - spent - held, 0),
-                "withdrawable_at": standing.withdrawable_at or None}
+        signed_off = self.vouchers.get(account, (0, ""))[0]
+        return {"deposited": standing.deposited, "signed_off": signed_off, "charged_on_chain": standing.charged,
+                "spent": spent, "held": held, "available": max(min(standing.deposited, signed_off) - spent - held, 0),
+                "withdrawable_at": standing.withdrawable_at or None, "escrow": self.escrow.address,
+                "chain_id": self.escrow.chain_id}
 
     def _available(self, account: str, standing: Standing) -> int:
-        return standing.deposited - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
+        limit = min(standing.deposited, self.vouchers.get(account, (0, ""))[0])
+        return limit - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
 
     def _release(self, job_id: str) -> None:
         account, amount, _ = self.holds.pop(job_id)

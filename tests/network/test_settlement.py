@@ -73,6 +73,10 @@ def test_a_wallet_deposits_pays_for_jobs_the_node_claims_and_the_client_withdraw
                       timeout=10).status_code == 402
     deposited = script(net, "client.py", "deposit", "1000000")
     assert deposited.returncode == 0 and TX.fullmatch(deposited.stdout.strip().splitlines()[-1]), deposited.stderr
+    unsigned = httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": "hi"}, headers=auth, timeout=10)
+    assert unsigned.status_code == 402 and "signed off 0" in unsigned.text  # a deposit alone allows nothing
+    allowed = script(net, "client.py", "allow", "600000")
+    assert allowed.returncode == 0 and "signed off 600000 wei in all" in allowed.stdout, allowed.stderr
     for i in range(4):
         answered = script(net, "client.py", "infer", f"question {i}", "--model", "llama3")
         assert answered.returncode == 0, answered.stderr
@@ -83,7 +87,7 @@ def test_a_wallet_deposits_pays_for_jobs_the_node_claims_and_the_client_withdraw
     account = wait_for(lambda: (a := httpx.get(f"{net.op_url}/accounts/me", headers=auth).json())["chain"]["held"] == 0
                        and len(a["entries"]) == 5 and a, timeout=20)
     spent = -account["balance"]
-    assert spent == account["chain"]["spent"] > 0 and account["chain"]["available"] == 1_000_000 - spent
+    assert spent == account["chain"]["spent"] > 0 and account["chain"]["available"] == 600_000 - spent
     node_owed = httpx.get(f"{net.op_url}/accounts/{NODE}").json()["balance"]
     assert node_owed == spent - sum(-e["amount"] * 500 // 10_000 for e in account["entries"])
     claim = wait_for(lambda: (c := httpx.get(f"{net.op_url}/settlement/claims/{NODE}").json()).get("owed") == node_owed
@@ -119,6 +123,7 @@ def test_the_chain_stopping_and_coming_back_loses_nothing(net, anvil, tmp_path):
     escrow = Escrow(anvil.url, 31337, address)
     assert script(net, "client.py", "login").returncode == 0
     assert script(net, "client.py", "deposit", "500000").returncode == 0
+    assert script(net, "client.py", "allow", "500000").returncode == 0
     auth = bearer(tmp_path)
     ask = lambda: httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": "q"},  # noqa: E731
                              headers=auth, timeout=10)
@@ -143,6 +148,7 @@ def test_a_node_caught_padding_has_its_open_charges_reversed_before_the_epoch_cl
     settled_network(net, anvil, tmp_path, epoch_seconds=3600)  # the epoch stays open
     assert script(net, "client.py", "login").returncode == 0
     assert script(net, "client.py", "deposit", "500000").returncode == 0
+    assert script(net, "client.py", "allow", "500000").returncode == 0
     auth = bearer(tmp_path)
     for i in range(3):
         assert httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"q{i}"}, headers=auth,

@@ -8,9 +8,17 @@ import pytest
 from odla.proofs.identity import Identity
 from odla.settlement.chain import ChainError, Escrow
 from odla.settlement.settle import Settlement, owed_leaf
+from odla.settlement.vouchers import Voucher
 from tests.helpers import ANVIL_KEYS, ROOT
 
 OPERATOR, NODE, OTHER_NODE, CLIENT = (Identity(bytes.fromhex(k[2:])) for k in ANVIL_KEYS[:4])
+
+
+def post(escrow: Escrow, epoch: int, plan: Settlement, signed_off: int = 0, wallet=CLIENT, by=OPERATOR) -> str:
+    """Post ``plan``, each client's charge under a voucher for ``signed_off`` (default: the charge) signed by ``wallet``."""
+    vouchers = [(amount, Voucher(client, amount).sign(wallet, 31337, escrow.address)) for client, charge in
+                plan.clients.items() for amount in [signed_off or charge]]
+    return escrow.post(by, epoch, plan.root, list(plan.clients), list(plan.clients.values()), vouchers)
 
 
 def deployed(anvil, delay: int = 60) -> Escrow:
@@ -38,7 +46,7 @@ def test_deposit_post_claim_once_and_withdraw_after_the_delay(anvil):
     escrow.deposit(CLIENT, 10_000)
     plan = Settlement(payees={NODE.address: 900, OTHER_NODE.address: 50, OPERATOR.address: 50},
                       clients={CLIENT.address: 1000})
-    escrow.post(OPERATOR, 1, plan.root, list(plan.clients), list(plan.clients.values()))
+    post(escrow, 1, plan)
     before = escrow.balance(NODE.address)
     owed, proof = plan.proof(NODE.address)
     escrow.claim(NODE, owed, proof)
@@ -53,14 +61,18 @@ def test_deposit_post_claim_once_and_withdraw_after_the_delay(anvil):
     plan.payees[NODE.address] = 1500
     plan.clients[CLIENT.address] = 1600
     with pytest.raises(ChainError, match="StaleEpoch"):
-        escrow.post(OPERATOR, 1, plan.root, list(plan.clients), list(plan.clients.values()))
+        post(escrow, 1, plan)
     with pytest.raises(ChainError, match="NotOperator"):
-        escrow.post(CLIENT, 2, plan.root, [], [])
+        post(escrow, 2, plan, by=CLIENT)
+    with pytest.raises(ChainError, match=r"NotSignedOff"):
+        post(escrow, 2, plan, signed_off=1599)  # never more than the client signed off
+    with pytest.raises(ChainError, match=r"NotSignedOff"):
+        post(escrow, 2, plan, wallet=NODE)  # a voucher the client never signed
     with pytest.raises(ChainError, match=r"Overdrawn"):
-        escrow.post(OPERATOR, 2, plan.root, [CLIENT.address], [10_001])  # never more than the deposit
+        post(escrow, 2, Settlement(plan.payees, {CLIENT.address: 10_001}))  # never more than the deposit
     with pytest.raises(ChainError, match=r"ChargeDecreased"):
-        escrow.post(OPERATOR, 2, plan.root, [CLIENT.address], [999])
-    escrow.post(OPERATOR, 2, plan.root, list(plan.clients), list(plan.clients.values()))
+        post(escrow, 2, Settlement(plan.payees, {CLIENT.address: 999}))
+    post(escrow, 2, plan, signed_off=5000)
     escrow.claim(NODE, *plan.proof(NODE.address))
     assert escrow.standing(NODE.address).claimed == 1500
     # withdrawal: asked, refused before the delay, paid after it
@@ -79,7 +91,7 @@ def test_claims_never_pay_more_than_clients_were_charged(anvil):
     escrow = deployed(anvil)
     escrow.deposit(CLIENT, 100)
     plan = Settlement(payees={NODE.address: 500}, clients={CLIENT.address: 100})  # a root that owes more
-    escrow.post(OPERATOR, 1, plan.root, list(plan.clients), list(plan.clients.values()))
+    post(escrow, 1, plan)
     with pytest.raises(ChainError, match=r"Unfunded\(100\)"):
         escrow.claim(NODE, *plan.proof(NODE.address))
 
@@ -112,7 +124,7 @@ def test_an_escrow_in_an_erc20_takes_deposits_from_allowances_and_pays_in_the_to
     with pytest.raises(ChainError, match="WrongCurrency"):
         escrow._tx(CLIENT, escrow.contract.functions.deposit(1), value=1)  # ETH sent to a token escrow
     plan = Settlement(payees={NODE.address: 2500}, clients={CLIENT.address: 2500})
-    escrow.post(OPERATOR, 1, plan.root, list(plan.clients), list(plan.clients.values()))
+    post(escrow, 1, plan)
     escrow.claim(NODE, *plan.proof(NODE.address))
     assert token.functions.balanceOf(NODE.address).call() == 2500
     escrow.request_withdrawal(CLIENT)
