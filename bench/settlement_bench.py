@@ -82,6 +82,8 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
     hung: list[str] = []
     seen: list[str] = []  # every job id the clients were given
     left: dict[str, int] = {}  # job id -> token lines the client read before it left
+    running: dict[str, tuple[float, bytearray]] = {}  # job id -> when its headers came, what it read so far
+    stuck: dict[str, Any] = {}  # a job running for 20 s: what the operator says of it then
     queue: asyncio.Queue = asyncio.Queue()
     for item in plan:
         queue.put_nowait(item)
@@ -100,6 +102,7 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
                 async with http.post(url + path, json=body, headers=headers) as resp:
                     job_id = resp.headers.get("x-odla-job", "?")
                     seen.append(job_id)
+                    read = running[job_id] = (time.monotonic(), bytearray())
                     if resp.status != 200:
                         done["refused"] += 1
                         await resp.read()
@@ -113,7 +116,9 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
                         resp.close()  # the client leaves mid-answer
                         done["departed"] += 1
                         continue
-                    data = await resp.read()
+                    async for chunk in resp.content.iter_any():
+                        read[1].extend(chunk)
+                    data = bytes(read[1])
                     done["errors" if data.rstrip().endswith(b'"done": true}') and b'{"error": ' in data[-400:]
                          or b'"error":{' in data[-400:] else "ok"] += 1
             except aiohttp.ClientError:
@@ -121,10 +126,27 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
             except asyncio.TimeoutError:  # no answer, or no end to it, within a minute: a defect to look into
                 done["hung"] += 1
                 hung.append(f"{path} job {job_id}")
+            finally:
+                running.pop(job_id, None)
 
+    async def watch(http: aiohttp.ClientSession) -> None:
+        """What the operator says of a job that has run for 20 s (they take milliseconds)."""
+        while True:
+            await asyncio.sleep(2)
+            for job_id, (began, read) in list(running.items()):
+                if time.monotonic() - began > 20 and job_id not in stuck:
+                    async with http.get(f"{url}/jobs/{job_id}", headers=admin) as resp:
+                        stuck[job_id] = {"receipt": await resp.json(), "read": bytes(read[-300:]).decode("utf-8", "replace")}
+                    async with http.get(f"{url}/nodes", headers=admin) as resp:
+                        stuck[job_id]["nodes"] = [{k: n.get(k) for k in ("node_id", "healthy", "active_jobs", "slots")}
+                                                  for n in (await resp.json())["nodes"]]
+
+    admin = {"authorization": f"Bearer {tokens[0]}"} if tokens[0] else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        watcher = asyncio.create_task(watch(http))
         await asyncio.gather(*(worker(http) for _ in range(AT_ONCE)))
-    return {**done, "hung_jobs": hung, "left_lines": left, "seen": seen}
+        watcher.cancel()
+    return {**done, "hung_jobs": hung, "stuck": stuck, "left_lines": left, "seen": seen}
 
 
 def sign_in(url: str, wallet: Identity) -> str:
