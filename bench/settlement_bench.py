@@ -119,10 +119,14 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
                     async for chunk in resp.content.iter_any():
                         read[1].extend(chunk)
                     data = bytes(read[1])
-                    done["errors" if data.rstrip().endswith(b'"done": true}') and b'{"error": ' in data[-400:]
-                         or b'"error":{' in data[-400:] else "ok"] += 1
-            except aiohttp.ClientError:
+                    failed = data.rstrip().endswith(b'"done": true}') and b'{"error": ' in data[-400:] \
+                        or b'"error":{' in data[-400:]
+                    done["errors" if failed else "ok"] += 1
+                    if failed and "error_sample" not in done:
+                        done["error_sample"] = data[-400:].decode("utf-8", "replace")  # type: ignore[assignment]
+            except aiohttp.ClientError as exc:  # the connection itself failed: an answer with no last line
                 done["errors"] += 1
+                done.setdefault("error_sample", f"{path} job {job_id}: {type(exc).__name__}: {exc}")  # type: ignore
             except asyncio.TimeoutError:  # no answer, or no end to it, within a minute: a defect to look into
                 done["hung"] += 1
                 hung.append(f"{path} job {job_id}")
