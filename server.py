@@ -161,7 +161,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                           max_queue_per_key=per_key, affinity=settings.affinity)
     network = NetworkCollector(registry, scheduler)
     prices = Prices(settings.prices, settings.operator_fee_bps)
-    sessions = Sessions(settings.signin_ttl, settings.chain_id, settings.signin_domain)
+    sessions = Sessions(settings.signin_ttl, settings.chain_id, settings.signin_domain) if settings.wallet_signin \
+        else None
     prom = metrics_registry(network)
     counted = RequestMetrics(prom)
     activity = Activity()

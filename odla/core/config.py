@@ -63,7 +63,7 @@ ROLES: dict[str, set[str]] = {
                           "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
                           "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds", "audit_rate",
                           "audit_tokens", "audit_seed", "quarantine_below", "prices", "operator_fee_bps",
-                          "settlement", "max_job_tokens", "signin_ttl", "signin_domain", "chain_poll"} | CHAIN,
+                          "settlement", "max_job_tokens", "wallet_signin", "signin_ttl", "signin_domain", "chain_poll"} | CHAIN,
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
                       "max_keep_alive", "node_key_file", "node_private_key"} | CHAIN,
@@ -250,6 +250,10 @@ class Settings(BaseModel):
     max_job_tokens: StrictInt = Field(4096, ge=1)
     """The output a job that sets no limit (``num_predict``, ``max_tokens``) is held for against its
     client's balance, with ``settlement``."""
+    wallet_signin: Optional[bool] = None
+    """Let clients sign in with an Ethereum wallet (EIP-4361) instead of an API key. Unset: on with
+    ``settlement`` "evm" (strangers pay from their deposits) or without ``api_keys`` (anyone may ask
+    anyway); off on an operator that keeps its clients to its API keys."""
     signin_ttl: float = Field(86400, gt=0, le=30 * 86400)
     "How long a wallet sign-in's bearer token works, in seconds."
     signin_domain: Optional[str] = None
@@ -311,6 +315,8 @@ class Settings(BaseModel):
         if self.settlement == "evm" and not (self.chain_rpc_url and self.escrow_address and self.chain_id):
             raise ValueError("settlement \"evm\" needs chain_rpc_url, chain_id and escrow_address "
                              "(python scripts/escrow.py deploy prints the address)")
+        if self.wallet_signin is None:
+            self.wallet_signin = self.settlement == "evm" or not self.api_keys
         if self.settlement == "evm" and not self.prices:
             raise ValueError("settlement \"evm\" needs prices: what would clients pay for?")
         if self.min_keep_alive > self.max_keep_alive:

@@ -47,17 +47,22 @@ def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> AP
     async def price_list() -> dict:
         return prices.listing()
 
+    def sessions(request: Request) -> Any:
+        if request.app.state.sessions is None:
+            raise ODLAError("this operator takes API keys only: wallet sign-in is off (wallet_signin)", 403)
+        return request.app.state.sessions
+
     @api.get("/auth/nonce", summary="A nonce for a wallet's sign-in message (EIP-4361)")
     async def nonce(request: Request) -> dict:
-        return request.app.state.sessions.nonce()
+        return sessions(request).nonce()
 
     @api.post("/auth/verify", summary="Sign in with a wallet: a bearer token that works as an API key does")
     async def verify(body: Verify, request: Request) -> dict:
-        return request.app.state.sessions.verify(body.message, body.signature, request.headers.get("host", ""))
+        return sessions(request).verify(body.message, body.signature, request.headers.get("host", ""))
 
     @api.post("/auth/logout", summary="Forget this bearer token")
     async def logout(request: Request) -> dict:
-        return {"signed_out": request.app.state.sessions.forget(bearer(request.headers))}
+        return {"signed_out": sessions(request).forget(bearer(request.headers))}
 
     @api.get("/accounts/{account}", dependencies=auth, summary="An account's balance and ledger entries")
     async def account(account: str, request: Request, limit: int = Query(50, ge=1, le=1000),

@@ -23,7 +23,7 @@ def signed_in(url: str, **change) -> httpx.Response:
 
 
 def test_a_wallet_token_works_where_an_api_key_does_until_logout(operator):
-    op = operator(api_keys=["k1"])
+    op = operator(api_keys=["k1"], wallet_signin=True)
     assert httpx.get(f"{op.url}/nodes").status_code == 401
     answer = signed_in(op.url)
     assert answer.status_code == 200 and answer.json()["account"] == WALLET.address
@@ -54,3 +54,14 @@ def test_claims_and_accounts_refuse_bad_input(operator):
     assert httpx.get(f"{op.url}/accounts/me", params={"limit": 0}).status_code == 422
     assert httpx.get(f"{op.url}/accounts/me").json() == {"account": "anonymous", "balance": 0, "by_role": {},
                                                           "entries": [], "next_before": None}
+
+
+def test_an_operator_that_keeps_to_its_api_keys_lets_no_wallet_in(operator):
+    """With api_keys and no settlement, sign-in is off unless wallet_signin says so: a stranger's
+    wallet must not open a private operator."""
+    op = operator(api_keys=["k1"])
+    refused = httpx.get(f"{op.url}/auth/nonce")
+    assert refused.status_code == 403 and "API keys only" in refused.json()["error"]
+    assert httpx.post(f"{op.url}/auth/verify", json={"message": "x", "signature": "0x"}).status_code == 403
+    forged = {"authorization": "Bearer odla_wallet_" + "x" * 43}
+    assert httpx.get(f"{op.url}/nodes", headers=forged).status_code == 401
