@@ -154,7 +154,11 @@ class Purse:
         return limit - max(self.spent.get(account, 0), standing.charged) - self.held.get(account, 0)
 
     def _release(self, job_id: str) -> None:
-        account, amount, _ = self.holds.pop(job_id)
+        """Let the job's hold go, if it has one (a free job has none; an old one may have expired)."""
+        found = self.holds.pop(job_id, None)
+        if found is None:
+            return
+        account, amount, _ = found
         self.held[account] -= amount
         if not self.held[account]:
             del self.held[account]

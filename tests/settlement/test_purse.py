@@ -1,0 +1,82 @@
+"""The purse's holds without a chain: a stand-in escrow, whose readings the test sets."""
+
+import asyncio
+
+import pytest
+
+from odla.core.config import Price
+from odla.serving.jobs import Job
+from odla.settlement.chain import Standing
+from odla.settlement.ledger import Charge
+from odla.settlement.prices import Prices
+from odla.settlement.purse import PaymentRequired, Purse
+
+CLIENT, NODE = "0x" + "aA" * 20, "0x" + "bb" * 20
+PRICES = Prices({"llama3": Price(prompt=1_000_000, output=1_000_000)})  # a wei a token
+
+
+class Escrow:
+    chain_id, address = 31337, "0x" + "cc" * 20
+
+    def __init__(self, deposited: int) -> None:
+        self.deposited = deposited
+
+    def standing(self, account: str) -> Standing:
+        return Standing(self.deposited, 0, 0, 0)
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def purse(deposited: int, signed_off: int) -> tuple[Purse, Clock]:
+    clock = Clock()
+    found = Purse(PRICES, Escrow(deposited), max_job_tokens=100, poll_s=10, clock=clock)  # type: ignore[arg-type]
+    found.open({}, {CLIENT: (signed_off, "0x")})
+    return found, clock
+
+
+def job(model: str = "llama3:latest") -> Job:
+    return Job(door="ollama", model=model, caller=CLIENT, node_address=NODE)
+
+
+def test_holds_cover_running_jobs_and_release_to_what_they_cost():
+    async def run() -> None:
+        wallet, _ = purse(deposited=250, signed_off=1000)
+        first, second, third = job(), job(), job()
+        await wallet.hold(first, "llama3", 10, None)  # 10 + 100 (max_job_tokens)
+        await wallet.hold(second, "llama3", 10, 90)
+        with pytest.raises(PaymentRequired, match="has 40 available"):
+            await wallet.hold(third, "llama3", 10, 90)  # would overdraw: two running jobs hold 210
+        first.delivered, first.usage.prompt_tokens = 5, 10
+        wallet.ended(first)  # now held at what it cost: 15
+        await wallet.hold(third, "llama3", 10, 90)
+        assert wallet.held[CLIENT] == 15 + 100 + 100
+        first.charge = Charge(first.id, CLIENT, NODE, NODE, 15, 0, 10, 5)
+        first.outcome = "ok"
+        wallet.charged(first)
+        assert wallet.spent[CLIENT] == 15 and wallet.held[CLIENT] == 200
+    asyncio.run(run())
+
+
+def test_the_voucher_caps_spending_below_the_deposit_and_a_free_or_expired_job_releases_nothing():
+    async def run() -> None:
+        wallet, clock = purse(deposited=10_000, signed_off=50)
+        with pytest.raises(PaymentRequired, match="signed off 50"):
+            await wallet.hold(job(), "llama3", 10, 90)
+        free = job(model="mistral:latest")
+        await wallet.hold(free, "mistral", 10, 90)  # no price: no hold
+        free.outcome = "ok"
+        wallet.ended(free)
+        wallet.charged(free)  # its receipt: nothing to let go
+        small = job()
+        await wallet.hold(small, "llama3", 10, 20)
+        small.outcome, small.delivered = "ok", 20
+        wallet.ended(small)
+        clock.now += 601  # its receipt never came
+        await wallet.hold(job(), "llama3", 10, 20)  # the expired hold is gone
+        wallet.charged(small)  # a receipt after all: its hold had expired already
+    asyncio.run(run())
