@@ -95,7 +95,7 @@ class Purse:
                                   "(python client.py login) and deposit (python client.py deposit AMOUNT)")
         standing = await self._standing(account)
         self._expire()
-        if worst > self._available(account, standing) and self.clock() - self.chain[account][1] >= FRESH_S:
+        if worst > self._available(account, standing):
             standing = await self._standing(account, fresh=True)  # refused only on a fresh reading: a deposit just made counts
         if standing.withdrawable_at:
             raise PaymentRequired(f"{account} has asked to withdraw its deposit: no new jobs until it has, "
@@ -169,8 +169,11 @@ class Purse:
             self._release(job_id)
 
     async def _standing(self, account: str, fresh: bool = False) -> Standing:
+        """The account's standing on chain, as last read if that is recent enough: ``chain_poll``,
+        or ``FRESH_S`` when ``fresh`` (never more than a read a second for one account, however
+        many ask: a flood of requests is not passed on to the chain's RPC)."""
         known = self.chain.get(account)
-        if known is not None and not fresh and self.clock() - known[1] < self.poll_s:
+        if known is not None and self.clock() - known[1] < (FRESH_S if fresh else self.poll_s):
             return known[0]
         reading = self._reading.get(account)
         if reading is None:  # one read per account at a time, however many jobs ask

@@ -80,3 +80,20 @@ def test_the_voucher_caps_spending_below_the_deposit_and_a_free_or_expired_job_r
         await wallet.hold(job(), "llama3", 10, 20)  # the expired hold is gone
         wallet.charged(small)  # a receipt after all: its hold had expired already
     asyncio.run(run())
+
+
+def test_readings_of_the_chain_are_one_a_second_at_most_however_many_ask():
+    async def run() -> None:
+        wallet, clock = purse(deposited=100, signed_off=1000)
+        reads = []
+        standing = wallet.escrow.standing
+        wallet.escrow.standing = lambda account: reads.append(account) or standing(account)  # type: ignore[method-assign]
+        for _ in range(50):
+            await wallet.standing(CLIENT)  # GET /accounts/{account}
+            with pytest.raises(PaymentRequired):
+                await wallet.hold(job(), "llama3", 10, 200)  # refused, on a fresh reading
+        assert len(reads) == 1
+        clock.now += 1.5
+        await wallet.standing(CLIENT)
+        assert len(reads) == 2
+    asyncio.run(run())
