@@ -444,8 +444,8 @@ class SharedState:
             await asyncio.wait((turn.woken,), timeout=timeout)
         finally:
             waiting.discard(turn)
-            if not waiting:
-                self.turns.pop(key, None)
+            if not waiting and self.turns.get(key) is waiting:  # never a newer set that replaced this one
+                del self.turns[key]
 
     def _freed(self, key: str, count: int) -> None:
         """``count`` slots for ``key`` were freed (or jobs left its queue): each waiter moves up as

@@ -358,8 +358,8 @@ class Scheduler:
         finally:
             self._left(caller)
             queue.remove(waiter)
-            if not queue:
-                self.queues.pop(key, None)
+            if not queue and self.queues.get(key) is queue:  # never a newer queue that replaced this one
+                del self.queues[key]
             if waiter.granted.done() and not waiter.taken:
                 waiter.granted.result().release()  # granted just as it gave up: pass it on
 

@@ -226,3 +226,27 @@ def test_a_node_that_keeps_failing_rests_and_its_rest_only_grows():
     assert pick(sched) in ("a", "b")
     a.outcome(True, NOW)
     assert a.failures == 0
+
+
+def test_a_waiter_that_leaves_the_queue_never_takes_a_newer_queue_with_it():
+    """A job granted a slot cleans up after itself a few loop turns later; by then its queue may have
+    emptied (another waiter left) and been replaced by a new one, with a new waiter in it. The old
+    job took the new queue out of the scheduler with it, and the new waiter was never offered a slot:
+    seen as one job in a few thousand waiting a minute with every node idle."""
+    async def run() -> None:
+        sched, _ = cluster(a={"slots": 1, "warm": True})
+        held = sched.try_claim("llama3")
+        first = asyncio.ensure_future(sched.claim("llama3", ticket="first"))
+        leaving = asyncio.ensure_future(sched.claim("llama3", ticket="leaving"))
+        await asyncio.sleep(0)  # both wait in the queue
+        held.release()  # "first" is granted the slot; it cleans up a few turns later
+        leaving.cancel()  # its client left: the queue it leaves is empty, and goes
+        newest = asyncio.ensure_future(sched.claim("llama3", ticket="newest"))  # a new queue, holding it
+        granted = await asyncio.wait_for(first, 1)
+        granted.release()  # the slot is free: it must go to "newest"
+        claim = await asyncio.wait_for(newest, 1)
+        assert claim.node.node_id == "a"
+        claim.release()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+    asyncio.run(run())
