@@ -3,7 +3,7 @@ what the ledger says it spent, less what its jobs hold, and never past what it s
 highest spend voucher, ``odla.settlement.vouchers``). A job is held for its worst case before
 any node works on it, and refused with 402 when that would overdraw the client.
 
-    purse = Purse(prices, escrow, settings)     # owned by the operator's lifespan
+    purse = Purse(prices, escrow, settings.max_job_tokens, settings.chain_poll)   # owned by the operator's lifespan
     purse.open(spent_by_account, vouchers)      # what the ledger says each client spent; what each signed off
     await purse.allow(account, cumulative, signature)           # a client signs off more (a voucher)
     await purse.hold(job, model, prompt_tokens, max_tokens)   # Router.open, on every door; 402
