@@ -194,8 +194,8 @@ def run_demo(settle: bool = False) -> int:
     say(f"The dashboard, while the demo runs: {operator}/dashboard")
     say(f'python client.py "{PROMPT}" --model {model} --operator {operator} --verbose')
     first = subprocess.call([*cli, PROMPT, "--model", model, "--operator", operator, "--verbose"], cwd=ROOT)
-    say("Two prompts at once: each node starts with one slot per model (it learns how many its Ollama "
-        "runs at once as jobs run), so the scheduler gives one to each")
+    say("Two prompts at once: each goes to the node predicted to finish it first (a node with the model "
+        "loaded may beat an idle one that must load it first); --show-node says which")
     for prompt in ("Explain distributed systems", "What is a quorum?"):
         say(f'python client.py "{prompt}" --model {model} --operator {operator} --show-node &')
     both = [subprocess.Popen([*cli, prompt, "--model", model, "--operator", operator, "--show-node"], cwd=ROOT,
