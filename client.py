@@ -446,7 +446,8 @@ def login(operator: OperatorOpt = None, key_file: KeyFileOpt = None) -> None:
 
     def action() -> None:
         from odla.client.wallet import keep, wallet
-        from odla.settlement.signin import SignIn, stamp
+        from odla.core.times import iso
+        from odla.settlement.signin import SignIn
         import time
 
         import httpx
@@ -456,8 +457,8 @@ def login(operator: OperatorOpt = None, key_file: KeyFileOpt = None) -> None:
         nonce = ask(url, None, "GET", "/auth/nonce")
         now = time.time()
         message = SignIn(domain=httpx.URL(url).netloc.decode(), address=me.address, uri=url,
-                         chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=stamp(now),
-                         expiration_time=stamp(now + 7 * 86400))
+                         chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(now),
+                         expiration_time=iso(now + 7 * 86400))
         session = ask(url, None, "POST", "/auth/verify", body={"message": message.text(), "signature": message.sign(me)})
         keep(url, session)
         typer.echo(f"signed in to {url} as {session['account']} until {session['expires_at']}")
@@ -598,8 +599,8 @@ def withdraw(key_file: KeyFileOpt = None) -> None:
         else:
             wait = standing.withdrawable_at - on_chain(contract.now)
             if wait > 0:
-                from odla.settlement.signin import stamp
-                raise Failure(f"the withdrawal can be made from {stamp(standing.withdrawable_at)} (the chain's "
+                from odla.core.times import iso
+                raise Failure(f"the withdrawal can be made from {iso(standing.withdrawable_at)} (the chain's "
                               f"time; {wait} s from now): run withdraw again then", 1)
             tx = on_chain(lambda: contract.withdraw(me))
             typer.echo(f"withdrew {standing.available} wei to {me.address}")

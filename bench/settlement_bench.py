@@ -50,7 +50,8 @@ from relay_bench import PY, ROOT, Procs, cpu_ns, free_port, odla_config, wait_po
 sys.path.insert(0, str(ROOT))
 from odla.proofs.identity import Identity  # noqa: E402
 from odla.settlement.chain import Escrow  # noqa: E402
-from odla.settlement.signin import SignIn, stamp  # noqa: E402
+from odla.core.times import iso  # noqa: E402
+from odla.settlement.signin import SignIn  # noqa: E402
 from odla.settlement.vouchers import Voucher  # noqa: E402
 
 ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
@@ -159,7 +160,7 @@ def sign_in(url: str, wallet: Identity) -> str:
     nonce = httpx.get(f"{url}/auth/nonce").json()
     now = time.time()
     message = SignIn(domain=httpx.URL(url).netloc.decode(), address=wallet.address, uri=url,
-                     chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=stamp(now))
+                     chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(now))
     answer = httpx.post(f"{url}/auth/verify", json={"message": message.text(), "signature": message.sign(wallet)})
     answer.raise_for_status()
     return answer.json()["token"]

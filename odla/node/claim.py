@@ -14,6 +14,7 @@ import sys
 import httpx
 
 from odla.core.config import Settings
+from odla.core.errors import error_in
 from odla.proofs.identity import Identity, KeyFileError
 
 
@@ -32,7 +33,7 @@ def claim(settings: Settings) -> int:
             problems.append(f"{operator}: cannot reach it ({type(exc).__name__})")
             continue
         if resp.status_code != 200:
-            problems.append(f"{operator}: {_error(resp)}")
+            problems.append(f"{operator}: {(error_in(resp.content) or f'HTTP {resp.status_code}')[:300]}")
             continue
         found = resp.json()
         rpc = settings.chain_rpc_url
@@ -62,9 +63,3 @@ def claim(settings: Settings) -> int:
     print("node claim: nothing to claim: " + "; ".join(problems), file=sys.stderr)
     return 1
 
-
-def _error(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("error") or resp.text)[:300]
-    except ValueError:
-        return f"HTTP {resp.status_code}"

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, StrictInt
 
 from odla.core.errors import ODLAError
-from odla.proofs.identity import checksum
+from odla.core.protocol import Address
+from odla.proofs.identity import checksum, is_address
 from odla.serving.auth import Callers, bearer
 from odla.settlement import ledger
 from odla.settlement.prices import Prices
-
-ADDRESS_LIKE = r"^0x[0-9a-fA-F]{40}$"
-
 
 class Allowance(BaseModel):
     cumulative: StrictInt = Field(ge=0, lt=2 ** 256)
@@ -70,11 +68,10 @@ def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> AP
         caller = callers(request.headers)
         if account == "me":
             account = ledger.account_of(caller)
-        elif account.startswith("0x") and len(account) == 42:
-            try:
-                account = checksum(account)
-            except ValueError:
-                raise ODLAError(f"not an address: {account}", 422) from None
+        elif account.startswith("0x"):
+            if not is_address(account):
+                raise ODLAError(f"not an address: {account}", 422)
+            account = checksum(account)
         whose = callers.whose(request.headers)
         if whose is not None and account != ledger.account_of(whose):
             raise ODLAError(f"unknown account: {account}", 404)  # another caller's is none of its business
@@ -97,7 +94,7 @@ def accounts_router(prices: Prices, callers: Callers, auth: Sequence[Any]) -> AP
         return await purse.allow(caller, body.cumulative, body.signature)
 
     @api.get("/settlement/claims/{address}", summary="What a node (or the operator) can claim on chain")
-    async def claim(request: Request, address: str = Path(pattern=ADDRESS_LIKE)) -> dict:
+    async def claim(request: Request, address: Address) -> dict:
         poster = request.app.state.poster
         if poster is None:
             raise ODLAError("this operator does not settle on chain (settlement is not \"evm\")", 404)

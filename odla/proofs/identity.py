@@ -49,10 +49,15 @@ def keccak(data: bytes) -> bytes:
     return keccak_256(data).digest()
 
 
+def is_address(text: str) -> bool:
+    """Is ``text`` an Ethereum address (0x and 40 hex digits, any case)?"""
+    return _ADDRESS.fullmatch(text) is not None
+
+
 @functools.lru_cache(maxsize=4096)  # a network has few addresses, and every receipt names two
 def checksum(address: str) -> str:
     """An address in EIP-55 mixed case; ``ValueError`` for anything that is not 20 bytes of hex."""
-    if not _ADDRESS.fullmatch(address):
+    if not is_address(address):
         raise ValueError(f"not an address: {address[:50]!r}")
     lower = address[2:].lower()
     hashed = keccak(lower.encode()).hex()

@@ -22,16 +22,15 @@ is refused with 503.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Any, Callable, Optional
 
 from odla.core.errors import ODLAError
+from odla.proofs.identity import is_address
 from odla.settlement.chain import ChainError, Escrow, Standing
 from odla.settlement.prices import Prices
 from odla.settlement.vouchers import Voucher
 
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 FRESH_S = 1.0
 "A job that the last reading of its client's deposit would refuse is refused only on a reading this fresh."
 WAIT_S = 600.0
@@ -90,7 +89,7 @@ class Purse:
         if worst <= 0:
             return
         account = job.caller
-        if not _ADDRESS.fullmatch(account or ""):
+        if not is_address(account):
             raise PaymentRequired("this operator is paid from deposits on chain: sign in with a wallet "
                                   "(python client.py login) and deposit (python client.py deposit AMOUNT)")
         standing = await self._standing(account)

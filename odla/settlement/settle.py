@@ -13,15 +13,11 @@ Accounts that are not addresses (a client's API key) cannot settle on chain and 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from odla.proofs.identity import checksum, keccak
+from odla.proofs.identity import checksum, is_address, keccak
 from odla.proofs.merkle import EMPTY_ROOT, Tree, leaf
-
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
-
 
 def owed_leaf(payee: str, owed: int) -> bytes:
     """The escrow's leaf for ``payee`` being owed ``owed`` wei in all."""
@@ -39,7 +35,7 @@ class Settlement:
     def of(cls, balances: Iterable[tuple[str, str, int]]) -> "Settlement":
         plan = cls()
         for account, role, amount in balances:
-            if not _ADDRESS.fullmatch(account):
+            if not is_address(account):
                 continue
             address = checksum(account)
             if role == "client":

@@ -18,10 +18,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable, Optional
 
 from odla.core.errors import AuthError, ODLAError
+from odla.core.times import iso
 from odla.proofs.identity import BadSignature, Identity, checksum, hex_signature, recover
 from odla.proofs.reports import personal_digest
 from odla.serving.auth import WALLET_TOKEN
@@ -97,10 +98,6 @@ class SignIn:
         return "0x" + wallet.sign(personal_digest(self.text().encode())).hex()
 
 
-def stamp(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _time(text: str) -> Optional[float]:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -128,7 +125,7 @@ class Sessions:
         value = secrets.token_hex(16)
         self.nonces[value] = now + NONCE_TTL_S
         # what the message must name besides: this operator's chain (1, Ethereum's, when it settles on none)
-        return {"nonce": value, "expires_at": stamp(now + NONCE_TTL_S), "chain_id": self.chain_id or 1}
+        return {"nonce": value, "expires_at": iso(now + NONCE_TTL_S), "chain_id": self.chain_id or 1}
 
     def verify(self, message: str, signature: str, host: str) -> dict[str, str]:
         """A token for the wallet that signed ``message``; ``AuthError`` (401) saying why not."""
@@ -163,7 +160,7 @@ class Sessions:
         if len(self.tokens) >= MAX_TOKENS:
             self._forget_expired(now)
         self.tokens[_key(token)] = (signer, expires)
-        return {"token": token, "account": signer, "expires_at": stamp(expires)}
+        return {"token": token, "account": signer, "expires_at": iso(expires)}
 
     def account(self, token: Optional[str]) -> Optional[str]:
         """The wallet a token signs in, or None (unknown or expired)."""

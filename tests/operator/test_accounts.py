@@ -7,7 +7,8 @@ import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from odla.settlement.signin import SignIn, stamp
+from odla.core.times import iso
+from odla.settlement.signin import SignIn
 
 WALLET = Account.from_key("0x" + "55" * 32)
 
@@ -15,7 +16,7 @@ WALLET = Account.from_key("0x" + "55" * 32)
 def signed_in(url: str, **change) -> httpx.Response:
     nonce = httpx.get(f"{url}/auth/nonce").json()
     fields = dict(domain=httpx.URL(url).netloc.decode(), address=WALLET.address, uri=url,
-                  chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=stamp(time.time()))
+                  chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(time.time()))
     fields.update(change)
     text = SignIn(**fields).text()
     signature = WALLET.sign_message(encode_defunct(text=text)).signature.hex()

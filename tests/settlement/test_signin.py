@@ -7,7 +7,8 @@ from eth_account.messages import encode_defunct
 
 from odla.core.errors import AuthError, ODLAError
 from odla.proofs.identity import Identity
-from odla.settlement.signin import Sessions, SignIn, stamp
+from odla.core.times import iso
+from odla.settlement.signin import Sessions, SignIn
 
 WALLET = Account.from_key("0x" + "33" * 32)
 HOST = "127.0.0.1:8000"
@@ -23,8 +24,8 @@ class Clock:
 
 def message(sessions: Sessions, clock: Clock, **change) -> str:
     fields = dict(domain=HOST, address=WALLET.address, uri=f"http://{HOST}", chain_id=31337,
-                  nonce=sessions.nonce()["nonce"], issued_at=stamp(clock.now),
-                  expiration_time=stamp(clock.now + 600))
+                  nonce=sessions.nonce()["nonce"], issued_at=iso(clock.now),
+                  expiration_time=iso(clock.now + 600))
     fields.update(change)
     return SignIn(**fields).text()
 
@@ -45,7 +46,7 @@ def test_a_wallet_signs_in_and_its_token_names_it_until_it_expires():
     assert sessions.account(answer["token"]) is None
     # our own signer signs what eth-account recovers
     ours = Identity(bytes.fromhex("33" * 32))
-    text = message(sessions, clock, issued_at=stamp(clock.now), expiration_time=None)
+    text = message(sessions, clock, issued_at=iso(clock.now), expiration_time=None)
     assert Account.recover_message(encode_defunct(text=text), signature=SignIn.parse(text).sign(ours)) == WALLET.address
     token = sessions.verify(text, SignIn.parse(text).sign(ours), HOST)["token"]
     assert sessions.forget(token) and sessions.account(token) is None
