@@ -134,8 +134,7 @@ class Countersigner:
         """What the job costs: the prompt its node read, and the output the client was sent (never more
         than the receipt claims, nor than the operator relayed: a client that left pays for what it got)."""
         assert self.prices is not None
-        relayed = job.delivered or job.usage.output_tokens or 0
-        output = min(receipt.output_tokens, relayed)
+        output = min(receipt.output_tokens, job.sent)
         cost = self.prices.cost(job.model, receipt.prompt_tokens, output)
         earned, fee = self.prices.split(cost)
         return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee,

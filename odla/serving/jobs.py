@@ -74,6 +74,12 @@ class Job:
     "What its countersigned receipt moves in the ledger (``odla.settlement.ledger.Charge``), when priced."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
 
+    @property
+    def sent(self) -> int:
+        """Output tokens the client was sent: those relayed, counted; for a whole answer (nothing
+        counted), Ollama's count as the node forwarded it."""
+        return self.delivered or self.usage.output_tokens or 0
+
     def first(self) -> None:
         if self.first_token is None:
             self.first_token = time.time()

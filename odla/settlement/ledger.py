@@ -32,7 +32,13 @@ CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger (account, id);
 CREATE INDEX IF NOT EXISTS ledger_open ON ledger (epoch);
 CREATE TABLE IF NOT EXISTS accounts (account TEXT NOT NULL, role TEXT NOT NULL, balance TEXT NOT NULL,
     closed TEXT NOT NULL, PRIMARY KEY (account, role));
+CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, root TEXT NOT NULL, payees TEXT NOT NULL,
+    clients TEXT NOT NULL, tx TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vouchers (client TEXT PRIMARY KEY, cumulative TEXT NOT NULL, signature TEXT NOT NULL);
 """
+"""The money's tables, made with the receipts' (``odla.operator.receipts.connect``): the ledger and
+each account's balance; each settlement posted on chain (``odla.settlement.poster``); each client's
+highest spend voucher (``odla.settlement.vouchers``)."""
 ROLES = ("client", "node", "operator")
 "Who an entry is for: the client that asked, the node that ran it, the operator that took its fee."
 ANONYMOUS = "anonymous"

@@ -27,8 +27,6 @@ from odla.settlement.settle import Settlement
 
 log = logging.getLogger("odla.operator")
 RETRY_S = 10.0
-SCHEMA = """CREATE TABLE IF NOT EXISTS settlements (epoch INTEGER PRIMARY KEY, root TEXT NOT NULL,
-    payees TEXT NOT NULL, clients TEXT NOT NULL, tx TEXT NOT NULL);"""
 
 
 class Poster:
@@ -106,13 +104,11 @@ class Poster:
 
 
 def _closed(db: sqlite3.Connection) -> tuple[Optional[int], list[tuple[str, str, int]]]:
-    db.executescript(SCHEMA)
     row = db.execute("SELECT MAX(number) FROM epochs").fetchone()
     return (row[0] if row else None), ledger.closed_balances(db)
 
 
 def _last(db: sqlite3.Connection) -> Optional[tuple]:
-    db.executescript(SCHEMA)
     return db.execute("SELECT epoch, payees, clients, tx FROM settlements ORDER BY epoch DESC LIMIT 1").fetchone()
 
 

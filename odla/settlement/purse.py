@@ -122,7 +122,7 @@ class Purse:
             self._release(job.id)
             return
         account, amount, _ = found
-        cost = self.prices.cost(job.model, job.usage.prompt_tokens or 0, job.delivered or job.usage.output_tokens or 0)
+        cost = self.prices.cost(job.model, job.usage.prompt_tokens or 0, job.sent)
         self.holds[job.id] = (account, min(cost, amount), self.clock())
         self.held[account] += min(cost, amount) - amount
 

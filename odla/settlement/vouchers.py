@@ -46,12 +46,8 @@ class Voucher(Typed):
         return data
 
 
-SCHEMA = "CREATE TABLE IF NOT EXISTS vouchers (client TEXT PRIMARY KEY, cumulative TEXT NOT NULL, signature TEXT NOT NULL);"
-
-
 def kept(db) -> dict[str, tuple[int, str]]:
     """Each client's highest voucher, as the operator kept it: client -> (cumulative, signature)."""
-    db.executescript(SCHEMA)
     return {client: (int(cumulative), signature) for client, cumulative, signature in
             db.execute("SELECT client, cumulative, signature FROM vouchers")}
 
