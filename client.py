@@ -446,19 +446,12 @@ def login(operator: OperatorOpt = None, key_file: KeyFileOpt = None) -> None:
 
     def action() -> None:
         from odla.client.wallet import keep, wallet
-        from odla.core.times import iso
         from odla.settlement.signin import SignIn
         import time
 
-        import httpx
-
         me = wallet(key_file)
         url = operator_url(operator or settings().operator_url)
-        nonce = ask(url, None, "GET", "/auth/nonce")
-        now = time.time()
-        message = SignIn(domain=httpx.URL(url).netloc.decode(), address=me.address, uri=url,
-                         chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(now),
-                         expiration_time=iso(now + 7 * 86400))
+        message = SignIn.to(url, me.address, ask(url, None, "GET", "/auth/nonce"), time.time(), lasts=7 * 86400)
         session = ask(url, None, "POST", "/auth/verify", body={"message": message.text(), "signature": message.sign(me)})
         keep(url, session)
         typer.echo(f"signed in to {url} as {session['account']} until {session['expires_at']}")
@@ -512,6 +505,13 @@ def balance(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json: Js
     run_action(action)
 
 
+def wei(amount: str) -> int:
+    """AMOUNT as given on the command line: a positive whole number of the smallest unit."""
+    if not amount.isdigit() or int(amount) <= 0:
+        raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
+    return int(amount)
+
+
 def escrow() -> Any:
     """The escrow contract the config names (chain_rpc_url, chain_id, escrow_address)."""
     conf = settings()
@@ -540,12 +540,11 @@ def deposit(amount: Annotated[str, typer.Argument(help="How much, in wei (or the
     def action() -> None:
         from odla.client.wallet import wallet
 
-        if not amount.isdigit() or int(amount) <= 0:
-            raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
+        value = wei(amount)
         me, contract = wallet(key_file), escrow()
         token = on_chain(contract.token)
-        tx = on_chain(lambda: contract.deposit(me, int(amount)))
-        typer.echo(f"deposited {amount} {'wei' if token is None else 'units of the token ' + token} from {me.address} "
+        tx = on_chain(lambda: contract.deposit(me, value))
+        typer.echo(f"deposited {value} {'wei' if token is None else 'units of the token ' + token} from {me.address} "
                    f"into {contract.address}")
         typer.echo(tx)
 
@@ -562,8 +561,7 @@ def allow(amount: Annotated[str, typer.Argument(help="How much more the operator
         from odla.client.wallet import wallet
         from odla.settlement.vouchers import Voucher
 
-        if not amount.isdigit() or int(amount) <= 0:
-            raise Failure(f"AMOUNT is a positive whole number of wei, not {amount!r}", EXIT_USAGE)
+        more = wei(amount)
         me = wallet(key_file)
         account = ask(operator, None, "GET", "/accounts/me", params={"limit": 1})
         chain = account.get("chain")
@@ -572,7 +570,7 @@ def allow(amount: Annotated[str, typer.Argument(help="How much more the operator
                           "(python client.py login)", 1)
         if account["account"] != me.address:
             raise Failure(f"signed in as {account['account']}, but the key is {me.address}: log in with it", EXIT_USAGE)
-        cumulative = chain["signed_off"] + int(amount)
+        cumulative = chain["signed_off"] + more
         voucher = Voucher(me.address, cumulative)
         done = ask(operator, None, "POST", "/accounts/me/allowance", body={
             "cumulative": cumulative, "signature": voucher.sign(me, chain["chain_id"], chain["escrow"])})

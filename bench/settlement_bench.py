@@ -49,24 +49,15 @@ from relay_bench import PY, ROOT, Procs, cpu_ns, free_port, odla_config, wait_po
 
 sys.path.insert(0, str(ROOT))
 from odla.proofs.identity import Identity  # noqa: E402
+from odla.settlement.anvil import ANVIL, ANVIL_KEYS  # noqa: E402
 from odla.settlement.chain import Escrow  # noqa: E402
-from odla.core.times import iso  # noqa: E402
 from odla.settlement.signin import SignIn  # noqa: E402
 from odla.settlement.vouchers import Voucher  # noqa: E402
 
-ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
-KEYS = ["ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",   # anvil's well-known test accounts
-        "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-        "5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
-        "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
-        "47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a",
-        "8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba",
-        "92db14e403b83dfe3df233f83dfa3a0d7096f21ca9b0d6d6b8d88b2b4ec1564e",
-        "4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356"]
-OPERATOR = Identity(bytes.fromhex(KEYS[0]))
-NODE_KEYS = {f"n{i + 1}": k for i, k in enumerate(KEYS[1:3] + KEYS[6:8])}
-NODES = {name: Identity(bytes.fromhex(k)) for name, k in NODE_KEYS.items()}
-CLIENTS = [Identity(bytes.fromhex(k)) for k in KEYS[3:6]]
+OPERATOR = Identity(bytes.fromhex(ANVIL_KEYS[0][2:]))
+NODE_KEYS = {f"n{i + 1}": k for i, k in enumerate(ANVIL_KEYS[1:3] + ANVIL_KEYS[6:8])}
+NODES = {name: Identity(bytes.fromhex(k[2:])) for name, k in NODE_KEYS.items()}
+CLIENTS = [Identity(bytes.fromhex(k[2:])) for k in ANVIL_KEYS[3:6]]
 PRICES = {"llama3": {"prompt": 2_000_000, "output": 7_000_000}}
 FEE_BPS = 250
 AT_ONCE = 8
@@ -157,10 +148,7 @@ async def drive(url: str, tokens: list[str], jobs: int, seed: int, kill: Any) ->
 def sign_in(url: str, wallet: Identity) -> str:
     import httpx
 
-    nonce = httpx.get(f"{url}/auth/nonce").json()
-    now = time.time()
-    message = SignIn(domain=httpx.URL(url).netloc.decode(), address=wallet.address, uri=url,
-                     chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(now))
+    message = SignIn.to(url, wallet.address, httpx.get(f"{url}/auth/nonce").json(), time.time())
     answer = httpx.post(f"{url}/auth/verify", json={"message": message.text(), "signature": message.sign(wallet)})
     answer.raise_for_status()
     return answer.json()["token"]
@@ -175,7 +163,7 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
     try:
         chain_port, op_port = free_port(), free_port()
         settings: dict[str, Any] = {"heartbeat_interval": 1, "audit_rate": 0, "jobs_db": str(workdir / "jobs.db"),
-                                    "operator_private_key": "0x" + KEYS[0]}
+                                    "operator_private_key": ANVIL_KEYS[0]}
         if quick_epochs:
             settings |= {"epoch_seconds": 5, "chain_poll": 1}
         escrow = None
@@ -197,7 +185,7 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
                                         "--delay", "0.002", "--num-parallel", "2"])
             nodes[name] = procs.start(f"node-{name}", [PY, "node.py"], {
                 **env, "NODE_ID": name, "NODE_PORT": str(free_port()), "OLLAMA_HOST": f"127.0.0.1:{sim_port}",
-                "NODE_PRIVATE_KEY": "0x" + NODE_KEYS[name]})
+                "NODE_PRIVATE_KEY": NODE_KEYS[name]})
         wait_port(op_port)
         url = f"http://127.0.0.1:{op_port}"
         wait_registered(op_port, len(NODES), timeout=60, procs=procs)

@@ -24,6 +24,9 @@ import json
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from odla.settlement.anvil import ANVIL, ANVIL_KEYS  # noqa: E402  (a path and constants: nothing heavy)
 PROMPT = "Write a haiku about distributed computing"
 procs: list[subprocess.Popen] = []
 
@@ -86,11 +89,6 @@ def wait_until(check, what: str, timeout: float = 20) -> None:
     raise SystemExit(f"demo: timed out waiting for {what}; see .venv/demo-*.log")
 
 
-ANVIL = ROOT / "contracts" / "node_modules" / ".bin" / "anvil"
-ANVIL_KEYS = ["0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",  # anvil's well-known test accounts
-              "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-              "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
-              "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"]
 settle_env: dict[str, str] = {}
 "With --settle: the environment every process gets (the demo's config file, the wallet)."
 
@@ -155,7 +153,6 @@ def node_address(i: int) -> str:
 
 def run_demo(settle: bool = False) -> int:
     if settle:
-        sys.path.insert(0, str(ROOT))
         start_chain()
     ollama_host = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
     model = real_ollama(ollama_host)

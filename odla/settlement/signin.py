@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from odla.core.errors import AuthError, ODLAError
 from odla.core.times import iso
@@ -65,6 +65,18 @@ class SignIn:
     expiration_time: Optional[str] = None
     not_before: Optional[str] = None
     statement: Optional[str] = STATEMENT
+
+    @classmethod
+    def to(cls, operator: str, address: str, nonce: dict[str, Any], now: float,
+           lasts: Optional[float] = None) -> "SignIn":
+        """The message that signs ``address`` in to the operator at URL ``operator``, with what its
+        ``GET /auth/nonce`` answered, valid ``lasts`` seconds when given. Its domain is the host the
+        client's requests name (their ``Host`` header), which the operator checks."""
+        import httpx  # its URL gives the host and port as httpx sends them (no default port)
+
+        return cls(domain=httpx.URL(operator).netloc.decode(), address=address, uri=operator,
+                   chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(now),
+                   expiration_time=iso(now + lasts) if lasts is not None else None)
 
     def text(self) -> str:
         lines = [f"{self.domain} wants you to sign in with your Ethereum account:", self.address, ""]

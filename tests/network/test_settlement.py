@@ -13,7 +13,8 @@ import httpx
 
 from odla.proofs.identity import Identity
 from odla.settlement.chain import Escrow
-from tests.helpers import ANVIL_KEYS, ROOT, wait_for
+from odla.settlement.anvil import ANVIL_KEYS
+from tests.helpers import ROOT, wait_for
 
 OPERATOR_KEY, NODE_KEY, CLIENT_KEY = ANVIL_KEYS[0], ANVIL_KEYS[1], ANVIL_KEYS[3]
 NODE, CLIENT = (Identity(bytes.fromhex(k[2:])).address for k in (NODE_KEY, CLIENT_KEY))

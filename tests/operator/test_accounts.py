@@ -1,24 +1,21 @@
 """The operator's routes for paying for work, over HTTP: sign-in's refusals and their status codes,
 a token working as an API key does (and no longer after logout), claims' bad input (issue 27)."""
 
+import dataclasses
 import time
 
 import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from odla.core.times import iso
 from odla.settlement.signin import SignIn
 
 WALLET = Account.from_key("0x" + "55" * 32)
 
 
 def signed_in(url: str, **change) -> httpx.Response:
-    nonce = httpx.get(f"{url}/auth/nonce").json()
-    fields = dict(domain=httpx.URL(url).netloc.decode(), address=WALLET.address, uri=url,
-                  chain_id=nonce["chain_id"], nonce=nonce["nonce"], issued_at=iso(time.time()))
-    fields.update(change)
-    text = SignIn(**fields).text()
+    signin = SignIn.to(url, WALLET.address, httpx.get(f"{url}/auth/nonce").json(), time.time())
+    text = dataclasses.replace(signin, **change).text()
     signature = WALLET.sign_message(encode_defunct(text=text)).signature.hex()
     return httpx.post(f"{url}/auth/verify", json={"message": text, "signature": "0x" + signature.removeprefix("0x")})
 

@@ -9,7 +9,8 @@ from odla.proofs.identity import Identity
 from odla.settlement.chain import ChainError, Escrow
 from odla.settlement.settle import Settlement, owed_leaf
 from odla.settlement.vouchers import Voucher
-from tests.helpers import ANVIL_KEYS, ROOT
+from odla.settlement.anvil import ANVIL_KEYS
+from tests.helpers import ROOT
 
 OPERATOR, NODE, OTHER_NODE, CLIENT = (Identity(bytes.fromhex(k[2:])) for k in ANVIL_KEYS[:4])
 
