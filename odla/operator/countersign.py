@@ -136,7 +136,7 @@ class Countersigner:
         assert self.prices is not None
         output = min(receipt.output_tokens, job.sent)
         cost = self.prices.cost(job.model, receipt.prompt_tokens, output)
-        earned, fee = self.prices.split(cost)
+        _, fee = self.prices.split(cost)  # the node's share is what the fee leaves: Charge.entries
         return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee,
                       receipt.prompt_tokens, output)
 

@@ -90,6 +90,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         """Every healthy node's listing, one entry per model."""
         path = request.url.path
         key, seen, merged = LISTINGS[path], set(), []
+        prices = request.app.state.prices if path != "/api/ps" else None  # a model's cost, beside what Ollama says
         for answer in await ask(request.app.state.router, path):
             entries = answer.get(key)
             if not isinstance(entries, list):  # one node's odd answer must not break everyone's listing
@@ -100,11 +101,8 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
                     continue
                 if name not in seen:
                     seen.add(name)
-                    merged.append(entry)
-        prices = request.app.state.prices
-        if prices and path != "/api/ps":  # what each model costs, beside what Ollama says of it
-            merged = [{**entry, "price": price} if (price := prices.row(
-                entry.get("name") or entry.get("id") or entry.get("model"))) is not None else entry for entry in merged]
+                    price = prices.row(name) if prices else None
+                    merged.append({**entry, "price": price} if price is not None else entry)
         return JSONResponse({"object": "list", "data": merged} if key == "data" else {"models": merged})
 
     for path in LISTINGS:
