@@ -705,8 +705,6 @@ class _Slot:
         began = time.perf_counter()
         if sim._cond is None:
             sim._cond = asyncio.Condition()
-        if sim.b.num_parallel and sim._running.get(self.key, 0) >= sim.b.num_parallel:
-            sim.stats["queued"] += 1  # Ollama would queue it: more were sent than it runs at once
         waiting = asyncio.ensure_future(self._wait())
         await asyncio.wait((waiting, self.watcher), return_when=asyncio.FIRST_COMPLETED)
         sim.stats["queue_s"] += time.perf_counter() - began  # time in Ollama's queue, all requests together
@@ -741,6 +739,11 @@ class _Slot:
     async def _wait(self) -> None:
         sim, b = self.sim, self.sim.b
         async with sim._cond:
+            if b.num_parallel and sim._running.get(self.key, 0) >= b.num_parallel:
+                # Ollama queues it: its model's slots are all running. Counted under the lock, where the
+                # requests before it have taken their slots (at arrival, one still on its way to its
+                # slot was not yet counted as running, and a request that did wait went uncounted)
+                sim.stats["queued"] += 1
             sim._waiting += 1
             try:
                 await sim._cond.wait_for(self._can_run)
