@@ -1,7 +1,7 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make demo-settle  the same, paid through a local chain (anvil): deposit, jobs, ledger, epoch, claim
 # make test   install what the tests need and run them
-# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs, audits and settlement benchmarks (docs/performance.md)
+# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs, audits, settlement and resume benchmarks (docs/performance.md)
 # make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
@@ -63,6 +63,7 @@ bench: $(VENV)/.dev test-tools contracts/node_modules/.installed
 	$(PY) bench/proofs_bench.py
 	$(PY) bench/audits_bench.py
 	$(PY) bench/settlement_bench.py
+	$(PY) bench/resume_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

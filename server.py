@@ -195,6 +195,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                                                         on_healthy=scheduler.wake)
             router.on_failure = checker.suspect
             router.audit_seed = settings.audit_seed
+            router.resume, router.resume_attempts = settings.resume, settings.resume_attempts
+            router.stall_timeout = settings.stall_timeout
             auditor = app.state.auditor = network.auditor = Auditor(settings, registry, router, receipts)
             await auditor.open()
             app.state.countersigner.auditor = auditor

@@ -18,8 +18,9 @@ At the end it reports, and checks against the targets:
 - **slots held**: jobs each operator still counts on its nodes once every client is done;
 - **over-bookings**: requests a simulator had to queue because it was sent more than it runs;
 - **tokens lost**: tokens a simulator sent before a break that the client never received (a
-  break in Ollama's stream; what a killed, stopped or cut-off node held when it went is counted
-  apart, as no relay can deliver it);
+  break in Ollama's stream; what a killed, stopped or cut-off node held when it went, and what a
+  node whose answer another node finished sent after its last token that arrived, are counted
+  apart: no relay can deliver them, and a resumed answer has them from the other node);
 - **counts**: per job, the receipt's output tokens against what the client received and the
   simulator sent; and the sum of receipts against the operators' ``odla_output_tokens_total``;
 - **final lines**: streams that ended without one (the client did not leave).
@@ -286,8 +287,8 @@ def receipts(dbs: list[Path]) -> dict[str, dict]:
     for db in dbs:
         with sqlite3.connect(db) as conn:
             conn.row_factory = sqlite3.Row
-            for row in conn.execute("SELECT id, node, door, outcome, error, output_tokens FROM jobs"):
-                rows[row["id"]] = dict(row)
+            for row in conn.execute("SELECT id, node, door, outcome, error, output_tokens, legs FROM jobs"):
+                rows[row["id"]] = {**dict(row), "legs": json.loads(row["legs"]) if row["legs"] else None}
     return rows
 
 
@@ -319,9 +320,15 @@ def judge(outcomes: list[Outcome], sent_by: dict[str, Counter], jobs: dict[str, 
         broken = MID_STREAM.search(out.final)
         finals["ok" if out.final == "done" else ("node fault" if broken else out.final.split(":")[0][:60])] += 1
         served_by = broken.group(1) if broken else (receipt or {}).get("node")
+        # a resumed answer: each node gave its part (the receipt's legs, a node that broke among them)
+        legs = (receipt or {}).get("legs") or []
+        parts = {n: t for n, t in legs} or {served_by: out.tokens}
+        # what a node that failed mid-answer sent after the last token that reached the operator was in
+        # flight when it failed (another node sent the answer from there on)
+        failed = {n for n, _ in legs[:-1]} | ({legs[-1][0]} if legs and broken else set())
         for node, by_node in sent_by.items():
-            gap = by_node[out.prompt] - (out.tokens if node == served_by else 0)
-            if gap > 0 and chaos.faulted(node, out) and (node != served_by or broken):
+            gap = by_node[out.prompt] - parts.get(node, 0)
+            if gap > 0 and (chaos.faulted(node, out) and (node not in parts or broken) or node in failed):
                 lost_on_faulted += gap
             elif gap:
                 lost += max(gap, 0)
@@ -363,7 +370,7 @@ def table(result: dict) -> str:
             ("slots held at the end", sum(result["slots_held"].values())),
             ("over-bookings (Ollama queued)", result["over_bookings"]),
             ("tokens lost", result["tokens_lost"]),
-            ("tokens in flight on killed/stopped/cut nodes", result["tokens_in_flight_on_faulted_nodes"]),
+            ("tokens in flight on failed/killed/stopped/cut nodes", result["tokens_in_flight_on_faulted_nodes"]),
             ("streams without a final line", result["no_final_line"]),
             ("receipts / metrics output tokens", f"{result['receipts_output_tokens']} / {result['metrics_output_tokens']}"),
             ("receipt != client (jobs)", result["receipt_vs_client_mismatches"]),

@@ -11,8 +11,10 @@ OpenAI-compatible ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` 
 mid-stream ``{"error": ...}`` line. Names resolve as Ollama resolves them.
 
 Failure injection (flags, or ``POST /_sim/config`` with the same names at run time):
-``crash_after`` K tokens (connection cut), ``crash_rate`` (that share of streams cut after a
-random number of tokens), ``error_after`` K tokens (error line),
+``crash_after`` K tokens (connection cut; ``--fail-after``), ``crash_rate`` (that share of streams
+cut after a random number of tokens), ``error_after`` K tokens (error line), ``stall_after`` K
+tokens (nothing more is sent, as from a generation that hangs, until the client leaves): K counts
+the answer's tokens, so a continuation that starts past K is not cut,
 ``busy`` (503 to everything), ``hold_last`` (the last token waits for
 ``POST /_sim/release``), ``load_delay`` (seconds before the first token, as while Ollama
 loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
@@ -23,6 +25,11 @@ together, so that its growth over a time is the queue's mean length), and ``canc
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for. With ``record`` on, ``GET /_sim/sent`` tells how many tokens
 each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+
+A chat whose last message is the assistant's is continued as Ollama continues it: the answer picks
+up after that message. The simulator's answer to a prompt and seed has a fixed length (``--tokens``)
+that ``num_predict`` only cuts short, so an answer resumed from any of its token boundaries ends
+exactly as the unbroken answer does.
 
 A bare ASGI app, no framework: the benchmark drives thousands of tokens a second
 through it, and what it costs falls on the direct and the relayed runs alike.
@@ -93,6 +100,8 @@ class Behaviour:
     "Count the tokens sent per prompt (``GET /_sim/sent``)."
     error_after: Optional[int] = None
     error_message: str = "an error was encountered while running the model: unexpected EOF"
+    stall_after: Optional[int] = None
+    "After K tokens send nothing more, until the client leaves (a generation that hangs)."
     busy: bool = False
     hold_last: bool = False
     load_delay: float = 0.0
@@ -145,7 +154,7 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0,
+                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0,
                       "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0}
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
@@ -345,7 +354,7 @@ class Simulator:
 
     async def v1_answer(self, req: dict, watcher: asyncio.Future, send: Send, *, chat: bool) -> None:
         prompt = self.prompt_of(req, chat)
-        tokens = self.tokens_for(req, prompt, self.count(req, openai=True), openai=True)
+        tokens, at = self.answer_of(req, prompt, chat, openai=True)
         ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.blake2b(prompt.encode(), digest_size=4).hexdigest()
         completion = len(tokens) + (PAD if self.b.cheat == "pad" else 0)
         usage = {"prompt_tokens": 1, "completion_tokens": completion, "total_tokens": completion + 1}
@@ -365,10 +374,13 @@ class Simulator:
             return
         if chat:
             base["object"] = "chat.completion.chunk"
-        cut = self.cut_at(len(tokens))
+        cut, _, stall = self.cuts(len(tokens), at)
         for i, token in enumerate([*tokens, ""]):
             if i == cut:
                 raise ConnectionAbortedError("simulated crash")
+            if i == stall and i:
+                await self.stall(watcher)
+                return
             if self.b.delay and token:
                 await first_of(asyncio.sleep(self.b.delay), watcher)
             if watcher.done():
@@ -473,19 +485,37 @@ class Simulator:
             await first_of(asyncio.sleep(self.b.load_delay), watcher)
         return not watcher.done()
 
-    def count(self, req: dict, openai: bool = False) -> int:
-        """Tokens in the answer: ``--tokens``, or fewer when the request caps them (``num_predict``;
-        OpenAI's ``max_tokens``)."""
+    def answer_of(self, req: dict, prompt: str, chat: bool, openai: bool = False) -> tuple[list[str], int]:
+        """The tokens to send: the answer (``--tokens`` long), after a trailing assistant message
+        when the request continues one, at most as many as the request allows (``num_predict``;
+        OpenAI's ``max_tokens``); and how many of the answer's tokens that message held."""
+        tokens = self.tokens_for(req, prompt, self.b.tokens, openai)
+        messages = req.get("messages") if chat else None
+        last = messages[-1] if isinstance(messages, list) and messages and isinstance(messages[-1], dict) else {}
+        at = 0
+        if last.get("role") == "assistant" and last.get("content"):
+            rest = continued(tokens, str(last["content"]))
+            tokens, at = rest, len(tokens) - len(rest)
         cap = req.get("max_tokens") if openai else (req.get("options") or {}).get("num_predict")
-        return min(self.b.tokens, cap) if isinstance(cap, int) and cap >= 0 else self.b.tokens
+        return (tokens[:cap] if isinstance(cap, int) and cap >= 0 else tokens), at
+
+    def cuts(self, count: int, at: int) -> tuple[Optional[int], Optional[int], Optional[int]]:
+        """Where a stream of ``count`` tokens that starts at the answer's token ``at`` is cut: the
+        connection (``crash_after``, ``crash_rate``), an error line, a stall. Each counts the answer's
+        tokens: a continuation is cut only past where it starts (so another node can finish it)."""
+        def here(k: Optional[int]) -> Optional[int]:
+            return None if k is None or at and k <= at else k - at
+        crash = here(self.b.crash_after) if self.b.crash_after is not None else self.cut_at(count)
+        return crash, here(self.b.error_after), here(self.b.stall_after)
 
     @staticmethod
     def prompt_of(req: dict, chat: bool) -> str:
         if not chat:
             return str(req.get("prompt", ""))
-        messages = req.get("messages") or []
-        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
-        return str(last.get("content", ""))
+        messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
+        if messages and messages[-1].get("role") == "assistant":  # continued: the prompt is what came before
+            messages = messages[:-1]
+        return str(messages[-1].get("content", "")) if messages else ""
 
     def cut_at(self, count: int) -> Optional[int]:
         """Where a stream of ``count`` tokens is cut: ``crash_after``, or by ``crash_rate`` a random place."""
@@ -506,7 +536,7 @@ class Simulator:
     async def answer(self, req: dict, prompt: str, watcher: asyncio.Future, send: Send, *, chat: bool,
                      waited_s: float = 0.0) -> None:
         b = self.b
-        tokens = self.tokens_for(req, prompt, self.count(req))
+        tokens, at = self.answer_of(req, prompt, chat)
         started = time.perf_counter_ns()
         if b.prompt_ms_per_token:
             with self.cache_slot(req, chat, tokens) as read:
@@ -516,9 +546,9 @@ class Simulator:
                     self.stats["cancelled_early"] += 1
                     return
                 await self._answer(req, prompt, tokens, started, watcher, send, chat=chat, waited_s=waited_s,
-                                   read=read)
+                                   read=read, at=at)
             return
-        await self._answer(req, prompt, tokens, started, watcher, send, chat=chat, waited_s=waited_s)
+        await self._answer(req, prompt, tokens, started, watcher, send, chat=chat, waited_s=waited_s, at=at)
 
     @contextlib.contextmanager
     def cache_slot(self, req: dict, chat: bool, answer: list[str]) -> Iterator[int]:
@@ -542,24 +572,27 @@ class Simulator:
             slots[slot] = prompt + (["assistant:"] if chat else []) + "".join(answer).split()
 
     async def _answer(self, req: dict, prompt: str, tokens: list[str], started: int, watcher: asyncio.Future,
-                      send: Send, *, chat: bool, waited_s: float, read: int = 1) -> None:
+                      send: Send, *, chat: bool, waited_s: float, read: int = 1, at: int = 0) -> None:
         model, b = req["model"], self.b
         if req.get("stream") is False:
             await self.answer_whole(model, tokens, started, chat, watcher, waited_s, read)(send)
             return
         self.stats["active"] += 1
         self.stats["most_active"] = max(self.stats["most_active"], self.stats["active"])
-        cut = self.cut_at(len(tokens))
+        cut, error, stall = self.cuts(len(tokens), at)
         try:
             for i, token in enumerate(tokens):
-                if i in (b.error_after, cut) and i == 0:
+                if i in (error, cut) and i == 0:
                     await send_start(send, 200, "application/x-ndjson")
-                if i == b.error_after:
+                if i == error:
                     self.stats["errors"] += 1
                     await send_body(send, _compact({"error": b.error_message}) + b"\n", more=False)
                     return
                 if i == cut:
                     raise ConnectionAbortedError("simulated crash")
+                if i == stall and i:
+                    await self.stall(watcher)
+                    return
                 if b.hold_last and i == len(tokens) - 1:
                     await first_of(self.release.wait(), watcher)
                 elif b.delay:
@@ -579,6 +612,12 @@ class Simulator:
             self.stats["completed"] += 1
         finally:
             self.stats["active"] -= 1
+
+    async def stall(self, watcher: asyncio.Future) -> None:
+        """Send nothing more until the client leaves, as a generation that hangs does."""
+        self.stats["stalled"] += 1
+        await asyncio.wait((watcher,))
+        self.stats["cancelled"] += 1
 
     def answer_whole(self, model: str, tokens: list[str], started: int, chat: bool, watcher: asyncio.Future,
                      waited_s: float = 0.0, read: int = 1):
@@ -616,6 +655,8 @@ class Simulator:
             options = dict(req.get("options") or {}) if not openai else {
                 k: req[k] for k in ("seed", "temperature", "top_p", "max_tokens") if k in req}
             seed = options.pop("seed", None)
+            options.pop("num_predict", None)  # a limit, not a way of sampling: the answer is cut, not changed
+            options.pop("max_tokens", None)
             seed = seed if seed is not None else random.getrandbits(64)  # sampled: an answer of its own
             key = f"{model_key(str(req.get('model', '')))}\x00{prompt}\x00{json.dumps(options, sort_keys=True)}\x00{seed}"
         if b.cheat == "substitute":  # a smaller model under the claimed name: other words
@@ -658,6 +699,21 @@ class Simulator:
         out.update(total_duration=took, load_duration=max(1000, int(waited_s * 1e9)), prompt_eval_count=max(1, read),
                    prompt_eval_duration=read_ns, eval_count=len(tokens), eval_duration=max(took - read_ns, 1))
         return out
+
+
+def continued(tokens: list[str], before: str) -> list[str]:
+    """What follows ``before`` in the answer ``tokens``: the rest of a token it ends inside, then the
+    whole ones after it; a text the answer does not begin with is followed by no more tokens than
+    it leaves (a model carries on from any text, just not with this answer)."""
+    if not "".join(tokens).startswith(before):
+        return tokens[min(len(tokens), len(before.split())):]
+    out, at = [], 0
+    for token in tokens:
+        end = at + len(token)
+        if end > len(before):
+            out.append(token[max(0, len(before) - at):])
+        at = end
+    return out
 
 
 def prompt_tokens(req: dict, chat: bool) -> list[str]:
@@ -853,8 +909,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", default="llama3", help="comma-separated model names")
     p.add_argument("--tokens", type=int, default=12, help="tokens per answer")
     p.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
-    p.add_argument("--crash-after", type=int, help="cut the connection after K tokens")
+    p.add_argument("--crash-after", "--fail-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
+    p.add_argument("--stall-after", type=int, help="after K tokens send nothing more (a generation that hangs)")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
     p.add_argument("--cheat", choices=CHEATS, help="cheat as a dishonest node would: substitute (another model's "
                    "tokens), pad (count more tokens than sent), truncate (stop at half, saying it finished)")
@@ -876,7 +933,7 @@ def build(args: argparse.Namespace) -> Simulator:
     sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
+        error_after=args.error_after, stall_after=args.stall_after, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))

@@ -53,6 +53,8 @@ def verbose_stats(job: JobReceipt) -> str:
         lines.append(f"eval duration:        {go_duration(job.eval_duration)}")
         lines.append(f"eval rate:            {(job.output_tokens or 0) / (job.eval_duration / 1e9):.2f} tokens/s")
     lines.append(f"node:                 {job.node or '-'}")
+    if job.legs:  # a node failed mid-answer and another finished it
+        lines.append("resumed:              " + ", then ".join(f"{leg.node} ({leg.tokens} tokens)" for leg in job.legs))
     lines.append(f"job:                  {job.id}")
     return "\n".join(lines)
 

@@ -63,7 +63,8 @@ ROLES: dict[str, set[str]] = {
                           "max_connections", "node_tokens", "redis_url", "lease_seconds", "operator_key_file",
                           "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds", "audit_rate",
                           "audit_tokens", "audit_seed", "quarantine_below", "prices", "operator_fee_bps",
-                          "settlement", "max_job_tokens", "wallet_signin", "signin_ttl", "signin_domain", "chain_poll"} | CHAIN,
+                          "settlement", "max_job_tokens", "wallet_signin", "signin_ttl", "signin_domain", "chain_poll",
+                          "resume", "resume_attempts", "stall_timeout"} | CHAIN,
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
                       "max_keep_alive", "node_key_file", "node_private_key"} | CHAIN,
@@ -217,6 +218,15 @@ class Settings(BaseModel):
     check the answer (0: none)."""
     audit_tokens: int = Field(32, ge=1, le=4096)
     "How many first words of the two answers must match."
+    resume: Literal["on", "off"] = "on"
+    """When a node fails mid-answer, finish the answer on another node with the same model digest: the
+    client reads one unbroken answer (``odla_resume: false`` in a job's options, or the header
+    ``X-ODLA-Resume: off``, opts one job out)."""
+    resume_attempts: int = Field(2, ge=0, le=16)
+    "Resumes of one job at most; past them the answer ends with the last node's error."
+    stall_timeout: float = Field(30, gt=0)
+    """Seconds a resumable answer may send nothing after its first token before its node counts as
+    failed (Ollama never pauses that long mid-answer, and may still pass health checks while it hangs)."""
     audit_seed: bool = True
     """Give every job that set no seed a random one, so that a re-run on another node can match it (the
     answers still vary as before)."""

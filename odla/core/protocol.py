@@ -292,6 +292,14 @@ class JobPrediction(BaseModel):
     "The answer's predicted length: what it asked for at most, else the model's mean."
 
 
+class JobLeg(BaseModel):
+    """One node's part of a resumed answer."""
+
+    node: str
+    tokens: int
+    "Output tokens it gave that the client was sent."
+
+
 class JobReceipt(BaseModel):
     """One job as the operator saw it: ``GET /jobs/{id}``, and the rows of ``GET /jobs``."""
 
@@ -324,6 +332,9 @@ class JobReceipt(BaseModel):
     eval_duration: Optional[int] = None
     prediction: Optional[JobPrediction] = None
     "The scheduler's prediction for the job (null when it reached no node)."
+    legs: Optional[list[JobLeg]] = None
+    """When a node failed mid-answer and another finished it: each node in turn and the tokens it gave
+    (null: one node gave the whole answer). ``node`` is the last of them."""
     receipt: Optional[dict[str, Any]] = None
     """The job's receipt as its node and this operator signed it: EIP-712 typed data (``types``,
     ``primaryType``, ``domain``, ``message``); null until the node's signed receipt has come (with its

@@ -27,6 +27,7 @@ from odla.operator.registry import Node, Registry
 from odla.serving.jobs import JOB_PATHS, Job
 from odla.operator.audits import seeded
 from odla.operator.relay import Router
+from odla.operator.resume import Plan, Resumed
 from odla.core.protocol import JOB_HEADER
 from odla.serving.responses import LineStream, Opened, Tell
 
@@ -57,12 +58,15 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         body = await request.body()
         model, limit, prompt = _requested(body)
         router: Router = request.app.state.router
-        if router.audit_seed:  # so that an audit can match (odla.operator.audits)
+        plan = router.plan(request.url.path, body, request.headers)
+        if plan is not None:  # seeded, streamed from its node: odla.operator.resume
+            body = plan.body()
+        elif router.audit_seed:  # so that an audit can match (odla.operator.audits)
             body = seeded(request.url.path, body)
         path, job = request.url.path, request.state.job
         job.model = model_key(model)  # one name per model in receipts and metrics, however it was spelled
         # queued silently: an Ollama or OpenAI client breaks on lines its API does not have
-        return LineStream(opening=lambda tell: _open(router, model, path, body, job, limit, prompt), shape=shape_for(path),
+        return LineStream(opening=lambda tell: _open(router, model, path, body, job, limit, prompt, plan), shape=shape_for(path),
                           headers={JOB_HEADER: job.id}, job=job)
 
     for path in ROUTED:
@@ -132,13 +136,16 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
 
 
 async def _open(router: Router, model: str, path: str, body: bytes, job: Job, limit: Optional[int],
-                prompt: Prompt) -> Opened:
+                prompt: Prompt, plan: Optional[Plan] = None) -> Opened:
     try:
         claim, resp = await router.open(model, "POST", "/ollama" + path, body, job, tokens=limit, prompt=prompt)
     except NoNodeError:
         raise ODLAError(f"model '{model}' not found", 404) from None
     media = resp.headers.get("content-type", "application/json")
     headers = {"x-odla-node": claim.node.node_id}
+    if plan is not None and resp.status == 200:  # an answer that another node can finish
+        answer = Resumed(router, plan, job)
+        return Opened(answer.body(claim, resp), 200, media if plan.stream else answer.shape.media_type, headers)
     return Opened(router.relay(claim, resp, protocol=False, job=job), resp.status, media, headers)
 
 

@@ -102,6 +102,9 @@ class RequestMetrics:
                                  registry=prom)
         self.queue_wait = Histogram("odla_queue_wait_seconds", "How long jobs that found no free slot waited",
                                     ["model"], buckets=SECONDS, registry=prom)
+        self.resumes = Counter("odla_resumes", "Nodes that failed mid-answer, by what came of it: ok (another node "
+                               "finished the answer), failed (that one failed too), no_node, no_digest, exhausted, "
+                               "unresumable, shutting_down", ["outcome"], registry=prom)
         self.prediction_error = Histogram(
             "odla_prediction_error_seconds", "A completed job's duration minus the scheduler's prediction of it "
             "(positive: it took longer than predicted)", ["model"], buckets=ERRORS, registry=prom)
@@ -131,6 +134,8 @@ class RequestMetrics:
             self.input_tokens.labels(model, job.node).inc(prompt)
         if job.failovers:
             self.failovers.inc(job.failovers)
+        for outcome in job.resumes:
+            self.resumes.labels(outcome).inc()
         if job.queue_wait is not None:
             self.queue_wait.labels(model).observe(job.queue_wait)
         if job.prediction is not None and job.outcome == "ok" and job.finished is not None:

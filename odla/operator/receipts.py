@@ -17,6 +17,7 @@ pending first, so a listing never misses a job that has ended.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
@@ -43,9 +44,11 @@ PROOF = {"node_address": "TEXT", "request_hash": "TEXT", "output_hash": "TEXT", 
 "What the job's receipt proves (``odla.operator.countersign``): columns added to a database made before them."
 EPOCH = {"epoch": "INTEGER", "leaf_index": "INTEGER"}
 "The epoch whose Merkle tree holds the job's receipt, and its place there (``odla.operator.epochs``)."
-ADDED = {**PREDICTION, **PROOF, **EPOCH}
+RESUMED = {"legs": "TEXT"}
+"When another node finished the answer: each node and the tokens it gave, as JSON (``odla.operator.resume``)."
+ADDED = {**PREDICTION, **PROOF, **EPOCH, **RESUMED}
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
-           "failovers", "queue_wait", *USAGE, *PREDICTION, *PROOF)
+           "failovers", "queue_wait", *USAGE, *PREDICTION, *PROOF, *RESUMED)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, started REAL NOT NULL, model TEXT NOT NULL, node TEXT, door TEXT NOT NULL,
@@ -54,7 +57,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
     predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL,
     node_address TEXT, request_hash TEXT, output_hash TEXT, receipt TEXT, node_signature TEXT, operator_signature TEXT,
-    disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER);
+    disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER, legs TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
 CREATE TABLE IF NOT EXISTS epochs (number INTEGER PRIMARY KEY, typed TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS standings (node_id TEXT PRIMARY KEY, passed INTEGER NOT NULL, failed INTEGER NOT NULL,
@@ -316,7 +319,8 @@ def _row(job: Job) -> tuple:
         else (None,) * len(PREDICTION)
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
             job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted,
-            job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 5))
+            job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 5),
+            json.dumps(job.legs) if job.legs else None)
 
 
 def _receipt(row: tuple) -> JobReceipt:
@@ -326,9 +330,11 @@ def _receipt(row: tuple) -> JobReceipt:
     address, request_hash, output_hash, typed, node_signature, operator_signature, disputed, digest = (
         data.pop(name) for name in PROOF)
     signed = (typed, node_signature, operator_signature, disputed, digest) if typed else None
+    legs = [(node, tokens) for node, tokens in json.loads(data.pop("legs"))] if data.get("legs") else []
+    data.pop("legs", None)
     prompt = prompt or 0.0  # a receipt written before prompts were predicted
     prediction = JobPrediction(node=node, finish_s=round(wait + load + prompt + run, 3), wait_s=wait, load_s=load,
                                prompt_s=prompt, run_s=run, tokens=tokens) if node is not None else None
     return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, prediction=prediction,
-               node_address=address, request_hash=request_hash, output_hash=output_hash, signed=signed,
+               node_address=address, request_hash=request_hash, output_hash=output_hash, signed=signed, legs=legs,
                **data).receipt()

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import random
 import time
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence
 
 from odla.core import protocol as p
 from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
@@ -23,6 +23,7 @@ from odla.operator.registry import Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
 from odla.operator.countersign import AUDIT_CALLER
 from odla.operator.forecast import Prediction
+from odla.operator.resume import OPT_OUT, Failed, Leg, Plan, Resumed, Watch, plan_for
 from odla.operator.scheduler import Claim, Place, Scheduler
 from odla.core.usage import Tail, Usage, door_tokens
 from odla.proofs.receipts import sha256_hex
@@ -50,6 +51,12 @@ class Router:
         "With ``settlement``: holds each job's worst case against its client's balance (``odla.settlement.purse``)."
         self.audit_seed = False
         "Give every job a seed unless it set one (``audit_seed``: ``odla.operator.audits``)."
+        self.resume, self.resume_attempts, self.stall_timeout = "off", 0, 30.0
+        "Whether, how often and when answers are resumed on another node (``odla.operator.resume``)."
+
+    def plan(self, path: str, body: Any, headers: Mapping[str, str] = {}) -> Optional[Plan]:
+        """How the job at ``path`` would be resumed, by the operator's settings; None: it would not."""
+        return plan_for(path, body, self.resume, self.resume_attempts, self.stall_timeout, headers)
 
     def close(self) -> None:
         """The operator is stopping: waiting jobs are refused and running ones end now, each with a
@@ -63,6 +70,11 @@ class Router:
         """Open a ``/run`` stream on the node the scheduler picks; ``tell`` hears a queued job's place."""
         # already validated as an InferenceRequest: built without validating it again
         fields = request.ollama_fields()
+        plan = self.plan("/inference", {"model": request.model, "prompt": request.prompt, **fields})
+        if plan is not None:  # seeded, so that its rest on another node goes on alike
+            fields = {k: v for k, v in plan.request.items() if k in p.OLLAMA_FIELDS}
+        elif OPT_OUT in (fields.get("options") or {}):  # ODLA's option, not Ollama's
+            fields["options"] = {k: v for k, v in fields["options"].items() if k != OPT_OUT}
         if self.audit_seed and (fields.get("options") or {}).get("seed") is None:  # so that an audit can match
             fields["options"] = {**(fields.get("options") or {}), "seed": random.getrandbits(31)}
         run = p.RunRequest.model_construct(job_id=job.id, model=request.model, prompt=request.prompt, **fields)
@@ -74,12 +86,13 @@ class Router:
         if resp.status != 200:  # the request itself is at fault
             claim.release()
             raise ODLAError(message_of(await self.nodes.read(resp), resp.status), resp.status)
-        return Opened(self.relay(claim, resp, job=job), headers={"x-odla-node": claim.node.node_id},
-                      gathered=True)
+        body = Resumed(self, plan, job).body(claim, resp) if plan is not None else self.relay(claim, resp, job=job)
+        return Opened(body, headers={"x-odla-node": claim.node.node_id}, gathered=True)
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
                    place: Optional[Place] = None, tokens: Optional[int] = None,
-                   prompt: Prompt = Prompt(), avoid: Sequence[str] = ()) -> tuple[Claim, ClientResponse]:
+                   prompt: Prompt = Prompt(), avoid: Sequence[str] = (), held: bool = False
+                   ) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it
         (``tokens``: the most the job asked for, the length the scheduler plans for; ``prompt``: its
         length and conversation, for the prompt it reads).
@@ -199,7 +212,8 @@ class Router:
             resp.close()
         return len(streams)
 
-    def relay(self, claim: Claim, resp: ClientResponse, job: Job, protocol: bool = True) -> Owned:
+    def relay(self, claim: Claim, resp: ClientResponse, job: Job, protocol: bool = True,
+              leg: Optional[Leg] = None) -> Owned:
         """The node's body as it arrives; raises ``StreamBroken`` if it broke off. The result owns
         the claim and the node's response: its ``aclose()`` releases both, streamed or not.
 
@@ -209,6 +223,11 @@ class Router:
         door: Ollama's own answer) byte for byte, its end read for Ollama's counts and for
         an error it ended with. Either way the job ends (``ok`` or ``node_error``) once its
         last line has gone to the client, and counts the tokens it delivered.
+
+        With ``leg`` (a resumable answer's, ``odla.operator.resume``): whole lines (events) only on
+        every door; a failure (the connection lost, an error line, which is held back, a stream
+        that ends early or says nothing for ``stall_timeout``) raises ``Failed``; and the job is not
+        ended here, but by the answer that may go on on another node.
         """
         node = claim.node
         now = self.registry.clock()
@@ -216,61 +235,105 @@ class Router:
         streams = self.streams.setdefault(node.node_id, set())
         streams.add(resp)
         body = self.nodes.body(resp)
-        return Owned(self._relay(claim, body, job, protocol), claim.release, lambda: streams.discard(resp),
+        if leg is not None:
+            leg.watch = Watch(leg.plan.stall, resp.close)
+        return Owned(self._relay(claim, body, job, protocol, leg), claim.release, lambda: streams.discard(resp),
                      body.aclose)  # closing the node's response tells it to stop: a client that left cancels the job
 
-    async def _relay(self, claim: Claim, body: Body, job: Job, protocol: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, claim: Claim, body: Body, job: Job, protocol: bool,
+                     leg: Optional[Leg] = None) -> AsyncIterator[bytes]:
         node = claim.node
         lines = _Lines(job) if protocol else None
         tail = Tail() if not protocol else None
+        units = leg.units if leg is not None and not protocol else None
+        watch = leg.watch if leg is not None else None
         out = hashlib.sha256()  # the node's answer as it sent it, which its receipt must name
+        ended = False
         try:
             async for chunk in body:
                 out.update(chunk)
+                if watch is not None:
+                    watch.heard()
                 if job.audit is not None:
                     job.audit.add(chunk)
                 if lines is not None:
                     chunk = lines.take(chunk)
                     if not chunk:
+                        if watch is not None:
+                            watch.asking()
                         continue
                     if lines.ended:  # Ollama is done: the slot is free before the client hears so (it may
                         claim.release()  # ask again at once, and must find it free)
+                        if leg is not None and job.error is not None:  # failed: its error line is held back
+                            if lines.start:
+                                yield chunk[:lines.start]
+                            node.outcome(False, self.registry.clock())
+                            raise Failed(f"node {node.node_id} failed mid-answer: {job.error}", chunk[lines.start:])
                 else:
+                    if units is not None:
+                        chunk = units.take(chunk)
+                        if units.error:
+                            if chunk:
+                                job.delivered += door_tokens(chunk)
+                                yield chunk
+                            node.outcome(False, self.registry.clock())
+                            message = message_of(units.error.removeprefix(b"data: "), 502)
+                            raise Failed(f"node {node.node_id} failed mid-answer: {message}", units.error)
+                        if not chunk:
+                            if watch is not None:
+                                watch.asking()
+                            continue
                     tail.add(chunk)
                     job.delivered += door_tokens(chunk)
                     if job.first_token is None and not chunk.startswith(b'{"error"'):
                         job.first()
                 yield chunk
                 if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
+                    ended = True
                     break  # the last line went to the client: the job is done, whatever comes after it
+                if watch is not None:
+                    watch.asking()
         except NodeUnreachable as exc:
             if self.closing:
                 raise StreamBroken("the operator is shutting down") from exc
-            log.warning("node %s failed mid-stream (%s)", node.node_id, exc)
+            stalled = watch is not None and watch.stalled
+            log.warning("node %s failed mid-stream (%s)", node.node_id, "stalled" if stalled else exc)
             self.failed(node)
-            raise StreamBroken(f"node {node.node_id} failed mid-stream: connection lost") from exc
+            why = f"sent nothing for {watch.stall:g}s (stall_timeout)" if stalled else "connection lost"
+            raise (Failed if leg is not None else StreamBroken)(f"node {node.node_id} failed mid-stream: {why}") from exc
         finally:
             claim.release()
+            if watch is not None:
+                watch.stop()
             job.output_hash = "0x" + out.hexdigest()
         if lines is not None and not lines.ended:
             node.outcome(False, self.registry.clock())
-            raise StreamBroken(f"node {node.node_id} ended the stream without a final line")
-        if tail is not None:
-            job.usage, job.error = tail.usage(), tail.error()
-        self._ended(node, job)
+            raise (Failed if leg is not None else StreamBroken)(f"node {node.node_id} ended the stream without a final line")
+        if leg is not None:
+            if tail is not None and not ended:
+                node.outcome(False, self.registry.clock())
+                raise Failed(f"node {node.node_id} ended the answer early")
+            leg.usage = tail.usage() if tail is not None else job.usage
+            leg.complete(leg)
+        else:
+            if tail is not None:
+                job.usage, job.error = tail.usage(), tail.error()
+            self.ended(node, job)
         await _drain(body)
 
-    def _ended(self, node: Node, job: Job) -> None:
+    def ended(self, node: Node, job: Job, learn: bool = True) -> None:
         """The job's answer is complete (an error in its last line: Ollama failed mid-stream); how
-        fast its tokens came is the node's speed, as this operator sees it."""
+        fast its tokens came is the node's speed, as this operator sees it (``learn``: and how long
+        such answers are, unless it was the rest of a resumed one)."""
         if job.outcome is None:
             node.outcome(job.error is None, self.registry.clock())
             if job.error is None and job.first_token is not None:
                 key = model_key(job.model)
                 node.saw(key, job.delivered, time.time() - job.first_token)
-                self.scheduler.forecast.learn(node, key, job.usage.output_tokens or job.delivered, job.limited,
-                                              job.usage.load_duration, job.usage.prompt_tokens,
-                                              job.usage.prompt_eval_duration)
+                if learn:
+                    self.scheduler.forecast.learn(node, key, job.usage.output_tokens or job.delivered, job.limited,
+                                                  job.usage.load_duration, job.usage.prompt_tokens,
+                                                  job.usage.prompt_eval_duration)
                 if job.conversation is not None:
                     node.served(key, job.conversation)
         job.end("node_error" if job.error else "ok")
@@ -328,6 +391,8 @@ class _Lines:
         self.job = job
         self.partial = b""
         self.ended = False
+        self.start = 0
+        "Where the last line of the last piece taken begins."
 
     def take(self, chunk: bytes) -> bytes:
         """The whole lines ``chunk`` completes, the last one's ``stats`` taken off."""
@@ -340,7 +405,7 @@ class _Lines:
         if not chunk:
             return chunk
         self.job.delivered += chunk.count(b'"done": false')  # a token line each
-        start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
+        start = self.start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
         last = chunk[start:]
         final = p.final_line(last) if b'"done": true' in last else None
         self.ended = final is not None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, get_args
 
 from odla.core.errors import NoNodeError, ODLAError, QueueFull, QueueTimeout
-from odla.core.protocol import JobPrediction, JobReceipt, Outcome
+from odla.core.protocol import JobLeg, JobPrediction, JobReceipt, Outcome
 from odla.core.times import iso
 from odla.core.usage import Usage
 from odla.proofs.receipts import RECEIPT
@@ -70,6 +70,10 @@ class Job:
     signed: Optional[tuple[str, str, str, Optional[str], str]] = None
     """The node's receipt once checked: (its EIP-712 message as JSON, node's signature, operator's, why
     it is disputed, its EIP-712 digest)."""
+    legs: list[tuple[str, int]] = field(default_factory=list)
+    "When its answer was resumed: each node that gave part of it, and the tokens it gave, in order."
+    resumes: list[str] = field(default_factory=list)
+    "What came of each failure of its node mid-answer (``ok``: resumed to the end; ``odla.operator.resume``)."
     charge: Any = None
     "What its countersigned receipt moves in the ledger (``odla.settlement.ledger.Charge``), when priced."
     on_end: Callable[["Job"], None] = field(default=lambda job: None, repr=False)
@@ -119,4 +123,5 @@ class Job:
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),
                           first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
                           failovers=self.failovers, queue_wait_s=self.queue_wait, prediction=self.prediction,
+                          legs=[JobLeg(node=node, tokens=tokens) for node, tokens in self.legs] or None,
                           **self.usage.stats())

@@ -134,3 +134,12 @@ def test_settlement_benchmark_smoke_run(tmp_path):
     assert data["books"]["agree"], data["books"]["problems"]
     assert data["books"]["charges"] > 0 and data["books"]["charged_on_chain"] == data["books"]["paid_out"] > 0
     assert "ledger, chain and receipts agree after 200 jobs: yes" in printed
+
+
+@pytest.mark.solo
+def test_resume_benchmark_smoke_run(tmp_path):
+    """Nodes killed, stopped and erring under load: every answer whole, every kind of fault resumed."""
+    data, printed = smoke_run(tmp_path, "resume_bench.py")
+    assert data["jobs"] == data["whole"] == data["plan"]["jobs"] and data["lost"] == data["repeated"] == 0
+    assert {"kill", "stop", "error"} <= set(data["gaps"]) and data["resumes_total"]["ok"] == data["resumed"]
+    assert "gap p95" in printed

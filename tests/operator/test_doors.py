@@ -180,11 +180,13 @@ def test_bad_bodies_get_ollamas_400(two):
     ("/api/chat", {"messages": [{"role": "user", "content": "q"}], "stream": False}),
 ])
 def test_a_whole_answer_cut_mid_body_is_never_a_clean_200(two, path, body):
+    """Not resumed (``X-ODLA-Resume: off``; with it, the other node would finish the answer)."""
     op, a, b = two
     a.configure(crash_after=1)
     b.configure(crash_after=1)
     try:
-        resp = httpx.post(op.url + path, json={"model": "llama3", **body}, headers={"authorization": f"Bearer {KEY}"})
+        resp = httpx.post(op.url + path, json={"model": "llama3", **body},
+                          headers={"authorization": f"Bearer {KEY}", "x-odla-resume": "off"})
     except httpx.RemoteProtocolError:
         return  # cut after the first bytes: the body stops short, and the client sees it broken
     assert resp.status_code == 502 and resp.json()["error"]  # cut before them: a status that says so
@@ -195,7 +197,7 @@ def test_a_stream_cut_mid_body_ends_with_an_ollama_error_line(two):
     a.configure(crash_after=2)
     b.configure(crash_after=2)
     resp = httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "q"},
-                      headers={"authorization": f"Bearer {KEY}"})
+                      headers={"authorization": f"Bearer {KEY}", "x-odla-resume": "off"})  # (else b finishes it)
     lines = [json.loads(line) for line in resp.text.splitlines()]
     assert resp.status_code == 200 and lines[-1] == {"error": lines[-1]["error"]}
     assert "lost connection to Ollama" in lines[-1]["error"]

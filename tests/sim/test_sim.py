@@ -1,9 +1,11 @@
 """The simulator's Ollama scheduler: slots per model, loads, eviction, keep_alive, as Ollama behaves."""
 
+import json
 import threading
 import time
 
 import httpx
+import pytest
 
 from tests.helpers import Sim, wait_for
 
@@ -116,3 +118,47 @@ def test_each_slot_caches_its_last_prompt_and_a_turn_reads_only_what_is_new():
         assert chat(sim, third)["prompt_eval_count"] == 2  # still cached in its own slot
         stats = sim.stats()
         assert stats["prompt_tokens"] == 252 + 279 + 31 + 287 and stats["cached_tokens"] == 258 + 285
+
+
+def test_a_trailing_assistant_message_is_continued_where_it_stops():
+    """As Ollama's /api/chat continues a trailing assistant message: the answer picks up after it, so an
+    answer resumed at any token boundary (or inside a token) ends as the unbroken one does."""
+    with Sim(models=["llama3"], tokens=8, seeded=True) as sim:
+        def chat(messages, **options):
+            body = {"model": "llama3", "messages": messages, "stream": False, "options": {"seed": 5, **options}}
+            return httpx.post(f"{sim.url}/api/chat", json=body, timeout=10).json()
+
+        ask = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]
+        whole = chat(ask)["message"]["content"]
+        words = whole.split(" ")
+        for cut in (len(words[0]), len(words[0]) + 3, len(" ".join(words[:5]))):
+            rest = chat([*ask, {"role": "assistant", "content": whole[:cut]}], num_predict=20)
+            assert whole[:cut] + rest["message"]["content"] == whole, cut
+        capped = chat([*ask, {"role": "assistant", "content": " ".join(words[:2])}], num_predict=3)
+        assert capped["eval_count"] == 3 and capped["message"]["content"] == " " + " ".join(words[2:5])
+        generated = httpx.post(f"{sim.url}/api/generate", json={"model": "llama3", "prompt": "why?", "system": "be brief",
+                                                              "stream": False, "options": {"seed": 5}}, timeout=10)
+        assert generated.json()["response"] == whole  # a generate resumed as the equivalent chat goes on alike
+
+
+def test_fail_error_and_stall_after_cut_a_stream_after_k_tokens():
+    with Sim(models=["llama3"], tokens=6, crash_after=2) as sim:
+        with httpx.stream("POST", f"{sim.url}/api/generate", json={"model": "llama3", "prompt": "q"}, timeout=10) as resp:
+            lines = []
+            with pytest.raises(httpx.HTTPError):
+                for line in resp.iter_lines():
+                    lines.append(line)
+            assert len(lines) == 2
+        sim.configure(crash_after=None, error_after=2)
+        lines = httpx.post(f"{sim.url}/api/chat", json={"model": "llama3", "messages": [{"role": "user", "content": "q"}]},
+                           timeout=10).text.splitlines()
+        assert len(lines) == 3 and json.loads(lines[-1]) == {"error": sim.sim.b.error_message}
+        sim.configure(error_after=None, stall_after=2)
+        with httpx.stream("POST", f"{sim.url}/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5), json={
+                "model": "llama3", "messages": [{"role": "user", "content": "q"}], "stream": True}) as resp:
+            events = resp.iter_lines()
+            got = [next(events) for _ in range(4)]  # two events, each a data line and a blank one
+            assert [line.startswith("data: {") for line in got] == [True, False, True, False]
+            with pytest.raises(httpx.ReadTimeout):  # then nothing, until the client leaves
+                next(events)
+        wait_for(lambda: sim.stats()["stalled"] == 1 and sim.stats()["active"] == 0)
