@@ -100,6 +100,8 @@ class Behaviour:
     "Count the tokens sent per prompt (``GET /_sim/sent``)."
     error_after: Optional[int] = None
     error_message: str = "an error was encountered while running the model: unexpected EOF"
+    build: str = ""
+    "Another build of the same models: it changes every model's digest (``--build``)."
     stall_after: Optional[int] = None
     "After K tokens send nothing more, until the client leaves (a generation that hangs)."
     busy: bool = False
@@ -139,8 +141,8 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def digest(name: str) -> str:
-    return hashlib.sha256(model_key(name).encode()).hexdigest()
+def digest(name: str, build: str = "") -> str:
+    return hashlib.sha256((model_key(name) + build).encode()).hexdigest()
 
 
 def _compact(obj: Any) -> bytes:
@@ -238,7 +240,7 @@ class Simulator:
             "model": shown,
             "modified_at": "2026-01-01T00:00:00Z",
             "size": 4661224676,
-            "digest": digest(name),
+            "digest": digest(name, self.b.build),
             "details": self.details(family),
         }
 
@@ -911,6 +913,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     p.add_argument("--crash-after", "--fail-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
+    p.add_argument("--build", default="", help="another build of the same models: other digests")
     p.add_argument("--stall-after", type=int, help="after K tokens send nothing more (a generation that hangs)")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
     p.add_argument("--cheat", choices=CHEATS, help="cheat as a dishonest node would: substitute (another model's "
@@ -933,7 +936,7 @@ def build(args: argparse.Namespace) -> Simulator:
     sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, stall_after=args.stall_after, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
+        error_after=args.error_after, stall_after=args.stall_after, build=args.build, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))

@@ -333,8 +333,8 @@ class JobReceipt(BaseModel):
     prediction: Optional[JobPrediction] = None
     "The scheduler's prediction for the job (null when it reached no node)."
     legs: Optional[list[JobLeg]] = None
-    """When a node failed mid-answer and another finished it: each node in turn and the tokens it gave
-    (null: one node gave the whole answer). ``node`` is the last of them."""
+    """When a node failed mid-answer (resumable or not): each node in turn that gave part of the answer,
+    and the tokens it gave (null: no node failed it mid-answer). ``node`` is the last of them."""
     receipt: Optional[dict[str, Any]] = None
     """The job's receipt as its node and this operator signed it: EIP-712 typed data (``types``,
     ``primaryType``, ``domain``, ``message``); null until the node's signed receipt has come (with its

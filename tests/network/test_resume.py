@@ -179,3 +179,18 @@ def test_without_resume_the_answer_ends_with_the_failure_as_before(net, how):
     assert job["outcome"] == "node_error" and job["legs"] is None
     assert resumes(net) == {}
     assert "odla_resume" not in json.dumps(httpx.get(sim + "/_sim/last", timeout=5).json())
+
+
+def test_an_answer_is_never_resumed_on_another_build_of_its_model(net):
+    """Two nodes whose Ollamas list llama3 under different digests: the answer ends with its node's
+    error as before, rather than go on with another model's words."""
+    net.operator()
+    net.node("a", net.sim("--tokens", "8", "--error-after", "3"))
+    net.node("b", net.sim("--tokens", "8", "--error-after", "3", "--build", "q4_K_M"))
+    net.wait_nodes("a", "b")
+    for _ in range(2):
+        resp = ask(net, "/api/chat", {"messages": [{"role": "user", "content": PROMPT}]})
+        lines = [json.loads(line) for line in resp.text.splitlines()]
+        assert len(lines) == 4 and "error" in lines[-1]
+        assert job_of(net, resp)["legs"] == [{"node": resp.headers["x-odla-node"], "tokens": 3}]
+    assert resumes(net) == {"no_node": 2}
