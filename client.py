@@ -32,7 +32,7 @@ from odla import __version__
 from odla.client.errors import EXIT_INTERRUPTED, EXIT_USAGE, Failure, operator_url
 from odla.client.terminal import Spinner, colour_wanted, is_terminal, width
 
-COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "version",
+COMMANDS = {"run", "infer", "chat", "list", "ls", "ps", "show", "nodes", "jobs", "verify", "pull", "rm", "cp", "version",
             "login", "logout", "balance", "deposit", "allow", "withdraw"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -289,11 +289,16 @@ def list_models(operator: OperatorOpt = None, api_key: ApiKeyOpt = None, as_json
         listing = p.NodesResponse.model_validate(ask(operator, api_key, "GET", "/nodes"))
         counts = Counter(m for n in listing.nodes if n.healthy for m in n.models)
         loaded = Counter(m for n in listing.nodes if n.healthy for m in n.loaded)
+        where = {m: [n.node_id for n in listing.nodes if n.healthy and m in n.models] for m in counts}
+        builds = {m for n in listing.nodes for m in n.other_builds}  # one name, several digests
         if as_json:
-            typer.echo(json.dumps({"models": [{"name": m, "nodes": c, "loaded_on": loaded[m]}
+            typer.echo(json.dumps({"models": [{"name": m, "nodes": c, "loaded_on": loaded[m], "where": where[m],
+                                               "builds_differ": m in builds}
                                               for m, c in sorted(counts.items())]}, indent=2))
             return
-        rows = [("NAME", "NODES", "LOADED ON")] + [(m, str(c), str(loaded[m])) for m, c in sorted(counts.items())]
+        rows = [("NAME", "NODES", "LOADED ON", "WHERE")] + [
+            (m, str(c), str(loaded[m]), ",".join(where[m]) + (" (builds differ)" if m in builds else ""))
+            for m, c in sorted(counts.items())]
         typer.echo(table(rows, colour_wanted(), width()) if counts else "no models: no healthy node has joined")
 
     run_action(action)
@@ -336,24 +341,63 @@ def show(model: Annotated[str, typer.Argument(help="The model")], operator: Oper
     run_action(action)
 
 
-@app.command()
-def pull(model: Annotated[str, typer.Argument(help="The model")], operator: OperatorOpt = None,
-         api_key: ApiKeyOpt = None) -> None:
-    """Pull MODEL onto the network's nodes, through the operator (Ollama's /api/pull)."""
-    run_action(lambda: typer.echo(_model_call(operator, api_key, "POST", "/api/pull", model) or "success"))
+ReplicasOpt = Annotated[Optional[str], typer.Option("--replicas", metavar="N", help="Nodes to pull onto: a count, "
+                                                  "or 'all' (default: the operator's default_replicas)")]
+NodeListOpt = Annotated[Optional[list[str]], typer.Option("--node", metavar="ID", help="This node (again for more)")]
 
 
 @app.command()
-def rm(model: Annotated[str, typer.Argument(help="The model")], operator: OperatorOpt = None,
-       api_key: ApiKeyOpt = None) -> None:
-    """Remove MODEL from the network's nodes, through the operator (Ollama's /api/delete)."""
-    run_action(lambda: typer.echo(_model_call(operator, api_key, "DELETE", "/api/delete", model) or f"deleted '{model}'"))
+def pull(model: Annotated[str, typer.Argument(help="The model")], replicas: ReplicasOpt = None,
+         node: NodeListOpt = None, operator: OperatorOpt = None, api_key: ApiKeyOpt = None) -> None:
+    """Pull MODEL onto the network's nodes, through the operator, with Ollama's progress."""
+
+    def action() -> None:
+        from odla.client.calls import http_client
+        from odla.client.models import Progress, placement, pulled
+
+        url = operator_url(operator or settings().operator_url)
+        progress = Progress()
+        with http_client(url, api_key) as http:
+            for part in pulled(http, url, model, placement(replicas, node or [])):
+                progress.show(part)
+
+    run_action(action)
 
 
-def _model_call(operator: Optional[str], api_key: Optional[str], method: str, path: str, model: str) -> str:
-    """The operator's answer to a model-management call: its last status line, or its refusal as a Failure."""
-    answer = ask(operator, api_key, method, path, body={"model": model, "stream": False})
-    return str(answer.get("status", "")) if isinstance(answer, dict) else ""
+@app.command()
+def rm(model: Annotated[str, typer.Argument(help="The model")], node: NodeListOpt = None,
+       operator: OperatorOpt = None, api_key: ApiKeyOpt = None) -> None:
+    """Remove MODEL from every node that has it (or the --node ones), through the operator."""
+    run_action(lambda: (_managed(operator, api_key, "DELETE", "/api/delete", {"model": model}, node),
+                        typer.echo(f"deleted '{model}'")))
+
+
+@app.command()
+def cp(source: Annotated[str, typer.Argument(help="The model to copy")],
+       destination: Annotated[str, typer.Argument(help="Its new name")], node: NodeListOpt = None,
+       operator: OperatorOpt = None, api_key: ApiKeyOpt = None) -> None:
+    """Copy SOURCE to DESTINATION on every node that has it (or the --node ones), through the operator."""
+    run_action(lambda: (_managed(operator, api_key, "POST", "/api/copy",
+                                 {"source": source, "destination": destination}, node),
+                        typer.echo(f"copied '{source}' to '{destination}'")))
+
+
+def _managed(operator: Optional[str], api_key: Optional[str], method: str, path: str, body: dict,
+             nodes: Optional[list[str]]) -> None:
+    """A model-management call that answers nothing but its status; its refusal as a Failure."""
+    import httpx
+
+    from odla.client.calls import http_client, refused, unreachable
+    from odla.client.models import placement
+
+    url = operator_url(operator or settings().operator_url)
+    with http_client(url, api_key) as http:
+        try:
+            resp = http.request(method, path, json=body, headers=placement(None, nodes or []))
+        except httpx.HTTPError as exc:
+            raise unreachable(url, exc) from exc
+        if resp.status_code != 200:
+            raise refused(resp, url)
 
 
 @app.command()

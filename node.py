@@ -19,11 +19,14 @@ dials the operator and serves these same endpoints down that link (``odla.node.d
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import shutil
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, AsyncIterator, Callable, Optional
 from urllib.parse import urlsplit
 
@@ -48,8 +51,8 @@ from odla.core.names import model_key, model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
 from odla.core.usage import Tail, Usage, door_tokens
 from odla.node.receipts import Asked, ReceiptBook, new_output
-from odla.proofs.identity import Identity, KeyFileError
-from odla.proofs.reports import signed
+from odla.proofs.identity import BadSignature, Identity, KeyFileError
+from odla.proofs.reports import request_signer, signed
 
 log = logging.getLogger("odla.node")
 SHUTTING_DOWN = "the node is shutting down"
@@ -63,6 +66,8 @@ DEFAULT_NODE_PORT = 8001
 OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
     ("POST", path) for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+MANAGING = {("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy")}
+"Ollama's model management, relayed for the operator when the owner allows it (``manage_models``)."
 
 
 @dataclass
@@ -75,6 +80,8 @@ class NodeState:
     ollama_error: Optional[str] = "not checked yet"
     digests: dict[str, str] = field(default_factory=dict)
     "Each model's digest, as Ollama lists it: what the node's receipts name."
+    disk_free: Optional[int] = None
+    "Bytes free where Ollama keeps its models (``OLLAMA_MODELS``), when it can be read."
     registered_with: set[str] = field(default_factory=set)
     "The operators the last registration with went through."
     joined: bool = False
@@ -154,6 +161,7 @@ class Node:
             log.info("Ollama at %s has %d model(s): %s", self.settings.ollama_host, len(models),
                      ", ".join(models) or "none")
         self.state.models, self.state.ollama_error = models, None
+        self.state.disk_free = disk_free(models_dir())
         return True
 
     async def refresh(self) -> None:
@@ -170,7 +178,8 @@ class Node:
         body = p.RegisterRequest(node_id=self.state.node_id, url=self.state.url, models=self.state.models,
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
                                  tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
-                                 digests=self.state.digests, address=self.identity.address, signed_at=time.time(),
+                                 digests=self.state.digests, disk_free=self.state.disk_free,
+                                 address=self.identity.address, signed_at=time.time(),
                                  receipts=receipts)
         content = signed(body.model_dump_json(exclude_none=True).encode(), self.identity)
         try:
@@ -346,6 +355,21 @@ class Node:
             self.report_soon.set()
             await parts.aclose()  # a caller that left stops the work at Ollama too
 
+    def may_manage(self, request: Request, method: str, path: str, body: bytes) -> None:
+        """Only this node's operator changes its models: over the node's own link, with the join token
+        (checked already), or signed by an operator the node reports to; and only if the owner lets it."""
+        if not self.settings.manage_models:
+            raise ODLAError(f"this node's owner does not let the operator manage its models ({path})", 403)
+        if self.settings.join_token or (request.client is not None and request.client.host == "link"):
+            return
+        try:
+            who = request_signer(request.headers, method, path, body)
+        except BadSignature as exc:
+            raise ODLAError(f"the request's signature does not hold: {exc}", 403) from None
+        if who is None or who not in self.receipts.known:
+            raise ODLAError("only this node's operator may manage its models (a request signed by its key, "
+                            "or the join token)", 403)
+
     async def open_ollama(self, method: str, path: str, query: str, body: bytes, job_id: str = "",
                           asked: Optional[Asked] = None) -> Opened:
         """Send a request to Ollama's own API as it came (the operator's Ollama and OpenAI doors), its
@@ -381,6 +405,8 @@ class Node:
         async def close() -> None:  # whether or not it streamed
             if running is not None:
                 self.capacity.ended(running)
+            if (method, path) in MANAGING:  # the operator hears of the node's models now, not at the next beat
+                self.report_soon.set()
             await resp.aclose()
 
         return Opened(Owned(self.ollama_body(resp, job, running, asked if job is not None else None), close),
@@ -412,6 +438,21 @@ class Node:
                 usage = tail.usage()
                 log.info("%s", summary(job[0], job[1], usage, None, outcome))
                 self.receipts.sign(asked, job[1], out, usage, sent, outcome)
+
+
+def models_dir() -> Path:
+    """Where Ollama keeps its models, as Ollama reads it: ``OLLAMA_MODELS``, else ``~/.ollama/models``."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def disk_free(path: Path) -> Optional[int]:
+    """Bytes free on the disk that holds ``path`` (or, before Ollama made it, its nearest parent)."""
+    for place in (path, *path.parents):
+        try:
+            return shutil.disk_usage(place).free
+        except OSError:
+            continue
+    return None
 
 
 def summary(job_id: str, model: str, usage: Usage, tokens: Optional[int], outcome: str) -> str:
@@ -518,14 +559,16 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
         asked = node.receipts.asked(request.headers, await request.body())
         return LineStream(opening=lambda tell: node.open_job(job, asked))
 
-    @app.api_route("/ollama/{path:path}", methods=["GET", "POST"], dependencies=operator_only,
+    @app.api_route("/ollama/{path:path}", methods=["GET", "POST", "DELETE"], dependencies=operator_only,
                    response_class=LineStream, include_in_schema=False)
     async def ollama_door(path: str, request: Request, node: NodeDep) -> LineStream:
         """Ollama's own API relayed as is, for the operator's Ollama and OpenAI doors."""
         method, path = request.method, "/" + path
-        if (method, path) not in OLLAMA_DOORS:  # never pull, delete, create or push through a node
+        if (method, path) not in OLLAMA_DOORS | MANAGING:  # never create or push through a node
             raise ODLAError(f"{method} {path} is not relayed to Ollama", 404)
         body = await request.body()
+        if (method, path) in MANAGING:
+            node.may_manage(request, method, "/ollama" + path, body)
         query, job_id = request.url.query, request.headers.get(p.JOB_HEADER, "")
         asked = node.receipts.asked(request.headers, body) if method == "POST" else None
         return LineStream(opening=lambda tell: node.open_ollama(method, path, query, body, job_id, asked),

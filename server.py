@@ -308,7 +308,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         before = capacity(known)
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
                                  slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
-                                 slots_learned=body.slots_learned, digests=body.digests)
+                                 slots_learned=body.slots_learned, digests=body.digests,
+                                 disk_free=body.disk_free)
         node.address = address
         request.app.state.auditor.restore(node)
         request.app.state.countersigner.take(node, body.receipts)
@@ -341,7 +342,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         now, listed = registry.clock(), registry.nodes()
         shared = request.app.state.shared
         active = await shared.active_jobs(listed) if shared is not None else {}
-        return p.NodesResponse(nodes=[n.info(now, active.get(n.node_id)) for n in listed])
+        builds = registry.builds()
+        return p.NodesResponse(nodes=[n.info(now, active.get(n.node_id), builds) for n in listed])
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -361,7 +363,8 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         return LineStream(opening=lambda tell: router.open_job(body, job, tell), headers={p.JOB_HEADER: job.id},
                           job=job)
 
-    app.include_router(doors_router(registry, client_auth, job_auth))
+    app.include_router(doors_router(registry, client_auth, job_auth, [Depends(callers.admin_dependency())],
+                                    settings.default_replicas))
     app.include_router(link_router(registry, settings, on_change=scheduler.wake,
                                    is_live=lambda node: app.state.router.nodes.is_node(node)))
     app.include_router(watch_router(prom, activity, client_auth, callers))

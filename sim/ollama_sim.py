@@ -102,6 +102,12 @@ class Behaviour:
     error_message: str = "an error was encountered while running the model: unexpected EOF"
     build: str = ""
     "Another build of the same models: it changes every model's digest (``--build``)."
+    library: dict[str, int] = field(default_factory=lambda: dict(LIBRARY))
+    "What ``/api/pull`` can fetch: model name -> its size in bytes (anything else: ``file does not exist``)."
+    pull_rate: float = 2e9
+    "Bytes a second that a pull downloads."
+    disk: int = 0
+    "Bytes of disk for models (0: no limit); a pull past it fails with ``no space left on device``."
     stall_after: Optional[int] = None
     "After K tokens send nothing more, until the client leaves (a generation that hangs)."
     busy: bool = False
@@ -141,6 +147,13 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+LIBRARY = {"llama3": 4661224676, "mistral": 4113301824, "qwen2": 4431400262, "phi3": 2176178913,
+           "gemma2": 5443152417, "tinyllama": 637700138}
+"The registry the simulator pulls from: names and sizes as Ollama's library has them."
+SIZE = 4661224676
+"A model's size when the simulator was started with it."
+
+
 def digest(name: str, build: str = "") -> str:
     return hashlib.sha256((model_key(name) + build).encode()).hexdigest()
 
@@ -156,7 +169,7 @@ class Simulator:
         self.b = behaviour
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
-                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0,
+                      "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
                       "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0}
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
@@ -170,6 +183,7 @@ class Simulator:
         self._cond: Optional[asyncio.Condition] = None
         self.loading_until: dict[str, float] = {}  # model key -> when its load ends (epoch seconds)
         self.last_used: dict[str, float] = {}
+        self.sizes: dict[str, int] = {}  # model key -> bytes on disk, when not SIZE (pulled, copied)
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -183,11 +197,11 @@ class Simulator:
         if method == "HEAD" and path == "/":
             await respond(send, 200, b"", "text/plain; charset=utf-8")
             return
-        allowed = "GET" if path in GET_ROUTES else "POST"
+        allowed = "GET" if path in GET_ROUTES else "DELETE" if path == "/api/delete" else "POST"
         if method != allowed:
             await respond(send, 405, b"405 method not allowed", "text/plain")
             return
-        body = await read_body(receive) if method == "POST" else b""
+        body = await read_body(receive) if method != "GET" else b""
         await handler(self, body, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -239,7 +253,7 @@ class Simulator:
             "name": shown,
             "model": shown,
             "modified_at": "2026-01-01T00:00:00Z",
-            "size": 4661224676,
+            "size": self.sizes.get(model_key(name), SIZE),
             "digest": digest(name, self.b.build),
             "details": self.details(family),
         }
@@ -254,6 +268,113 @@ class Simulator:
             "parameter_size": "8.0B",
             "quantization_level": "Q4_0",
         }
+
+    # --- model management, as Ollama's PullHandler, DeleteHandler and CopyHandler answer -------------
+
+    def disk_used(self) -> int:
+        return sum(self.sizes.get(model_key(m), SIZE) for m in self.b.models)
+
+    async def pull(self, body: bytes, receive: Receive, send: Send) -> None:
+        """Progress lines: the manifest, each layer with its bytes, the checks, ``success``; an error
+        line once lines have gone (a 500 before); ``"stream": false``: the last line alone."""
+        req = await self.parse(body, send)
+        if req is None:
+            return
+        name = req.get("model") or req.get("name")
+        if not isinstance(name, str) or not name:
+            await respond_json(send, 400, {"error": "model is required"})
+            return
+        stream = req.get("stream") is not False
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        started = False
+        self.stats["pulls"] += 1
+
+        async def say(obj: dict) -> None:
+            nonlocal started
+            if stream:
+                if not started:
+                    started = True
+                    await send_start(send, 200, "application/x-ndjson")
+                await send_body(send, _compact(obj) + b"\n")
+
+        async def fail(message: str) -> None:
+            if started:
+                await send_body(send, _compact({"error": message}) + b"\n", more=False)
+            else:
+                await respond_json(send, 500, {"error": message})
+
+        try:
+            await say({"status": "pulling manifest"})
+            size = self.b.library.get(model_key(name).split(":")[0].rsplit("/", 1)[-1])
+            if size is None:
+                await fail("pull model manifest: file does not exist")
+                return
+            present = self.find(name)
+            layers = [(size - 12_400, "model"), (12_000, "license"), (400, "params")]
+            room = self.b.disk - (self.disk_used() - (self.sizes.get(model_key(name), SIZE) if present else 0)) \
+                if self.b.disk else None
+            for i, (total, kind) in enumerate(layers):
+                layer = "sha256:" + hashlib.sha256(f"{model_key(name)}{self.b.build}{kind}".encode()).hexdigest()
+                done, step = 0, max(1, int(self.b.pull_rate * 0.05))  # a line each 50 ms of download
+                while True:
+                    if room is not None and done > room:
+                        await fail(f"write /root/.ollama/models/blobs/{layer.replace(':', '-')}-partial: "
+                                   "no space left on device")
+                        return
+                    await say({"status": f"pulling {layer[7:19]}", "digest": layer, "total": total,
+                               "completed": done})
+                    if done >= total:
+                        break
+                    await first_of(asyncio.sleep(min(step, total - done) / self.b.pull_rate), watcher)
+                    if watcher.done():  # the client left: the pull stops, nothing is written
+                        self.stats["pulls_cut"] += 1
+                        return
+                    done = min(total, done + step)
+                if room is not None:
+                    room -= total
+            await say({"status": "verifying sha256 digest"})
+            await say({"status": "writing manifest"})
+            if not present:
+                self.b.models.append(display_name(name))
+            self.sizes[model_key(name)] = size
+            if stream:
+                await say({"status": "success"})
+                await send_body(send, b"", more=False)
+            else:
+                await respond_json(send, 200, {"status": "success"})
+        finally:
+            watcher.cancel()
+
+    async def delete(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse(body, send)
+        if req is None:
+            return
+        name = req.get("model") or req.get("name") or ""
+        present = self.find(str(name))
+        if present is None:
+            await respond_json(send, 404, {"error": f"model '{name}' not found"})
+            return
+        self.b.models.remove(present)
+        self.sizes.pop(model_key(present), None)
+        self.loaded.pop(model_key(present), None)
+        await respond(send, 200, b"", "text/plain; charset=utf-8")
+
+    async def copy(self, body: bytes, receive: Receive, send: Send) -> None:
+        req = await self.parse(body, send)
+        if req is None:
+            return
+        source, destination = req.get("source"), req.get("destination")
+        if not isinstance(destination, str) or not destination:
+            await respond_json(send, 400, {"error": f"destination {json.dumps(destination or '')} is invalid"})
+            return
+        present = self.find(str(source or ""))
+        if present is None:
+            await respond_json(send, 404, {"error": f"model {json.dumps(source)} not found"})
+            return
+        if self.find(destination) is None:
+            self.b.models.append(display_name(destination))
+        self.sizes[model_key(destination)] = self.sizes.get(model_key(present), SIZE)
+        await respond(send, 200, b"", "text/plain; charset=utf-8")
 
     async def show(self, body: bytes, receive: Receive, send: Send) -> None:
         req = await self.parse(body, send)
@@ -887,6 +1008,9 @@ ROUTES = {
     "/api/tags": Simulator.tags,
     "/api/ps": Simulator.ps,
     "/api/show": Simulator.show,
+    "/api/pull": Simulator.pull,
+    "/api/delete": Simulator.delete,
+    "/api/copy": Simulator.copy,
     "/api/generate": Simulator.generate,
     "/api/chat": Simulator.chat,
     "/api/embed": Simulator.embed,
@@ -913,6 +1037,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     p.add_argument("--crash-after", "--fail-after", type=int, help="cut the connection after K tokens")
     p.add_argument("--error-after", type=int, help="send an error line after K tokens")
+    p.add_argument("--pull-rate", type=float, default=2e9, help="bytes a second that /api/pull downloads")
+    p.add_argument("--disk", type=int, default=0, help="bytes of disk for models (0: no limit)")
     p.add_argument("--build", default="", help="another build of the same models: other digests")
     p.add_argument("--stall-after", type=int, help="after K tokens send nothing more (a generation that hangs)")
     p.add_argument("--busy", action="store_true", help="answer 503 to every request")
@@ -936,7 +1062,7 @@ def build(args: argparse.Namespace) -> Simulator:
     sim = Simulator(Behaviour(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
         tokens=args.tokens, delay=args.delay, crash_after=args.crash_after,
-        error_after=args.error_after, stall_after=args.stall_after, build=args.build, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
+        error_after=args.error_after, stall_after=args.stall_after, build=args.build, pull_rate=args.pull_rate, disk=args.disk, busy=args.busy, cheat=args.cheat, seeded=args.seeded, drift=args.drift, load_delay=args.load_delay, load_ms=args.load_ms,
         max_loaded=args.max_loaded,
         num_parallel=args.num_parallel, max_queue=args.max_queue, prompt_ms_per_token=args.prompt_ms_per_token,
     ))

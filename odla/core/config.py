@@ -64,10 +64,10 @@ ROLES: dict[str, set[str]] = {
                           "operator_private_key", "require_signed_nodes", "node_addresses", "epoch_seconds", "audit_rate",
                           "audit_tokens", "audit_seed", "quarantine_below", "prices", "operator_fee_bps",
                           "settlement", "max_job_tokens", "wallet_signin", "signin_ttl", "signin_domain", "chain_poll",
-                          "resume", "resume_attempts", "stall_timeout"} | CHAIN,
+                          "resume", "resume_attempts", "stall_timeout", "default_replicas"} | CHAIN,
     "node": SHARED | {"node_host", "node_port", "node_id", "node_url", "ollama_host", "heartbeat_interval",
                       "num_parallel", "max_slots", "health_check_interval", "link", "min_keep_alive",
-                      "max_keep_alive", "node_key_file", "node_private_key"} | CHAIN,
+                      "max_keep_alive", "node_key_file", "node_private_key", "manage_models"} | CHAIN,
 }
 
 
@@ -192,6 +192,9 @@ class Settings(BaseModel):
     started in one folder keep apart; a relative path is next to the config file; ``:memory:`` keeps none."""
     jobs_keep_days: float = Field(30, gt=0)
     "Days a job's receipt is kept."
+    manage_models: bool = True
+    """Let the operator pull, remove and copy models on this node's Ollama (``/api/pull``, ``/api/delete``,
+    ``/api/copy`` through the operator); off: the node answers those with 403."""
     min_keep_alive: float = Field(60, ge=0)
     "Seconds at least that a client's ``keep_alive`` keeps a model loaded on this node (its 0 would unload it under everyone)."
     max_keep_alive: float = Field(3600, ge=0)
@@ -218,6 +221,9 @@ class Settings(BaseModel):
     check the answer (0: none)."""
     audit_tokens: int = Field(32, ge=1, le=4096)
     "How many first words of the two answers must match."
+    default_replicas: int = Field(1, ge=1, le=4096)
+    """Nodes a model is pulled onto through the operator (``POST /api/pull``) when the request does not
+    say (``X-ODLA-Replicas: N`` or ``all``, or ``X-ODLA-Nodes: id,id``)."""
     resume: Literal["on", "off"] = "on"
     """When a node fails mid-answer, finish the answer on another node with the same model digest: the
     client reads one unbroken answer (``odla_resume: false`` in a job's options, or the header

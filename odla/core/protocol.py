@@ -103,6 +103,8 @@ class NodeReport(_Body):
     digests: dict[ModelName, Annotated[str, StringConstraints(max_length=80)]] = Field(default_factory=dict,
                                                                                        max_length=4096)
     "Each model's digest as the node's Ollama lists it: audits re-run a job on a node with the same one."
+    disk_free: Optional[Annotated[int, Field(ge=0)]] = None
+    "Bytes free where the node's Ollama keeps its models (``OLLAMA_MODELS``): where a pull can go."
     address: Optional[Address] = None
     "The node's key (``node_key_file``); with ``signed_at`` and ``signature``, the report is signed."
     signed_at: Optional[float] = None
@@ -209,6 +211,11 @@ class NodeInfo(BaseModel):
     "Its receipts this operator disputed."
     quarantined: bool = False
     "Its reputation fell under ``quarantine_below``: it gets no jobs."
+    disk_free: Optional[int] = None
+    "Bytes free where its Ollama keeps models, as the node says (where a pull can go)."
+    other_builds: list[str] = Field(default_factory=list)
+    """Its models that another node lists under the same name with another digest (another build or
+    quantisation): a job's resume or audit never mixes them."""
 
 
 class NodesResponse(BaseModel):

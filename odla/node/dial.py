@@ -195,7 +195,8 @@ class Dialer:
         node, cap = self.node, self.node.capacity
         return frame(node_id=node.state.node_id, models=node.state.models, healthy=node.state.healthy,
                      slots=cap.slots, loaded=cap.loaded, tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
-                     error=node.state.ollama_error, digests=node.state.digests, **fields).model_dump_json(exclude_none=True)
+                     error=node.state.ollama_error, digests=node.state.digests, disk_free=node.state.disk_free,
+                     **fields).model_dump_json(exclude_none=True)
 
     async def statuses(self, ws: ClientConnection) -> None:
         """A ``status`` every ``heartbeat_interval``, and soon after a job ends (the node's report)."""

@@ -17,7 +17,7 @@ import logging
 from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from odla.core.errors import NoNodeError, ODLAError
 from odla.serving.errors import shape_for
@@ -27,6 +27,8 @@ from odla.operator.registry import Node, Registry
 from odla.serving.jobs import JOB_PATHS, Job
 from odla.operator.audits import seeded
 from odla.operator.relay import Router
+from odla.operator.models import NODES_HEADER, REPLICAS_HEADER, Pull, Signer, fan_out, named_of, targets, wanted_of
+from odla.proofs.reports import signed_request
 from odla.operator.resume import Plan, Resumed
 from odla.core.protocol import JOB_HEADER
 from odla.serving.responses import LineStream, Opened, Tell
@@ -37,15 +39,16 @@ ROUTED = tuple(sorted(JOB_PATHS - {"/inference"}))
 ASKED = ("/api/show",)
 "Requests that name a model but run nothing: to a node that has it, without a slot (not jobs)."
 LISTINGS = {"/api/tags": "models", "/api/ps": "models", "/v1/models": "data"}
-MANAGED = {"/api/pull": ["POST"], "/api/push": ["POST"], "/api/create": ["POST"], "/api/delete": ["DELETE"],
-           "/api/copy": ["POST"]}
-"Ollama's model management, answered 501 for now."
+UNMANAGED = {"/api/push": "push", "/api/create": "create"}
+"Ollama's model management that stays on each node's machine (answered 501)."
 
 
-def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any]) -> APIRouter:
+def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any], admin_auth: Sequence[Any] = (),
+                 default_replicas: int = 1) -> APIRouter:
     """The doors' routes; ``auth`` (the operator's client auth) guards all but ``/`` and
     ``/api/version``, which Ollama clients ask first, before any credentials; ``job_auth``
-    also opens a job's record, for the routes that run a model."""
+    also opens a job's record, for the routes that run a model; ``admin_auth`` guards the routes
+    that change the nodes' models (``odla.operator.models``)."""
     api = APIRouter(tags=["Ollama and OpenAI doors"])
     ask = AskAll(registry)
 
@@ -91,11 +94,13 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         api.add_api_route(path, asked, methods=["POST"], response_class=LineStream, dependencies=auth)
 
     async def listing(request: Request) -> JSONResponse:
-        """Every healthy node's listing, one entry per model."""
+        """Every healthy node's listing, one entry per model; on ``/api/tags`` with the nodes that have
+        it and, when they list it under different digests (builds), each digest's nodes."""
         path = request.url.path
-        key, seen, merged = LISTINGS[path], set(), []
+        key, merged = LISTINGS[path], {}
+        where: dict[str, dict[str, list[str]]] = {}  # name -> digest -> node ids
         prices = request.app.state.prices if path != "/api/ps" else None  # a model's cost, beside what Ollama says
-        for answer in await ask(request.app.state.router, path):
+        for node_id, answer in await ask(request.app.state.router, path):
             entries = answer.get(key)
             if not isinstance(entries, list):  # one node's odd answer must not break everyone's listing
                 continue
@@ -103,36 +108,126 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
                 name = (entry.get("name") or entry.get("id") or entry.get("model")) if isinstance(entry, dict) else None
                 if not isinstance(name, str):
                     continue
-                if name not in seen:
-                    seen.add(name)
+                if name not in merged:
                     price = prices.row(name) if prices else None
-                    merged.append({**entry, "price": price} if price is not None else entry)
-        return JSONResponse({"object": "list", "data": merged} if key == "data" else {"models": merged})
+                    merged[name] = {**entry, "price": price} if price is not None else entry
+                where.setdefault(name, {}).setdefault(str(entry.get("digest", "")), []).append(node_id)
+        if path == "/api/tags":
+            for name, entry in merged.items():
+                merged[name] = entry = {**entry, "nodes": sorted(n for ids in where[name].values() for n in ids)}
+                if len(where[name]) > 1:  # one name, several builds: jobs never mix them (odla.operator.resume)
+                    entry["digests"] = {digest: sorted(ids) for digest, ids in where[name].items()}
+        rows = list(merged.values())
+        return JSONResponse({"object": "list", "data": rows} if key == "data" else {"models": rows})
 
     for path in LISTINGS:
         api.add_api_route(path, listing, methods=["GET"], dependencies=auth)
 
-    async def managed(request: Request) -> None:
-        """Ollama's model management: not through the operator yet, so a clear 501, not a 404 that
-        would look like the wrong address."""
-        verb = {"/api/pull": "pull", "/api/push": "push", "/api/create": "create", "/api/delete": "rm",
-                "/api/copy": "cp"}[request.url.path]
-        raise ODLAError(f"the operator does not manage models yet: run 'ollama {verb} ...' on each node's "
-                        "machine (the node lists its models on its next heartbeat)", 501)
+    async def unmanaged(request: Request) -> None:
+        """Pushing and creating models stay on each node's machine: a clear 501, not a 404 that would
+        look like the wrong address."""
+        raise ODLAError(f"the operator does not {UNMANAGED[request.url.path]} models: run 'ollama "
+                        f"{UNMANAGED[request.url.path]} ...' on a node's machine", 501)
 
-    for path, methods in MANAGED.items():
-        api.add_api_route(path, managed, methods=methods, dependencies=auth, include_in_schema=False)
+    for path in UNMANAGED:
+        api.add_api_route(path, unmanaged, methods=["POST"], dependencies=auth, include_in_schema=False)
+
+    @api.post("/api/pull", response_class=LineStream, dependencies=admin_auth, summary="Pull a model onto nodes")
+    async def pull(request: Request) -> Response:
+        """Ollama's pull, onto ``X-ODLA-Replicas`` nodes (``default_replicas``; ``all``) or the ones
+        ``X-ODLA-Nodes`` names: Ollama's progress lines, every node's bytes added up."""
+        body = _object(await request.body())
+        model = body.get("model") or body.get("name")
+        if not isinstance(model, str) or not model:
+            raise ODLAError("model is required", 400)
+        router: Router = request.app.state.router
+        wanted = wanted_of(request.headers.get(REPLICAS_HEADER), default_replicas)
+        nodes, spare, count = targets(registry, model, wanted, named_of(request.headers.get(NODES_HEADER)))
+        log.info("pulling %s onto %s", model, ", ".join(n.node_id for n in nodes))
+        lines = Pull(router, model, bool(body.get("insecure")), nodes, spare, count, _signer(request)).lines()
+        if body.get("stream") is not False:
+            return LineStream(lines, headers={"x-odla-nodes": ",".join(n.node_id for n in nodes)})
+        last = b""
+        async for last in lines:
+            pass
+        answer = json.loads(last)
+        if "error" in answer:
+            raise ODLAError(answer["error"], 500)
+        return JSONResponse(answer)
+
+    @api.delete("/api/delete", dependencies=admin_auth, summary="Remove a model from nodes")
+    async def delete(request: Request) -> PlainTextResponse:
+        """Ollama's delete, on every node that has the model (or the ones ``X-ODLA-Nodes`` names)."""
+        body = _object(await request.body())
+        model = body.get("model") or body.get("name")
+        if not isinstance(model, str) or not model:
+            raise ODLAError("model is required", 400)
+        nodes = _having(registry, model, request)
+        if not nodes:
+            raise ODLAError(f"model '{model}' not found", 404)
+        return _outcome(await fan_out(request.app.state.router, nodes, "DELETE", "/api/delete",
+                                      json.dumps({"model": model}).encode(), _signer(request), removed=[model]),
+                        "removed from")
+
+    @api.post("/api/copy", dependencies=admin_auth, summary="Copy a model on nodes")
+    async def copy(request: Request) -> PlainTextResponse:
+        """Ollama's copy, on every node that has the source (or the ones ``X-ODLA-Nodes`` names)."""
+        body = _object(await request.body())
+        source, destination = body.get("source"), body.get("destination")
+        if not isinstance(source, str) or not source or not isinstance(destination, str) or not destination:
+            raise ODLAError("source and destination are required", 400)
+        nodes = _having(registry, source, request)
+        if not nodes:
+            raise ODLAError(f"model {json.dumps(source)} not found", 404)
+        return _outcome(await fan_out(request.app.state.router, nodes, "POST", "/api/copy",
+                                      json.dumps({"source": source, "destination": destination}).encode(),
+                                      _signer(request), added=[destination]), "copied on")
 
     @api.get("/api/version")
     async def version(request: Request) -> dict:
         """The lowest Ollama version among the healthy nodes: what every node can do."""
         answers = await ask(request.app.state.router, "/api/version")
-        versions = [a["version"] for a in answers if isinstance(a.get("version"), str)]
+        versions = [a["version"] for _, a in answers if isinstance(a.get("version"), str)]
         if not versions:
             raise ODLAError("no healthy node", 503)
         return {"version": min(versions, key=_version_key)}
 
     return api
+
+
+def _object(body: bytes) -> dict:
+    try:
+        data = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        raise ODLAError("invalid JSON in the request body", 400) from None
+    if not isinstance(data, dict):
+        raise ODLAError("the request body must be a JSON object", 400)
+    return data
+
+
+def _signer(request: Request) -> Signer:
+    """Signs requests to nodes with this operator's key: a node manages its models only for its operator."""
+    identity = request.app.state.countersigner.identity
+    return lambda method, path, body: signed_request(identity, method, path, body)
+
+
+def _having(registry: Registry, model: str, request: Request) -> list[Node]:
+    """The healthy nodes that have ``model``, or those ``X-ODLA-Nodes`` names that have it."""
+    key, named = model_key(model), set(named_of(request.headers.get(NODES_HEADER)))
+    return [n for n in registry.nodes() if n.healthy and key in n.keys and (not named or n.node_id in named)]
+
+
+def _outcome(answers: dict[str, tuple[int, str]], done: str) -> PlainTextResponse:
+    """One answer for a request every node answered: Ollama's empty 200 when all did it."""
+    failed = {node_id: a for node_id, a in answers.items() if a[0] != 200}
+    if not failed:
+        return PlainTextResponse("")
+    if len(failed) == len(answers) and len({a for a in failed.values()}) == 1:
+        status, message = next(iter(failed.values()))
+        raise ODLAError(message, status)
+    ok = [node_id for node_id in answers if node_id not in failed]
+    reasons = "; ".join(f"{node_id}: {message}" for node_id, (_, message) in failed.items())
+    raise ODLAError(f"{done} {', '.join(ok) or 'no node'}; not on {reasons}", 502)
 
 
 async def _open(router: Router, model: str, path: str, body: bytes, job: Job, limit: Optional[int],
@@ -161,22 +256,24 @@ class AskAll:
         self.registry = registry
         self.pending: dict[str, asyncio.Future] = {}
 
-    async def __call__(self, router: Router, path: str) -> list[dict]:
+    async def __call__(self, router: Router, path: str) -> list[tuple[str, dict]]:
         future = self.pending.get(path)
         if future is None:
             future = self.pending[path] = asyncio.ensure_future(self._gather(router, path))
             future.add_done_callback(lambda _: self.pending.pop(path, None))
         return await asyncio.shield(future)
 
-    async def _gather(self, router: Router, path: str) -> list[dict]:
+    async def _gather(self, router: Router, path: str) -> list[tuple[str, dict]]:
+        """(node id, its answer) for every healthy node that gave one."""
         room = asyncio.Semaphore(self.AT_ONCE)
 
         async def one(node: Node) -> Optional[dict]:
             async with room:
                 return await _ask(router, node, path)
 
-        answers = await asyncio.gather(*(one(n) for n in self.registry.nodes() if n.healthy))
-        return [a for a in answers if isinstance(a, dict)]
+        nodes = [n for n in self.registry.nodes() if n.healthy]
+        answers = await asyncio.gather(*(one(n) for n in nodes))
+        return [(n.node_id, a) for n, a in zip(nodes, answers) if isinstance(a, dict)]
 
 
 async def _ask(router: Router, node: Node, path: str) -> Optional[dict]:

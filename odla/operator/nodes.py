@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+from typing import Mapping, Optional
 
 import aiohttp
 
@@ -65,7 +65,8 @@ class NodeClient:
     async def aclose(self) -> None:
         await self.session.close()
 
-    async def send(self, node: Node, method: str, path: str, body: bytes = b"", job_id: str = "") -> ClientResponse:
+    async def send(self, node: Node, method: str, path: str, body: bytes = b"", job_id: str = "",
+                   signed: Optional[Mapping[str, str]] = None) -> ClientResponse:
         """Send a request and return the response once its headers are in; see "Silent or slow?".
         A node that dialled in gets it down its link (``odla.operator.link``), watched the same way (its
         health is its link's last status, which says whether its Ollama answers).
@@ -74,13 +75,15 @@ class NodeClient:
         the rest of the operator's work on a short answer): a timer starts a watch only if
         the node is still silent after ``grace``, and the watch cancels the wait if the node
         fails its health check, or is still silent at ``start_timeout`` (checked each ``grace``).
+        ``signed``: this operator's signature of the request (``odla.proofs.reports.signed_request``),
+        for what a node takes only from its operator; a link is its operator's already.
         """
         watch = _Watch(self, node, asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(self.grace, watch.start)
         try:
             if node.dialled:
                 return await _on_link(node, method, path, body, job_id)
-            return await self._request(node, method, path, body, job_id)
+            return await self._request(node, method, path, body, job_id, signed)
         except asyncio.CancelledError:
             if not watch.abandoned:
                 raise
@@ -96,8 +99,9 @@ class NodeClient:
         """The node's credential: its own token (``node_tokens``), else the join token."""
         return join_headers(token_for(self.settings, node.node_id))
 
-    async def _request(self, node: Node, method: str, path: str, body: bytes, job_id: str = "") -> ClientResponse:
-        headers = self._headers(node)
+    async def _request(self, node: Node, method: str, path: str, body: bytes, job_id: str = "",
+                       signed: Optional[Mapping[str, str]] = None) -> ClientResponse:
+        headers = {**self._headers(node), **(signed or {})}
         if body:
             headers["Content-Type"] = "application/json"
         if job_id:

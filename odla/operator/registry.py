@@ -91,6 +91,8 @@ class Node:
     "Its reputation fell under ``quarantine_below``: it gets no jobs."
     digests: dict[str, str] = field(default_factory=dict)
     "Model key -> the digest the node's Ollama lists for it, as the node reports it."
+    disk_free: Optional[int] = None
+    "Bytes free where its Ollama keeps models, as the node reports it (None: it does not say)."
     standing: Any = None
     "What audits and receipts found of it (``odla.operator.audits.Standing``); None: nothing yet."
     prompt_s: dict[str, float] = field(default_factory=dict)
@@ -197,9 +199,10 @@ class Node:
         if self.on_speed is not None:
             self.on_speed(self, key)
 
-    def info(self, now: float, active_jobs: Optional[int] = None) -> NodeInfo:
+    def info(self, now: float, active_jobs: Optional[int] = None, builds: Mapping[str, set[str]] = {}) -> NodeInfo:
         """What ``/nodes`` says of the node (``active_jobs``: counted across operators, when they share);
-        ``now`` is the registry's clock, whose times are shown as wall-clock times."""
+        ``now`` is the registry's clock, whose times are shown as wall-clock times; ``builds``: each
+        model key's digests across the nodes (``Registry.builds``)."""
         speeds = list(self.tokens_per_s.values())
         wall = time.time() - now  # the registry's clock to the wall's
         return NodeInfo(
@@ -222,6 +225,8 @@ class Node:
             {"passed": 0, "failed": 0},
             disputed=self.standing.disputed if self.standing else 0,
             quarantined=self.quarantined,
+            disk_free=self.disk_free,
+            other_builds=[display_name(k) for k in sorted(self.keys) if len(builds.get(k, ())) > 1],
         )
 
 
@@ -256,10 +261,18 @@ class Registry:
     def nodes(self) -> list[Node]:
         return list(self._nodes.values())
 
+    def builds(self) -> dict[str, set[str]]:
+        """Each model key's digests, across the nodes that report one."""
+        out: dict[str, set[str]] = {}
+        for node in self._nodes.values():
+            for key, digest in node.digests.items():
+                out.setdefault(key, set()).add(digest)
+        return out
+
     def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
                  slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
                  tokens_per_s: Optional[Mapping[str, float]] = None, slots_learned: bool = False,
-                 digests: Optional[Mapping[str, str]] = None) -> Node:
+                 digests: Optional[Mapping[str, str]] = None, disk_free: Optional[int] = None) -> Node:
         """Add a node, or update the one with this id (never a second row)."""
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
@@ -280,6 +293,7 @@ class Registry:
         node.tokens_per_s = {model_key(m): v for m, v in (tokens_per_s or {}).items()}
         node.slots_learned = slots_learned
         node.digests = {model_key(m): d for m, d in (digests or {}).items()}
+        node.disk_free = disk_free
         return node
 
     def set_models(self, node: Node, models: list[str]) -> None:

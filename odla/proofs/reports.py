@@ -9,13 +9,19 @@ is the ``address`` the report names and that ``signed_at`` is fresh.
 
     raw = signed(body_json_bytes, me)        # the node
     who = signer(raw, address, signed_at)    # the operator: the address, None when unsigned
+
+A request that only a node's operator may make (managing its models) is signed the other way: the
+operator signs its method, path, time and body, in two headers; the node recovers the signer.
+
+    headers = signed_request(me, "POST", "/ollama/api/pull", body)        # the operator
+    who = request_signer(headers, "POST", "/ollama/api/pull", body)       # the node
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from odla.proofs.identity import BadSignature, Identity, keccak, recover
 
@@ -56,3 +62,35 @@ def signer(raw: bytes, address: Optional[str], signed_at: Optional[float],
     if who.lower() != address.lower():
         raise BadSignature(f"signed by {who}, not by the address it names ({address})")
     return who
+
+
+SIGNED_AT, SIGNATURE = "x-odla-signed-at", "x-odla-signature"
+
+
+def request_digest(method: str, path: str, signed_at: str, body: bytes) -> bytes:
+    return personal_digest(f"{method.upper()} {path} {signed_at}\n".encode() + body)
+
+
+def signed_request(me: Identity, method: str, path: str, body: bytes, clock: Callable[[], float] = time.time
+                   ) -> dict[str, str]:
+    """The headers that sign a request as ``me``'s."""
+    at = f"{clock():.3f}"
+    return {SIGNED_AT: at, SIGNATURE: "0x" + me.sign(request_digest(method, path, at, body)).hex()}
+
+
+def request_signer(headers: Mapping[str, str], method: str, path: str, body: bytes,
+                   clock: Callable[[], float] = time.time) -> Optional[str]:
+    """Who signed the request (an address), None when it is not signed; ``BadSignature`` says why
+    a signature does not hold (a wrong one, or one older than ``FRESH_S``)."""
+    at, signature = headers.get(SIGNED_AT), headers.get(SIGNATURE)
+    if not at or not signature:
+        return None
+    try:
+        when = float(at)
+    except ValueError:
+        raise BadSignature("x-odla-signed-at is Unix seconds") from None
+    if abs(clock() - when) > FRESH_S:
+        raise BadSignature(f"the request was signed {clock() - when:+.0f} s from this node's clock")
+    if not re.fullmatch(r"0x[0-9a-fA-F]{130}", signature):
+        raise BadSignature("a signature is 0x and 130 hex digits")
+    return recover(request_digest(method, path, at, body), bytes.fromhex(signature[2:]))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping, O
 
 from starlette.requests import Request
 
-from odla.core.errors import AuthError
+from odla.core.errors import AuthError, ODLAError
 from odla.core.logs import Throttle
 
 if TYPE_CHECKING:
@@ -82,6 +82,15 @@ class Callers:
         async def client_auth(request: Request) -> None:
             self(request.headers)
         return client_auth
+
+    def admin_dependency(self) -> Callable[[Request], Awaitable[None]]:
+        """A FastAPI dependency that lets through only those who may change the network (pull or remove
+        models on the nodes): an admin key; anyone on an operator without ``api_keys``."""
+        async def admin_auth(request: Request) -> None:
+            self(request.headers)
+            if self.api_keys and not matches(bearer(request.headers), self.admin_keys):
+                raise ODLAError("managing the network's models needs an admin key (admin_keys)", 403)
+        return admin_auth
 
 
 def join_headers(token: Optional[str]) -> dict[str, str]:

@@ -261,8 +261,8 @@ def test_list_ps_and_show(sim, operator, node):
     listed = cli("list", "--operator", op.url)
     assert listed.exit_code == 0
     rows = [line.split() for line in listed.stdout.splitlines()]
-    assert rows[0] == ["NAME", "NODES", "LOADED", "ON"] and ["llama3:latest", "2"] == rows[1][:2]
-    assert ["mistral:latest", "2", "0"] == rows[2]
+    assert rows[0] == ["NAME", "NODES", "LOADED", "ON", "WHERE"] and ["llama3:latest", "2"] == rows[1][:2]
+    assert ["mistral:latest", "2", "0", "n1,n2"] == rows[2]
     wait_for(lambda: "llama3:latest" in cli("ps", "--operator", op.url).stdout)  # after the node's next report
     ps = cli("ps", "--operator", op.url, "--json")
     assert {m["name"] for m in json.loads(ps.stdout)["models"]} == {"llama3:latest"}

@@ -66,11 +66,24 @@ def _timed(args: list[str]) -> float:
     return time.perf_counter() - began
 
 
-def test_pull_and_rm_are_commands_that_say_what_the_operator_answers(network):
-    for args in (["pull", "llama3"], ["rm", "llama3"]):
+def test_pull_cp_and_rm_manage_the_network_s_models_as_ollama_s_commands_do(network):
+    pulled = cli("pull", "tinyllama", "--operator", network.url)
+    assert pulled.exit_code == 0, pulled.output
+    said = pulled.stderr.splitlines()
+    assert said[0] == "pulling manifest" and said[-1] == "success" and "verifying sha256 digest" in said
+    assert any(line.startswith("pulling ") and "100% ▕" in line and "/637.7 MB" in line for line in said), said
+    listed = cli("list", "--operator", network.url)
+    assert "tinyllama:latest" in listed.stdout
+    copied = cli("cp", "tinyllama", "tiny", "--operator", network.url)
+    assert copied.exit_code == 0 and copied.stdout.strip() == "copied 'tinyllama' to 'tiny'"
+    for name in ("tinyllama", "tiny"):
+        removed = cli("rm", name, "--operator", network.url)
+        assert removed.exit_code == 0 and removed.stdout.strip() == f"deleted '{name}'"
+    for args in (["pull", "llama9"], ["rm", "llama9"]):  # what Ollama says, on a line of its own
         result = cli(*args, "--operator", network.url)
-        assert result.exit_code == 1 and "does not manage models yet" in result.stderr, result.output
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()[-1:]) == 1, result.output
+    assert "pull model manifest: file does not exist" in cli("pull", "llama9", "--operator", network.url).stderr
+    assert "model 'llama9' not found" in cli("rm", "llama9", "--operator", network.url).stderr
 
 
 def test_show_separates_names_from_values_and_jobs_says_what_tokens_are(network):

@@ -8,6 +8,8 @@ import pytest
 
 import node as node_agent
 from odla.node.ollama_clients import ollama_base_url
+from odla.proofs.identity import Identity
+from odla.proofs.reports import signed_request
 from sim.ollama_sim import BUSY_MESSAGE, sim_tokens
 from tests.helpers import ServerThread, Sim, bound_socket, node_ids, read_stream, settings, wait_for
 
@@ -207,11 +209,16 @@ def test_something_that_is_not_ollama_is_reported_not_fatal(operator, node, star
 
 @pytest.mark.parametrize("method, path", [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/create"),
                                           ("POST", "/api/copy"), ("POST", "/api/push")])
-def test_the_ollama_relay_never_changes_the_machine(sim, node, method, path):
+def test_the_ollama_relay_never_changes_the_machine_for_anyone_but_its_operator(sim, node, method, path):
+    """Creating and pushing never; pulling, removing and copying only for an operator the node reports
+    to (its signature; tests/operator/test_models.py), never for anyone else who reaches its port."""
     n = node(OPERATOR_GONE, sim.url)
-    resp = httpx.request(method, f"{n.url}/ollama{path}", json={"model": "llama3"})
-    assert resp.status_code in (404, 405)
-    assert sim.stats()["requests"] == 0
+    body = json.dumps({"model": "llama3"}).encode()
+    stranger = Identity(b"\x07" * 32)
+    for headers in ({}, signed_request(stranger, method, "/ollama" + path, body)):
+        resp = httpx.request(method, f"{n.url}/ollama{path}", content=body, headers=headers)
+        assert resp.status_code in (403, 404, 405), resp.text
+    assert sim.stats()["requests"] == 0 and sim.stats()["pulls"] == 0
 
 
 def test_the_ollama_relay_passes_inference_through(sim, node):

@@ -162,3 +162,28 @@ def test_fail_error_and_stall_after_cut_a_stream_after_k_tokens():
             with pytest.raises(httpx.ReadTimeout):  # then nothing, until the client leaves
                 next(events)
         wait_for(lambda: sim.stats()["stalled"] == 1 and sim.stats()["active"] == 0)
+
+
+def test_pulls_stream_ollama_s_progress_fill_the_disk_and_stop_when_the_client_leaves():
+    with Sim(models=["llama3"], pull_rate=2e10, disk=10_000_000_000) as sim:
+        lines = [json.loads(line) for line in httpx.post(f"{sim.url}/api/pull", json={"model": "mistral"},
+                                                         timeout=10).text.splitlines()]
+        assert lines[0] == {"status": "pulling manifest"} and lines[-3:] == [
+            {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        layers = {line["digest"]: line for line in lines if "digest" in line}
+        assert len(layers) == 3 and all(line["completed"] == line["total"] for line in layers.values())
+        assert all(line["status"] == f"pulling {digest[7:19]}" for digest, line in layers.items())
+        assert "mistral:latest" in [m["name"] for m in httpx.get(f"{sim.url}/api/tags").json()["models"]]
+        full = httpx.post(f"{sim.url}/api/pull", json={"model": "phi3"}, timeout=10).text.splitlines()
+        assert "no space left on device" in json.loads(full[-1])["error"]  # 4.7 + 4.1 + 2.2 GB > 10 GB
+        assert httpx.post(f"{sim.url}/api/pull", json={"model": "llama9", "stream": False}).json() == {
+            "error": "pull model manifest: file does not exist"}
+        sim.configure(pull_rate=1e6)
+        with httpx.stream("POST", f"{sim.url}/api/pull", json={"model": "tinyllama"}, timeout=10) as resp:
+            next(resp.iter_lines())  # the client leaves mid-pull
+        wait_for(lambda: sim.stats()["pulls_cut"] == 1)
+        assert "tinyllama:latest" not in [m["name"] for m in httpx.get(f"{sim.url}/api/tags").json()["models"]]
+        assert httpx.post(f"{sim.url}/api/copy", json={"source": "mistral", "destination": "m2"}).status_code == 200
+        assert httpx.request("DELETE", f"{sim.url}/api/delete", json={"model": "m2"}).status_code == 200
+        assert httpx.request("DELETE", f"{sim.url}/api/delete", json={"model": "m2"}).json() == {
+            "error": "model 'm2' not found"}
