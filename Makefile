@@ -44,8 +44,13 @@ contracts/node_modules/.installed: contracts/package-lock.json
 contracts: contracts/node_modules/.installed
 	cd contracts && node compile.mjs
 
+# Ollama's JavaScript library (tests/js/package-lock.json): its clients must work pointed at the operator.
+tests/js/node_modules/.installed: tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 # Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
-test: $(VENV)/.dev test-tools contracts/node_modules/.installed
+test: $(VENV)/.dev test-tools contracts/node_modules/.installed tests/js/node_modules/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 -m "not solo"
 	$(PY) -m pytest -m solo

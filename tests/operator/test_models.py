@@ -1,12 +1,15 @@
 """Managing models through the operator: pull onto some nodes with Ollama's progress, remove, copy, builds."""
 
 import json
+import os
+import shutil
+import subprocess
 
 import httpx
 import ollama
 import pytest
 
-from tests.helpers import Sim, node_ids, wait_for
+from tests.helpers import ROOT, Sim, node_ids, wait_for
 
 MISTRAL = 4113301824
 
@@ -49,6 +52,25 @@ def test_a_pull_goes_to_its_replicas_with_ollama_s_progress_and_jobs_for_it_foll
     assert again.json() == {"status": "success"} and tags(op)["mistral:latest"]["nodes"] == having  # updated in place
     everywhere = httpx.post(f"{op.url}/api/pull", json={"model": "phi3"}, headers={"X-ODLA-Replicas": "all"})
     assert everywhere.text.splitlines()[-1] == '{"status":"success"}' and len(tags(op)["phi3:latest"]["nodes"]) == 5
+
+
+def test_ollama_js_pulls_through_the_operator_as_from_one_ollama(five):
+    """ollama-js (npm ``ollama``, which make test installs in tests/js): its pull's progress reaches
+    100 %, and the model is on exactly the nodes asked for."""
+    js = ROOT / "tests" / "js"
+    if shutil.which("node") is None or not (js / "node_modules" / "ollama").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("ollama-js is missing in CI: make test installs it (tests/js)")
+        pytest.skip("ollama-js not installed: make test installs it (cd tests/js && npm ci)")
+    start, _ = five
+    op = start()
+    done = subprocess.run(["node", "pull.mjs", op.url, "gemma2", "3"], cwd=js, capture_output=True, text=True,
+                          timeout=60)
+    parts = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and parts[-1] == {"status": "success"}, done.stdout + done.stderr
+    layers = {p["digest"]: p for p in parts if p.get("digest")}
+    assert layers and all(p["completed"] == p["total"] for p in layers.values())
+    assert len(tags(op)["gemma2:latest"]["nodes"]) == 3
 
 
 def test_where_a_pull_goes_can_be_named_and_a_bad_one_is_refused_clearly(five):
