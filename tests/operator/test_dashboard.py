@@ -116,3 +116,18 @@ def test_a_new_operator_with_no_node_or_job_shows_its_empty_tables(operator, bro
     expect(page.locator("#nodes tbody")).to_contain_text("No node has joined yet")
     expect(page.locator("#jobs tbody")).to_contain_text("No job yet")
     assert errors == []
+
+
+def test_a_model_two_nodes_list_under_different_builds_is_flagged(operator, node, browser):
+    from playwright.sync_api import expect
+
+    from tests.helpers import Sim
+
+    with Sim(models=["llama3"]) as a, Sim(models=["llama3"], build="q8_0") as b:
+        op = operator()
+        node(op.url, a.url, "a")
+        node(op.url, b.url, "b")
+        wait_for(lambda: node_ids(op.url) == {"a", "b"})
+        page = browser.new_page()
+        page.goto(f"{op.url}/dashboard")
+        expect(page.locator("#nodes tbody")).to_contain_text("another build elsewhere: llama3:latest")

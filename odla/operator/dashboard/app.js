@@ -55,10 +55,12 @@ function drawNodes(nodes) {
   const rows = nodes.map((n) => {
     const health = n.resting_until ? ["resting", "warn"] : n.healthy ? ["healthy", "ok"] : ["unhealthy", "bad"];
     const slots = Object.entries(n.slots || {}).map(([m, s]) => m + " ×" + s).join(", ");
+    const builds = (n.other_builds || []).length ? " · another build elsewhere: " + n.other_builds.join(", ") : "";
     const key = el("td", n.address ? n.address.slice(0, 6) + "…" + n.address.slice(-4) : "unsigned", "mono");
     if (n.address) key.title = n.address;
     return [el("td", n.node_id, "mono"), key, el("td", health[0], health[1]), el("td", n.active_jobs, "num"),
-            el("td", slots || "1 each", "wrap"), el("td", (n.loaded || []).join(", ") || "none", "wrap"),
+            el("td", (slots || "1 each") + builds, builds ? "wrap warn" : "wrap"),
+            el("td", (n.loaded || []).join(", ") || "none", "wrap"),
             el("td", n.tokens_per_s == null ? "" : n.tokens_per_s.toFixed(1), "num"), el("td", n.jobs_total, "num"),
             el("td", n.reputation.toFixed(2) + (n.quarantined ? " quarantined" : ""), n.quarantined ? "bad" : "num"),
             ago(n.last_seen)];
