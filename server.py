@@ -198,6 +198,11 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
             router.resume, router.resume_attempts = settings.resume, settings.resume_attempts
             router.stall_timeout = settings.stall_timeout
             auditor = app.state.auditor = network.auditor = Auditor(settings, registry, router, receipts)
+            if shared is not None:  # what each operator's audits find of a node, every operator judges it on
+                # (operators may share a key file: each is its key, machine and port)
+                shared.address = f"{identity.address}/{socket.gethostname()}:{settings.operator_port}"
+                shared.on_standings = auditor.shared
+                auditor.on_stand = shared.share_standing
             await auditor.open()
             app.state.countersigner.auditor = auditor
             auditor.on_quarantine = lambda node: receipts.dispute_open(node.node_id, "the node is quarantined")

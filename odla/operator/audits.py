@@ -162,6 +162,11 @@ class Auditor:
         self.store = store
         "Where what was found of each node is kept (``Receipts.stand``): a restart forgets no cheat."
         self.standing: dict[str, Standing] = {}
+        "What this operator found of each node."
+        self.others: dict[str, Standing] = {}
+        "What the other operators on one Redis found of each node, summed (``odla.operator.cluster``)."
+        self.on_stand: Callable[[str, int, int, int], None] = lambda node_id, passed, failed, disputed: None
+        "Hears what this operator found of a node each time it changes (the cluster shares it)."
         self.running: set[asyncio.Task] = set()
         self.on_quarantine: Callable[[Node], None] = lambda node: None
         "Called when a node falls under quarantine_below (its receipts from the open epoch on are disputed)."
@@ -176,6 +181,26 @@ class Auditor:
     async def open(self) -> None:
         if self.store is not None:
             self.standing = {node_id: Standing(*found) for node_id, found in (await self.store.standings_kept()).items()}
+            for node_id, found in self.standing.items():  # the cluster hears it again after a restart
+                self.on_stand(node_id, found.passed, found.failed, found.disputed)
+
+    def shared(self, others: dict[str, tuple[int, int, int]]) -> None:
+        """What the other operators found of each node: a node is judged on all of it."""
+        others_now = {node_id: Standing(*found) for node_id, found in others.items()}
+        changed = {node_id for node_id in others_now.keys() | self.others.keys()
+                   if others_now.get(node_id) != self.others.get(node_id)}
+        self.others = others_now
+        for node_id in changed:
+            node = self.registry.get(node_id)
+            if node is not None:
+                self._judge(node)
+
+    def combined(self, node_id: str) -> Standing:
+        """What every operator found of the node."""
+        own, other = self.of(node_id), self.others.get(node_id)
+        if other is None:
+            return own
+        return Standing(own.passed + other.passed, own.failed + other.failed, own.disputed + other.disputed)
 
     # --- per job, on the event loop: no I/O ------------------------------------------------------
 
@@ -345,7 +370,7 @@ class Auditor:
 
     def restore(self, node: Node) -> None:
         """A node (re)joined: what was found of its id before still holds."""
-        if node.node_id in self.standing:
+        if node.node_id in self.standing or node.node_id in self.others:
             self._judge(node)
 
     def _failed(self, node_id: str, job: Job, why: str) -> None:
@@ -358,12 +383,13 @@ class Auditor:
             self._judge(node)
 
     def _keep(self, node_id: str) -> None:
+        found = self.standing[node_id]
         if self.store is not None:
-            found = self.standing[node_id]
             self.store.stand(node_id, found.passed, found.failed, found.disputed)
+        self.on_stand(node_id, found.passed, found.failed, found.disputed)
 
     def _judge(self, node: Node) -> None:
-        standing = node.standing = self.of(node.node_id)
+        standing = node.standing = self.combined(node.node_id)
         node.rate()
         if not node.quarantined and node.reputation < self.quarantine_below:
             node.quarantined = True

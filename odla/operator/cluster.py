@@ -98,6 +98,8 @@ JOBS = "odla:jobs"
 "Job id -> when it started: the index of the receipts kept in ``odla:job:<id>``."
 RESTS = "odla:rests"
 "Node id -> when its rest ends (epoch seconds): a node that failed jobs in a row rests on every operator."
+STANDINGS = "odla:standings"
+"'<node id> <operator>' -> 'passed failed disputed': what each operator's audits and receipts found."
 
 
 @dataclass(eq=False)
@@ -143,6 +145,13 @@ class SharedState:
         self.heard: dict[str, str] = {}  # node id -> the last shared health result taken
         self.on_unreachable: Callable[[str], int] = lambda node_id: 0
         "Cut a node's streams here when another operator found it not answering (the router's abort)."
+        self.address = self.me
+        """This operator as its lifespan names it (its key, machine and port): the name of what it found of
+        each node, the same across its restarts."""
+        self.found: dict[str, tuple[int, int, int]] = {}
+        "What this operator found of nodes (audits passed, failed, receipts disputed) since it last told Redis."
+        self.on_standings: Callable[[dict[str, tuple[int, int, int]]], None] = lambda others: None
+        "Hears what the other operators found of each node, summed (``Auditor.shared``)."
 
     @property
     def ok(self) -> bool:
@@ -279,6 +288,40 @@ class SharedState:
                 await self.redis.srem(NODES, *gone)
         if changed:
             self.on_change(grown=True)
+
+    # --- what audits and receipts found of each node: every operator's, summed ---------------------
+
+    def share_standing(self, node_id: str, passed: int, failed: int, disputed: int) -> None:
+        """What this operator found of a node: written with the next sync."""
+        self.found[node_id] = (passed, failed, disputed)
+
+    async def sync_standings(self) -> None:
+        """Tell Redis what this operator found of nodes, and take what the others found (one hash,
+        ``odla:standings``: a field per node and operator), so that a cheat caught by one operator
+        is judged so by all."""
+        found = dict(self.found)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if found:
+                pipe.hset(STANDINGS, mapping={f"{node_id} {self.address}": " ".join(map(str, counts))
+                                              for node_id, counts in found.items()})
+            pipe.hgetall(STANDINGS)
+            async with deadline(PATIENCE_S):
+                answers = await pipe.execute()
+        for node_id, counts in found.items():
+            if self.found.get(node_id) == counts:  # (unless it changed meanwhile)
+                del self.found[node_id]
+        others: dict[str, tuple[int, int, int]] = {}
+        for field_, value in answers[-1].items():
+            node_id, _, operator = field_.decode().rpartition(" ")
+            if operator == self.address:
+                continue
+            try:
+                passed, failed, disputed = (int(x) for x in value.decode().split())
+            except ValueError:
+                continue
+            was = others.get(node_id, (0, 0, 0))
+            others[node_id] = (was[0] + passed, was[1] + failed, was[2] + disputed)
+        self.on_standings(others)
 
     # --- health checks: one operator per node per interval -------------------------------------
 
@@ -574,6 +617,13 @@ class SharedState:
                 self._sync_failed(exc, began)
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
                 log.exception("shared state: sync failed unexpectedly")
+            if self.ok:
+                try:  # a call of its own: its failure is not Redis's outage
+                    await self.sync_standings()
+                except FAILED as exc:
+                    self._call_failed("share what audits found", exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("shared state: sharing what audits found failed unexpectedly")
             await asyncio.sleep(SYNC_S)
 
     async def _renew_loop(self) -> None:

@@ -91,6 +91,8 @@ class Receipts:
         operator's, disputed, digest, id)."""
         self.charges: list[ledger.Charge] = []
         "What those receipts move in the ledger (``odla.settlement.ledger``): written in their transaction."
+        self.signed_jobs: list[Job] = []
+        "Their jobs: copied again (``mirror``), with the signatures, once written."
         "Node ids newly bound to their addresses (``odla.operator.identities``), written with the next batch."
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="odla-receipts")
         self._db: Optional[sqlite3.Connection] = None
@@ -140,6 +142,7 @@ class Receipts:
         """``job.signed`` was set after the job ended: its row gets it with the next batch."""
         assert job.signed is not None
         self.signatures.append((*job.signed, job.id))
+        self.signed_jobs.append(job)
         if job.charge is not None:
             self.charges.append(job.charge)
 
@@ -182,12 +185,16 @@ class Receipts:
         if self.signatures:  # after the jobs' rows: a receipt may come before its job was written
             signatures, self.signatures = self.signatures, []
             charges, self.charges = self.charges, []
+            signed, self.signed_jobs = self.signed_jobs, []
             try:
                 await self._call(self._sign, signatures, charges)
             except sqlite3.Error:
                 self.signatures[:0] = signatures[-MAX_PENDING:]
                 self.charges[:0] = charges
+                self.signed_jobs[:0] = signed[-MAX_PENDING:]
                 raise
+            if self.mirror is not None:  # the copy every operator reads gets the signatures too
+                await self.mirror(signed)
         if self.disputes:
             disputes, self.disputes = self.disputes, []
             self.on_refund(await self._call(self._dispute, disputes))

@@ -460,3 +460,18 @@ def test_receipts_are_read_through_the_index_of_their_filter(redis_server):
             await shared.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_node_one_operator_catches_cheating_is_judged_so_by_every_operator(two):
+    """A padding node's receipts are disputed by the operator that relayed its jobs; the other operator
+    on the same Redis, which sent it nothing, quarantines it too, and reads the signed receipts."""
+    net, other, _ = two
+    one_node(net, other, "1", "--tokens", "3", "--cheat", "pad")
+    with httpx.stream("POST", f"{net.op_url}/inference", json={"model": "llama3", "prompt": "p"}, timeout=30) as resp:
+        read_stream(resp)
+        job = resp.headers["x-odla-job"]
+    wait_for(lambda: listed(net.op_url)["n1"]["quarantined"], timeout=10)
+    wait_for(lambda: listed(other)["n1"]["quarantined"], timeout=10)
+    assert listed(other)["n1"]["disputed"] == 1 and listed(other)["n1"]["reputation"] < 0.5  # what the first found
+    seen = wait_for(lambda: (r := httpx.get(f"{other}/jobs/{job}").json())["node_signature"] and r, timeout=10)
+    assert seen["operator_signature"] and seen["disputed"].startswith("the receipt claims")
