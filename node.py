@@ -179,6 +179,7 @@ class Node:
                                  healthy=self.state.healthy, slots=cap.slots, loaded=cap.loaded,
                                  tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
                                  digests=self.state.digests, disk_free=self.state.disk_free,
+                                 max_models=cap.max_loaded,
                                  address=self.identity.address, signed_at=time.time(),
                                  receipts=receipts)
         content = signed(body.model_dump_json(exclude_none=True).encode(), self.identity)

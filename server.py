@@ -314,7 +314,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
                                  slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
                                  slots_learned=body.slots_learned, digests=body.digests,
-                                 disk_free=body.disk_free)
+                                 disk_free=body.disk_free, max_models=body.max_models)
         node.address = address
         request.app.state.auditor.restore(node)
         request.app.state.countersigner.take(node, body.receipts)

@@ -349,10 +349,11 @@ def start_odla(procs: Procs, cluster: Cluster, workdir: Path, sim_ports: dict[st
     op_port = free_port()
     env = odla_config(workdir, op_port, heartbeat_interval=2, audit_rate=0, jobs_db=str(workdir / f"jobs-{op_port}.db"))
     procs.start("operator", [PY, "server.py"], {**env, "operator_port": str(op_port)})
-    for name, (_, slots, _, _) in cluster.nodes.items():
+    for name, (_, slots, max_loaded, _) in cluster.nodes.items():  # each told its Ollama's settings, as its owner would
         procs.start(f"node-{name}", [PY, "node.py"], {**env, "NODE_ID": name, "NODE_PORT": str(free_port()),
                                                       "OLLAMA_HOST": f"127.0.0.1:{sim_ports[name]}",
-                                                      "OLLAMA_NUM_PARALLEL": str(slots)})
+                                                      "OLLAMA_NUM_PARALLEL": str(slots),
+                                                      "OLLAMA_MAX_LOADED_MODELS": str(max_loaded)})
     wait_port(op_port)
     wait_registered(op_port, len(cluster.nodes))
     url = f"http://127.0.0.1:{op_port}/api/generate"

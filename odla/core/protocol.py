@@ -96,6 +96,9 @@ class NodeReport(_Body):
     "Requests each model runs at once (OLLAMA_NUM_PARALLEL; 1 for embedding models); absent: 1."
     loaded: list[LoadedModel] = Field(default_factory=list, max_length=4096)
     "Models Ollama holds in memory now."
+    max_models: Optional[Annotated[int, Field(ge=1, le=4096)]] = None
+    """Models Ollama holds in memory at once (OLLAMA_MAX_LOADED_MODELS, as the node's owner set it);
+    absent: the operator learns it from what it sees the node hold."""
     tokens_per_s: dict[ModelName, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, max_length=4096)
     "Moving average of eval tokens per second per model, from Ollama's final messages."
     slots_learned: bool = False

@@ -36,6 +36,7 @@ from odla.core.usage import Usage
 log = logging.getLogger("odla.node")
 ALPHA = 0.3  # weight of the newest measurement in the moving average
 PARALLEL_ENV = "OLLAMA_NUM_PARALLEL"  # read here, as Ollama reads it, not through config.ENV_KEYS
+MAX_LOADED_ENV = "OLLAMA_MAX_LOADED_MODELS"
 RAISE_AFTER = 2
 "Jobs in a row that ran well with every slot busy before a learning node takes one more slot."
 RETRY_S = 300.0
@@ -61,6 +62,17 @@ def num_parallel(settings: Settings, env: Mapping[str, str] = os.environ) -> Opt
         log.warning("OLLAMA_NUM_PARALLEL=%r is not a whole number; taking 1, as Ollama does", raw)
         return 1
     return min(max(1, int(raw)), 65536)
+
+
+def max_loaded(env: Mapping[str, str] = os.environ) -> Optional[int]:
+    """Models this node's Ollama holds in memory at once, when its owner set OLLAMA_MAX_LOADED_MODELS
+    (Ollama's default depends on its GPUs: None, and the operator learns it from what it sees held)."""
+    raw = env.get(MAX_LOADED_ENV, "").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        if raw:
+            log.warning("OLLAMA_MAX_LOADED_MODELS=%r is not a count of models; not reported", raw)
+        return None
+    return min(int(raw), 4096)
 
 
 @dataclass
@@ -142,6 +154,8 @@ class Capacity:
         self.loaded: list[LoadedModel] = []
         self.tokens_per_s: dict[str, float] = {}
         self._embedding: dict[str, bool] = {}
+        self.max_loaded = max_loaded()
+        "Models its Ollama holds at once, as configured (OLLAMA_MAX_LOADED_MODELS); None: not known here."
 
     @property
     def learned(self) -> bool:

@@ -196,6 +196,7 @@ class Dialer:
         return frame(node_id=node.state.node_id, models=node.state.models, healthy=node.state.healthy,
                      slots=cap.slots, loaded=cap.loaded, tokens_per_s=cap.tokens_per_s, slots_learned=cap.learned,
                      error=node.state.ollama_error, digests=node.state.digests, disk_free=node.state.disk_free,
+                     max_models=cap.max_loaded,
                      **fields).model_dump_json(exclude_none=True)
 
     async def statuses(self, ws: ClientConnection) -> None:

@@ -270,7 +270,7 @@ class SharedState:
             if known is None or known.url != body.url:
                 self.registry.register(body.node_id, body.url, body.models, healthy=body.healthy, slots=body.slots,
                                        loaded=body.loaded, tokens_per_s=body.tokens_per_s,
-                                       slots_learned=body.slots_learned)
+                                       slots_learned=body.slots_learned, max_models=body.max_models)
                 self.learned.add(node_id)
                 changed = True
             else:

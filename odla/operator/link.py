@@ -354,7 +354,7 @@ def _report(registry: Registry, link: Link, report: p.NodeReport, peer: str) -> 
     node = registry.register(report.node_id, f"{LINK_SCHEME}{peer}", report.models, healthy=report.healthy,
                              slots=report.slots, loaded=report.loaded, tokens_per_s=report.tokens_per_s,
                              slots_learned=report.slots_learned, digests=report.digests,
-                             disk_free=report.disk_free)
+                             disk_free=report.disk_free, max_models=report.max_models)
     node.link = link
     return node
 

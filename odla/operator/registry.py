@@ -272,7 +272,8 @@ class Registry:
     def register(self, node_id: str, url: str, models: Iterable[str], *, healthy: bool = True,
                  slots: Optional[Mapping[str, int]] = None, loaded: Iterable[LoadedModel] = (),
                  tokens_per_s: Optional[Mapping[str, float]] = None, slots_learned: bool = False,
-                 digests: Optional[Mapping[str, str]] = None, disk_free: Optional[int] = None) -> Node:
+                 digests: Optional[Mapping[str, str]] = None, disk_free: Optional[int] = None,
+                 max_models: Optional[int] = None) -> Node:
         """Add a node, or update the one with this id (never a second row)."""
         models = list(dict.fromkeys(models))
         node = self._nodes.get(node_id)
@@ -285,7 +286,9 @@ class Registry:
         now, wall = self.clock(), time.time()
         held = {k for k in node.loaded if node.warm(k, now)}
         node.loaded = {model_key(m.name): self._local(epoch(m.expires_at), now, wall) for m in loaded}
-        if held - node.loaded.keys() and node.loaded.keys() - held:  # one went before its time, another came
+        if max_models is not None:  # its owner told it (OLLAMA_MAX_LOADED_MODELS): no need to learn it
+            node.max_models = max_models
+        elif held - node.loaded.keys() and node.loaded.keys() - held:  # one went before its time, another came
             node.max_models = len(node.loaded)
         elif node.max_models:
             node.max_models = max(node.max_models, len(node.loaded))

@@ -286,3 +286,22 @@ def test_of_a_hundred_nodes_the_fastest_and_their_equals_take_the_jobs():
         claim.release()
     assert min(node.speed(LLAMA) for node in picked) * 1.15 >= 59  # only nodes of 52-59 tokens/s
     assert len({node.node_id for node in picked}) == 16  # and all 16 of them, in turn
+
+
+def test_a_node_told_how_many_models_its_ollama_holds_is_not_thought_full():
+    """OLLAMA_MAX_LOADED_MODELS, reported by the node: a node holding one of its two has room, so a job
+    of the other model there pushes nothing out (the default cluster loaded models up to 5 times
+    while the operator took such a node to be full), and a swap it is seen making does not change it."""
+    from odla.node.capacity import max_loaded
+
+    assert max_loaded({"OLLAMA_MAX_LOADED_MODELS": "2"}) == 2
+    assert max_loaded({}) is None and max_loaded({"OLLAMA_MAX_LOADED_MODELS": "two"}) is None
+    both = [LLAMA, "mistral:latest"]
+    sched, reg, clock = network(one={"speed": 100, "models": both, "warm": [LLAMA]})
+    node = reg.register("one", "http://one", both, loaded=[LoadedModel(name=LLAMA, expires_at=WALL_LATER)],
+                        max_models=2)
+    assert node.max_models == 2 and not node.needs_room("mistral:latest", clock.now)
+    assert not node.evicts_busy("mistral:latest", clock.now)
+    reg.register("one", "http://one", both, loaded=[LoadedModel(name="mistral:latest", expires_at=WALL_LATER)],
+                 max_models=2)
+    assert node.max_models == 2
