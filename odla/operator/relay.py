@@ -273,8 +273,9 @@ class Router:
                     if units is not None:
                         chunk = units.take(chunk)
                         if units.error:
-                            if chunk:
+                            if chunk:  # the tokens before the error line
                                 job.delivered += door_tokens(chunk)
+                                job.first()
                                 yield chunk
                             node.outcome(False, self.registry.clock())
                             message = message_of(units.error.removeprefix(b"data: "), 502)
