@@ -179,9 +179,10 @@ def run_demo(settle: bool = False) -> int:
 
     for i, node_id in enumerate(("node1", "node2"), start=1):
         port = free_port()
+        key = {"NODE_PRIVATE_KEY": ANVIL_KEYS[i]} if settle else {  # each node its own key, as on two machines
+            "ODLA_NODE_KEY_FILE": str(ROOT / ".venv" / f"demo-{node_id}.key")}
         start(node_id, ["node.py"], {"NODE_ID": node_id, "NODE_PORT": str(port), "NODE_HOST": "127.0.0.1",
-                                     "COORDINATOR_URL": operator, "OLLAMA_HOST": ollama_host, **settle_env,
-                                     **({"NODE_PRIVATE_KEY": ANVIL_KEYS[i]} if settle else {})})
+                                     "COORDINATOR_URL": operator, "OLLAMA_HOST": ollama_host, **settle_env, **key})
     wait_until(lambda: len(httpx.get(f"{operator}/nodes", timeout=1).json()["nodes"]) == 2,
                "both nodes to register")
 
