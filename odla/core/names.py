@@ -93,6 +93,11 @@ def prompt_of(data: dict) -> Prompt:
 def requested(body: bytes) -> Requested:
     """The model an Ollama or OpenAI API request names, and the most tokens it asks for;
     ``ValueError`` saying why when it names no model."""
+    return requested_in(json_object(body))
+
+
+def json_object(body: bytes) -> dict:
+    """A request's body as the JSON object it must be; ``ValueError`` saying why it is not one."""
     try:
         data = json.loads(body or b"null")
     except ValueError as exc:
@@ -101,16 +106,27 @@ def requested(body: bytes) -> Requested:
         raise ValueError("invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("request body must be a JSON object")
+    return data
+
+
+def requested_in(data: dict) -> Requested:
+    """``requested`` of a body already parsed."""
     model = data.get("model") or data.get("name")
     if not isinstance(model, str) or not model.strip():
         raise ValueError("model is required")
     if len(model) > MAX_MODEL_NAME:  # it would be stored with every receipt and log line
         raise ValueError(f"model name is longer than {MAX_MODEL_NAME} characters")
+    return Requested(model, limit_in(data), prompt_of(data))
+
+
+def limit_in(data: dict) -> Optional[int]:
+    """The most output tokens a request asks for: Ollama's ``options.num_predict``, OpenAI's
+    ``max_completion_tokens`` or ``max_tokens``; None for no limit."""
     options = data.get("options")
     limit = options.get("num_predict") if isinstance(options, dict) else None
     if limit is None:
         limit = data.get("max_completion_tokens", data.get("max_tokens"))
-    return Requested(model, output_limit(limit), prompt_of(data))
+    return output_limit(limit)
 
 
 def output_limit(value: object) -> Optional[int]:

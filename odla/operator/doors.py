@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from odla.core.errors import NoNodeError, ODLAError
 from odla.serving.errors import shape_for
-from odla.core.names import Prompt, Requested, model_key, requested
+from odla.core.names import Prompt, Requested, json_object, model_key, requested_in
 from odla.operator.nodes import NodeUnreachable
 from odla.operator.registry import Node, Registry
 from odla.serving.jobs import JOB_PATHS, Job
@@ -59,9 +59,10 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     async def routed(request: Request) -> LineStream:
         """A request naming a model: to a node that has it, the answer back as Ollama gave it."""
         body = await request.body()
-        model, limit, prompt = _requested(body)
+        data = _object(body)  # parsed once, for its model and limit and for how it would be resumed
+        model, limit, prompt = _requested(data)
         router: Router = request.app.state.router
-        plan = router.plan(request.url.path, body, request.headers)
+        plan = router.plan(request.url.path, data, request.headers)
         if plan is not None:  # seeded, streamed from its node: odla.operator.resume
             body = plan.body()
         elif router.audit_seed:  # so that an audit can match (odla.operator.audits)
@@ -78,7 +79,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     async def asked(request: Request) -> LineStream:
         """A question about a model (``/api/show``): any node that has it answers, no slot taken."""
         body = await request.body()
-        model = _requested(body).model
+        model = _requested(_object(body)).model
         router: Router = request.app.state.router
         path = request.url.path
 
@@ -137,9 +138,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
         """Ollama's pull, onto ``X-ODLA-Replicas`` nodes (``default_replicas``; ``all``) or the ones
         ``X-ODLA-Nodes`` names: Ollama's progress lines, every node's bytes added up."""
         body = _object(await request.body())
-        model = body.get("model") or body.get("name")
-        if not isinstance(model, str) or not model:
-            raise ODLAError("model is required", 400)
+        model = _requested(body).model
         router: Router = request.app.state.router
         wanted = wanted_of(request.headers.get(REPLICAS_HEADER), default_replicas)
         nodes, spare, count = targets(registry, model, wanted, named_of(request.headers.get(NODES_HEADER)))
@@ -158,10 +157,7 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
     @api.delete("/api/delete", dependencies=admin_auth, summary="Remove a model from nodes")
     async def delete(request: Request) -> PlainTextResponse:
         """Ollama's delete, on every node that has the model (or the ones ``X-ODLA-Nodes`` names)."""
-        body = _object(await request.body())
-        model = body.get("model") or body.get("name")
-        if not isinstance(model, str) or not model:
-            raise ODLAError("model is required", 400)
+        model = _requested(_object(await request.body())).model
         nodes = _having(registry, model, request)
         if not nodes:
             raise ODLAError(f"model '{model}' not found", 404)
@@ -196,13 +192,11 @@ def doors_router(registry: Registry, auth: Sequence[Any], job_auth: Sequence[Any
 
 
 def _object(body: bytes) -> dict:
+    """The body as a JSON object (400 like Ollama when it is not one)."""
     try:
-        data = json.loads(body or b"{}")
-    except (ValueError, RecursionError):
-        raise ODLAError("invalid JSON in the request body", 400) from None
-    if not isinstance(data, dict):
-        raise ODLAError("the request body must be a JSON object", 400)
-    return data
+        return json_object(body)
+    except ValueError as exc:
+        raise ODLAError(str(exc), 400) from None
 
 
 def _signer(request: Request) -> Signer:
@@ -285,10 +279,10 @@ async def _ask(router: Router, node: Node, path: str) -> Optional[dict]:
         return None
 
 
-def _requested(body: bytes) -> Requested:
+def _requested(data: dict) -> Requested:
     """The model a request names (400 like Ollama when none), and the most tokens it asks for."""
     try:
-        return requested(body)
+        return requested_in(data)
     except ValueError as exc:
         raise ODLAError(str(exc), 400) from None
 

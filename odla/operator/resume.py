@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Optiona
 
 from odla.core import protocol as p
 from odla.core.errors import ODLAError, message_of
-from odla.core.names import model_key, output_limit, prompt_of
+from odla.core.names import limit_in, model_key, prompt_of
 from odla.core.usage import DURATIONS, Usage
 from odla.serving.jobs import Job
 from odla.serving.responses import Owned, StreamBroken
@@ -96,9 +96,7 @@ class Plan:
     @property
     def limit(self) -> Optional[int]:
         """The most output tokens the job asked for, when it did."""
-        if self.openai:
-            return output_limit(self.request.get("max_tokens"))
-        return output_limit((self.request.get("options") or {}).get("num_predict"))
+        return limit_in(self.request)
 
     def body(self) -> bytes:
         """What the first node is sent: the request, streamed."""
@@ -106,7 +104,7 @@ class Plan:
         request["stream"] = True
         if self.openai and not self.stream:  # the counts come in a last event, as a whole answer's usage
             request["stream_options"] = {"include_usage": True}
-        return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
+        return _compact(request)
 
     def continuation(self, text: str, sent: int) -> dict[str, Any]:
         """The request for the rest of the answer, after ``text`` (``sent`` tokens): a chat for

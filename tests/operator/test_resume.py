@@ -65,6 +65,9 @@ def test_the_rest_is_asked_as_a_chat_that_continues_the_answer_so_far():
                                          "messages": [{"role": "user", "content": "q"}]})
     rest = chat.continuation("A", 1)
     assert rest["options"] == {"seed": 1, "temperature": 0.5, "num_predict": 4}
+    newer = plan("/v1/chat/completions", {"model": "llama3", "max_completion_tokens": 5,
+                                          "messages": [{"role": "user", "content": "q"}]})
+    assert newer.continuation("A", 1)["options"]["num_predict"] == 4  # the limit the scheduler planned for
     assert rest["messages"][-1] == {"role": "assistant", "content": "A"}
     assert "num_predict" not in plan("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "q"}]}
                                      ).continuation("", 0)["options"]
