@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence
 from odla.core.errors import NodeUnreachable, ODLAError, message_of
 from odla.core.names import display_name, model_key
 from odla.operator.registry import Node, Registry
+from odla.operator.resume import Failed, Units
 
 if TYPE_CHECKING:
     from odla.operator.relay import Router
@@ -128,10 +129,10 @@ class Pull:
 
     async def _one(self, state: _Progress) -> None:
         node = state.node
-        body = json.dumps({"model": self.model, "insecure": self.insecure, "stream": True}).encode()
+        request = json.dumps({"model": self.model, "insecure": self.insecure, "stream": True}).encode()
         try:
-            resp = await self.router.nodes.send(node, "POST", "/ollama/api/pull", body,
-                                                signed=self.sign("POST", "/ollama/api/pull", body))
+            resp = await self.router.nodes.send(node, "POST", "/ollama/api/pull", request,
+                                                signed=self.sign("POST", "/ollama/api/pull", request))
             try:
                 if resp.status != 200:
                     state.error = message_of(await self.router.nodes.read(resp), resp.status)
@@ -146,8 +147,6 @@ class Pull:
                 raise
         except NodeUnreachable as exc:
             state.error = f"connection lost ({exc})"
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - one node's odd answer is its failure, not the pull's
             log.warning("pull of %s on node %s failed unexpectedly", self.model, node.node_id, exc_info=True)
             state.error = str(exc) or type(exc).__name__
@@ -157,14 +156,14 @@ class Pull:
             self.events.put_nowait(node.node_id)
 
     async def _read(self, state: _Progress, body: AsyncIterator[bytes]) -> None:
-        partial = b""
+        units = Units(b"\n", MAX_PULL_LINE)  # whole lines; the error line a node ends with, apart
         async for chunk in body:
-            partial += chunk
-            if len(partial) > MAX_PULL_LINE and b"\n" not in partial:
+            try:
+                lines = units.take(chunk)
+            except Failed:
                 state.error = "the node sent a progress line too long to be one"
                 return
-            *lines, partial = partial.split(b"\n")
-            for line in lines:
+            for line in lines.split(b"\n"):
                 if not line.strip():
                     continue
                 try:
@@ -174,9 +173,6 @@ class Pull:
                     return
                 if not isinstance(part, dict):
                     continue
-                if "error" in part:
-                    state.error = str(part["error"])[:2000]
-                    return
                 digest, total, completed = part.get("digest"), part.get("total"), part.get("completed")
                 if isinstance(digest, str) and isinstance(total, int):
                     if digest not in self.order:
@@ -191,6 +187,9 @@ class Pull:
                 if part.get("status") == "success":
                     state.done = True
                     return
+            if units.error:
+                state.error = message_of(units.error, 500)[:2000]
+                return
         if not state.done:
             state.error = "the node ended the pull without success"
 

@@ -197,8 +197,10 @@ class Units:
     """A resumable answer passed on whole units (lines, or events) at a time; the error unit a node
     ends with is held back, and what the answer was sent whole is kept until it is read."""
 
-    def __init__(self, separator: bytes) -> None:
+    def __init__(self, separator: bytes, limit: int = MAX_UNIT) -> None:
         self.separator = separator
+        self.limit = limit
+        "The longest unit taken (a node that never ends its line must not fill memory)."
         self.partial = b""
         self.error = b""
         "The error line (event) the node ended with, not passed on."
@@ -210,8 +212,8 @@ class Units:
         end = chunk.rfind(self.separator)
         if end < 0:
             self.partial = chunk
-            if len(chunk) > MAX_UNIT:
-                raise Failed(f"the node sent a line longer than {MAX_UNIT} bytes")
+            if len(chunk) > self.limit:
+                raise Failed(f"the node sent a line longer than {self.limit} bytes")
             return b""
         end += len(self.separator)
         chunk, self.partial = chunk[:end], chunk[end:]
