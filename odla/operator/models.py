@@ -26,6 +26,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence
 
+import anyio
+
 from odla.core.errors import NodeUnreachable, ODLAError, message_of
 from odla.core.names import display_name, model_key
 from odla.operator.registry import Node, Registry
@@ -61,8 +63,7 @@ def targets(registry: Registry, model: str, wanted: Optional[int], named: Sequen
         raise ODLAError("no healthy node has joined the network", 503)
     key = model_key(model)
     having = [n for n in usable if key in n.keys]
-    lacking = sorted((n for n in usable if key not in n.keys),
-                     key=lambda n: (n.active_jobs, -(n.disk_free or 0), n.node_id))  # least busy, then roomiest
+    lacking = sorted((n for n in usable if key not in n.keys), key=_placing)
     if wanted is None:
         return [*having, *lacking], [], len(having) + len(lacking)
     if wanted > len(usable):
@@ -71,6 +72,12 @@ def targets(registry: Registry, model: str, wanted: Optional[int], named: Sequen
         return having[:wanted], lacking, wanted
     more = wanted - len(having)
     return [*having, *lacking[:more]], lacking[more:], wanted
+
+
+def _placing(node: Node) -> tuple[int, int, str]:
+    """Least busy first, then the roomiest by whole GiB (nodes on one disk report it a few bytes
+    apart as files come and go: they are equals), then by name."""
+    return node.active_jobs, -((node.disk_free or 0) >> 30), node.node_id
 
 
 def wanted_of(header: Optional[str], default: int) -> Optional[int]:
@@ -232,7 +239,8 @@ class Pull:
             for task in list(self.tasks):  # the client left: every node's pull stops
                 task.cancel()
             if self.tasks:
-                await asyncio.wait(list(self.tasks))
+                with anyio.CancelScope(shield=True):  # the client left: each node's pull has stopped before the answer ends
+                    await asyncio.wait(list(self.tasks))
 
     def _replace(self, failed: _Progress) -> Optional[str]:
         """Another node takes a failed one's place, when one is left (not for a name no registry has)."""
