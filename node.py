@@ -430,15 +430,15 @@ class Node:
             if self.closing:
                 raise StreamBroken(SHUTTING_DOWN) from exc
             raise StreamBroken(f"lost connection to Ollama at {self.settings.ollama_host}") from exc
-        finally:
+        finally:  # what must happen comes before the one wait, which a client that left may cut short
             if running is not None:  # its counts judge the node's slots, when Ollama's API gave them
                 self.capacity.ended(running, tail.usage() if outcome == "ok" and job is not None else None)
                 self.report_soon.set()
-            await resp.aclose()
             if job is not None:
                 usage = tail.usage()
                 log.info("%s", summary(job[0], job[1], usage, None, outcome))
                 self.receipts.sign(asked, job[1], out, usage, sent, outcome)
+            await resp.aclose()  # (its owner closes it too)
 
 
 def models_dir() -> Path:

@@ -30,6 +30,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Optional
 
+import anyio
+import anyio.abc
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -128,64 +130,74 @@ class LineStream(StreamingResponse):
         self.gathered = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.ensure_future(_disconnected(receive))
+        # The response's halves (listening for the client, opening the upstream, reading its
+        # body, sending) run in one task group: whichever ends the response ends them all, and
+        # none outlives it. What the job holds is released after the group, shielded, so a
+        # client that left cannot cut the release short.
         try:
-            if self.opening is not None and not await self._open(watcher, scope, send):
-                return
-            await self._stream(watcher, send)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._listen, receive, group.cancel_scope)
+                if self.opening is None or await self._open(group, scope, send):
+                    await self._stream(group, send)
+                group.cancel_scope.cancel()  # answered: stop listening
         finally:
-            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
             self.job.end("client_cancel")  # a no-op when an earlier step said how it ended
 
-    async def _open(self, watcher: asyncio.Future, scope: Scope, send: Send) -> bool:
+    async def _listen(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        """The client left: the whole response ends (its upstream is closed after it)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async def _open(self, group: anyio.abc.TaskGroup, scope: Scope, send: Send) -> bool:
         """Wait for the upstream while listening for the client; False when there is nothing to stream.
 
         The opening may ``tell`` lines before its upstream answers (a queued job's place);
         the first one starts the response, so an error after it is a last line, not a status.
         """
         assert self.opening is not None
+        opening = self.opening
         told: list[bytes] = []
         ready = asyncio.Event()
+        outcome: list[Any] = []  # the Opened, or what the opening raised
 
         def tell(line: bytes) -> None:
             told.append(line)
             ready.set()
 
-        opening = asyncio.ensure_future(self.opening(tell))
-        opening.add_done_callback(lambda _: ready.set())
-        # the client left first: cancelling closes the upstream connection (a no-op once it is open)
-        watcher.add_done_callback(lambda _: opening.cancel())
-        try:
-            while not opening.done():
-                await ready.wait()
-                ready.clear()
-                if told and not watcher.done():
-                    await self._start(send)
-                    await self._send(send, b"".join(told))
-                    told.clear()
-        except asyncio.CancelledError:  # this task itself was cancelled (the server is stopping)
-            opening.cancel()
-            raise
-        if opening.cancelled():
-            return False
-        if watcher.done():  # it won the race after all
-            if opening.exception() is None:
-                await _close(opening.result().body)
-            return False
-        try:
-            opened = opening.result()
-        except Exception as exc:  # noqa: BLE001 - every failure is answered
+        async def open_upstream() -> None:
+            try:
+                opened = await opening(tell)
+                self.body_iterator = opened.body  # from now on closed whatever happens next
+                outcome.append(opened)
+            except Exception as exc:  # noqa: BLE001 - every failure is answered
+                outcome.append(exc)
+            finally:
+                ready.set()
+
+        group.start_soon(open_upstream)
+        while not outcome:
+            await ready.wait()
+            ready.clear()
+            if told:
+                await self._start(send)
+                await self._send(send, b"".join(told))
+                told.clear()
+        if isinstance(outcome[0], Exception):
+            exc = outcome[0]
             if not isinstance(exc, ODLAError):
                 log.error("unexpected error opening %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
                 exc = ODLAError("internal error", 500)
             self.job.refused(exc)
             await self._error(exc, scope, send)
             return False
+        opened = outcome[0]
         if self.started:  # what the upstream answers goes on after the lines told so far
-            self.body_iterator = opened.body
             return True
         self.gathered = opened.gathered
-        self.body_iterator, self.status_code = opened.body, opened.status_code
+        self.status_code = opened.status_code
         self.media_type, self.is_stream = opened.media_type, opened.is_stream
         self.init_headers({**self.base_headers, **opened.headers})
         return True
@@ -199,70 +211,43 @@ class LineStream(StreamingResponse):
         await self._send(send, self._separator() + self.shape.line(exc.message))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _stream(self, watcher: asyncio.Future, send: Send) -> None:
-        if self.gathered:
-            await self._pump(watcher, send)
+    async def _stream(self, group: anyio.abc.TaskGroup, send: Send) -> None:
+        if self.gathered:  # one task: a write per arrival, and the wait on each write is the back-pressure
+            try:
+                async for data in self.body_iterator:
+                    if data:
+                        await self._start(send)
+                        await self._send(send, data)
+            except Exception as exc:  # noqa: BLE001 - _finish reports it
+                await self._finish(exc, send)
+                return
+            await self._finish(None, send)
             return
         buf = _Buffer()
-        producer = asyncio.create_task(self._produce(buf))
-        watcher.add_done_callback(lambda _: buf.ready.set())
-        try:
-            while True:
-                await buf.ready.wait()
-                buf.ready.clear()
-                data = buf.take()
-                last = producer.done() and not buf.pieces
-                if last and producer.exception() is None:  # the last data and the end in one write
-                    await self._start(send)
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
-                    self._ended()
-                    return
-                if data:
-                    await self._start(send)
-                    await self._send(send, data)
-                if last:  # what came during the last send has gone too
-                    break
-                if watcher.done():
-                    return
-            await self._finish(producer, send)
-        finally:
-            producer.cancel()  # the client left, or the body is done
-            await asyncio.wait((producer,))
-            if not producer.cancelled():
-                producer.exception()  # retrieved: _finish has reported it, or the client left
-            await _close(self.body_iterator)  # closes the upstream stream, and so stops Ollama
-
-    async def _pump(self, watcher: asyncio.Future, send: Send) -> None:
-        """Stream a gathered body with one task: half the task switches per token of the
-        producer and sender, and the wait on each write is the back-pressure."""
-        pump = asyncio.ensure_future(self._forward(send))
-        watcher.add_done_callback(lambda _: pump.cancel())
-        try:
-            try:
-                await pump
-            except asyncio.CancelledError:
-                if not watcher.done():
-                    raise
+        group.start_soon(self._produce, buf)
+        while True:
+            await buf.ready.wait()
+            buf.ready.clear()
+            data = buf.take()
+            last = buf.done and not buf.pieces
+            if last and buf.failure is None:  # the last data and the end in one write
+                await self._start(send)
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                self._ended()
                 return
-            except Exception:  # noqa: BLE001 - _finish reports it
-                pass
-            await self._finish(pump, send)
-        finally:
-            await _close(self.body_iterator)
-
-    async def _forward(self, send: Send) -> None:
-        async for data in self.body_iterator:
             if data:
                 await self._start(send)
                 await self._send(send, data)
+            if last:  # what came during the last send has gone too
+                break
+        await self._finish(buf.failure, send)
 
     def _ended(self, error: Optional[str] = None) -> None:
         """The body is done: ok, unless it broke or its last line said the node failed."""
         self.job.end("node_error" if error or self.job.error else "ok", error)
 
-    async def _finish(self, producer: asyncio.Task, send: Send) -> None:
-        """End the response after the body: cleanly, with an error line, or cut off."""
-        exc = producer.exception()
+    async def _finish(self, exc: Optional[BaseException], send: Send) -> None:
+        """End the response after the body (``exc``: what broke it): cleanly, with an error line, or cut off."""
         if exc is not None:
             broken = isinstance(exc, StreamBroken)
             if broken:
@@ -301,8 +286,13 @@ class LineStream(StreamingResponse):
         try:
             async for data in self.body_iterator:
                 await buf.put(data)
-        finally:
+        except Exception as exc:  # noqa: BLE001 - the sender reports it, after what came before it
+            buf.failure = exc
+        except BaseException:  # cancelled with the response: the body did not end, it was cut
             buf.ready.set()
+            raise
+        buf.done = True
+        buf.ready.set()
 
 
 class _Buffer:
@@ -315,6 +305,9 @@ class _Buffer:
         self.size = 0
         self.ready = asyncio.Event()
         self.room = asyncio.Event()
+        self.done = False
+        "The body has ended (``failure``: with what it raised)."
+        self.failure: Optional[Exception] = None
 
     async def put(self, data: bytes) -> None:
         self.pieces.append(data)
@@ -339,11 +332,6 @@ async def _close(body: AsyncIterator[bytes]) -> None:
             await aclose()
     except Exception:  # noqa: BLE001 - closing must not turn a finished response into an error
         log.warning("closing a stream's upstream failed", exc_info=True)
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _never() -> dict:  # an error response reads nothing
