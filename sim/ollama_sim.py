@@ -498,6 +498,7 @@ class Simulator:
         if chat:
             base["object"] = "chat.completion.chunk"
         cut, _, stall = self.cuts(len(tokens), at)
+        with_usage = bool((req.get("stream_options") or {}).get("include_usage"))
         for i, token in enumerate([*tokens, ""]):
             if i == cut:
                 raise ConnectionAbortedError("simulated crash")
@@ -515,10 +516,13 @@ class Simulator:
             reason = None if token else "stop"
             choice = ({"index": 0, "delta": {"role": "assistant", "content": token}, "finish_reason": reason}
                       if chat else {"text": token, "index": 0, "finish_reason": reason})
-            await send_body(send, b"data: " + _compact({**base, "choices": [choice]}) + b"\n\n")
+            event = {**base, "choices": [choice]}
+            if not chat and with_usage:  # Ollama's CompleteWriter gives every event an empty usage then
+                event["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            await send_body(send, b"data: " + _compact(event) + b"\n\n")
             if token:
                 self.sent_one(prompt)
-        if (req.get("stream_options") or {}).get("include_usage"):
+        if with_usage:
             await send_body(send, b"data: " + _compact({**base, "choices": [], "usage": usage}) + b"\n\n")
         await send_body(send, b"data: [DONE]\n\n", more=False)
         self.stats["completed"] += 1

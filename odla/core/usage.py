@@ -116,3 +116,16 @@ def door_tokens(chunk: bytes) -> int:
     """Tokens in a piece of a door's answer: Ollama's stream has one line per token (``"done":false``),
     its OpenAI API one event per token (``"finish_reason":null``; the last one says why it stopped)."""
     return chunk.count(b'"done":false') + chunk.count(b'"finish_reason":null')
+
+
+_USAGE_EVENT = b'"choices":[],"usage":'
+
+
+def without_usage(events: bytes) -> bytes:
+    """Whole events of an OpenAI chat stream less its usage event (Ollama's last before ``[DONE]``,
+    the only one with no choices): for a client that did not ask for it."""
+    at = events.find(_USAGE_EVENT)
+    if at < 0:
+        return events
+    start, end = events.rfind(b"data: ", 0, at), events.find(b"\n\n", at)
+    return events[:start] + (events[end + 2:] if end >= 0 else b"")

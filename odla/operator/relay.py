@@ -25,7 +25,7 @@ from odla.operator.countersign import AUDIT_CALLER
 from odla.operator.forecast import Prediction
 from odla.operator.resume import OPT_OUT, Failed, Leg, Plan, Resumed, Watch, plan_for
 from odla.operator.scheduler import Claim, Place, Scheduler
-from odla.core.usage import Tail, Usage, door_tokens
+from odla.core.usage import Tail, Usage, door_tokens, without_usage
 from odla.proofs.receipts import sha256_hex
 
 WARM_FOR_S = 300  # Ollama's default keep_alive: a model that answered stays loaded this long
@@ -246,6 +246,7 @@ class Router:
         lines = _Lines(job) if protocol else None
         tail = Tail() if not protocol else None
         units = leg.units if leg is not None and not protocol else None
+        hide_usage = units is not None and leg is not None and leg.plan.hides_usage  # (whole events)
         watch = leg.watch if leg is not None else None
         out = hashlib.sha256()  # the node's answer as it sent it, which its receipt must name
         ended = False
@@ -288,6 +289,8 @@ class Router:
                     job.delivered += door_tokens(chunk)
                     if job.first_token is None and not chunk.startswith(b'{"error"'):
                         job.first()
+                    if hide_usage:
+                        chunk = without_usage(chunk)
                 yield chunk
                 if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
                     ended = True

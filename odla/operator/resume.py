@@ -98,12 +98,20 @@ class Plan:
         """The most output tokens the job asked for, when it did."""
         return limit_in(self.request)
 
+    @property
+    def hides_usage(self) -> bool:
+        """An OpenAI chat stream whose client did not ask for ``include_usage``: it is asked of Ollama
+        anyway, for the counts (the prompt's tokens are in no other event), and its event is not
+        passed on. Not on ``/v1/completions``, where Ollama would add a usage to every event."""
+        return (self.kind == "openai_chat" and self.stream
+                and not (self.request.get("stream_options") or {}).get("include_usage"))
+
     def body(self) -> bytes:
         """What the first node is sent: the request, streamed."""
         request = dict(self.request)
         request["stream"] = True
-        if self.openai and not self.stream:  # the counts come in a last event, as a whole answer's usage
-            request["stream_options"] = {"include_usage": True}
+        if self.openai and not self.stream or self.hides_usage:  # the counts come in a last event
+            request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
         return _compact(request)
 
     def continuation(self, text: str, sent: int) -> dict[str, Any]:

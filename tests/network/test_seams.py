@@ -185,6 +185,31 @@ def test_tokens_delivered_are_counted_on_every_outcome(net, path, body):
     assert output_tokens_metric(net.op_url) == sum(r["output_tokens"] or 0 for r in rows)
 
 
+def test_an_openai_chat_stream_counts_its_prompt_though_its_client_did_not_ask_for_usage(operator, node):
+    """The operator asks Ollama for ``include_usage`` on every OpenAI chat stream: the prompt's count
+    is in no other event. A client that did not ask sees no usage event; one that did sees one."""
+    from tests.helpers import Sim, node_ids
+
+    with Sim(models=["llama3"], tokens=5) as sim:
+        op = operator()
+        node(op.url, sim.url, "n1")
+        wait_for(lambda: node_ids(op.url) == {"n1"})
+        chat = {"model": "llama3", "messages": [{"role": "user", "content": "q"}], "stream": True}
+        events = {}
+        for asked in (False, True):
+            request = {**chat, "stream_options": {"include_usage": True}} if asked else chat
+            resp = httpx.post(f"{op.url}/v1/chat/completions", json=request, timeout=10)
+            events[asked] = [line for line in resp.text.splitlines() if line.startswith("data: {")]
+        assert not any('"usage"' in event for event in events[False])
+        assert events[False] == [e for e in events[True] if '"usage"' not in e] and len(events[False]) == 6
+        assert json.loads(events[True][-1].removeprefix("data: "))["usage"]["completion_tokens"] == 5
+        wait_for(lambda: len(receipts(op.url)) == 2 and all(r["outcome"] for r in receipts(op.url)))
+        assert [(r["prompt_tokens"], r["output_tokens"]) for r in receipts(op.url)] == [(1, 5), (1, 5)]
+        completion = httpx.post(f"{op.url}/v1/completions", json={"model": "llama3", "prompt": "q", "stream": True},
+                                timeout=10)  # not asked there: Ollama would put a usage in every event
+        assert '"usage"' not in completion.text and completion.text.endswith("data: [DONE]\n\n")
+
+
 def test_api_show_never_waits_for_a_slot(operator, node):
     """Open WebUI and LangChain ask /api/show often: with the node's one slot busy it still answers at
     once (it runs nothing), from a node that has the model; a model no node has is Ollama's 404."""
