@@ -118,7 +118,7 @@ class Forecaster:
         busy = node.inflight.get(key, 0)
         if planned:
             busy += len(planned)
-        slots = node.slots.get(key, 1)
+        slots = node.slots_for(key)
         wait = 0.0
         if busy >= slots:
             ends = [_left(end, now) for end in node.ends.get(key, ())]

@@ -48,7 +48,7 @@ class NetworkCollector(Collector):
             up.add_metric([node.node_id], 1.0 if node.healthy and not node.resting(now) else 0.0)
             keys = sorted(node.keys, key=lambda k: (not node.inflight.get(k), not node.warm(k, now), k))
             for key in keys[:MODELS_PER_NODE]:  # a node's list of models must not grow the page without end
-                slots.add_metric([node.node_id, key], node.slots_for(key))
+                slots.add_metric([node.node_id, key], node.said_slots(key))
                 inflight.add_metric([node.node_id, key], node.inflight.get(key, 0))
                 loaded.add_metric([node.node_id, key], 1.0 if node.warm(key, now) else 0.0)
         depth = GaugeMetricFamily("odla_queue_depth", "Jobs waiting for a free slot", labels=["model"])

@@ -30,6 +30,12 @@ ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
 MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
 IN_USE_S = 10.0
+TRUSTED_SLOTS = 2
+"Slots a node is given at once before this operator has seen it answer more than one job at a time."
+LOADED_LATE_S = 1.0
+DOUBT_S = 60.0
+"""A first token this much later than a loaded model's (or half a load's time, when more) took a load;
+for this long after that, a node that had said the model was loaded is not believed on it."""
 "A model that ran a job on a node this recently is in use there: pushing it out costs a load later."
 
 
@@ -102,6 +108,13 @@ class Node:
     Ollama keeps each slot's prompt and answer cached (odla/operator/forecast.py)."""
     joined: int = 0
     "Its place in the order nodes joined (equal nodes take turns in this order)."
+    answering: dict[str, int] = field(default_factory=dict)
+    "Per model key: this operator's jobs here whose first token has come and whose answer has not ended."
+    most_answering: dict[str, int] = field(default_factory=dict)
+    "Per model key: the most of them seen at once: what bounds the slots it claims (``slots_for``)."
+    doubted: dict[str, float] = field(default_factory=dict)
+    """Per model key: until when its word that the model is loaded is not taken (registry clock): a job
+    it said so of answered as late as a load (``checked_warm``)."""
     on_speed: Optional[Callable[["Node", str], None]] = field(default=None, repr=False, compare=False)
     "Told when ``seen_speed`` of a model changes (the registry keeps its nodes in order of speed)."
 
@@ -136,14 +149,47 @@ class Node:
     def active_jobs(self) -> int:
         return sum(self.inflight.values())
 
-    def slots_for(self, key: str) -> int:
+    def said_slots(self, key: str) -> int:
+        """The slots it says its Ollama has for ``key`` (1 when it does not say)."""
         return self.slots.get(key, 1)
+
+    def slots_for(self, key: str) -> int:
+        """Jobs of ``key`` it is given at once: the slots it says it has (1 when it does not say),
+        up to twice the most this operator has seen it answer at once (at least ``TRUSTED_SLOTS``).
+        An honest node's slots are reached in a few doublings; a node that claims a thousand gets two."""
+        return min(self.said_slots(key), max(TRUSTED_SLOTS, 2 * self.most_answering.get(key, 0)))
+
+    def answer_began(self, key: str) -> bool:
+        """A job of ``key`` here sent its first token; True when that gave the node more slots."""
+        now = self.answering[key] = self.answering.get(key, 0) + 1
+        if now <= self.most_answering.get(key, 0):
+            return False
+        before = self.slots_for(key)
+        self.most_answering[key] = now
+        return self.slots_for(key) > before
+
+    def answer_ended(self, key: str) -> None:
+        left = self.answering.get(key, 0) - 1
+        if left > 0:
+            self.answering[key] = left
+        else:
+            self.answering.pop(key, None)
+
+    def checked_warm(self, key: str, said_warm: bool, late: float, load: float, now: float) -> None:
+        """A job of ``key`` here sent its first token ``late`` seconds after a loaded model would have
+        (the forecast's wait and prompt time), ``load`` being a load's time: when it had said the model
+        was loaded and it came a load's time late, its word on that model is not taken for
+        ``DOUBT_S``; a job that came in time restores it."""
+        if late < max(LOADED_LATE_S, load / 2):
+            self.doubted.pop(key, None)
+        elif said_warm:
+            self.doubted[key] = now + DOUBT_S
 
     def free(self, key: str) -> bool:
         return self.inflight.get(key, 0) < self.slots_for(key)
 
     def warm(self, key: str, now: float) -> bool:
-        if key not in self.loaded:
+        if key not in self.loaded or key in self.doubted and self.doubted[key] > now:
             return False
         expires = self.loaded[key]
         return expires is None or expires > now
@@ -153,7 +199,7 @@ class Node:
         recent = self.cached.setdefault(key, OrderedDict())
         recent[conversation] = None
         recent.move_to_end(conversation)
-        while len(recent) > self.slots_for(key):
+        while len(recent) > self.said_slots(key):
             recent.popitem(last=False)
 
     def use(self, key: str, until: float, now: float) -> None:
@@ -213,7 +259,7 @@ class Node:
             healthy=self.healthy,
             active_jobs=self.active_jobs if active_jobs is None else active_jobs,
             jobs_total=self.jobs_total,
-            slots={m: self.slots_for(model_key(m)) for m in self.models},
+            slots={m: self.said_slots(model_key(m)) for m in self.models},  # its word; given: slots_for
             slots_learned=self.slots_learned,
             loaded=[display_name(k) for k in self.loaded if self.warm(k, now)],
             tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,  # the node's word

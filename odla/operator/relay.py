@@ -249,7 +249,7 @@ class Router:
         hide_usage = units is not None and leg is not None and leg.plan.hides_usage  # (whole events)
         watch = leg.watch if leg is not None else None
         out = hashlib.sha256()  # the node's answer as it sent it, which its receipt must name
-        ended = False
+        ended = answering = False
         try:
             async for chunk in body:
                 out.update(chunk)
@@ -291,6 +291,10 @@ class Router:
                         job.first()
                     if hide_usage:
                         chunk = without_usage(chunk)
+                if not answering and job.first_token is not None:
+                    answering = True  # it answers: what the node does at once bounds the slots it claims
+                    if node.answer_began(claim.key):
+                        self.scheduler.wake(claim.key)
                 yield chunk
                 if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
                     ended = True
@@ -307,6 +311,8 @@ class Router:
             raise (Failed if leg is not None else StreamBroken)(f"node {node.node_id} failed mid-stream: {why}") from exc
         finally:
             claim.release()
+            if answering:
+                node.answer_ended(claim.key)
             if watch is not None:
                 watch.stop()
             job.output_hash = "0x" + out.hexdigest()
@@ -325,6 +331,16 @@ class Router:
             self.ended(node, job)
         await _drain(body)
 
+    def _check_warm(self, node: Node, key: str, job: Job) -> None:
+        """Was the node's word that the model was loaded true? Judged by when the first token came, as
+        this operator saw it (the node's own ``load_duration`` could say anything)."""
+        said = job.prediction
+        if said is None or said.node != node.node_id or job.first_token is None:
+            return
+        came = job.first_token - job.started - (job.queue_wait or 0.0)
+        node.checked_warm(key, said.load_s == 0, came - said.prompt_s,
+                          self.scheduler.forecast.load_time(node, key), self.registry.clock())
+
     def ended(self, node: Node, job: Job, learn: bool = True) -> None:
         """The job's answer is complete (an error in its last line: Ollama failed mid-stream); how
         fast its tokens came is the node's speed, as this operator sees it (``learn``: and how long
@@ -334,6 +350,7 @@ class Router:
             if job.error is None and job.first_token is not None:
                 key = model_key(job.model)
                 node.saw(key, job.delivered, time.time() - job.first_token)
+                self._check_warm(node, key, job)
                 if learn:
                     self.scheduler.forecast.learn(node, key, job.usage.output_tokens or job.delivered, job.limited,
                                                   job.usage.load_duration, job.usage.prompt_tokens,

@@ -527,4 +527,4 @@ def _free(node: Node, key: str, planned: Optional[dict[str, list[float]]]) -> bo
     busy = node.inflight.get(key, 0)
     if planned:
         busy += len(planned.get(node.node_id, ()))
-    return busy < node.slots.get(key, 1)
+    return busy < node.slots_for(key)

@@ -464,8 +464,8 @@ def test_metrics_stay_small_whatever_the_nodes_list(operator):
 
 def test_a_node_that_claims_everything_and_answers_nothing_does_not_take_every_job(operator, node, sim):
     """A node says it has 1,000 slots, the model loaded and 10^12 tokens/s, passes its health checks and
-    never answers /run: its jobs go to the honest node after start_timeout, and it counts as failing
-    them; every job is served (0 of 5 on main)."""
+    never answers /run: it is given two jobs at once, not its 1,000; they go to the honest node after
+    start_timeout, and it counts as failing them; every job is served (0 of 5 on main)."""
     async def silent(first: str, reader, writer) -> bool:
         await asyncio.Future()  # never answers a job
         return False
@@ -490,6 +490,8 @@ def test_a_node_that_claims_everything_and_answers_nothing_does_not_take_every_j
         served = asyncio.run(five())
         assert [last for _, last in served] == ['{"done": true}'] * 5, served
         assert time.monotonic() - began < 6
+        sent = [line for line in liar.requests if line.startswith("POST /run")]
+        assert 1 <= len(sent) <= 2, sent  # its claimed 1,000 slots: two until it is seen to answer more at once
     jobs = wait_for(lambda: (found := httpx.get(f"{op.url}/jobs").json()["jobs"]) and len(found) == 5 and found)
     assert {(j["node"], j["outcome"]) for j in jobs} == {("honest", "ok")}
 

@@ -109,3 +109,38 @@ def test_nodes_are_kept_in_order_of_measured_speed_per_model():
     assert order() == ["a", "c"]
     reg.remove("a")
     assert order() == ["c"] and order("mistral:latest") == ["b", "c"]
+
+
+def test_the_slots_a_node_claims_are_given_as_it_is_seen_to_answer_that_many_at_once():
+    reg = Registry(prune_after=30)
+    node = reg.register("n1", "http://n1", ["llama3"], slots={"llama3": 1000})
+    assert node.said_slots("llama3:latest") == 1000 and node.slots_for("llama3:latest") == 2
+    assert node.answer_began("llama3:latest") is False  # one at once: still two
+    assert node.answer_began("llama3:latest") is True and node.slots_for("llama3:latest") == 4  # two: four
+    node.answer_began("llama3:latest")
+    assert node.slots_for("llama3:latest") == 6
+    for _ in range(3):
+        node.answer_ended("llama3:latest")
+    assert node.answering == {} and node.slots_for("llama3:latest") == 6  # the most seen at once stays
+    honest = reg.register("n2", "http://n2", ["llama3"], slots={"llama3": 3})
+    for _ in range(2):
+        honest.answer_began("llama3:latest")
+    assert honest.slots_for("llama3:latest") == 3  # never more than it says
+    assert reg.register("n3", "http://n3", ["llama3"]).slots_for("llama3:latest") == 1
+
+
+def test_a_node_whose_loaded_model_answered_as_late_as_a_load_is_not_believed_on_it_for_a_while():
+    reg = Registry(prune_after=30)
+    loaded = [LoadedModel(name="llama3:latest", expires_at="2099-01-01T00:00:00Z")]
+    node = reg.register("n1", "http://n1", ["llama3"], loaded=loaded)
+    now = reg.clock()
+    assert node.warm("llama3:latest", now)
+    node.checked_warm("llama3:latest", said_warm=True, late=0.3, load=5.0, now=now)  # in time
+    assert node.warm("llama3:latest", now)
+    node.checked_warm("llama3:latest", said_warm=True, late=4.0, load=5.0, now=now)  # a load's time late
+    reg.register("n1", "http://n1", ["llama3"], loaded=loaded)  # it says so again
+    assert not node.warm("llama3:latest", now + 1) and node.warm("llama3:latest", now + 61)
+    node.checked_warm("llama3:latest", said_warm=False, late=0.1, load=5.0, now=now + 2)  # a job came in time
+    assert node.warm("llama3:latest", now + 2)
+    node.checked_warm("llama3:latest", said_warm=False, late=9.0, load=5.0, now=now + 3)  # it was not said loaded
+    assert node.warm("llama3:latest", now + 3)
