@@ -330,7 +330,9 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
             if shape.name == "serial" else paths
         for sim in ("sim", "sim_dial"):
             await set_sim(ports[sim], tokens=shape.tokens, delay=shape.delay)
-        warm = Shape(shape.name, min(shape.concurrency, 20), min(shape.concurrency, 20), shape.tokens, 0, 1)
+        # Warmed at the shape's concurrency: the operator gives a node the slots it has seen it answer
+        # at once (odla.operator.registry.Node.slots_for), so each shape measures the steady state.
+        warm = Shape(shape.name, shape.concurrency, shape.concurrency, shape.tokens, 0, 1)
         for name, port, path, _, model in shape_paths:
             await drive(port, path, warm, "warm-" + name, {"job_id": "warm"} if path == "/run" else None, model)
         runs: dict[str, list[Run]] = {name: [] for name, *_ in shape_paths}

@@ -200,6 +200,15 @@ def test_a_stopped_node_keeps_no_given_up_request_and_ends_its_stream(net):
     reached: list[int] = []
     node_port = int(net.listing()["n1"]["url"].rsplit(":", 1)[1])
     before = established_to(node_port)  # the health checks' keep-alive connection, if any
+    httpx.post(f"{sim}/_sim/config", json={"delay": 0.02}).raise_for_status()  # long enough to overlap
+
+    async def seen_answering_100() -> None:  # the operator gives a node the slots it has seen it use
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=None)) as http:
+            await asyncio.gather(*(http.post(f"{net.op_url}/inference", json={"model": "llama3", "prompt": f"w{i}"})
+                                   for i in range(100)))
+
+    asyncio.run(seen_answering_100())
+    httpx.post(f"{sim}/_sim/config", json={"delay": 0.1}).raise_for_status()
 
     async def during() -> None:  # the most connections to the node while the clients wait
         for _ in range(16):

@@ -15,7 +15,8 @@ LATER = "2027-03-15T08:00:00Z"  # after NOW: still loaded
 
 def cluster(**nodes):
     """``name={"slots": n, "warm": bool, "speed": tps, "claims": tps, "models": [...]}`` -> a scheduler
-    over them: ``speed`` as the operator saw the node's answers arrive, ``claims`` as the node says."""
+    over them: ``speed`` as the operator saw the node's answers arrive, ``claims`` as the node says;
+    each node was seen to answer ``slots`` jobs at once."""
     reg = Registry(prune_after=60, clock=lambda: NOW)
     for name, spec in nodes.items():
         models = spec.get("models", ["llama3:latest"])
@@ -25,6 +26,8 @@ def cluster(**nodes):
         if "speed" in spec:
             for m in models:
                 node.saw(m, 101, 100 / spec["speed"])  # 101 tokens, the last 100 at that speed
+        for m in models:  # seen answering as many at once as it says it can (its slots are given)
+            node.most_answering[m] = spec.get("slots", 1)
     return Scheduler(reg, clock=lambda: NOW), reg
 
 
