@@ -20,8 +20,8 @@ node answers too, and any node whose answer is the odd one out (the other two ag
 drift, and it agrees with neither) fails, as does one that stopped well short of what both others
 gave under the same seed. Otherwise (no third node, or three different answers) the audit says
 nothing. A node that has no peer with its model's digest is asked a canary instead: a request
-whose answer two nodes gave alike in a passed audit (the last ``CANARIES`` per model and digest),
-and held to that answer. What the audits and receipts found is ``(1 + passed) / (1 + passed + 4 x (failed +
+whose answer two other nodes gave alike in a passed audit (the last ``CANARIES`` per model and
+digest; never one it answered, so it cannot know it again), and held to that answer. What the audits and receipts found is ``(1 + passed) / (1 + passed + 4 x (failed +
 disputed))``; a node's reputation is that, weighed by the share of its jobs that ended well
 (``Node.rate``). Under ``quarantine_below`` it gets no jobs, and its receipts from the open epoch on
 are disputed.
@@ -273,26 +273,29 @@ class Auditor:
                     self._failed(job.node, job, f"it counted {claimed} output tokens for an answer of {counted}")
                 else:
                     self._passed(job.node)
-                    self._record(key, digest, capture.request, original)
+                    self._record(key, digest, capture.request, original, set(answers))
                 return
         if len(answers) < 3:
             self.counts["inconclusive"] += 1
             return
         self._judge_three(job, answers)
 
-    def _record(self, key: str, digest: str, request: tuple[str, str, bytes], words: list[str]) -> None:
-        """Two nodes gave this answer to this request: a canary for a node that has no peer later."""
+    def _record(self, key: str, digest: str, request: tuple[str, str, bytes], words: list[str],
+                seen: set[str]) -> None:
+        """Two nodes (``seen``) gave this answer to this request: a canary for a node that has no peer
+        later, unless it is one of them."""
         canaries = self.canaries.setdefault((key, digest), collections.deque(maxlen=CANARIES))
-        canaries.append((request, words))
+        canaries.append((request, words, seen))
 
     async def _canary(self, job: Job, key: str, digest: str) -> None:
         """The node has no peer with its model's digest: ask it a request whose answer two nodes
         gave alike before (recorded from a passed audit), and hold it to that answer."""
-        canaries = self.canaries.get((key, digest))
-        if not canaries:
-            self.counts["inconclusive"] += 1  # none recorded yet: nothing to hold it to
+        unseen = [c for c in self.canaries.get((key, digest), ()) if job.node not in c[2]]
+        if not unseen:  # none recorded yet, or it answered each: a request it saw again would tell it
+            self.counts["inconclusive"] += 1
             return
-        request, expected = canaries[int(self.rng() * len(canaries)) % len(canaries)]
+        request, expected, seen = unseen[int(self.rng() * len(unseen)) % len(unseen)]
+        seen.add(job.node)  # never asked of it twice
         others = [n.node_id for n in self.registry.nodes() if n.node_id != job.node]
         node_id, words, _ = await self._rerun(job, request, others)
         if node_id != job.node:

@@ -53,13 +53,15 @@ def test_a_node_that_substitutes_another_model_is_caught_by_audits_and_gets_no_m
     assert rows["cheat"]["quarantined"] and rows["cheat"]["audits"]["failed"] >= 1 and not rows["a"]["quarantined"]
 
 
-def test_a_node_left_without_peers_is_held_to_the_answers_two_nodes_gave_before(net):
+def test_a_node_left_without_peers_is_held_to_the_answers_two_other_nodes_gave_before(net):
+    """Canaries are requests two other nodes answered alike: never one the audited node saw (it could
+    know it again and answer it honestly alone)."""
     slow = ("--seeded", "--num-parallel", "1", "--delay", "0.02")
-    sims = {"a": net.sim(*slow), "b": net.sim(*slow)}
+    sims = {"a": net.sim(*slow), "b": net.sim(*slow), "c": net.sim(*slow)}
     net.operator(audit_rate=1.0)
-    for name, sim in sims.items():
-        net.node(name, sim)
-    net.wait_nodes("a", "b")
+    for name in ("b", "c"):
+        net.node(name, sims[name])
+    net.wait_nodes("b", "c")
 
     def ask(i: int) -> None:
         httpx.post(f"{net.op_url}/api/generate", json={"model": "llama3", "prompt": f"canary {i}", "stream": False},
@@ -67,9 +69,13 @@ def test_a_node_left_without_peers_is_held_to_the_answers_two_nodes_gave_before(
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # audits pass: their answers become canaries
         list(pool.map(ask, range(6)))
-    wait_for(lambda: net.listing()["a"]["audits"]["passed"] + net.listing()["b"]["audits"]["passed"] >= 2)
-    net.nodes["b"].stop()  # a is alone with its model now
-    wait_for(lambda: "b" not in net.listing() or not net.listing()["b"]["healthy"], timeout=15)
+    wait_for(lambda: net.listing()["b"]["audits"]["passed"] + net.listing()["c"]["audits"]["passed"] >= 2)
+    net.node("a", sims["a"])
+    net.wait_nodes("a", "b", "c")
+    for name in ("b", "c"):  # a is alone with its model now, and has seen none of the canaries
+        net.nodes[name].stop()
+    wait_for(lambda: all(name not in net.listing() or not net.listing()[name]["healthy"] for name in "bc"),
+             timeout=15)
     httpx.post(f"{sims['a']}/_sim/config", json={"cheat": "substitute"}).raise_for_status()
     sent = 100
 

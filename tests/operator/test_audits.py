@@ -47,3 +47,46 @@ def test_a_nodes_outcomes_weigh_on_its_reputation_but_never_quarantine_it_alone(
     node.standing = Standing(failed=1)
     node.rate()
     assert node.reputation < 0.2
+
+
+def test_a_canary_is_never_a_request_the_audited_node_answered():
+    import asyncio
+
+    from odla.core.config import Settings
+    from odla.operator.audits import Auditor
+    from odla.operator.registry import Registry
+    from odla.serving.jobs import Job
+
+    registry = Registry(prune_after=30)
+    for node_id in "abc":
+        registry.register(node_id, f"http://{node_id}", ["llama3"])
+    asked: list[bytes] = []
+
+    class Probe(Auditor):
+        async def _rerun(self, job, request, avoid):
+            asked.append(request[2])
+            return job.node, ["x"] * 40, 40
+
+    auditor = Probe(Settings(), registry, router=None, rng=lambda: 0.0)
+    words = ["x"] * 40
+    auditor._record("llama3:latest", "sha", ("POST", "/api/generate", b"seen by a"), words, {"a", "b"})
+    auditor._record("llama3:latest", "sha", ("POST", "/api/generate", b"b and c"), words, {"b", "c"})
+    job = Job(door="ollama", model="llama3:latest", node="a")
+    asyncio.run(auditor._canary(job, "llama3:latest", "sha"))
+    assert asked == [b"b and c"] and auditor.counts["passed"] == 1
+    asyncio.run(auditor._canary(job, "llama3:latest", "sha"))  # it has seen both now: no canary left for it
+    assert asked == [b"b and c"] and auditor.counts["inconclusive"] == 1
+
+
+def test_a_speed_a_node_made_up_counts_against_it_but_never_quarantines_it_alone():
+    from odla.operator.registry import Node
+
+    honest = Node("n1", "http://127.0.0.1:1", ["llama3"], 0.0, tokens_per_s={"llama3:latest": 50.0})
+    honest.saw("llama3:latest", 41, 2.0)  # 20 tokens/s as relayed: within 3x of what it says
+    assert honest.reputation == 1.0
+    liar = Node("n2", "http://127.0.0.1:2", ["llama3"], 0.0, tokens_per_s={"llama3:latest": 1e12})
+    liar.saw("llama3:latest", 41, 2.0)
+    assert liar.reputation == 0.6
+    unmeasured = Node("n3", "http://127.0.0.1:3", ["llama3"], 0.0, tokens_per_s={"llama3:latest": 1e12})
+    unmeasured.rate()
+    assert unmeasured.reputation == 1.0  # nothing measured yet: nothing to hold it to
