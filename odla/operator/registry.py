@@ -30,6 +30,8 @@ ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
 MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
 IN_USE_S = 10.0
+CLAIM_SLACK, CLAIM_FLOOR = 3.0, 0.6
+"How far a node's reported speed may exceed the measured one, and the least its reputation keeps for it."
 TRUSTED_SLOTS = 2
 "Slots a node is given at once before this operator has seen it answer more than one job at a time."
 LOADED_LATE_S = 1.0
@@ -138,9 +140,23 @@ class Node:
 
     def rate(self) -> None:
         """Its reputation: what audits and receipts found of it (``standing``), weighed by how many
-        of its jobs ended well (a node that fails half its jobs keeps at most 7/8 of it)."""
+        of its jobs ended well (a node that fails half its jobs keeps at most 7/8 of it) and by how its
+        reported speeds hold against those measured (``speed_honesty``)."""
         found = self.standing.reputation if self.standing is not None else 1.0
-        self.reputation = found * (0.75 + 0.25 * (1 + self.ok_jobs) / (1 + self.ok_jobs + self.failed_jobs))
+        ended_well = 0.75 + 0.25 * (1 + self.ok_jobs) / (1 + self.ok_jobs + self.failed_jobs)
+        self.reputation = found * ended_well * self.speed_honesty()
+
+    def speed_honesty(self) -> float:
+        """1 while every speed it reports is at most ``CLAIM_SLACK`` times what this operator measured
+        of its answers (a slow client slows what is measured; a node's own measure leaves the network
+        out); then that bound over its claim, never under ``CLAIM_FLOOR``: a speed it made up counts
+        against it, and alone never quarantines it."""
+        worst = 1.0
+        for key, said in self.tokens_per_s.items():
+            seen = self.seen_speed.get(key)
+            if seen and said > CLAIM_SLACK * seen:
+                worst = min(worst, CLAIM_SLACK * seen / said)
+        return max(CLAIM_FLOOR, worst)
 
     def resting(self, now: float) -> bool:
         return self.resting_until is not None and self.resting_until > now
@@ -242,6 +258,7 @@ class Node:
         rate = (tokens - 1) / seconds
         before = self.seen_speed.get(key)
         self.seen_speed[key] = rate if before is None else SPEED_WEIGHT * rate + (1 - SPEED_WEIGHT) * before
+        self.rate()  # its reported speed is held against it
         if self.on_speed is not None:
             self.on_speed(self, key)
 
