@@ -110,10 +110,9 @@ class Node:
     Ollama keeps each slot's prompt and answer cached (odla/operator/forecast.py)."""
     joined: int = 0
     "Its place in the order nodes joined (equal nodes take turns in this order)."
-    answering: dict[str, int] = field(default_factory=dict)
-    "Per model key: this operator's jobs here whose first token has come and whose answer has not ended."
-    most_answering: dict[str, int] = field(default_factory=dict)
-    "Per model key: the most of them seen at once: what bounds the slots it claims (``slots_for``)."
+    most_at_once: dict[str, int] = field(default_factory=dict)
+    """Per model key: the most jobs this operator had running here when one of them began to answer:
+    what bounds the slots it claims (``slots_for``)."""
     doubted: dict[str, float] = field(default_factory=dict)
     """Per model key: until when its word that the model is loaded is not taken (registry clock): a job
     it said so of answered as late as a load (``checked_warm``)."""
@@ -171,25 +170,19 @@ class Node:
 
     def slots_for(self, key: str) -> int:
         """Jobs of ``key`` it is given at once: the slots it says it has (1 when it does not say),
-        up to twice the most this operator has seen it answer at once (at least ``TRUSTED_SLOTS``).
-        An honest node's slots are reached in a few doublings; a node that claims a thousand gets two."""
-        return min(self.said_slots(key), max(TRUSTED_SLOTS, 2 * self.most_answering.get(key, 0)))
+        up to twice the most this operator had running here when one of them began to answer (at
+        least ``TRUSTED_SLOTS``). An honest node reaches its slots in a few answers; a node that
+        claims a thousand and answers nothing gets two."""
+        return min(self.said_slots(key), max(TRUSTED_SLOTS, 2 * self.most_at_once.get(key, 0)))
 
-    def answer_began(self, key: str) -> bool:
+    def answered(self, key: str) -> bool:
         """A job of ``key`` here sent its first token; True when that gave the node more slots."""
-        now = self.answering[key] = self.answering.get(key, 0) + 1
-        if now <= self.most_answering.get(key, 0):
+        at_once = self.inflight.get(key, 0)
+        if at_once <= self.most_at_once.get(key, 0):
             return False
         before = self.slots_for(key)
-        self.most_answering[key] = now
+        self.most_at_once[key] = at_once
         return self.slots_for(key) > before
-
-    def answer_ended(self, key: str) -> None:
-        left = self.answering.get(key, 0) - 1
-        if left > 0:
-            self.answering[key] = left
-        else:
-            self.answering.pop(key, None)
 
     def checked_warm(self, key: str, said_warm: bool, late: float, load: float, now: float) -> None:
         """A job of ``key`` here sent its first token ``late`` seconds after a loaded model would have

@@ -249,7 +249,7 @@ class Router:
         hide_usage = units is not None and leg is not None and leg.plan.hides_usage  # (whole events)
         watch = leg.watch if leg is not None else None
         out = hashlib.sha256()  # the node's answer as it sent it, which its receipt must name
-        ended = answering = False
+        ended = answered = False
         try:
             async for chunk in body:
                 out.update(chunk)
@@ -291,10 +291,10 @@ class Router:
                         job.first()
                     if hide_usage:
                         chunk = without_usage(chunk)
-                if not answering and job.first_token is not None:
-                    answering = True  # it answers: what the node does at once bounds the slots it claims
-                    if node.answer_began(claim.key):
-                        self.scheduler.wake(claim.key)
+                if not answered and job.first_token is not None:
+                    answered = True  # it answers: what the node does at once bounds the slots it claims
+                    if node.answered(claim.key):  # more slots: the jobs waiting, here and in the cluster
+                        self.scheduler.wake(claim.key, grown=True)
                 yield chunk
                 if lines is not None and lines.ended or tail is not None and _door_ended(chunk):
                     ended = True
@@ -311,8 +311,6 @@ class Router:
             raise (Failed if leg is not None else StreamBroken)(f"node {node.node_id} failed mid-stream: {why}") from exc
         finally:
             claim.release()
-            if answering:
-                node.answer_ended(claim.key)
             if watch is not None:
                 watch.stop()
             job.output_hash = "0x" + out.hexdigest()

@@ -33,7 +33,7 @@ def network(**nodes):
                             loaded=[LoadedModel(name=m, expires_at=WALL_LATER) for m in spec.get("warm", [])])
         for m in models:
             node.saw(m, 101, 100 / spec["speed"])
-            node.most_answering[m] = spec.get("slots", 1)  # seen answering as many at once as it says
+            node.most_at_once[m] = spec.get("slots", 1)  # seen answering with as many at once as it says
         if "load" in spec:
             node.load_s[LLAMA] = spec["load"]
     return Scheduler(reg, clock=clock), reg, clock

@@ -111,22 +111,25 @@ def test_nodes_are_kept_in_order_of_measured_speed_per_model():
     assert order() == ["c"] and order("mistral:latest") == ["b", "c"]
 
 
-def test_the_slots_a_node_claims_are_given_as_it_is_seen_to_answer_that_many_at_once():
+def test_the_slots_a_node_claims_are_given_as_it_is_seen_to_answer_with_that_many_at_once():
     reg = Registry(prune_after=30)
     node = reg.register("n1", "http://n1", ["llama3"], slots={"llama3": 1000})
-    assert node.said_slots("llama3:latest") == 1000 and node.slots_for("llama3:latest") == 2
-    assert node.answer_began("llama3:latest") is False  # one at once: still two
-    assert node.answer_began("llama3:latest") is True and node.slots_for("llama3:latest") == 4  # two: four
-    node.answer_began("llama3:latest")
-    assert node.slots_for("llama3:latest") == 6
-    for _ in range(3):
-        node.answer_ended("llama3:latest")
-    assert node.answering == {} and node.slots_for("llama3:latest") == 6  # the most seen at once stays
+    key = "llama3:latest"
+    assert node.said_slots(key) == 1000 and node.slots_for(key) == 2
+    node.inflight[key] = 1
+    assert node.answered(key) is False and node.slots_for(key) == 2  # one at once: still two
+    node.inflight[key] = 2
+    assert node.answered(key) is True and node.slots_for(key) == 4  # it answers with two: four
+    node.inflight[key] = 3
+    node.answered(key)
+    assert node.slots_for(key) == 6
+    node.inflight[key] = 0
+    assert node.answered(key) is False and node.slots_for(key) == 6  # the most seen at once stays
     honest = reg.register("n2", "http://n2", ["llama3"], slots={"llama3": 3})
-    for _ in range(2):
-        honest.answer_began("llama3:latest")
-    assert honest.slots_for("llama3:latest") == 3  # never more than it says
-    assert reg.register("n3", "http://n3", ["llama3"]).slots_for("llama3:latest") == 1
+    honest.inflight[key] = 2
+    honest.answered(key)
+    assert honest.slots_for(key) == 3  # never more than it says
+    assert reg.register("n3", "http://n3", ["llama3"]).slots_for(key) == 1
 
 
 def test_a_node_whose_loaded_model_answered_as_late_as_a_load_is_not_believed_on_it_for_a_while():

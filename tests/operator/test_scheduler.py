@@ -27,7 +27,7 @@ def cluster(**nodes):
             for m in models:
                 node.saw(m, 101, 100 / spec["speed"])  # 101 tokens, the last 100 at that speed
         for m in models:  # seen answering as many at once as it says it can (its slots are given)
-            node.most_answering[m] = spec.get("slots", 1)
+            node.most_at_once[m] = spec.get("slots", 1)
     return Scheduler(reg, clock=lambda: NOW), reg
 
 
