@@ -11,8 +11,10 @@ table and writes bench/results/latest.json.
 
 Measured per shape and path: time to first token p50/p99, aggregate tokens/s, failures
 (a request without exactly one final line, or with an empty error); per process (sim,
-operator, node, nginx): CPU time per relayed token from /proc/<pid>/task/*/schedstat over
-the measured windows, and peak RSS (VmHWM).
+operator, node, nginx): CPU time per relayed token and per request from
+/proc/<pid>/task/*/schedstat over the measured windows, and peak RSS (VmHWM). The shapes: serial
+(one at a time), paced-100, saturation-50, open-1000 and burst-100 (100 one-token requests at
+once: what a request costs alone).
 """
 
 from __future__ import annotations
@@ -288,6 +290,7 @@ def summarise(runs: list[Run]) -> dict:
     for name in runs[0].cpu if runs else ():
         spent = sum(r.cpu.get(name, 0) for r in runs)
         out[f"cpu_us_per_token_{name}"] = spent / 1000 / tokens if tokens else float("nan")
+        out[f"cpu_us_per_request_{name}"] = spent / 1000 / len(ttft) if ttft else float("nan")
     return out
 
 
@@ -331,7 +334,7 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
         for sim in ("sim", "sim_dial"):
             await set_sim(ports[sim], tokens=shape.tokens, delay=shape.delay)
         # Warmed at the shape's concurrency: the operator gives a node the slots it has seen it answer
-        # at once (odla.operator.registry.Node.slots_for), so each shape measures the steady state.
+        # with (odla.operator.registry.Node.slots_for), so each shape measures the steady state.
         warm = Shape(shape.name, shape.concurrency, shape.concurrency, shape.tokens, 0, 1)
         for name, port, path, _, model in shape_paths:
             await drive(port, path, warm, "warm-" + name, {"job_id": "warm"} if path == "/run" else None, model)
@@ -349,39 +352,38 @@ async def bench(shapes: list[Shape], ports: dict, watch: dict, have_nginx: bool)
 def shapes_for(quick: bool, smoke: bool = False) -> list[Shape]:
     if smoke:  # seconds, for the test suite: proves the benchmark runs, measures nothing
         return [Shape("serial", 1, 10, 20, 0.0, 1), Shape("paced-100", 10, 10, 10, 0.01, 1),
-                Shape("saturation-50", 5, 20, 20, 0.0, 1), Shape("open-1000", 50, 50, 5, 0.05, 1)]
+                Shape("saturation-50", 5, 20, 20, 0.0, 1), Shape("open-1000", 50, 50, 5, 0.05, 1),
+                Shape("burst-100", 10, 10, 1, 0.0, 1)]
     k = 0.25 if quick else 1.0
     return [
         Shape("serial", 1, int(200 * k), 50, 0.0, 3),
         Shape("paced-100", 100, 100, 50, 0.02, max(1, int(3 * k))),
         Shape("saturation-50", 50, int(1000 * k), 50, 0.0, 3),
         Shape("open-1000", 1000, 1000, 10, 0.5, 1),
+        Shape("burst-100", 100, 100, 1, 0.0, max(1, int(10 * k))),  # a request's own cost: one token each
     ]
 
 
 def table(result: dict) -> str:
     rows = [("shape", "path", "ttft p50 ms", "ttft p99 ms", "added p50", "added p99", "tok/s", "x direct",
-             "CPU µs/tok relay", "fail")]
+             "CPU µs/tok relay", "CPU µs/req relay", "fail")]
     for shape, per_path in result["shapes"].items():
         direct = per_path["direct"]
         for name in ("direct", "nginx", "node", "odla", "odla-dial", "odla-redis"):
             r = per_path.get(name)
             if r is None:
                 continue
-            if name.startswith("odla"):
-                relay = f"op {r['cpu_us_per_token_operator']:.1f} + node {r['cpu_us_per_token_node']:.1f}"
-            elif name == "nginx":
-                relay = f"{r['cpu_us_per_token_nginx']:.1f}"
-            elif name == "node":
-                relay = f"node {r['cpu_us_per_token_node']:.1f}"
-            else:
-                relay = "-"
+            relay, per_request = [
+                f"op {r[f'{of}_operator']:.1f} + node {r[f'{of}_node']:.1f}" if name.startswith("odla") else
+                f"{r[f'{of}_nginx']:.1f}" if name == "nginx" else
+                f"node {r[f'{of}_node']:.1f}" if name == "node" else "-"
+                for of in ("cpu_us_per_token", "cpu_us_per_request")]
             added = (r["ttft_p50_ms"] - direct["ttft_p50_ms"], r["ttft_p99_ms"] - direct["ttft_p99_ms"])
             rows.append((shape, name, f"{r['ttft_p50_ms']:.2f}", f"{r['ttft_p99_ms']:.2f}",
                          "-" if name == "direct" else f"{added[0]:+.2f}",
                          "-" if name == "direct" else f"{added[1]:+.2f}",
                          f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / direct['tokens_per_s']:.2f}",
-                         relay, str(r["failures"])))
+                         relay, per_request, str(r["failures"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-|-".join("-" * w for w in widths))

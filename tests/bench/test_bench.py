@@ -40,11 +40,12 @@ def smoke_run(tmp_path, script: str, timeout: float = 180) -> tuple[dict, str]:
 @pytest.mark.solo
 def test_benchmark_smoke_run(tmp_path):
     data, printed = smoke_run(tmp_path, "relay_bench.py")
-    assert set(data["shapes"]) == {"serial", "paced-100", "saturation-50", "open-1000"}
+    assert set(data["shapes"]) == {"serial", "paced-100", "saturation-50", "open-1000", "burst-100"}
     for shape in data["shapes"].values():
         assert shape["odla"]["failures"] == shape["odla-dial"]["failures"] == shape["direct"]["failures"] == 0
         assert shape["odla"]["tokens"] == shape["odla-dial"]["tokens"] == shape["direct"]["tokens"] > 0
         assert shape["odla"]["cpu_us_per_token_operator"] > 0 and shape["odla-dial"]["cpu_us_per_token_operator"] > 0
+        assert shape["odla"]["cpu_us_per_request_operator"] >= shape["odla"]["cpu_us_per_token_operator"]
     assert "dial link / http link" in printed
     assert "ttft p50 ms" in printed and data["peak_rss_mb"]["operator"] > 0
 
