@@ -253,6 +253,7 @@ def summary(result: Result, seconds: float, stats: dict[str, dict]) -> dict:
         "ttft_p95_s": pct(result.ttft, 95), "tokens_per_s": result.tokens / seconds,
         "share": {name: s["requests"] for name, s in stats.items()},
         "model_loads": sum(s["loads"] for s in stats.values()),  # the preloads are not counted
+        "loaded": {name: s.get("loaded", []) for name, s in stats.items() if s.get("loaded")},  # which, where
     }
 
 

@@ -86,6 +86,10 @@ def sim_tokens(prompt: str, n: int) -> list[str]:
     return out
 
 
+LOAD_LOG = 100
+"Loads kept by name in the stats (the count goes on)."
+
+
 @dataclass
 class Behaviour:
     """What the simulator does; every field can change at run time."""
@@ -170,7 +174,8 @@ class Simulator:
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
-                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0}
+                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": []}
+        # loaded: the first LOAD_LOG models it loaded, each with the one it pushed out ("llama3:latest<-mistral:latest")
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
         self.release = asyncio.Event()
@@ -940,6 +945,8 @@ class _Slot:
                 sim.loaded[self.key] = time.time() + KEEP_ALIVE_S
                 sim.loading_until[self.key] = time.time() + b.load_ms / 1000
                 sim.stats["loads"] += 1
+                if len(sim.stats["loaded"]) < LOAD_LOG:
+                    sim.stats["loaded"].append(f"{self.key}<-{evict}" if evict else self.key)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._release()
