@@ -201,8 +201,9 @@ class Scheduler:
     def _choose(self, key: str, now: float, tokens: int, exclude: Iterable[str] = (),
                 planned: Optional[dict[str, list[float]]] = None,
                 prompt: Prompt = Prompt()) -> Optional[tuple[Node, Prediction, bool]]:
-        """The node predicted to finish the job first (among equals: free, idle, not yet measured,
-        then in turn), its prediction, and whether it has a free slot now; None: no node.
+        """The node predicted to finish the job first (among equals: free, then one whose load of the
+        model pushes no other out, idle, not yet measured, then in turn), its prediction, and whether
+        it has a free slot now; None: no node.
         Resting nodes only when no other has the model."""
         excluded = frozenset(exclude)
         scored = self._scored(key, now, tokens, excluded, planned, prompt, awake_only=True) \
@@ -213,6 +214,8 @@ class Scheduler:
         equals = [entry for entry in scored if entry[0] <= best * EQUAL_FINISH]
         if len(equals) > 1:
             equals = ([e for e in equals if e[3]] or equals)  # a free slot
+            equals = ([e for e in equals if e[2] is None or not e[2].load or not e[1].needs_room(key, now)]
+                      or equals)  # a load that pushes no other model out of memory
             equals = ([e for e in equals if not e[1].active_jobs] or equals)
             equals = ([e for e in equals if key not in e[1].seen_speed] or equals)
             equals.sort(key=_joined)  # the cursor turns over the same order, however their speeds change

@@ -253,3 +253,17 @@ def test_a_waiter_that_leaves_the_queue_never_takes_a_newer_queue_with_it():
         with pytest.raises(asyncio.CancelledError):
             await leaving
     asyncio.run(run())
+
+
+def test_among_equals_a_cold_job_goes_where_its_load_pushes_no_model_out():
+    """No speeds measured yet, the model loaded nowhere: a node with room for it beats an idle one
+    that would have to drop its only model (which a later job would load again)."""
+    sched, reg = cluster(room={"slots": 4, "models": ["llama3:latest", "mistral:latest"]},
+                         full={"slots": 1, "models": ["llama3:latest", "mistral:latest"]})
+    for name, room in (("room", 2), ("full", 1)):
+        node = reg.register(name, f"http://{name}", ["llama3:latest", "mistral:latest"],
+                            slots={"llama3:latest": 4 if name == "room" else 1, "mistral:latest": 1},
+                            loaded=[LoadedModel(name="llama3:latest", expires_at=LATER)], max_models=room)
+        node.most_at_once.update({"llama3:latest": 4, "mistral:latest": 1})
+    reg.get("room").inflight["llama3:latest"] = 1  # it runs something; the other is idle
+    assert pick(sched, "mistral") == "room"
