@@ -240,6 +240,13 @@ def stop(procs: Procs, prefix: str) -> None:
         proc.wait(timeout=10)
 
 
+def cold_picks(op_url: str) -> list[dict]:
+    """ODLA's jobs whose first pick was predicted to load the model: when, where, and its prediction."""
+    jobs = httpx.get(f"{op_url}/jobs", params={"limit": 1000}, timeout=30).json()["jobs"]
+    return [{"at": j["started_at"], "model": j["model"], **j["prediction"]} for j in reversed(jobs)
+            if (j.get("prediction") or {}).get("load_s")]
+
+
 def sim_stats(ports: dict[str, int]) -> dict[str, dict]:
     return {name: httpx.get(f"http://127.0.0.1:{port}/_sim/stats").json() for name, port in ports.items()}
 
@@ -307,6 +314,8 @@ def main() -> None:
                                                           lambda: None)
             result, seconds = asyncio.run(drive(route, plan, give_up))
             results[router] = summary(result, seconds, sim_stats(sim_ports))
+            if kind == "odla":  # the jobs it sent where it took the model not to be loaded, and why
+                results[router]["cold_picks"] = cold_picks(route("", 0)[0].rsplit("/api/", 1)[0])
             for prefix in ("sim-", "nginx-", "operator", "node-"):
                 stop(procs, prefix)
             print(f"  {router}: done", flush=True)

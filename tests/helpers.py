@@ -272,7 +272,7 @@ class Network:
     def listing(self) -> dict:
         return {n["node_id"]: n for n in httpx.get(f"{self.op_url}/nodes", timeout=5).json()["nodes"]}
 
-    def wait_nodes(self, *ids: str, timeout: float = 15) -> None:
+    def wait_nodes(self, *ids: str, timeout: float = 30) -> None:  # processes start slowly beside busy workers
         wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
 
 

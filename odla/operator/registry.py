@@ -113,6 +113,8 @@ class Node:
     most_at_once: dict[str, int] = field(default_factory=dict)
     """Per model key: the most jobs this operator had running here when one of them began to answer:
     what bounds the slots it claims (``slots_for``)."""
+    load_began: dict[str, float] = field(default_factory=dict)
+    "Per model key: when this operator last sent it a job of the model while not taking it to be loaded (registry clock)."
     doubted: dict[str, float] = field(default_factory=dict)
     """Per model key: until when its word that the model is loaded is not taken (registry clock): a job
     it said so of answered as late as a load (``checked_warm``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence
@@ -19,7 +20,7 @@ from odla.core.errors import NoNodeError, ODLAError, UpstreamError, message_of
 from odla.serving.jobs import Job
 from odla.operator.nodes import Body, ClientResponse, NodeClient, NodeUnreachable
 from odla.core.names import Prompt, listed, model_key, output_limit, prompt_of
-from odla.operator.registry import Node, Registry
+from odla.operator.registry import LOADED_LATE_S, Node, Registry
 from odla.serving.responses import Opened, Owned, StreamBroken, Tell
 from odla.operator.countersign import AUDIT_CALLER
 from odla.operator.forecast import Prediction
@@ -119,7 +120,10 @@ class Router:
                 job.prediction = predicted(claim.node.node_id, claim.prediction)
             resp = None
             node, key = claim.node, claim.key
-            making_room = node.needs_room(key, self.registry.clock())
+            now = self.registry.clock()
+            if not node.warm(key, now):  # this job loads it: the jobs sent meanwhile wait for the load too
+                node.load_began[key] = now
+            making_room = node.needs_room(key, now)
             if making_room:  # until Ollama has loaded it, the node's other models get no new jobs
                 node.loading[key] = node.loading.get(key, 0) + 1
             try:
@@ -336,8 +340,10 @@ class Router:
         if said is None or said.node != node.node_id or job.first_token is None:
             return
         came = job.first_token - job.started - (job.queue_wait or 0.0)
-        node.checked_warm(key, said.load_s == 0, came - said.prompt_s,
-                          self.scheduler.forecast.load_time(node, key), self.registry.clock())
+        load, now = self.scheduler.forecast.load_time(node, key), self.registry.clock()
+        began = now - (time.time() - job.started)  # on the registry's clock
+        loading = node.load_began.get(key, -math.inf) > began - load - LOADED_LATE_S  # a load this operator began
+        node.checked_warm(key, said.load_s == 0 and not loading, came - said.prompt_s, load, now)
 
     def ended(self, node: Node, job: Job, learn: bool = True) -> None:
         """The job's answer is complete (an error in its last line: Ollama failed mid-stream); how
