@@ -30,15 +30,15 @@ ERROR_WEIGHT = 0.2  # weight of the newest outcome in a node's error average
 SPEED_WEIGHT = 0.3  # weight of the newest answer in a node's speed as the operator saw it
 MIN_TOKENS_SEEN, MIN_SECONDS_SEEN = 3, 0.02  # an answer shorter than this tells no speed
 IN_USE_S = 10.0
+"A model that ran a job on a node this recently is in use there: pushing it out costs a load later."
 CLAIM_SLACK, CLAIM_FLOOR = 3.0, 0.6
 "How far a node's reported speed may exceed the measured one, and the least its reputation keeps for it."
 TRUSTED_SLOTS = 2
-"Slots a node is given at once before this operator has seen it answer more than one job at a time."
+"Slots a node is given at once until one of its jobs began to answer with more of them running there."
 LOADED_LATE_S = 1.0
 DOUBT_S = 60.0
 """A first token this much later than a loaded model's (or half a load's time, when more) took a load;
 for this long after that, a node that had said the model was loaded is not believed on it."""
-"A model that ran a job on a node this recently is in use there: pushing it out costs a load later."
 
 
 @dataclass
