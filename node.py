@@ -335,6 +335,8 @@ class Node:
                     line = p.node_done_line(usage.stats())
                     out.update(line)
                     yield line
+                    with contextlib.suppress(StopAsyncIteration, *OLLAMA_FAILURES):  # the body's end: read,
+                        await parts.__anext__()  # its connection goes back to the pool (closed otherwise)
                     return
                 part = await parts.__anext__()
         except StopAsyncIteration:

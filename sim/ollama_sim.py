@@ -23,7 +23,8 @@ loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_P
 ``num_parallel`` of their model running and had to wait (``queue_s``: the seconds they waited, all
 together, so that its growth over a time is the queue's mean length), and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
-Ollama, too, stops working for. With ``record`` on, ``GET /_sim/sent`` tells how many tokens
+Ollama, too, stops working for, and ``connections``: the client connections requests came on (a
+client that keeps its connection open between requests makes one). With ``record`` on, ``GET /_sim/sent`` tells how many tokens
 each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
 A chat whose last message is the assistant's is continued as Ollama continues it: the answer picks
@@ -174,7 +175,9 @@ class Simulator:
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
-                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": []}
+                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": [], "connections": 0}
+        # connections: the client connections requests came on (a client that reuses its connection makes one)
+        self.peers: set = set()
         # loaded: the first LOAD_LOG models it loaded, each with the one it pushed out ("llama3:latest<-mistral:latest")
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
@@ -195,6 +198,10 @@ class Simulator:
             await self._lifespan(receive, send)
             return
         method, path = scope["method"], scope["path"]
+        peer = tuple(scope.get("client") or ())
+        if peer and peer not in self.peers and not path.startswith("/_sim/"):
+            self.peers.add(peer)
+            self.stats["connections"] = len(self.peers)
         handler = ROUTES.get(path)
         if handler is None:
             await respond(send, 404, b"404 page not found", "text/plain")

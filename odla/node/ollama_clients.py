@@ -79,8 +79,15 @@ def timeouts(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=settings.connect_timeout, read=None, write=None, pool=None)
 
 
+KEEP_OPEN = 2
+"""Idle connections to Ollama kept for the next job. Few: httpcore's pool polls every idle
+connection's socket each time a request starts or ends, which costs more than a connection per
+job once dozens wait (the relay benchmark's saturation shape: the node's CPU per token went from
+41 to 72 µs with 64 kept); one or two jobs at a time reuse theirs, and skip a connect each."""
+
+
 def limits() -> httpx.Limits:
-    return httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    return httpx.Limits(max_connections=None, max_keepalive_connections=KEEP_OPEN)
 
 
 def sdk_client(settings: Settings, **httpx_kwargs: Any) -> ollama.AsyncClient:

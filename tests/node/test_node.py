@@ -151,6 +151,16 @@ def test_caller_disconnect_stops_ollama(sim, node):
     wait_for(lambda: sim.stats()["cancelled"] == 1, timeout=5)
 
 
+def test_jobs_keep_one_connection_to_ollama(sim, node):
+    """A finished answer's connection goes back to the pool: no new TCP connection (and, to a remote
+    Ollama, no round trip) per job."""
+    n = node(OPERATOR_GONE, sim.url)
+    before = sim.stats()["connections"]
+    for _ in range(6):
+        assert run(n.url)[0] == 200
+    assert sim.stats()["connections"] - before <= 2  # (one more when a listing ran beside a job)
+
+
 @pytest.mark.parametrize("host", ["", "1.2.3.4", ":56789", "1.2.3.4:56789", "http://1.2.3.4", "https://1.2.3.4",
                                   "example.com", "example.com:56789/", "https://example.com:56789/path/", "0.0.0.0",
                                   "[0001:002:003:0004::1]", "https://[0001:002:003:0004::1]:56789/path"])
