@@ -1,4 +1,4 @@
-"""ODLA node agent: runs inference jobs on this machine's Ollama, through the ollama SDK.
+"""ODLA node agent: runs inference jobs on this machine's Ollama (the ollama SDK, and httpx beneath it).
 
     python node.py          (NODE_ID, NODE_PORT, NODE_URL, COORDINATOR_URL, OLLAMA_HOST)
     python node.py claim    (take what the node earned from the escrow on chain: odla/node/claim.py)
@@ -18,6 +18,7 @@ dials the operator and serves these same endpoints down that link (``odla.node.d
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ from odla.serving.auth import join_headers, join_token_dependency
 from odla.node.capacity import Capacity, Running, num_parallel
 from odla.core.config import Settings, script_settings
 from odla.node.dial import Dialer, run_dialled
+from odla.node.generation import GenerateLines
 from odla.core.errors import ODLAError, UpstreamError
 from odla.serving.errors import shape_for
 from odla.serving.lifespan import background, serve, stop_serving, tune_gc
@@ -66,6 +68,7 @@ DEFAULT_NODE_PORT = 8001
 OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
     ("POST", path) for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 MANAGING = {("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy")}
 "Ollama's model management, relayed for the operator when the owner allows it (``manage_models``)."
 
@@ -276,7 +279,7 @@ class Node:
             backoff = 0.5
 
     async def open_job(self, job: p.RunRequest, asked: Optional[Asked] = None) -> Opened:
-        """Start the job on Ollama and wait for its first part, so refusals become statuses."""
+        """Start the job on Ollama and wait for its first line, so refusals become statuses."""
         if self.closing:
             raise UpstreamError(SHUTTING_DOWN, 503)
         model = job.model or (self.state.models[0] if self.state.models else None)
@@ -286,19 +289,32 @@ class Node:
         if "keep_alive" in fields:  # within the owner's bounds
             fields["keep_alive"] = bounded(fields["keep_alive"], self.settings.min_keep_alive,
                                            self.settings.max_keep_alive)
+        body = json.dumps({"model": model, "prompt": job.prompt, "stream": True, **fields}).encode()
+        request = self.raw.build_request("POST", "/api/generate", content=body, headers=JSON_HEADERS)
+        lines = GenerateLines(model)
         running = self.capacity.started(model)
+        resp: Optional[httpx.Response] = None
         try:
-            parts = (await self.ollama.generate(model=model, prompt=job.prompt, stream=True, **fields)).__aiter__()
-        except BaseException:
-            self.capacity.ended(running)
-            raise
-        try:
-            first = await parts.__anext__()  # the SDK sends the request here
+            resp = await self.raw.send(request, stream=True)
+            if resp.status_code != 200:  # refused (no such model, busy): as the SDK reads it
+                await resp.aread()
+                raise ollama.ResponseError(resp.text, resp.status_code)
+            chunks = resp.aiter_bytes()
+            first = b""
+            async for data in chunks:  # to the first whole line
+                first = lines.take(data)
+                if first or lines.ended:
+                    break
+            else:
+                first = lines.end()
+            if lines.error is not None and not first:
+                raise lines.error
+            if not first and not lines.ended:
+                raise ODLAError("Ollama ended the stream before any output", 502)
         except BaseException as exc:  # refused, or the operator left while Ollama was starting
             self.capacity.ended(running)
-            await parts.aclose()
-            if isinstance(exc, StopAsyncIteration):
-                raise ODLAError("Ollama ended the stream before any output", 502) from None
+            if resp is not None:
+                await resp.aclose()
             if not isinstance(exc, OLLAMA_FAILURES):
                 raise
             failure = ollama_failure(exc, self.settings.ollama_host)
@@ -310,42 +326,52 @@ class Node:
 
         async def close() -> None:  # whether or not it streamed: Ollama's request, and the job's count
             self.capacity.ended(running)
-            await parts.aclose()
+            await chunks.aclose()
+            await resp.aclose()
 
-        return Opened(Owned(self.relay(job.job_id, first, parts, running, asked), close))
+        return Opened(Owned(self.relay(job.job_id, first, lines, chunks, running, asked), close))
 
-    async def relay(self, job_id: str, part: ollama.GenerateResponse, parts: AsyncIterator,
+    async def relay(self, job_id: str, piece: bytes, lines: GenerateLines, chunks: AsyncIterator[bytes],
                     running: Optional[Running] = None, asked: Optional[Asked] = None) -> AsyncIterator[bytes]:
-        """Ollama's parts as protocol lines; always ends with one final line, which carries
-        Ollama's counts for the operator (``stats``). Logs one line per job, and signs its receipt."""
-        tokens, outcome, usage = 0, "cancelled", Usage()
+        """Ollama's answer as protocol lines, a piece per arrival; always ends with one final line,
+        which carries Ollama's counts for the operator (``stats``). Logs one line per job, and signs
+        its receipt."""
+        outcome, usage = "cancelled", Usage()
         out = new_output()  # what the operator is sent, as its receipt names it
         try:
             while True:
-                if part.response:
-                    tokens += 1
-                    line = p.token_line(part.response)
-                    out.update(line)
-                    yield line
-                if part.done:
-                    usage, outcome = Usage.from_ollama(part), "ok"
-                    self.capacity.measured(part.model, part.eval_count, part.eval_duration)
+                if lines.final is not None:
+                    final = lines.final
+                    usage, outcome = Usage.from_ollama(final), "ok"
+                    self.capacity.measured(lines.model, final.get("eval_count"), final.get("eval_duration"))
                     if running is not None:
                         self.capacity.ended(running, usage)
-                    line = p.node_done_line(usage.stats())
-                    out.update(line)
-                    yield line
-                    with contextlib.suppress(StopAsyncIteration, *OLLAMA_FAILURES):  # the body's end: read,
-                        await parts.__anext__()  # its connection goes back to the pool (closed otherwise)
-                    return
-                part = await parts.__anext__()
-        except StopAsyncIteration:
-            outcome = "error: Ollama ended the stream without a final message"
-            out.update(line := p.error_line(outcome[len("error: "):]))
-            yield line
+                    piece += p.node_done_line(usage.stats())
+                elif lines.error is not None:
+                    outcome = f"error: {lines.error.error}"
+                    piece += p.error_line(lines.error.error)
+                if piece:
+                    out.update(piece)
+                    yield piece
+                if lines.ended:
+                    break
+                piece = b""
+                async for data in chunks:
+                    piece = lines.take(data)
+                    if piece or lines.ended:
+                        break
+                else:
+                    piece = lines.end()
+                    if not lines.ended:
+                        outcome = "error: Ollama ended the stream without a final message"
+                        out.update(piece := piece + p.error_line(outcome[len("error: "):]))
+                        yield piece
+                        return
+            with contextlib.suppress(*OLLAMA_FAILURES):  # the body's end: read, its connection goes back
+                async for _ in chunks:  # to the pool (closed otherwise); Ollama sends nothing after its end
+                    break
         except OLLAMA_FAILURES as exc:
-            message = exc.error if isinstance(exc, ollama.ResponseError) else ollama_failure(
-                exc, self.settings.ollama_host).message
+            message = ollama_failure(exc, self.settings.ollama_host).message
             message = SHUTTING_DOWN if self.closing else message
             outcome = f"error: {message}"
             out.update(line := p.error_line(message))
@@ -353,10 +379,10 @@ class Node:
         finally:
             if running is not None:
                 self.capacity.ended(running)  # (a no-op once counted above)
-            log.info("%s", summary(job_id, part.model, usage, tokens, outcome))
-            self.receipts.sign(asked, part.model, out, usage, tokens, outcome)
+            log.info("%s", summary(job_id, lines.model, usage, lines.tokens, outcome))
+            self.receipts.sign(asked, lines.model, out, usage, lines.tokens, outcome)
             self.report_soon.set()
-            await parts.aclose()  # a caller that left stops the work at Ollama too
+            await chunks.aclose()  # a caller that left stops the work at Ollama too
 
     def may_manage(self, request: Request, method: str, path: str, body: bytes) -> None:
         """Only this node's operator changes its models: over the node's own link, with the join token

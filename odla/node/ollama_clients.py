@@ -1,9 +1,11 @@
 """The node's two clients of its local Ollama, both httpx clients used through public API.
 
-- the ollama SDK's ``AsyncClient``, for jobs (``/run``) and listings;
-- a plain ``httpx.AsyncClient`` on the same base URL, for the ``/ollama/...`` relay that
-  serves the operator's Ollama and OpenAI doors: those pass bytes through untouched,
-  which the SDK (it parses every answer into models) cannot do.
+- the ollama SDK's ``AsyncClient``, for listings (what Ollama has, what it has loaded);
+- a plain ``httpx.AsyncClient`` on the same base URL (the client the SDK runs on), for what
+  is read as it arrives: the ``/ollama/...`` relay that serves the operator's Ollama and OpenAI
+  doors, which passes bytes through untouched, and the answers to jobs (``/run``), read a piece
+  at a time (``odla.node.generation``) rather than as a model object per line, as the SDK's
+  ``generate`` reads them.
 
 Both on httpx's own transport, with no cap on connections (httpx's default, 100, would queue
 the 101st stream out of sight) and proxies and certificates from the environment. Not on
