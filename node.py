@@ -340,21 +340,24 @@ class Node:
         out = new_output()  # what the operator is sent, as its receipt names it
         try:
             while True:
-                if lines.final is not None:
-                    final = lines.final
-                    usage, outcome = Usage.from_ollama(final), "ok"
-                    self.capacity.measured(lines.model, final.get("eval_count"), final.get("eval_duration"))
-                    if running is not None:
-                        self.capacity.ended(running, usage)
-                    piece += p.node_done_line(usage.stats())
-                elif lines.error is not None:
-                    outcome = f"error: {lines.error.error}"
-                    piece += p.error_line(lines.error.error)
+                if lines.ended:
+                    if lines.final is not None:
+                        final = lines.final
+                        usage, outcome = Usage.from_ollama(final), "ok"
+                        self.capacity.measured(lines.model, final.get("eval_count"), final.get("eval_duration"))
+                        if running is not None:
+                            self.capacity.ended(running, usage)
+                        piece += p.node_done_line(usage.stats())
+                    elif lines.error is not None:
+                        outcome = f"error: {lines.error.error}"
+                        piece += p.error_line(lines.error.error)
+                    await _read_end(chunks)  # first: the last piece and the response's end then go in one write
+                    out.update(piece)
+                    yield piece
+                    return
                 if piece:
                     out.update(piece)
                     yield piece
-                if lines.ended:
-                    break
                 piece = b""
                 async for data in chunks:
                     piece = lines.take(data)
@@ -367,9 +370,6 @@ class Node:
                         out.update(piece := piece + p.error_line(outcome[len("error: "):]))
                         yield piece
                         return
-            with contextlib.suppress(*OLLAMA_FAILURES):  # the body's end: read, its connection goes back
-                async for _ in chunks:  # to the pool (closed otherwise); Ollama sends nothing after its end
-                    break
         except OLLAMA_FAILURES as exc:
             message = ollama_failure(exc, self.settings.ollama_host).message
             message = SHUTTING_DOWN if self.closing else message
@@ -467,6 +467,14 @@ class Node:
                 log.info("%s", summary(job[0], job[1], usage, None, outcome))
                 self.receipts.sign(asked, job[1], out, usage, sent, outcome)
             await resp.aclose()  # (its owner closes it too)
+
+
+async def _read_end(chunks: AsyncIterator[bytes]) -> None:
+    """Read the end of an answer whose last line came (Ollama sends nothing after it), so that its
+    connection goes back to the pool: httpcore closes one whose body was not read to its end."""
+    with contextlib.suppress(*OLLAMA_FAILURES):
+        async for _ in chunks:
+            break
 
 
 def models_dir() -> Path:
