@@ -311,10 +311,7 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
         # from here succeeds: that it can reach us says nothing of whether we can reach it.
         doubted = known is not None and not known.healthy and known.url == body.url and body.healthy
         before = capacity(known)
-        node = registry.register(body.node_id, body.url, body.models, healthy=body.healthy and not doubted,
-                                 slots=body.slots, loaded=body.loaded, tokens_per_s=body.tokens_per_s,
-                                 slots_learned=body.slots_learned, digests=body.digests,
-                                 disk_free=body.disk_free, max_models=body.max_models)
+        node = registry.take_report(body, body.url, healthy=body.healthy and not doubted)
         node.address = address
         request.app.state.auditor.restore(node)
         request.app.state.countersigner.take(node, body.receipts)

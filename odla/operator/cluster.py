@@ -138,6 +138,7 @@ class SharedState:
         self.held: dict[str, tuple[str, str]] = {}  # job id -> (node id, model key) of its lease, renewed while held
         self.turns: dict[str, set[_Turn]] = {}  # model key -> the jobs waiting here in the cluster's queue
         self.learned: set[str] = set()  # nodes in this view only because another operator has them
+        self.reports: dict[str, bytes] = {}  # each node's last report read from Redis, as read
         self.releasing: list[tuple[str, str, str]] = []  # leases to release, flushed together, kept until sent
         self.flusher: Optional[asyncio.Future] = None
         self.me = os.urandom(6).hex()
@@ -268,15 +269,21 @@ class SharedState:
             except (ValueError, KeyError, TypeError, ValidationError):
                 continue
             if known is None or known.url != body.url:
-                self.registry.register(body.node_id, body.url, body.models, healthy=body.healthy, slots=body.slots,
-                                       loaded=body.loaded, tokens_per_s=body.tokens_per_s,
-                                       slots_learned=body.slots_learned, max_models=body.max_models)
+                self.registry.take_report(body, body.url)
                 self.learned.add(node_id)
                 changed = True
+            elif self.reports.get(node_id) != record:  # a report since: its models, loaded, slots, digests, disk
+                last_seen = known.last_seen
+                self.registry.take_report(body, body.url, healthy=known.healthy)  # health: as checked
+                known.last_seen = max(last_seen, heard)  # its last heartbeat, to whichever operator
+                changed = True
             else:
-                known.last_seen = max(known.last_seen, heard)  # its last heartbeat, to whichever operator
+                known.last_seen = max(known.last_seen, heard)
+            self.reports[node_id] = record
             if health is not None:
                 changed |= self._take_health(node_id, health, health_ttl, now)
+        for node_id in self.reports.keys() - present:
+            del self.reports[node_id]
         for node_id in self.learned - present:  # alive nowhere now: out of this view too
             self.learned.discard(node_id)
             node = self.registry.get(node_id)

@@ -351,10 +351,7 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
 
 
 def _report(registry: Registry, link: Link, report: p.NodeReport, peer: str) -> Node:
-    node = registry.register(report.node_id, f"{LINK_SCHEME}{peer}", report.models, healthy=report.healthy,
-                             slots=report.slots, loaded=report.loaded, tokens_per_s=report.tokens_per_s,
-                             slots_learned=report.slots_learned, digests=report.digests,
-                             disk_free=report.disk_free, max_models=report.max_models)
+    node = registry.take_report(report, f"{LINK_SCHEME}{peer}")
     node.link = link
     return node
 

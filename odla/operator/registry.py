@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from odla.core.names import display_name, model_key
-from odla.core.protocol import LoadedModel, NodeInfo
+from odla.core.protocol import LoadedModel, NodeInfo, NodeReport
 from odla.core.times import epoch, iso
 
 Clock = Callable[[], float]
@@ -356,6 +356,15 @@ class Registry:
         node.digests = {model_key(m): d for m, d in (digests or {}).items()}
         node.disk_free = disk_free
         return node
+
+    def take_report(self, report: NodeReport, url: str, healthy: Optional[bool] = None) -> Node:
+        """Add or update the node ``report`` describes (a registration, a link's report, or another
+        operator's, through Redis), reached at ``url``; ``healthy``: instead of the report's word."""
+        return self.register(report.node_id, url, report.models,
+                             healthy=report.healthy if healthy is None else healthy, slots=report.slots,
+                             loaded=report.loaded, tokens_per_s=report.tokens_per_s,
+                             slots_learned=report.slots_learned, digests=report.digests,
+                             disk_free=report.disk_free, max_models=report.max_models)
 
     def set_models(self, node: Node, models: list[str]) -> None:
         keys = frozenset(model_key(m) for m in models)

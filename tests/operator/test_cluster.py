@@ -295,6 +295,25 @@ def test_a_node_given_several_operators_joins_each(net, link):
         wait_for(lambda: "n1" not in listed(url), timeout=5)
 
 
+def test_what_a_node_reports_later_reaches_every_operator(two):
+    """Not only its first report: a model it pulled, what it has loaded, its disk, its models' digests
+    (which say whom its answers may be resumed or audited on) reach the operator it never spoke to."""
+    net, other, _ = two
+    sim = one_node(net, other, "2")
+    mine = listed(net.op_url)["n1"]
+    assert mine["disk_free"] is not None and listed(other)["n1"]["disk_free"] == mine["disk_free"]
+    httpx.post(f"{sim}/api/pull", json={"model": "mistral", "stream": False}, timeout=30).raise_for_status()
+    wait_for(lambda: "mistral:latest" in listed(net.op_url)["n1"]["models"], timeout=10)
+    wait_for(lambda: "mistral:latest" in listed(other)["n1"]["models"], timeout=10)
+    net.sim("--build", "other")  # the same models, another build: its digests differ
+    sim2 = list(net.sims)[-1]
+    net.node("n2", sim2)
+    net.wait_nodes("n1", "n2")
+    wait_for(lambda: "n2" in listed(other), timeout=10)
+    for url in (net.op_url, other):
+        assert "llama3:latest" in listed(url)["n1"]["other_builds"], url
+
+
 def test_the_queue_is_the_clusters_fair_across_callers_and_woken_when_a_slot_frees(two):
     """Jobs that find every slot taken queue in Redis: caller A's three jobs, alternating operators,
     are told places 1, 2, 3; caller B's, arriving last at the second operator, is told 2 (callers take
