@@ -27,6 +27,7 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
@@ -300,39 +301,41 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
         signer.take(node, hello.receipts)
         log.info("node %s linked from %s with %s", node.node_id, peer, listed(node.models))
         on_change(grown=True)
-        writer = asyncio.ensure_future(this.writer())
         this.post({"t": "welcome", "node_id": node.node_id, "heartbeat_interval": hello.heartbeat_interval,
                    "operator": signer.identity.address})
+        reason, code = "closed", 1000
 
         async def read() -> None:
-            while True:  # no timer per frame: the watchdog below looks for silence
-                status = this.take(json.loads(await ws.receive_text()))
-                this.heard = loop.time()
-                if status is not None:
-                    before = capacity(node)
-                    _report(registry, this, status, peer)
-                    signer.take(node, status.receipts)
-                    on_change(grown=bool(capacity(node) - before))
+            nonlocal reason, code
+            try:
+                while True:  # no timer per frame: ``watch`` looks for silence
+                    status = this.take(json.loads(await ws.receive_text()))
+                    this.heard = loop.time()
+                    if status is not None:
+                        before = capacity(node)
+                        _report(registry, this, status, peer)
+                        signer.take(node, status.receipts)
+                        on_change(grown=bool(capacity(node) - before))
+            except WebSocketDisconnect as exc:
+                reason, code = f"closed by the node ({exc.code})", exc.code
+            except (ValueError, TypeError, AttributeError, ValidationError) as exc:
+                reason, code = f"bad frame: {str(exc)[:200]}", BAD_FRAME
 
-        reader = asyncio.ensure_future(read())
-        reason, code = "closed", 1000
-        try:
-            while not reader.done():
-                await asyncio.wait([reader], timeout=this.heartbeat)
-                if not reader.done() and loop.time() - this.heard > 3 * this.heartbeat:
-                    reader.cancel()
-                    reason, code = f"silent for {3 * this.heartbeat:g}s", SILENT
-                    break
-            else:
-                reader.result()
-        except WebSocketDisconnect as exc:
-            reason, code = f"closed by the node ({exc.code})", exc.code
-        except (ValueError, TypeError, AttributeError, ValidationError) as exc:
-            reason, code = f"bad frame: {str(exc)[:200]}", BAD_FRAME
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal reason, code
+            while loop.time() - this.heard <= 3 * this.heartbeat:
+                await anyio.sleep(this.heartbeat)
+            reason, code = f"silent for {3 * this.heartbeat:g}s", SILENT
+            scope.cancel()
+
+        try:  # the link's halves in one task group: whichever ends the link ends them all
+            async with anyio.create_task_group() as group:
+                group.start_soon(this.writer)
+                group.start_soon(watch, group.cancel_scope)
+                await read()
+                group.cancel_scope.cancel()
         finally:
-            reader.cancel()
             this.lost(reason)
-            writer.cancel()
             if node.link is this:
                 node.link = None
                 if code == 1000:  # the node left on purpose, as a deregistration
