@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
+import anyio.abc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -91,8 +93,13 @@ class Dialer:
         self.operator = operator or settings.operator_url
         self.url = link_url(self.operator)
         self.heartbeat = settings.heartbeat_interval
-        self.jobs: dict[str, asyncio.Task] = {}
+        self.jobs: dict[str, anyio.CancelScope] = {}
+        "The jobs running on the link, each in its own scope (a ``cancel`` frame cancels it)."
+        self.no_jobs = asyncio.Event()
+        self.no_jobs.set()
         self.credits: dict[str, Credit] = {}
+        self.group: Optional[anyio.abc.TaskGroup] = None
+        "The link's task group while it is up: its status loop and its jobs."
         self.seq = 0
         self.refused: Optional[str] = None
         self.ws: Optional[ClientConnection] = None
@@ -133,8 +140,6 @@ class Dialer:
             except Exception as exc:  # noqa: BLE001 - the link must outlive any one failure
                 log.exception("the link failed unexpectedly")
                 reason = repr(exc)
-            finally:
-                await self.cancel_all()
             if self.closing:
                 return
             if self.linked:  # a link that was up starts the back-off over
@@ -151,8 +156,8 @@ class Dialer:
         node closed its Ollama clients: ``Node.leave``), then a normal close, which the operator takes
         as a deregistration."""
         self.closing = True
-        if self.jobs:
-            await asyncio.wait(list(self.jobs.values()), timeout=1.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.no_jobs.wait(), 1.0)
         if self.ws is not None:
             with contextlib.suppress(ConnectionClosed, OSError):
                 await asyncio.wait_for(self.ws.close(1000, "node shutting down"), 2)
@@ -179,17 +184,27 @@ class Dialer:
         log.info("linked to operator at %s as %s", self.operator, self.node.state.node_id)
         self.node.state.registered_with.add(self.operator)
         self.linked = True
-        statuses = asyncio.ensure_future(self.statuses(ws))
-        try:
-            async for text in ws:
+        closed: Optional[ConnectionClosed] = None
+        try:  # the link's halves (its frames in, its statuses out) and its jobs: one task group, which ends them all
+            async with anyio.create_task_group() as self.group:
+                self.group.start_soon(self.statuses, ws)
                 try:
-                    self.take(ws, json.loads(text))
-                except (ValueError, TypeError, AttributeError) as exc:  # one bad frame is not the link's end
-                    log.warning("bad frame from the operator (%s): %.80r", exc, text)
+                    async for text in ws:
+                        try:
+                            self.take(ws, json.loads(text))
+                        except (ValueError, TypeError, AttributeError) as exc:  # one bad frame is not the link's end
+                            log.warning("bad frame from the operator (%s): %.80r", exc, text)
+                except ConnectionClosed as exc:
+                    closed = exc
+                if self.jobs:  # each stops, and its request to Ollama with it
+                    log.warning("cancelled %d job(s) with the link", len(self.jobs))
+                self.group.cancel_scope.cancel()
         finally:
+            self.group = None
             self.node.state.registered_with.discard(self.operator)
-            statuses.cancel()
             mark(False)
+        if closed is not None:
+            raise closed
 
     def report(self, frame: type, **fields: Any) -> str:
         node, cap = self.node, self.node.capacity
@@ -222,21 +237,33 @@ class Dialer:
 
     def take(self, ws: ClientConnection, frame: dict) -> None:
         kind, job_id = frame.get("t"), str(frame.get("id", ""))
+        assert self.group is not None
         if kind == "run":
             if job_id in self.jobs:  # the running job is left alone
-                asyncio.ensure_future(ws.send(json.dumps({"t": "error", "error": f"duplicate job id {job_id}"})))
+                self.group.start_soon(_say, ws, {"t": "error", "error": f"duplicate job id {job_id}"})
                 return
             self.credits[job_id] = Credit()
-            task = self.jobs[job_id] = asyncio.ensure_future(self.job(ws, job_id, frame))
-            task.add_done_callback(lambda _: (self.jobs.pop(job_id, None), self.credits.pop(job_id, None)))
+            scope = self.jobs[job_id] = anyio.CancelScope()
+            self.no_jobs.clear()
+            self.group.start_soon(self._job, scope, ws, job_id, frame)
         elif kind == "cancel":
-            if (task := self.jobs.get(job_id)) is not None:
-                task.cancel()
+            if (scope := self.jobs.get(job_id)) is not None:
+                scope.cancel()
         elif kind == "credit":
             if (credit := self.credits.get(job_id)) is not None:
                 credit.give(int(frame.get("n", 0)))
         elif kind != "welcome":
             log.warning("unknown frame from the operator: %r", str(kind)[:40])
+
+    async def _job(self, scope: anyio.CancelScope, ws: ClientConnection, job_id: str, frame: dict) -> None:
+        try:
+            with scope, contextlib.suppress(ConnectionClosed):  # (the link's end is the reader's to see)
+                await self.job(ws, job_id, frame)
+        finally:
+            self.jobs.pop(job_id, None)
+            self.credits.pop(job_id, None)
+            if not self.jobs:
+                self.no_jobs.set()
 
     async def job(self, ws: ClientConnection, job_id: str, frame: dict) -> None:
         """One ``run``: the node's app called in-process as the operator would call it over HTTP."""
@@ -296,14 +323,9 @@ class Dialer:
             if not ended:
                 await ws.send(json.dumps({"t": "error", "id": job_id, "error": "the node's answer did not end"}))
 
-    async def cancel_all(self) -> None:
-        """The link is gone: every job on it stops, and its request to Ollama with it."""
-        jobs = list(self.jobs.values())
-        for task in jobs:
-            task.cancel()
-        if jobs:
-            await asyncio.wait(jobs, timeout=1.5)
-            log.warning("cancelled %d job(s) with the link", len(jobs))
+async def _say(ws: ClientConnection, frame: dict) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(json.dumps(frame))
 
 
 def mark(linked: bool) -> None:
@@ -327,10 +349,14 @@ def run_dialled(app: Any) -> Optional[str]:
         async with app.router.lifespan_context(app):
             dialers: list[Dialer] = app.state.dialers
             freeze_gc()
-            waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(d.stopped.wait()) for d in dialers)]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for wait in waits:
-                wait.cancel()
+            async with anyio.create_task_group() as group:  # until a signal, or a refusal
+
+                async def until(event: asyncio.Event) -> None:
+                    await event.wait()
+                    group.cancel_scope.cancel()
+
+                for event in (stop, *(d.stopped for d in dialers)):
+                    group.start_soon(until, event)
             if stop.is_set():  # Ctrl-C, SIGTERM: the running jobs end now, saying why
                 await app.state.node.leave()
             return next((f"{d.operator}: {d.refused}" for d in dialers if d.refused), None)
