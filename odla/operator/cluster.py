@@ -62,7 +62,7 @@ from odla.operator.scheduler import CLUSTER_POLL_S
 from odla.serving.jobs import Job
 from odla.operator.leases import FREED, Leases
 from odla.core.logs import Throttle
-from odla.operator.registry import Node, Registry
+from odla.operator.registry import Node, Registry, capacity
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -273,10 +273,10 @@ class SharedState:
                 self.learned.add(node_id)
                 changed = True
             elif self.reports.get(node_id) != record:  # a report since: its models, loaded, slots, digests, disk
-                last_seen = known.last_seen
+                last_seen, before = known.last_seen, capacity(known)
                 self.registry.take_report(body, body.url, healthy=known.healthy)  # health: as checked
                 known.last_seen = max(last_seen, heard)  # its last heartbeat, to whichever operator
-                changed = True
+                changed |= bool(capacity(known) - before)  # the queue is woken when it can take more
             else:
                 known.last_seen = max(known.last_seen, heard)
             self.reports[node_id] = record
