@@ -300,13 +300,7 @@ class Node:
                 await resp.aread()
                 raise ollama.ResponseError(resp.text, resp.status_code)
             chunks = resp.aiter_bytes()
-            first = b""
-            async for data in chunks:  # to the first whole line
-                first = lines.take(data)
-                if first or lines.ended:
-                    break
-            else:
-                first = lines.end()
+            first = await lines.read(chunks)
             if lines.error is not None and not first:
                 raise lines.error
             if not first and not lines.ended:
@@ -355,21 +349,14 @@ class Node:
                     out.update(piece)
                     yield piece
                     return
-                if piece:
-                    out.update(piece)
-                    yield piece
-                piece = b""
-                async for data in chunks:
-                    piece = lines.take(data)
-                    if piece or lines.ended:
-                        break
-                else:
-                    piece = lines.end()
-                    if not lines.ended:
-                        outcome = "error: Ollama ended the stream without a final message"
-                        out.update(piece := piece + p.error_line(outcome[len("error: "):]))
-                        yield piece
-                        return
+                out.update(piece)
+                yield piece
+                piece = await lines.read(chunks)
+                if not piece and not lines.ended:
+                    outcome = "error: Ollama ended the stream without a final message"
+                    out.update(line := p.error_line(outcome[len("error: "):]))
+                    yield line
+                    return
         except OLLAMA_FAILURES as exc:
             message = ollama_failure(exc, self.settings.ollama_host).message
             message = SHUTTING_DOWN if self.closing else message

@@ -13,6 +13,7 @@ what is loaded, pulls. What Ollama sends is read as the SDK reads it:
 
     lines = GenerateLines(model)
     piece = lines.take(data)      # protocol token lines for the whole lines in data
+    piece = await lines.read(chunks)  # the next piece that has any (b"" at the body's end)
     lines.final                   # Ollama's last message (its counts), once it came
     lines.error                   # the error Ollama ended with, once it came
 """
@@ -20,7 +21,7 @@ what is loaded, pulls. What Ollama sends is read as the SDK reads it:
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import ollama
 
@@ -78,6 +79,15 @@ class GenerateLines:
                 break
         self.tokens += len(out)
         return b"".join(out)
+
+    async def read(self, chunks: AsyncIterator[bytes]) -> bytes:
+        """Read the answer's body (``chunks``) as far as the next piece with token lines, or the last
+        line or an error; at the body's end, its last line if it had no newline (``b""``: none)."""
+        async for data in chunks:
+            piece = self.take(data)
+            if piece or self.ended:
+                return piece
+        return self.end()
 
     def end(self) -> bytes:
         """The body ended: its last line, if it had no newline."""

@@ -1,5 +1,6 @@
 """Ollama's generate stream turned into protocol lines, piece by piece, as the SDK would read it."""
 
+import asyncio
 import json
 
 import ollama
@@ -60,3 +61,18 @@ def test_a_last_line_without_its_newline_is_read_at_the_end():
     assert not lines.ended
     assert lines.end() == p.token_line("b") and lines.final is not None
     assert lines.end() == b""
+
+
+def test_read_goes_on_to_the_next_piece_with_tokens_and_stops_at_the_end():
+    async def body(*pieces: bytes):
+        for piece in pieces:
+            yield piece
+
+    async def run() -> list[bytes]:
+        lines = GenerateLines("llama3")
+        chunks = body(b'{"response": "a", "do', b'ne": false}\n', b"\n", ollama_line(response="b", done=False)[:-1])
+        got = [await lines.read(chunks) for _ in range(3)]
+        assert not lines.ended
+        return got
+
+    assert asyncio.run(run()) == [p.token_line("a"), p.token_line("b"), b""]
