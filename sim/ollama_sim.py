@@ -24,8 +24,8 @@ loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_P
 together, so that its growth over a time is the queue's mean length), and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for, and ``connections``: the client connections requests came on (a
-client that keeps its connection open between requests makes one). With ``record`` on, ``GET /_sim/sent`` tells how many tokens
-each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+client that keeps its connection open between requests makes one). With ``record`` on,
+``GET /_sim/sent`` tells how many tokens each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
 A chat whose last message is the assistant's is continued as Ollama continues it: the answer picks
 up after that message. The simulator's answer to a prompt and seed has a fixed length (``--tokens``)
@@ -176,9 +176,9 @@ class Simulator:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
                       "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": [], "connections": 0}
-        # connections: the client connections requests came on (a client that reuses its connection makes one)
-        self.peers: set = set()
         # loaded: the first LOAD_LOG models it loaded, each with the one it pushed out ("llama3:latest<-mistral:latest")
+        # connections: how many of ``peers``, the client addresses requests came from, there are
+        self.peers: set[tuple] = set()
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
         self.release = asyncio.Event()
