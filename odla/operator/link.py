@@ -309,7 +309,13 @@ def link_router(registry: Registry, settings: Settings, on_change: Callable[...,
             nonlocal reason, code
             try:
                 while True:  # no timer per frame: ``watch`` looks for silence
-                    status = this.take(json.loads(await ws.receive_text()))
+                    # ASGI's receive, not receive_text: once a send to a node that closed has failed,
+                    # Starlette refuses receive_text, and the frames the node sent before its close
+                    # (its jobs' last lines) would never be read
+                    message = await ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+                    status = this.take(json.loads(message.get("text") or message.get("bytes") or b""))
                     this.heard = loop.time()
                     if status is not None:
                         before = capacity(node)
