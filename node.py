@@ -1,4 +1,5 @@
-"""ODLA node agent: runs inference jobs on this machine's Ollama (the ollama SDK, and httpx beneath it).
+"""ODLA node agent: runs inference jobs on this machine's Ollama (its answers read with aiohttp, listings
+with the ollama SDK).
 
     python node.py          (NODE_ID, NODE_PORT, NODE_URL, COORDINATOR_URL, OLLAMA_HOST)
     python node.py claim    (take what the node earned from the escrow on chain: odla/node/claim.py)
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Annotated, AsyncIterator, Callable, Optional
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import ollama
 from fastapi import Depends, FastAPI, Request
@@ -47,7 +49,7 @@ from odla.serving.errors import shape_for
 from odla.serving.lifespan import background, serve, stop_serving, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded
-from odla.node.ollama_clients import OLLAMA_FAILURES, ollama_failure, relay_client, sdk_client
+from odla.node.ollama_clients import OLLAMA_FAILURES, Streams, ollama_failure, sdk_client
 from odla.core.logs import setup_logging
 from odla.core.names import model_key, model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
@@ -68,7 +70,6 @@ DEFAULT_NODE_PORT = 8001
 OLLAMA_DOORS = {("GET", path) for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models")} | {
     ("POST", path) for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
-JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 MANAGING = {("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy")}
 "Ollama's model management, relayed for the operator when the owner allows it (``manage_models``)."
 
@@ -130,14 +131,14 @@ def public_url(settings: Settings) -> str:
 class Node:
     """The node's long-lived parts, owned by the app's lifespan."""
 
-    def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, raw: httpx.AsyncClient,
+    def __init__(self, settings: Settings, ollama_api: ollama.AsyncClient, streams: Streams,
                  http: httpx.AsyncClient, identity: Identity) -> None:
         self.settings = settings
         self.identity = identity  # signs its reports (and receipts)
         self.receipts = ReceiptBook(identity, lambda model: self.state.digests.get(model_key(model)))
         self.operator_addresses: dict[str, str] = {}  # operator URL -> its key, from its answers
         self.ollama = ollama_api  # jobs and listings, through the SDK
-        self.raw = raw  # the /ollama/... relay, bytes as they are
+        self.streams = streams  # jobs' answers and the /ollama/... relay, read as they arrive
         self.http = http  # the operator
         self.state = NodeState(node_id=default_node_id(settings), url=public_url(settings))
         self.capacity = Capacity(ollama_api, num_parallel(settings), settings.max_slots)
@@ -210,7 +211,7 @@ class Node:
         self.closing = True
         await self.deregister()
         await self.ollama.close()
-        await self.raw.aclose()
+        await self.streams.aclose()
 
     async def deregister(self) -> None:
         if not self.state.joined:  # never joined, or left already: nothing of ours to remove
@@ -290,16 +291,14 @@ class Node:
             fields["keep_alive"] = bounded(fields["keep_alive"], self.settings.min_keep_alive,
                                            self.settings.max_keep_alive)
         body = json.dumps({"model": model, "prompt": job.prompt, "stream": True, **fields}).encode()
-        request = self.raw.build_request("POST", "/api/generate", content=body, headers=JSON_HEADERS)
         lines = GenerateLines(model)
         running = self.capacity.started(model)
-        resp: Optional[httpx.Response] = None
+        resp: Optional[aiohttp.ClientResponse] = None
         try:
-            resp = await self.raw.send(request, stream=True)
-            if resp.status_code != 200:  # refused (no such model, busy): as the SDK reads it
-                await resp.aread()
-                raise ollama.ResponseError(resp.text, resp.status_code)
-            chunks = resp.aiter_bytes()
+            resp = await self.streams.send("POST", "/api/generate", body)
+            if resp.status != 200:  # refused (no such model, busy): as the SDK reads it
+                raise ollama.ResponseError(await resp.text(errors="replace"), resp.status)
+            chunks = resp.content.iter_any()
             first = await lines.read(chunks)
             if lines.error is not None and not first:
                 raise lines.error
@@ -308,7 +307,7 @@ class Node:
         except BaseException as exc:  # refused, or the operator left while Ollama was starting
             self.capacity.ended(running)
             if resp is not None:
-                await resp.aclose()
+                self.streams.done(resp)
             if not isinstance(exc, OLLAMA_FAILURES):
                 raise
             failure = ollama_failure(exc, self.settings.ollama_host)
@@ -318,20 +317,20 @@ class Node:
                 log.warning("job %s: %s", job.job_id, failure.message)
             raise failure from exc
 
-        async def close() -> None:  # whether or not it streamed: Ollama's request, and the job's count
+        def close() -> None:  # whether or not it streamed: Ollama's request, and the job's count
             self.capacity.ended(running)
-            await chunks.aclose()
-            await resp.aclose()
+            self.streams.done(resp)
 
-        return Opened(Owned(self.relay(job.job_id, first, lines, chunks, running, asked), close))
+        return Opened(Owned(self.relay(job.job_id, first, lines, resp, running, asked), close))
 
-    async def relay(self, job_id: str, piece: bytes, lines: GenerateLines, chunks: AsyncIterator[bytes],
+    async def relay(self, job_id: str, piece: bytes, lines: GenerateLines, resp: aiohttp.ClientResponse,
                     running: Optional[Running] = None, asked: Optional[Asked] = None) -> AsyncIterator[bytes]:
         """Ollama's answer as protocol lines, a piece per arrival; always ends with one final line,
         which carries Ollama's counts for the operator (``stats``). Logs one line per job, and signs
         its receipt."""
         outcome, usage = "cancelled", Usage()
         out = new_output()  # what the operator is sent, as its receipt names it
+        chunks = resp.content.iter_any()
         try:
             while True:
                 if lines.ended:
@@ -369,7 +368,7 @@ class Node:
             log.info("%s", summary(job_id, lines.model, usage, lines.tokens, outcome))
             self.receipts.sign(asked, lines.model, out, usage, lines.tokens, outcome)
             self.report_soon.set()
-            await chunks.aclose()  # a caller that left stops the work at Ollama too
+            self.streams.done(resp)  # a caller that left stops the work at Ollama too
 
     def may_manage(self, request: Request, method: str, path: str, body: bytes) -> None:
         """Only this node's operator changes its models: over the node's own link, with the join token
@@ -392,8 +391,6 @@ class Node:
         ``keep_alive`` within the owner's bounds."""
         if method == "POST":
             body = bound_body(body, self.settings.min_keep_alive, self.settings.max_keep_alive)
-        request = self.raw.build_request(method, path, content=body, params=query or None,
-                                         headers={"content-type": "application/json"})
         running = None
         if method == "POST" and path in GENERATING:  # a job on Ollama: counted while it runs
             with contextlib.suppress(ValueError):
@@ -401,18 +398,18 @@ class Node:
         try:
             if self.closing:
                 raise UpstreamError(SHUTTING_DOWN, 503)
-            resp = await self.raw.send(request, stream=True)
+            resp = await self.streams.send(method, path, body, query)
         except BaseException as exc:
             if running is not None:
                 self.capacity.ended(running)
-            if not isinstance(exc, httpx.HTTPError):
+            if not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
                 raise
             if self.closing:
                 raise UpstreamError(SHUTTING_DOWN, 503) from exc
             raise ollama_failure(exc, self.settings.ollama_host) from exc
         media = resp.headers.get("content-type", "application/json")
         job = None
-        if method == "POST" and resp.status_code == 200:  # a job: its log line names the model, if it can
+        if method == "POST" and resp.status == 200:  # a job: its log line names the model, if it can
             try:
                 job = (job_id, model_named(body))
             except ValueError:
@@ -423,24 +420,24 @@ class Node:
                 self.capacity.ended(running)
             if (method, path) in MANAGING:  # the operator hears of the node's models now, not at the next beat
                 self.report_soon.set()
-            await resp.aclose()
+            self.streams.done(resp)
 
         return Opened(Owned(self.ollama_body(resp, job, running, asked if job is not None else None), close),
-                      resp.status_code, media)
+                      resp.status, media)
 
-    async def ollama_body(self, resp: httpx.Response, job: Optional[tuple[str, str]] = None,
+    async def ollama_body(self, resp: aiohttp.ClientResponse, job: Optional[tuple[str, str]] = None,
                           running: Optional[Running] = None, asked: Optional[Asked] = None) -> AsyncIterator[bytes]:
         """Ollama's answer as it comes; for a job (its id and model), a log line at its end, and its receipt."""
         tail, outcome, out, sent = Tail(), "cancelled", new_output(), 0
         try:
-            async for data in resp.aiter_raw():
+            async for data in resp.content.iter_any():
                 if job is not None:
                     tail.add(data)
                     out.update(data)
                     sent += door_tokens(data)
                 yield data
             outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             outcome = "error: " + (SHUTTING_DOWN if self.closing else "lost connection to Ollama")
             if self.closing:
                 raise StreamBroken(SHUTTING_DOWN) from exc
@@ -453,12 +450,12 @@ class Node:
                 usage = tail.usage()
                 log.info("%s", summary(job[0], job[1], usage, None, outcome))
                 self.receipts.sign(asked, job[1], out, usage, sent, outcome)
-            await resp.aclose()  # (its owner closes it too)
+            self.streams.done(resp)  # (its owner closes it too)
 
 
 async def _read_end(chunks: AsyncIterator[bytes]) -> None:
     """Read the end of an answer whose last line came (Ollama sends nothing after it), so that its
-    connection goes back to the pool: httpcore closes one whose body was not read to its end."""
+    connection goes back to the pool: one whose body was not read to its end is closed."""
     with contextlib.suppress(*OLLAMA_FAILURES):
         async for _ in chunks:
             break
@@ -523,7 +520,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             api = ollama_api or await stack.enter_async_context(sdk_client(settings))
-            raw = await stack.enter_async_context(relay_client(settings))
+            streams = await stack.enter_async_context(Streams(settings))
             client = http or await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.health_check_timeout,
                                                         connect=settings.connect_timeout)))
@@ -532,7 +529,7 @@ def create_app(settings: Settings, *, ollama_api: Optional[ollama.AsyncClient] =
             except KeyFileError as exc:
                 app.state.startup_error = str(exc)
                 raise
-            node = app.state.node = Node(settings, api, raw, client, me)
+            node = app.state.node = Node(settings, api, streams, client, me)
             node.on_refused = lambda reason: stop_serving(app, reason)
             app.state.on_exit = node.leave
             if settings.link == "dial":  # no registration: a link to each operator is the node's presence

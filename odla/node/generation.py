@@ -1,6 +1,6 @@
 """Ollama's ``/api/generate`` stream, read as it arrives and passed on as ODLA's JSON lines.
 
-The node asks its Ollama for a job's answer over httpx (the client the ollama SDK itself runs on)
+The node asks its Ollama for a job's answer over aiohttp (``odla.node.ollama_clients.Streams``)
 and turns each piece that arrives into protocol lines in one go: a piece often carries several of
 Ollama's lines, and each costs one JSON decode here, not a model object per line and a hop per
 token as the SDK's ``generate`` would. The SDK keeps what it is good at on the node: listings,

@@ -1,39 +1,44 @@
-"""The node's two clients of its local Ollama, both httpx clients used through public API.
+"""The node's two clients of its local Ollama, both used through their public API.
 
-- the ollama SDK's ``AsyncClient``, for listings (what Ollama has, what it has loaded);
-- a plain ``httpx.AsyncClient`` on the same base URL (the client the SDK runs on), for what
-  is read as it arrives: the ``/ollama/...`` relay that serves the operator's Ollama and OpenAI
-  doors, which passes bytes through untouched, and the answers to jobs (``/run``), read a piece
-  at a time (``odla.node.generation``) rather than as a model object per line, as the SDK's
-  ``generate`` reads them.
+- the ollama SDK's ``AsyncClient`` (on httpx), for listings (what Ollama has, what it has
+  loaded) and model management;
+- an aiohttp ``ClientSession`` on the same Ollama, for what is read as it arrives: the answers
+  to jobs (``/run``), read a piece at a time (``odla.node.generation``) rather than as a model
+  object per line as the SDK's ``generate`` reads them, and the ``/ollama/...`` relay that
+  serves the operator's Ollama and OpenAI doors, which passes bytes through untouched.
 
-Both on httpx's own transport, with no cap on connections (httpx's default, 100, would queue
-the 101st stream out of sight) and proxies and certificates from the environment. Not on
-aiohttp (httpx-aiohttp), though it parses in C and halved the node's CPU per token (31 µs
-against 57 µs one request at a time in ``make bench``): when Ollama's connection breaks,
-aiohttp raises before handing over what it had already received, so the tokens Ollama sent
-just before a crash never reached the client (the chaos benchmark lost 48 in 10,000
-requests). httpx yields every byte it received, then raises. A node's CPU per token is small
-beside its GPU's time per token; a lost token is not.
+Streams are on aiohttp (its HTTP parser is in C, its pool takes an idle connection off a list)
+rather than httpx: under the relay benchmark's burst, httpx's request path cost the node about
+1,100 µs of CPU a request at 100 at once, aiohttp's 70 (docs/performance.md). aiohttp raises
+when a body breaks before handing over what it had received but not yet given out; what reads
+a job's answer is always waiting on it when the loop reads the socket (see
+``odla.serving.responses``), so what arrived before a break is handed over first.
+
+No cap on connections (a cap would queue the next stream out of sight); proxies from the
+environment, as the SDK takes them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import ollama
 
 from odla.core.config import Settings
 from odla.core.errors import ODLAError, UpstreamError
+from odla.serving.upstream import done_with
 
 DEFAULT_PORT = 11434
 
-# What a failed ollama SDK call raises: the cases ollama_failure maps.
-OLLAMA_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+# What a failed call to Ollama raises (the SDK's, or a stream's): the cases ollama_failure maps.
+OLLAMA_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, aiohttp.ClientError,
+                   asyncio.TimeoutError, ValueError)
 
 
 def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
@@ -42,12 +47,12 @@ def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
         if exc.status_code in (-1, 500) or exc.status_code >= 500 and exc.status_code != 503:
             return UpstreamError(f"Ollama error: {exc.error}", 502)
         return UpstreamError(exc.error, exc.status_code)
-    if isinstance(exc, (httpx.ConnectError, ConnectionError)):
+    if isinstance(exc, (httpx.ConnectError, aiohttp.ClientConnectorError, ConnectionError)):
         # streaming SDK calls raise httpx.ConnectError, the others ConnectionError
         return UpstreamError(f"Ollama is not reachable at {ollama_host}", 503)
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError)):
         return UpstreamError(f"Ollama at {ollama_host} timed out", 504)
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, (httpx.HTTPError, aiohttp.ClientError)):
         return UpstreamError(f"lost connection to Ollama at {ollama_host}", 502)
     if isinstance(exc, ValueError):
         return UpstreamError(f"Ollama at {ollama_host} sent something that is not Ollama's API", 502)
@@ -82,10 +87,8 @@ def timeouts(settings: Settings) -> httpx.Timeout:
 
 
 KEEP_OPEN = 2
-"""Idle connections to Ollama kept for the next job. Few: httpcore's pool polls every idle
-connection's socket each time a request starts or ends, which costs more than a connection per
-job once dozens wait (the relay benchmark's saturation shape: the node's CPU per token went from
-41 to 72 µs with 64 kept); one or two jobs at a time reuse theirs, and skip a connect each."""
+"""Idle connections the SDK's client keeps (listings: one or two at a time). Few: httpcore's pool
+polls every idle connection's socket each time a request starts or ends."""
 
 
 def limits() -> httpx.Limits:
@@ -99,10 +102,48 @@ def sdk_client(settings: Settings, **httpx_kwargs: Any) -> ollama.AsyncClient:
                               **httpx_kwargs)
 
 
-def relay_client(settings: Settings, **httpx_kwargs: Any) -> httpx.AsyncClient:
-    """A plain client on the same Ollama, for passing its answers through byte for byte."""
-    httpx_kwargs.setdefault("limits", limits())
-    if os.getenv("OLLAMA_API_KEY"):  # as the SDK does
-        httpx_kwargs.setdefault("headers", {"authorization": f"Bearer {os.environ['OLLAMA_API_KEY']}"})
-    return httpx.AsyncClient(base_url=ollama_base_url(settings.ollama_host), timeout=timeouts(settings),
-                             **httpx_kwargs)
+class Streams:
+    """Requests to Ollama whose answers are read as they arrive (aiohttp), and how each ends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base = ollama_base_url(settings.ollama_host)
+        headers = {"Authorization": f"Bearer {os.environ['OLLAMA_API_KEY']}"} if os.getenv("OLLAMA_API_KEY") else None
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            # no read limit (a model load can take minutes; the operator tells a slow Ollama from a
+            # dead node by asking it, see odla/operator/nodes.py); connecting is bounded
+            timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
+            headers=headers, trust_env=True,
+            auto_decompress=False, skip_auto_headers=("Accept-Encoding",))  # bytes as Ollama sent them
+
+        self.open: set[aiohttp.ClientResponse] = set()
+        "Answers being read: closed at ``aclose()`` (closing the session alone does not break them)."
+
+    async def send(self, method: str, path: str, body: bytes, query: str = "") -> aiohttp.ClientResponse:
+        """Send; return once the status and headers are in (the body is read with ``content``, and
+        the response given back with ``done``)."""
+        url = f"{self.base}{path}" + (f"?{query}" if query else "")
+        resp = await self.session.request(method, url, data=body or None, headers=JSON_HEADERS)
+        self.open.add(resp)
+        return resp
+
+    def done(self, resp: aiohttp.ClientResponse) -> None:
+        """The response is read, or given up: its connection goes back to the pool, or is closed."""
+        self.open.discard(resp)
+        done_with(resp)
+
+    async def aclose(self) -> None:
+        """Break every answer being read (each ends with an error its reader turns into a last line),
+        then close the connections."""
+        for resp in list(self.open):
+            self.done(resp)
+        await self.session.close()
+
+    async def __aenter__(self) -> "Streams":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}

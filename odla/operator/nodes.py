@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 import aiohttp
 
 from odla.serving.auth import join_headers, token_for
+from odla.serving.upstream import done_with
 from odla.core.config import Settings
 from odla.core.errors import NodeUnreachable
 from odla.operator.link import LinkResponse
@@ -128,7 +129,7 @@ class NodeClient:
         except FAILURES as exc:
             raise NodeUnreachable(describe(exc)) from exc
         finally:
-            _done_with(resp)
+            done_with(resp)
 
     async def get_json(self, node: Node, path: str, limit: int = MAX_ANSWER) -> tuple[int, bytes]:
         """``GET path`` within ``health_check_timeout``: (status, the whole body). Raises
@@ -221,15 +222,15 @@ class Body:
         try:
             data = await self.resp.content.readany()
         except FAILURES as exc:
-            _done_with(self.resp)
+            done_with(self.resp)
             raise NodeUnreachable(describe(exc)) from exc
         if not data:
-            _done_with(self.resp)
+            done_with(self.resp)
             raise StopAsyncIteration
         return data
 
     async def aclose(self) -> None:
-        _done_with(self.resp)
+        done_with(self.resp)
 
 
 async def _read_upto(resp: ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -241,14 +242,6 @@ async def _read_upto(resp: ClientResponse, limit: int) -> tuple[bytes, bool]:
         size += len(data)
     body = b"".join(pieces)
     return body[:limit], size > limit
-
-
-def _done_with(resp: ClientResponse) -> None:
-    """A body read to its end gives its connection back to the pool; any other is closed."""
-    if resp.content.at_eof() and resp.content.exception() is None:
-        resp.release()
-    else:
-        resp.close()
 
 
 class _Watch:

@@ -8,11 +8,12 @@ A Starlette ``StreamingResponse`` with three things the relay needs:
   the client leaving the whole time: a client that leaves while Ollama queues the job,
   loads the model or reads the prompt cancels the opening, which closes the upstream
   connection, and so the work at Ollama.
-- **batches.** A body that yields line by line (the node's, from the ollama SDK) is read
-  by a producer task that runs until it would wait, while the sender takes everything
-  gathered so far: a burst of tokens costs one write, not one per token. What waits for
-  a slow client is bounded (``_Buffer.LIMIT``), so a slow client slows its upstream down
-  (TCP back-pressure) instead of filling memory. A body that already gathers whatever has
+- **batches.** A body that yields a piece per read (the node's answers from Ollama) is read
+  by a producer (the task that opened it, going on without a wait) that runs until it
+  would wait, while the sender takes everything gathered so far: a burst of tokens costs
+  one write, not one per token. What waits for a slow client is bounded
+  (``_Buffer.LIMIT``), so a slow client slows its upstream down (TCP back-pressure)
+  instead of filling memory. A body that already gathers whatever has
   arrived (``Opened.gathered``: the operator's relay of a node's socket) is batched by
   its source, so one task pumps it, a write per arrival, and waits on each write.
 - **always ends properly.** One place maps failures, with a "response already started"
@@ -137,8 +138,11 @@ class LineStream(StreamingResponse):
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._listen, receive, group.cancel_scope)
-                if self.opening is None or await self._open(group, scope, send):
-                    await self._stream(group, send)
+                buf = _Buffer()
+                if self.opening is None:
+                    group.start_soon(self._produce, buf)
+                if self.opening is None or await self._open(group, scope, send, buf):
+                    await self._stream(send, buf)
                 group.cancel_scope.cancel()  # answered: stop listening
         finally:
             with anyio.CancelScope(shield=True):
@@ -151,11 +155,15 @@ class LineStream(StreamingResponse):
             pass
         scope.cancel()
 
-    async def _open(self, group: anyio.abc.TaskGroup, scope: Scope, send: Send) -> bool:
+    async def _open(self, group: anyio.abc.TaskGroup, scope: Scope, send: Send, buf: "_Buffer") -> bool:
         """Wait for the upstream while listening for the client; False when there is nothing to stream.
 
         The opening may ``tell`` lines before its upstream answers (a queued job's place);
         the first one starts the response, so an error after it is a last line, not a status.
+        A body that is not gathered is then read into ``buf`` by the same task, with no wait in
+        between: whatever reads the upstream is waiting on it whenever the loop reads sockets,
+        so what arrived before a break is read before the break is (aiohttp hands out nothing
+        it had buffered once it has seen the connection break).
         """
         assert self.opening is not None
         opening = self.opening
@@ -174,8 +182,11 @@ class LineStream(StreamingResponse):
                 outcome.append(opened)
             except Exception as exc:  # noqa: BLE001 - every failure is answered
                 outcome.append(exc)
+                return
             finally:
                 ready.set()
+            if not opened.gathered:
+                await self._produce(buf)
 
         group.start_soon(open_upstream)
         while not outcome:
@@ -194,9 +205,9 @@ class LineStream(StreamingResponse):
             await self._error(exc, scope, send)
             return False
         opened = outcome[0]
+        self.gathered = opened.gathered
         if self.started:  # what the upstream answers goes on after the lines told so far
             return True
-        self.gathered = opened.gathered
         self.status_code = opened.status_code
         self.media_type, self.is_stream = opened.media_type, opened.is_stream
         self.init_headers({**self.base_headers, **opened.headers})
@@ -211,7 +222,7 @@ class LineStream(StreamingResponse):
         await self._send(send, self._separator() + self.shape.line(exc.message))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _stream(self, group: anyio.abc.TaskGroup, send: Send) -> None:
+    async def _stream(self, send: Send, buf: "_Buffer") -> None:
         if self.gathered:  # one task: a write per arrival, and the wait on each write is the back-pressure
             try:
                 async for data in self.body_iterator:
@@ -223,8 +234,6 @@ class LineStream(StreamingResponse):
                 return
             await self._finish(None, send)
             return
-        buf = _Buffer()
-        group.start_soon(self._produce, buf)
         while True:
             await buf.ready.wait()
             buf.ready.clear()

@@ -1,6 +1,7 @@
 """The node agent against the simulator through the real ollama SDK, over real sockets."""
 
 import json
+import time
 
 import httpx
 import ollama
@@ -80,6 +81,52 @@ def test_ollama_cut_mid_stream_gives_a_final_error_line(sim, node):
     status, lines = run(n.url)
     assert status == 200 and len(lines) == 4
     assert lines[-1]["done"] is True and "lost connection to Ollama" in lines[-1]["error"]
+
+
+def test_what_ollama_sent_with_its_break_is_relayed_before_the_error(node):
+    """An Ollama whose last lines and broken connection come in one go, once the node is reading:
+    every token that came is relayed, then the error line (not the error in place of the tokens)."""
+    import socket
+    import threading
+
+    def chunk(obj: dict) -> bytes:
+        data = json.dumps(obj).encode() + b"\n"
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    listener = bound_socket()
+    listener.listen()
+
+    def ollama() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                if not request.startswith(b"POST /api/generate"):
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n" + chunk({"response": "a", "done": False}))
+                time.sleep(0.3)  # the node is waiting for more by now
+                conn.sendall(chunk({"response": "b", "done": False}) + chunk({"response": "c", "done": False}))
+                conn.shutdown(socket.SHUT_WR)  # and the connection ends with them
+
+    thread = threading.Thread(target=ollama, daemon=True)
+    thread.start()
+    try:
+        n = node(OPERATOR_GONE, f"http://127.0.0.1:{listener.getsockname()[1]}")
+        for _ in range(3):
+            status, lines = run(n.url)
+            assert status == 200
+            assert [x.get("token") for x in lines[:-1]] == ["a", "b", "c"]
+            assert lines[-1]["done"] is True and "lost connection to Ollama" in lines[-1]["error"]
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 def test_ollama_down_at_start_then_up(node):

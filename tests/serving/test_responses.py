@@ -165,6 +165,28 @@ def test_a_client_leaving_while_the_upstream_opens_cancels_the_opening():
     assert events == ["cancelled"] and sent == []
 
 
+def test_an_opened_body_is_read_on_with_no_turn_of_the_loop_in_between():
+    """The task that opened the upstream reads its body on: nothing else runs, and no socket is
+    read, between the opening's first read and the next, so a break that arrives with the last
+    data cannot be seen before the data (aiohttp hands out nothing it had buffered once it has)."""
+    turns = []
+
+    async def body():
+        yield b"first\n"
+        turns.append(len(ticked))  # 0: the loop did not turn since the opening returned
+        yield b"second\n"
+
+    ticked: list[bool] = []
+
+    async def opening(tell) -> Opened:
+        asyncio.get_running_loop().call_soon(ticked.append, True)  # runs at the loop's next turn
+        return Opened(body())
+
+    sent = run(LineStream(opening=opening))
+    assert turns == [0]
+    assert b"".join(bodies(sent)) == b"first\nsecond\n"
+
+
 def test_the_opened_status_media_type_and_headers_are_sent():
     async def body():
         yield b"data: {}\n\n"
