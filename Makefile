@@ -1,7 +1,7 @@
 # make demo   the whole network and a prompt through it (real Ollama if one answers, else the simulator)
 # make demo-settle  the same, paid through a local chain (anvil): deposit, jobs, ledger, epoch, claim
 # make test   install what the tests need and run them
-# make bench  the relay, cluster (two clusters), multi-turn, chaos, capacity, proofs, audits, settlement and resume benchmarks (docs/performance.md)
+# make bench  the relay, library floors, cluster (two clusters), multi-turn, chaos, capacity, proofs, audits, settlement and resume benchmarks (docs/performance.md)
 # make docs   the docs site (docs/, mkdocs.yml) into .venv/site
 PYTHON ?= python3
 VENV := .venv
@@ -60,6 +60,7 @@ docs: $(VENV)/.dev
 
 bench: $(VENV)/.dev test-tools contracts/node_modules/.installed
 	$(PY) bench/relay_bench.py
+	$(PY) bench/floors.py
 	$(PY) bench/cluster_bench.py --cluster default
 	$(PY) bench/cluster_bench.py --cluster second
 	$(PY) bench/multiturn_bench.py

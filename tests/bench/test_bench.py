@@ -51,6 +51,16 @@ def test_benchmark_smoke_run(tmp_path):
 
 
 @pytest.mark.solo
+def test_floors_benchmark_smoke_run(tmp_path):
+    data, printed = smoke_run(tmp_path, "floors.py")
+    assert set(data["servers_us_per_request"]) == {"ASGI", "FastAPI", "LineStream"}
+    assert all(cost > 0 for cost in data["servers_us_per_request"].values())
+    assert set(data["clients_us_per_request"]) == {"aiohttp", "httpx, keeping all", "httpx, keeping 2"}
+    assert all(cost > 0 for by in data["clients_us_per_request"].values() for cost in by.values())
+    assert "LineStream on uvicorn" in printed
+
+
+@pytest.mark.solo
 def test_cluster_benchmark_smoke_run(tmp_path):
     """Every router is driven with the same arrivals, ODLA and the router told the truth lose none of
     them, and ODLA is judged against the truth."""
