@@ -16,6 +16,11 @@ read as it arrives; CPU per request from ``getrusage``: aiohttp (what the operat
 with, and the node its Ollama), httpx (what the ollama SDK runs on) with its connection pool
 keeping every connection, and keeping two.
 
+Relays of the simulator's answer (50 tokens), one request at a time as the relay benchmark's serial
+shape, each piece passed on as it arrives (aiohttp): a bare ASGI app, and a FastAPI route with a
+``StreamingResponse``; CPU per token and per request: what a relay costs on these libraries with
+none of ODLA's work (scheduling, receipts, metrics, the client's disconnect watched).
+
 Prints a table and writes bench/results/floors.json.
 """
 
@@ -43,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 from bench.relay_bench import cpu_ns, free_port, pids_of, wait_port  # noqa: E402
 
 LINES = (b'{"token": "a", "done": false}\n', b'{"done": true}\n')
+TOKENS = 50
+"The relays' answers: as the relay benchmark's serial shape."
 
 
 # --- the servers (run as ``floors.py --serve KIND --port N``) ----------------------------------------
@@ -78,10 +85,47 @@ def framework(kind: str):
     return app
 
 
-def serve(kind: str, port: int) -> None:
+def relaying(kind: str, upstream: str):
+    """A relay of the upstream's answer, each piece passed on as it arrives (aiohttp, as the
+    operator reads its nodes): bare ASGI, or a FastAPI route with a ``StreamingResponse``."""
+    session: list[aiohttp.ClientSession] = []
+
+    async def pieces(body: bytes):
+        if not session:
+            session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        async with session[0].post(upstream, data=body) as resp:
+            async for data in resp.content.iter_any():
+                yield data
+
+    async def bare_relay(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await bare(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x-ndjson")]})
+        async for data in pieces(body):
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    if kind == "ASGI relay":
+        return bare_relay
+    app = FastAPI()
+
+    @app.post("/run")
+    async def run(request: Request):
+        return StreamingResponse(pieces(await request.body()), media_type="application/x-ndjson")
+    return app
+
+
+def serve(kind: str, port: int, upstream: str = "") -> None:
     import uvicorn
 
-    app = bare if kind == "ASGI" else framework(kind)
+    app = bare if kind == "ASGI" else relaying(kind, upstream) if kind.endswith("relay") else framework(kind)
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
                 access_log=False)
 
@@ -110,12 +154,40 @@ def server_cost(kind: str, requests: int) -> float:
         asyncio.run(load(url, requests))
         return (cpu_ns(pids) - before) / 1e3 / requests
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def relay_cost(kind: str, requests: int, sim_url: str, tokens: int) -> tuple[float, float]:
+    """µs of the relay's CPU per token and per request, one request at a time."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port),
+                             "--upstream", f"{sim_url}/api/generate"], cwd=ROOT)
+    body = json.dumps({"model": "llama3", "prompt": "p"}).encode()
+
+    async def serially(count: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(count):
+                async with session.post(f"http://127.0.0.1:{port}/run", data=body) as resp:
+                    assert (await resp.read()).count(b"\n") == tokens + 1
+    try:
+        wait_port(port)
+        asyncio.run(serially(20))  # warm
+        pids = pids_of(proc)
+        before = cpu_ns(pids)
+        asyncio.run(serially(requests))
+        spent = (cpu_ns(pids) - before) / 1e3
+        return spent / (requests * tokens), spent / requests
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def own_cpu() -> float:
@@ -158,10 +230,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few requests: that it runs")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "floors.json"))
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.upstream)
         return
     requests = 200 if args.smoke else args.requests
     import uvloop
@@ -172,8 +245,16 @@ def main() -> None:
         wait_port(port)
         clients = uvloop.run(client_costs(f"http://127.0.0.1:{port}/run", requests))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        stop(proc)
+    sim_port = free_port()
+    sim = subprocess.Popen([sys.executable, "sim/ollama_sim.py", "--port", str(sim_port), "--tokens", str(TOKENS)],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(sim_port)
+        relays = {kind: relay_cost(kind, requests // 10, f"http://127.0.0.1:{sim_port}", TOKENS)
+                  for kind in ("ASGI relay", "FastAPI relay")}
+    finally:
+        stop(sim)
     print("server, 100 requests at once        | CPU µs/request")
     print("------------------------------------|---------------")
     for kind, cost in servers.items():
@@ -183,10 +264,16 @@ def main() -> None:
     print("------------------------------------|---------------------------|------------")
     for name, cost in clients.items():
         print(f"{name:<36}| {cost[1]:<26.0f}| {cost[100]:.0f}")
+    print()
+    print(f"relay of the simulator's {TOKENS} tokens, one at a time | CPU µs/token | µs/request")
+    print("---------------------------------------------|-------------|-----------")
+    for kind, (per_token, per_request) in relays.items():
+        print(f"{kind + ' (uvicorn, aiohttp)':<45}| {per_token:<12.1f}| {per_request:.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "requests": requests,
-                               "servers_us_per_request": servers, "clients_us_per_request": clients}, indent=2))
+                               "servers_us_per_request": servers, "clients_us_per_request": clients,
+                               "relays_us_per_token_and_request": relays}, indent=2))
     print(f"\nwritten: {out}")
 
 

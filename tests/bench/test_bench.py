@@ -57,7 +57,9 @@ def test_floors_benchmark_smoke_run(tmp_path):
     assert all(cost > 0 for cost in data["servers_us_per_request"].values())
     assert set(data["clients_us_per_request"]) == {"aiohttp", "httpx, keeping all", "httpx, keeping 2"}
     assert all(cost > 0 for by in data["clients_us_per_request"].values() for cost in by.values())
-    assert "LineStream on uvicorn" in printed
+    assert set(data["relays_us_per_token_and_request"]) == {"ASGI relay", "FastAPI relay"}
+    assert all(cost > 0 for by in data["relays_us_per_token_and_request"].values() for cost in by)
+    assert "LineStream on uvicorn" in printed and "FastAPI relay" in printed
 
 
 @pytest.mark.solo
