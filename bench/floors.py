@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -97,9 +98,14 @@ def relaying(kind: str, upstream: str):
             async for data in resp.content.iter_any():
                 yield data
 
+    async def closed() -> None:
+        if session:
+            await session.pop().close()
+
     async def bare_relay(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             await bare(scope, receive, send)
+            await closed()
             return
         body = b""
         while True:
@@ -114,7 +120,13 @@ def relaying(kind: str, upstream: str):
 
     if kind == "ASGI relay":
         return bare_relay
-    app = FastAPI()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await closed()
+
+    app = FastAPI(lifespan=lifespan)
 
     @app.post("/run")
     async def run(request: Request):
@@ -148,7 +160,7 @@ def server_cost(kind: str, requests: int) -> float:
     try:
         wait_port(port)
         url = f"http://127.0.0.1:{port}/run"
-        asyncio.run(load(url, 300))  # warm
+        asyncio.run(load(url, min(300, requests)))  # warm
         pids = pids_of(proc)
         before = cpu_ns(pids)
         asyncio.run(load(url, requests))
@@ -236,7 +248,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.port, args.upstream)
         return
-    requests = 200 if args.smoke else args.requests
+    requests = 100 if args.smoke else args.requests
     import uvloop
     servers = {kind: server_cost(kind, requests) for kind in ("ASGI", "FastAPI", "LineStream")}
     port = free_port()
@@ -251,7 +263,7 @@ def main() -> None:
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(sim_port)
-        relays = {kind: relay_cost(kind, requests // 10, f"http://127.0.0.1:{sim_port}", TOKENS)
+        relays = {kind: relay_cost(kind, max(10, requests // 10), f"http://127.0.0.1:{sim_port}", TOKENS)
                   for kind in ("ASGI relay", "FastAPI relay")}
     finally:
         stop(sim)

@@ -154,9 +154,11 @@ def sign_in(url: str, wallet: Identity) -> str:
     return answer.json()["token"]
 
 
-def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: bool = True) -> dict[str, Any]:
-    """``quick_epochs``: an epoch every 5 s and deposits read every second, so that the books settle
-    within the run; without, the operator's defaults (an epoch an hour, a deposit read every 10 s)."""
+def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: bool = True,
+            epoch_seconds: float = 5) -> dict[str, Any]:
+    """``quick_epochs``: an epoch every ``epoch_seconds`` and deposits read every second, so that the
+    books settle within the run; without, the operator's defaults (an epoch an hour, a deposit read
+    every 10 s)."""
     import httpx
 
     procs = Procs(workdir)
@@ -165,7 +167,7 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
         settings: dict[str, Any] = {"heartbeat_interval": 1, "audit_rate": 0, "jobs_db": str(workdir / "jobs.db"),
                                     "operator_private_key": ANVIL_KEYS[0]}
         if quick_epochs:
-            settings |= {"epoch_seconds": 5, "chain_poll": 1}
+            settings |= {"epoch_seconds": epoch_seconds, "chain_poll": 1}
         escrow = None
         if settle:
             procs.start("anvil", [str(ANVIL), "--host", "127.0.0.1", "--port", str(chain_port), "--silent"])
@@ -213,14 +215,16 @@ def one_run(workdir: Path, jobs: int, settle: bool, seed: int, quick_epochs: boo
                       f"{url}/jobs", params={"outcome": "node_error", "limit": 1000}).json()["jobs"]]}
         if settle and quick_epochs:  # the books can be checked only once an epoch has settled them
             assert escrow is not None
-            result |= settle_and_check(url, escrow, tokens, workdir / "jobs.db", driven["left_lines"])
+            result |= settle_and_check(url, escrow, tokens, workdir / "jobs.db", driven["left_lines"],
+                                       epoch_seconds + 2)
             result["jobs_unrecorded"] = unrecorded(workdir / "jobs.db", driven["seen"])
         return result
     finally:
         procs.stop()
 
 
-def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path, left: dict[str, int]) -> dict:
+def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path, left: dict[str, int],
+                     settled_for: float) -> dict:
     import httpx
 
     admin = {"authorization": f"Bearer {tokens[0]}"}  # no api_keys: any caller reads any account
@@ -231,13 +235,13 @@ def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path,
                 for a in accounts}
 
     # the last receipts come, an epoch closes, its settlement is posted: until the chain says what the
-    # ledger says, twice an epoch and a heartbeat apart (a killed node's jobs stay held: no receipt comes)
+    # ledger says, twice, an epoch and two heartbeats apart (a killed node's jobs stay held: no receipt comes)
     deadline, agreed = time.monotonic() + 120, None
     while True:
         books = statements()
         now = {w.address: (books[w.address]["chain"]["charged_on_chain"], -books[w.address]["balance"]) for w in CLIENTS}
         if all(chain == spent for chain, spent in now.values()):
-            if agreed is not None and agreed[0] == now and time.monotonic() - agreed[1] >= 7:
+            if agreed is not None and agreed[0] == now and time.monotonic() - agreed[1] >= settled_for:
                 break
             agreed = (now, time.monotonic()) if agreed is None or agreed[0] != now else agreed
         else:
@@ -361,8 +365,8 @@ def main() -> None:
     print("in process, per job (us): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
 
     def run(settle: bool, count: int, seed: int, quick_epochs: bool = False) -> dict:
-        with tempfile.TemporaryDirectory(prefix="odla-settle-") as folder:
-            result = one_run(Path(folder), count, settle, seed, quick_epochs)
+        with tempfile.TemporaryDirectory(prefix="odla-settle-") as folder:  # a smoke run's epochs are shorter
+            result = one_run(Path(folder), count, settle, seed, quick_epochs, 2 if args.smoke else 5)
         print(f"{'settled' if settle else 'free':8} {count} jobs in {result['seconds']:.0f} s: ok {result['ok']}, "
               f"errors {result['errors']}, departed {result['departed']}, refused {result['refused']}, hung "
               f"{result['hung']} {result['hung_jobs'][:5]}; operator CPU "
