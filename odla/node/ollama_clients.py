@@ -8,8 +8,8 @@
   serves the operator's Ollama and OpenAI doors, which passes bytes through untouched.
 
 Streams are on aiohttp (its HTTP parser is in C, its pool takes an idle connection off a list)
-rather than httpx: under the relay benchmark's burst, httpx's request path cost the node about
-1,100 µs of CPU a request at 100 at once, aiohttp's 70 (docs/performance.md). aiohttp raises
+rather than httpx: httpx's request path costs 3 to 40 times aiohttp's CPU (``bench/floors.py``:
+about 860 µs a request at 100 at once, keeping two connections, against 77). aiohttp raises
 when a body breaks before handing over what it had received but not yet given out; what reads
 a job's answer is always waiting on it when the loop reads the socket (see
 ``odla.serving.responses``), so what arrived before a break is handed over first.
@@ -115,7 +115,6 @@ class Streams:
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
             headers=headers, trust_env=True,
             auto_decompress=False, skip_auto_headers=("Accept-Encoding",))  # bytes as Ollama sent them
-
         self.open: set[aiohttp.ClientResponse] = set()
         "Answers being read: closed at ``aclose()`` (closing the session alone does not break them)."
 
