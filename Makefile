@@ -52,7 +52,7 @@ tests/js/node_modules/.installed: tests/js/package-lock.json
 # Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
 test: $(VENV)/.dev test-tools contracts/node_modules/.installed tests/js/node_modules/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest -n 2 -m "not solo"
+	$(PY) -m pytest -n 3 -m "not solo"
 	$(PY) -m pytest -m solo
 
 docs: $(VENV)/.dev
