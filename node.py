@@ -49,7 +49,7 @@ from odla.serving.errors import shape_for
 from odla.serving.lifespan import background, serve, stop_serving, tune_gc
 from odla.serving.inbound import build_app, openapi_body, read_body
 from odla.core.keep_alive import bound_body, bounded
-from odla.node.ollama_clients import OLLAMA_FAILURES, Streams, ollama_failure, sdk_client
+from odla.node.ollama_clients import OLLAMA_FAILURES, STREAM_FAILURES, Streams, ollama_failure, sdk_client
 from odla.core.logs import setup_logging
 from odla.core.names import model_key, model_named
 from odla.serving.responses import STREAM_RESPONSES, LineStream, Opened, Owned, StreamBroken
@@ -402,7 +402,7 @@ class Node:
         except BaseException as exc:
             if running is not None:
                 self.capacity.ended(running)
-            if not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+            if not isinstance(exc, STREAM_FAILURES):
                 raise
             if self.closing:
                 raise UpstreamError(SHUTTING_DOWN, 503) from exc
@@ -437,7 +437,7 @@ class Node:
                     sent += door_tokens(data)
                 yield data
             outcome = f"error: {error}" if job is not None and (error := tail.error()) else "ok"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except STREAM_FAILURES as exc:
             outcome = "error: " + (SHUTTING_DOWN if self.closing else "lost connection to Ollama")
             if self.closing:
                 raise StreamBroken(SHUTTING_DOWN) from exc

@@ -36,9 +36,10 @@ from odla.serving.upstream import done_with
 
 DEFAULT_PORT = 11434
 
+STREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
+"What a stream's request (``Streams``) raises when Ollama cannot be reached or its answer breaks."
 # What a failed call to Ollama raises (the SDK's, or a stream's): the cases ollama_failure maps.
-OLLAMA_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, aiohttp.ClientError,
-                   asyncio.TimeoutError, ValueError)
+OLLAMA_FAILURES = (ollama.ResponseError, ConnectionError, httpx.HTTPError, *STREAM_FAILURES, ValueError)
 
 
 def ollama_failure(exc: BaseException, ollama_host: str) -> ODLAError:
@@ -110,8 +111,7 @@ class Streams:
         headers = {"Authorization": f"Bearer {os.environ['OLLAMA_API_KEY']}"} if os.getenv("OLLAMA_API_KEY") else None
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
-            # no read limit (a model load can take minutes; the operator tells a slow Ollama from a
-            # dead node by asking it, see odla/operator/nodes.py); connecting is bounded
+            # no read limit, connecting bounded: as ``timeouts`` says
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout),
             headers=headers, trust_env=True,
             auto_decompress=False, skip_auto_headers=("Accept-Encoding",))  # bytes as Ollama sent them
