@@ -25,7 +25,8 @@ together, so that its growth over a time is the queue's mean length), and ``canc
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for, and ``connections``: the client connections requests came on (a
 client that keeps its connection open between requests makes one). With ``record`` on,
-``GET /_sim/sent`` tells how many tokens each prompt's streams were sent (written to the connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
+``GET /_sim/sent`` tells how many tokens each prompt's streams were sent (written to the
+connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
 A chat whose last message is the assistant's is continued as Ollama continues it: the answer picks
 up after that message. The simulator's answer to a prompt and seed has a fixed length (``--tokens``)
@@ -175,10 +176,9 @@ class Simulator:
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
-                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": [], "connections": 0}
+                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": []}
         # loaded: the first LOAD_LOG models it loaded, each with the one it pushed out ("llama3:latest<-mistral:latest")
-        # connections: how many of ``peers``, the client addresses requests came from, there are
-        self.peers: set[tuple] = set()
+        self.peers: set[tuple] = set()  # the client addresses requests came from: ``connections`` in the stats
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
         self.random = random.Random(0)
         self.release = asyncio.Event()
@@ -199,9 +199,8 @@ class Simulator:
             return
         method, path = scope["method"], scope["path"]
         peer = tuple(scope.get("client") or ())
-        if peer and peer not in self.peers and not path.startswith("/_sim/"):
+        if peer and not path.startswith("/_sim/"):
             self.peers.add(peer)
-            self.stats["connections"] = len(self.peers)
         handler = ROUTES.get(path)
         if handler is None:
             await respond(send, 404, b"404 page not found", "text/plain")
@@ -553,7 +552,7 @@ class Simulator:
         await respond_json(send, 200, {"released": True})
 
     async def sim_stats(self, body: bytes, receive: Receive, send: Send) -> None:
-        await respond_json(send, 200, self.stats)
+        await respond_json(send, 200, {**self.stats, "connections": len(self.peers)})
 
     async def sim_sent(self, body: bytes, receive: Receive, send: Send) -> None:
         await respond_json(send, 200, self.sent)
