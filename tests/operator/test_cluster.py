@@ -300,8 +300,12 @@ def test_what_a_node_reports_later_reaches_every_operator(two):
     (which say whom its answers may be resumed or audited on) reach the operator it never spoke to."""
     net, other, _ = two
     sim = one_node(net, other, "2")
-    mine = listed(net.op_url)["n1"]
-    assert mine["disk_free"] is not None and listed(other)["n1"]["disk_free"] == mine["disk_free"]
+
+    def same_disk() -> bool:  # the disk is real and shared: it may change between two heartbeats
+        mine = listed(net.op_url)["n1"]["disk_free"]
+        return mine is not None and listed(other)["n1"]["disk_free"] == mine
+
+    wait_for(same_disk, timeout=10)
     httpx.post(f"{sim}/api/pull", json={"model": "mistral", "stream": False}, timeout=30).raise_for_status()
     wait_for(lambda: "mistral:latest" in listed(net.op_url)["n1"]["models"], timeout=10)
     wait_for(lambda: "mistral:latest" in listed(other)["n1"]["models"], timeout=10)
