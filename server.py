@@ -205,7 +205,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
                 auditor.on_stand = shared.share_standing
             await auditor.open()
             app.state.countersigner.auditor = auditor
-            auditor.on_quarantine = lambda node: receipts.dispute_open(node.node_id, "the node is quarantined")
+            def quarantined(node: Node) -> None:
+                if node.address is not None:  # (an unsigned node has no receipts)
+                    receipts.dispute_open(node.node_id, node.address, "the node is quarantined")
+            auditor.on_quarantine = quarantined
             if shared is not None:
                 checker.shared, shared.on_unreachable = shared, router.abort
                 receipts.mirror = shared.add_receipts
@@ -277,8 +280,9 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     def job_ended(job: Job) -> None:
         counted.observe(job)
         activity.add(job)
-        app.state.receipts.ended(job)
-        app.state.countersigner.ended(job)
+        for record in (job, *job.parts):  # a resumed answer's later legs: each node's receipt, on its own
+            app.state.receipts.ended(record)
+            app.state.countersigner.ended(record)
         app.state.auditor.ended(job)
         if app.state.purse is not None:
             app.state.purse.ended(job)

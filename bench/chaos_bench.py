@@ -286,7 +286,9 @@ def receipts(dbs: list[Path]) -> dict[str, dict]:
     for db in dbs:
         with sqlite3.connect(db) as conn:
             conn.row_factory = sqlite3.Row
-            for row in conn.execute("SELECT id, node, door, outcome, error, output_tokens, legs FROM jobs"):
+            # (a resumed answer's later legs are records of their own, part_of their job: counted in its row)
+            for row in conn.execute("SELECT id, node, door, outcome, error, output_tokens, legs FROM jobs "
+                                    "WHERE part_of IS NULL"):
                 rows[row["id"]] = {**dict(row), "legs": json.loads(row["legs"]) if row["legs"] else None}
     return rows
 

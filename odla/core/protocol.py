@@ -308,6 +308,9 @@ class JobLeg(BaseModel):
     node: str
     tokens: int
     "Output tokens it gave that the client was sent."
+    job: str
+    """The record that holds this node's signed receipt and charge: the job itself for the first node,
+    ``{id}.{n}`` (``GET /jobs/{id}.{n}``) for the n-th node after it."""
 
 
 class JobReceipt(BaseModel):
@@ -344,7 +347,11 @@ class JobReceipt(BaseModel):
     "The scheduler's prediction for the job (null when it reached no node)."
     legs: Optional[list[JobLeg]] = None
     """When a node failed mid-answer (resumable or not): each node in turn that gave part of the answer,
-    and the tokens it gave (null: no node failed it mid-answer). ``node`` is the last of them."""
+    and the tokens it gave (null: no node failed it mid-answer). ``node`` is the last of them; ``receipt``
+    is the first one's."""
+    part_of: Optional[str] = None
+    """Set on the record of a resumed answer's later leg (``legs[n].job``): the job it is part of. Such
+    records are read by id; listings show the jobs clients asked for."""
     receipt: Optional[dict[str, Any]] = None
     """The job's receipt as its node and this operator signed it: EIP-712 typed data (``types``,
     ``primaryType``, ``domain``, ``message``); null until the node's signed receipt has come (with its

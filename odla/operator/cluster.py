@@ -393,6 +393,8 @@ class SharedState:
             return
         indexes: dict[str, dict[str, float]] = {}
         for job in jobs:
+            if job.part_of is not None:  # a resumed answer's later leg: read by its id, listed in its job's legs
+                continue
             for index in (JOBS, *_indexes(job.model, job.node, job.outcome, job.caller)):
                 indexes.setdefault(index, {})[job.id] = job.started
         try:

@@ -111,7 +111,7 @@ class Countersigner:
         if node.address is None or recover(digest, signature) != node.address or receipt.node != node.address:
             raise BadSignature(f"not signed by the node's key {node.address}")
         job = self.awaiting.get(receipt.job_id)
-        if receipt.operator != self.identity.address or job is None or job.node != node.node_id:
+        if receipt.operator != self.identity.address or job is None or job.runner != node.node_id:
             log.debug("node %s sent a receipt for a job this operator is not waiting on: %s", node.node_id,
                       receipt.job_id[:40])
             return
@@ -131,14 +131,16 @@ class Countersigner:
         self.on_charge(job)
 
     def charge(self, job: Job, receipt: Receipt) -> Charge:
-        """What the job costs: the prompt its node read, and the output the client was sent (never more
-        than the receipt claims, nor than the operator relayed: a client that left pays for what it got)."""
+        """What the job costs: the prompt its node read, and the output the client was sent from that node
+        (never more than the receipt claims, nor than the operator relayed: a client that left pays for what
+        it got). A resumed answer's later leg is paid for its output only: the client pays for its prompt
+        once, to the first node, and not again for a failure that was none of its doing."""
         assert self.prices is not None
-        output = min(receipt.output_tokens, job.sent)
-        cost = self.prices.cost(job.model, receipt.prompt_tokens, output)
+        output = min(receipt.output_tokens, job.own_tokens)
+        prompt = 0 if job.part_of is not None else receipt.prompt_tokens
+        cost = self.prices.cost(job.model, prompt, output)
         _, fee = self.prices.split(cost)  # the node's share is what the fee leaves: Charge.entries
-        return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee,
-                      receipt.prompt_tokens, output)
+        return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee, prompt, output)
 
     @staticmethod
     def dispute(job: Job, receipt: Receipt) -> Optional[str]:
@@ -147,8 +149,8 @@ class Countersigner:
             return f"the receipt names model {receipt.model}, the job asked for {job.model}"
         if receipt.request_hash != job.request_hash:
             return "the receipt's request is not the one this operator sent"
-        if receipt.outcome == "ok" and job.outcome == "ok":  # the whole answer was read: it can be held to it
-            if receipt.output_hash != job.output_hash:
+        if receipt.outcome == "ok" and job.outcome == "ok" and not job.legs:  # its whole answer was read:
+            if receipt.output_hash != job.output_hash:                       # it can be held to it
                 return "the receipt's output is not the answer this operator relayed"
             ratio, extra = PADDING
             if job.delivered and receipt.output_tokens > job.delivered * ratio + extra:

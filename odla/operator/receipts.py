@@ -44,8 +44,9 @@ PROOF = {"node_address": "TEXT", "request_hash": "TEXT", "output_hash": "TEXT", 
 "What the job's receipt proves (``odla.operator.countersign``): columns added to a database made before them."
 EPOCH = {"epoch": "INTEGER", "leaf_index": "INTEGER"}
 "The epoch whose Merkle tree holds the job's receipt, and its place there (``odla.operator.epochs``)."
-RESUMED = {"legs": "TEXT"}
-"When another node finished the answer: each node and the tokens it gave, as JSON (``odla.operator.resume``)."
+RESUMED = {"legs": "TEXT", "part_of": "TEXT"}
+"""When another node finished the answer: each node and the tokens it gave, as JSON; on a later leg's own
+record, the job it is part of (``odla.operator.resume``)."""
 ADDED = {**PREDICTION, **PROOF, **EPOCH, **RESUMED}
 COLUMNS = ("id", "started", "model", "node", "door", "outcome", "error", "caller", "first_token", "finished",
            "failovers", "queue_wait", *USAGE, *PREDICTION, *PROOF, *RESUMED)
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     load_duration INTEGER, prompt_eval_duration INTEGER, eval_duration INTEGER, predicted_node TEXT,
     predicted_wait REAL, predicted_load REAL, predicted_run REAL, predicted_tokens INTEGER, predicted_prompt REAL,
     node_address TEXT, request_hash TEXT, output_hash TEXT, receipt TEXT, node_signature TEXT, operator_signature TEXT,
-    disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER, legs TEXT);
+    disputed TEXT, receipt_digest TEXT, epoch INTEGER, leaf_index INTEGER, legs TEXT, part_of TEXT);
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started);
 CREATE TABLE IF NOT EXISTS epochs (number INTEGER PRIMARY KEY, typed TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS standings (node_id TEXT PRIMARY KEY, passed INTEGER NOT NULL, failed INTEGER NOT NULL,
@@ -84,7 +85,7 @@ class Receipts:
         self.running: dict[str, Job] = {}
         self.pending: list[Job] = []
         self.bindings: list[tuple[str, str, float]] = []
-        self.disputes: list[tuple[str, str]] = []
+        self.disputes: list[tuple[str, str, str]] = []
         self.standings: dict[str, tuple[int, int, int]] = {}
         self.signatures: list[tuple[str, str, str, Optional[str], str, str]] = []
         """Receipts signed by their nodes and countersigned since the last batch: (message, node's,
@@ -154,9 +155,10 @@ class Receipts:
         rows = await self._call(self._select, "SELECT node_id, passed, failed, disputed FROM standings", ())
         return {node_id: (passed, failed, disputed) for node_id, passed, failed, disputed in rows}
 
-    def dispute_open(self, node_id: str, reason: str) -> None:
-        """The node's receipts not yet in a closed epoch are disputed (with the next batch)."""
-        self.disputes.append((reason, node_id))
+    def dispute_open(self, node_id: str, address: str, reason: str) -> None:
+        """The receipts signed by the node's key that are not yet in a closed epoch are disputed (with the
+        next batch): found by its key, as a resumed job's row names its last node and holds its first's receipt."""
+        self.disputes.append((reason, node_id, address))
 
     def bind(self, node_id: str, address: str) -> None:
         self.bindings.append((node_id, address, self.clock()))
@@ -212,9 +214,10 @@ class Receipts:
     async def find(self, model: Optional[str] = None, node: Optional[str] = None, outcome: Optional[str] = None,
                    since: Optional[float] = None, limit: int = 50, offset: int = 0,
                    caller: Optional[str] = None) -> list[JobReceipt]:
-        """Ended jobs, newest first (``caller``: only that caller's)."""
+        """Ended jobs, newest first (``caller``: only that caller's); a resumed answer's later legs
+        are in their job's ``legs``, not listed."""
         await self.flush()
-        where, args = [], []
+        where, args = ["part_of IS NULL"], []
         for column, value in (("model", model), ("node", node), ("outcome", outcome), ("caller", caller)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -222,7 +225,7 @@ class Receipts:
         if since is not None:
             where.append("started >= ?")
             args.append(since)
-        sql = (f"SELECT {', '.join(COLUMNS)} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE {' AND '.join(where)} "
                "ORDER BY started DESC, rowid DESC LIMIT ? OFFSET ?")
         return [_receipt(row) for row in await self._call(self._select, sql, (*args, limit, offset))]
 
@@ -260,14 +263,14 @@ class Receipts:
             self._db.executemany("INSERT OR REPLACE INTO standings (node_id, passed, failed, disputed) VALUES (?, ?, ?, ?)",
                                  rows)
 
-    def _dispute(self, rows: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    def _dispute(self, rows: list[tuple[str, str, str]]) -> list[tuple[str, int]]:
         assert self._db is not None
         refunds = []
         with self._db:  # disputed, and what they moved undone by new entries, in one transaction
-            for reason, node_id in rows:
+            for reason, node_id, address in rows:
                 open_ = [job_id for (job_id,) in self._db.execute(
-                    "SELECT id FROM jobs WHERE node = ? AND receipt IS NOT NULL AND epoch IS NULL AND disputed IS NULL",
-                    (node_id,))]
+                    "SELECT id FROM jobs WHERE node_address = ? AND receipt IS NOT NULL AND epoch IS NULL "
+                    "AND disputed IS NULL", (address,))]
                 self._db.executemany("UPDATE jobs SET disputed = ? WHERE id = ?", ((reason, j) for j in open_))
                 undone = ledger.reverse(self._db, open_, self.clock())
                 if undone:
@@ -327,7 +330,7 @@ def _row(job: Job) -> tuple:
     return (job.id, job.started, job.model, job.node or None, job.door, job.outcome, job.error, job.caller or None,
             job.first_token, job.finished, job.failovers, job.queue_wait, *astuple(job.usage), *predicted,
             job.node_address, job.request_hash, job.output_hash, *(job.signed or (None,) * 5),
-            json.dumps(job.legs) if job.legs else None)
+            json.dumps(job.legs) if job.legs else None, job.part_of)
 
 
 def _receipt(row: tuple) -> JobReceipt:
@@ -339,9 +342,10 @@ def _receipt(row: tuple) -> JobReceipt:
     signed = (typed, node_signature, operator_signature, disputed, digest) if typed else None
     legs = [(node, tokens) for node, tokens in json.loads(data.pop("legs"))] if data.get("legs") else []
     data.pop("legs", None)
+    part_of = data.pop("part_of")
     prompt = prompt or 0.0  # a receipt written before prompts were predicted
     prediction = JobPrediction(node=node, finish_s=round(wait + load + prompt + run, 3), wait_s=wait, load_s=load,
                                prompt_s=prompt, run_s=run, tokens=tokens) if node is not None else None
     return Job(node=data.pop("node") or "", caller=data.pop("caller") or "", usage=usage, prediction=prediction,
                node_address=address, request_hash=request_hash, output_hash=output_hash, signed=signed, legs=legs,
-               **data).receipt()
+               part_of=part_of, **data).receipt()

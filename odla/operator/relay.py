@@ -92,11 +92,12 @@ class Router:
 
     async def open(self, model: str, method: str, path: str, body: bytes, job: Job,
                    place: Optional[Place] = None, tokens: Optional[int] = None,
-                   prompt: Prompt = Prompt(), avoid: Sequence[str] = (), held: bool = False
+                   prompt: Prompt = Prompt(), avoid: Sequence[str] = (), run_id: Optional[str] = None
                    ) -> tuple[Claim, ClientResponse]:
         """Send the request to the node the scheduler picks, the next one if it does not take it
         (``tokens``: the most the job asked for, the length the scheduler plans for; ``prompt``: its
-        length and conversation, for the prompt it reads).
+        length and conversation, for the prompt it reads; ``run_id``: the id the node is told, which
+        its receipt names, when not the job's: a resumed answer's later leg's).
 
         A node that cannot be reached, or answers 401/403/404/408/429 or 5xx, is skipped (at
         most ``MAX_TRIES`` nodes are tried);
@@ -127,7 +128,7 @@ class Router:
             if making_room:  # until Ollama has loaded it, the node's other models get no new jobs
                 node.loading[key] = node.loading.get(key, 0) + 1
             try:
-                resp = await self._try(node, method, path, body, failures, job.id)
+                resp = await self._try(node, method, path, body, failures, run_id or job.id)
             finally:
                 if making_room:
                     node.loading[key] -= 1

@@ -17,6 +17,11 @@ That node's tokens go on in the door's own shape, and one final line counts the 
 A whole (non-streamed) answer is asked of the node as a stream, so that there is something to
 resume from, and given to the client in the door's non-streamed shape.
 
+Each node's leg is proven and paid on its own: the first node's receipt is the job's; the n-th node
+after it is sent the id ``{id}.{n}``, and its leg is a record of its own (``Job.parts``, ``part_of`` the
+job) with the request it was sent, its answer, its receipt and its charge (for its output tokens only:
+the client pays for the prompt once). The job keeps the client's view: its last node, the whole answer.
+
 Not resumed, so exactly as before: ``resume`` off, a job that opts out (``"odla_resume": false``
 in ``/inference`` options, the header ``X-ODLA-Resume: off`` on the doors), structured output
 (``format``, ``response_format``), tools, thinking, raw or templated prompts, several choices or
@@ -519,72 +524,108 @@ class Resumed:
                 yield self.shape.whole("".join(self.text), job.usage, "stop", "", resumed=False)
                 router.ended(claim.node, job)
             return
+        first = (job.node_address, job.request_hash, job.output_hash)  # what the first node's receipt must name
+        part: Optional[Job] = None
         usage = Usage()
         reason = "stop"
-        while True:
-            job.legs.append((node, job.delivered - before))
-            self.tried.append(node)
-            await self._close_leg()
-            why = self._why_not(digest, failure)
-            if why is None:
-                rest = plan.continuation("".join(self.text), job.delivered)
+        try:
+            while True:
+                job.legs.append((node, job.delivered - before))
+                self.tried.append(node)
+                await self._close_leg()
+                if part is not None:
+                    self._part_done(part, job.delivered - before, "node_error", str(failure))
+                    part = None
+                why = self._why_not(digest, failure)
+                if why is None:
+                    rest = plan.continuation("".join(self.text), job.delivered)
+                    run_id = f"{job.id}.{len(job.legs)}"
+                    try:
+                        claim, resp = await router.open(plan.request["model"], "POST", RESUME_PATH, _compact(rest),
+                                                        job, tokens=rest["options"].get("num_predict"),
+                                                        prompt=prompt_of(rest), avoid=self._avoid(key, digest),
+                                                        run_id=run_id)
+                    except ODLAError as exc:
+                        why = f"no_node: {exc.message}"
+                    else:
+                        if resp.status != 200:
+                            try:
+                                why = f"no_node: {message_of(await router.nodes.read(resp), resp.status)}"
+                            finally:
+                                claim.release()
+                if why is not None:  # it ends as it would have: with the node's own last line, when it sent one
+                    job.resumes.append(why.split(":")[0])
+                    log.warning("job %s: %s; not resumed (%s)", job.id, failure, why)
+                    if failure.unit and plan.stream:
+                        job.error = message_of(failure.unit.removeprefix(b"data: "), 502)
+                        yield failure.unit
+                        return
+                    raise StreamBroken(str(failure))
+                job.error = None
+                job.audit = None  # two nodes' answer is no one node's to audit
+                node, before = claim.node.node_id, job.delivered
+                log.info("job %s: %s; resuming on node %s after %d tokens", job.id, failure, node, before)
+                part = self._part(run_id, node)
+                leg = Leg(plan, b"\n")
+                self.leg = router.relay(claim, resp, job, protocol=False, leg=leg)
                 try:
-                    claim, resp = await router.open(plan.request["model"], "POST", RESUME_PATH, _compact(rest), job,
-                                                    tokens=rest["options"].get("num_predict"), prompt=prompt_of(rest),
-                                                    avoid=self._avoid(key, digest), held=True)
-                except ODLAError as exc:
-                    why = f"no_node: {exc.message}"
-                else:
-                    if resp.status != 200:
-                        try:
-                            why = f"no_node: {message_of(await router.nodes.read(resp), resp.status)}"
-                        finally:
-                            claim.release()
-            if why is not None:  # it ends as it would have: with the node's own last line, when it sent one
-                job.resumes.append(why.split(":")[0])
-                log.warning("job %s: %s; not resumed (%s)", job.id, failure, why)
-                if failure.unit and plan.stream:
-                    job.error = message_of(failure.unit.removeprefix(b"data: "), 502)
-                    yield failure.unit
-                    return
-                raise StreamBroken(str(failure))
-            job.error = None
-            job.audit = None  # two nodes' answer is no one node's to audit
-            node, before = claim.node.node_id, job.delivered
-            log.info("job %s: %s; resuming on node %s after %d tokens", job.id, failure, node, before)
-            leg = Leg(plan, b"\n")
-            self.leg = router.relay(claim, resp, job, protocol=False, leg=leg)
-            try:
-                async for chunk in self.leg:
-                    out = []
-                    for unit in chunk.split(b"\n"):
-                        part = decoded(unit)
-                        if part is None:
-                            continue
-                        created_at = part.get("created_at") or created_at
-                        if part.get("done") is True:
-                            reason = part.get("done_reason") or reason
-                            continue
-                        piece = (part.get("message") or {}).get("content") or ""  # (Ollama's chat)
-                        if piece:
-                            self.text.append(piece)
-                            out.append(self.shape.piece(piece, created_at))
-                    if out and plan.stream:
-                        yield b"".join(out)
-            except Failed as exc:
-                job.resumes.append("failed")
-                failure = exc
-                continue
-            job.resumes.append("ok")
-            job.legs.append((node, job.delivered - before))
-            usage = self._merged(leg.usage, before)
-            job.usage = usage
-            break
+                    async for chunk in self.leg:
+                        out = []
+                        for unit in chunk.split(b"\n"):
+                            said = decoded(unit)
+                            if said is None:
+                                continue
+                            created_at = said.get("created_at") or created_at
+                            if said.get("done") is True:
+                                reason = said.get("done_reason") or reason
+                                continue
+                            piece = (said.get("message") or {}).get("content") or ""  # (Ollama's chat)
+                            if piece:
+                                self.text.append(piece)
+                                out.append(self.shape.piece(piece, created_at))
+                        if out and plan.stream:
+                            yield b"".join(out)
+                except Failed as exc:
+                    job.resumes.append("failed")
+                    failure = exc
+                    continue
+                job.resumes.append("ok")
+                job.legs.append((node, job.delivered - before))
+                part.usage = leg.usage
+                self._part_done(part, job.delivered - before, "ok")
+                part = None
+                usage = self._merged(leg.usage, before)
+                job.usage = usage
+                break
+        except BaseException as exc:
+            if part is not None:  # the client left, or the operator closes, while a later node answered
+                await self._close_leg()
+                left = isinstance(exc, (GeneratorExit, asyncio.CancelledError))
+                self._part_done(part, job.delivered - before, "client_cancel" if left else "node_error",
+                                None if left else str(exc))
+            raise
+        finally:
+            job.node_address, job.request_hash, job.output_hash = first  # the job's own receipt is the first's
         if plan.stream:
             yield self.shape.end(usage, reason, created_at)
         else:
             yield self.shape.whole("".join(self.text), usage, reason, created_at, resumed=True)
         router.ended(claim.node, job, learn=False)
+
+    def _part(self, run_id: str, node: str) -> Job:
+        """A later node's leg, as a record of its own: the request it was sent (``router.open`` has just
+        set it on the job), then its answer; its receipt and charge are its own."""
+        job = self.job
+        part = Job(door=job.door, model=job.model, caller=job.caller, id=run_id, node=node, part_of=job.id,
+                   node_address=job.node_address, request_hash=job.request_hash)
+        job.output_hash = None  # the leg's relay sets it when it ends
+        job.parts.append(part)
+        return part
+
+    def _part_done(self, part: Job, tokens: int, outcome: str, error: Optional[str] = None) -> None:
+        """The leg ended (its relay closed): what its node sent, and how it ended."""
+        part.delivered, part.output_hash = tokens, self.job.output_hash
+        part.end(outcome, error)
 
     def _merged(self, last: Usage, before: int) -> Usage:
         """The whole answer's counts: the prompt as its first node read it (estimated from the last

@@ -71,7 +71,13 @@ class Job:
     """The node's receipt once checked: (its EIP-712 message as JSON, node's signature, operator's, why
     it is disputed, its EIP-712 digest)."""
     legs: list[tuple[str, int]] = field(default_factory=list)
-    "When its answer was resumed: each node that gave part of it, and the tokens it gave, in order."
+    """When its answer was resumed: each node that gave part of it, and the tokens it gave, in order. The
+    job's own receipt is then the first node's; each later node's is a part's (``parts``)."""
+    parts: list["Job"] = field(default_factory=list, repr=False)
+    """A resumed answer's later legs, each a record of its own (id ``{id}.{n}``, ``part_of`` this job): the
+    request that node was sent, its answer, its receipt and charge. Kept beside the job, never counted twice."""
+    part_of: Optional[str] = None
+    "The job whose answer this record is a later leg of (``parts``)."
     resumes: list[str] = field(default_factory=list)
     "What came of each failure of its node mid-answer (``ok``: resumed to the end; ``odla.operator.resume``)."
     charge: Any = None
@@ -83,6 +89,16 @@ class Job:
         """Output tokens the client was sent: those relayed, counted; for a whole answer (nothing
         counted), Ollama's count as the node forwarded it."""
         return self.delivered or self.usage.output_tokens or 0
+
+    @property
+    def runner(self) -> str:
+        """The node whose receipt this record holds: the first of a resumed answer's (``node`` is its last)."""
+        return self.legs[0][0] if self.legs else self.node
+
+    @property
+    def own_tokens(self) -> int:
+        """The output tokens the client was sent from ``runner``: what its receipt may be paid for."""
+        return self.legs[0][1] if self.legs else self.sent
 
     def first(self) -> None:
         if self.first_token is None:
@@ -123,5 +139,6 @@ class Job:
                           error=self.error, caller=self.caller or None, started_at=stamp(self.started),
                           first_token_at=stamp(self.first_token), finished_at=stamp(self.finished),
                           failovers=self.failovers, queue_wait_s=self.queue_wait, prediction=self.prediction,
-                          legs=[JobLeg(node=node, tokens=tokens) for node, tokens in self.legs] or None,
+                          legs=[JobLeg(node=node, tokens=tokens, job=f"{self.id}.{n}" if n else self.id)
+                                for n, (node, tokens) in enumerate(self.legs)] or None, part_of=self.part_of,
                           **self.usage.stats())

@@ -114,17 +114,22 @@ class Purse:
 
     def ended(self, job: Any) -> None:
         """The job's hold becomes its cost as the operator counted it, until its receipt comes; none
-        when no receipt will (an unsigned node, or no node ran it)."""
+        when no receipt will (an unsigned node, or no node ran it). A resumed answer's is split among
+        its nodes' records (``job.parts``), each let go when that node's receipt comes."""
         found = self.holds.get(job.id)
         if found is None:
             return
-        if job.node_address is None or job.charge is not None or job.signed is not None:
-            self._release(job.id)
-            return
-        account, amount, _ = found
-        cost = self.prices.cost(job.model, job.usage.prompt_tokens or 0, job.sent)
-        self.holds[job.id] = (account, min(cost, amount), self.clock())
-        self.held[account] += min(cost, amount) - amount
+        self._release(job.id)
+        account, left, _ = found
+        now = self.clock()
+        for record in (job, *job.parts):
+            if record.node_address is None or record.charge is not None or record.signed is not None:
+                continue
+            prompt = (record.usage.prompt_tokens or 0) if record.part_of is None else 0  # as the charge counts it
+            cost = min(self.prices.cost(record.model, prompt, record.own_tokens), left)
+            left -= cost
+            self.holds[record.id] = (account, cost, now)
+            self.held[account] = self.held.get(account, 0) + cost
 
     def charged(self, job: Any) -> None:
         """The job's receipt was countersigned: its charge (if any) is spent, its hold let go."""

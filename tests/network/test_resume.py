@@ -90,7 +90,8 @@ def test_an_answer_cut_mid_stream_is_finished_by_another_node_on_every_door(net,
         first = resp.headers["x-odla-node"]
         other = ({"n1", "n2"} - {first}).pop()
         assert job["outcome"] == "ok" and job["node"] == other, job
-        assert job["legs"] == [{"node": first, "tokens": 3}, {"node": other, "tokens": 9}]
+        assert job["legs"] == [{"node": first, "tokens": 3, "job": job["id"]},  # the second node's receipt is
+                               {"node": other, "tokens": 9, "job": job["id"] + ".1"}]  # a record of its own
         assert job["output_tokens"] == 12
         if path in ("/api/generate", "/api/chat") and streamed:  # one final line counting the whole answer
             last = json.loads(resp.text.strip().splitlines()[-1])
@@ -122,7 +123,8 @@ def test_a_resume_that_fails_too_is_resumed_again_or_ends_with_the_error(net):
             assert text_of("/api/chat", resp) == "".join(sim_tokens(PROMPT, 12))
             assert sum(leg["tokens"] for leg in job["legs"]) == 12
         else:  # ...and when it goes on on c, that is cut too, at 6, and resume_attempts (1) is spent
-            assert job["legs"] == [{"node": resp.headers["x-odla-node"], "tokens": 3}, {"node": "c", "tokens": 3}]
+            assert job["legs"] == [{"node": resp.headers["x-odla-node"], "tokens": 3, "job": job["id"]},
+                                   {"node": "c", "tokens": 3, "job": job["id"] + ".1"}]
             last = json.loads(resp.text.splitlines()[-1])
             assert "error" in last and len(resp.text.splitlines()) == 7
         outcomes.append(job["outcome"])
@@ -192,5 +194,6 @@ def test_an_answer_is_never_resumed_on_another_build_of_its_model(net):
         resp = ask(net, "/api/chat", {"messages": [{"role": "user", "content": PROMPT}]})
         lines = [json.loads(line) for line in resp.text.splitlines()]
         assert len(lines) == 4 and "error" in lines[-1]
-        assert job_of(net, resp)["legs"] == [{"node": resp.headers["x-odla-node"], "tokens": 3}]
+        job = job_of(net, resp)
+        assert job["legs"] == [{"node": resp.headers["x-odla-node"], "tokens": 3, "job": job["id"]}]
     assert resumes(net) == {"no_node": 2}

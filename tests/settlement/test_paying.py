@@ -3,9 +3,11 @@ are countersigned; callers see their own accounts; a node caught padding has the
 its open epoch reversed, while a closed epoch stays as it was (issue 27)."""
 
 import httpx
+from eth_account import Account
 
 from odla.core import protocol as p
-from tests.helpers import node_ids, wait_for
+from odla.proofs.verify import check
+from tests.helpers import Sim, node_ids, wait_for
 from tests.operator.test_countersign import JOBS, NODE, OPERATOR
 
 PRICES = {"llama3": {"prompt": 1_000_000, "output": 2_000_000}}  # 1 wei a prompt token, 2 an output token
@@ -77,3 +79,47 @@ def test_a_node_caught_padding_has_its_open_charges_reversed_and_its_closed_epoc
     assert kinds.count("reversal") == 3 and kinds.count("charge") == 4  # the padded job was never charged
     node_balance = httpx.get(f"{op.url}/accounts/{NODE}").json()["balance"]
     assert node_balance == settled  # no fee: the node keeps what its closed epoch holds
+
+
+def test_a_resumed_answer_pays_each_node_for_its_own_tokens_and_the_prompt_once(operator, node):
+    """Every answer is cut at its 3rd token, and the other node finishes it: each node's receipt is its
+    own record (the job's, then ``{id}.1``), checked against what that node was sent and relayed, each
+    charged for the tokens that node gave; the prompt is paid for once, to the first node. Both receipts
+    are in the epoch's Merkle tree, and a proof of the second verifies."""
+    other_key = "0x" + "33" * 32
+    addresses = {"n1": NODE, "n2": Account.from_key(other_key).address}
+    op = operator(prices=PRICES, operator_fee_bps=1000)
+    with Sim(models=["llama3:latest"], tokens=12, crash_after=3, seeded=True) as sim:
+        node(op.url, sim.url, "n1")
+        node(op.url, sim.url, "n2", node_private_key=other_key)
+        wait_for(lambda: node_ids(op.url) == {"n1", "n2"})
+        resp = httpx.post(f"{op.url}/api/generate", json={"model": "llama3", "prompt": "why", "options": {"seed": 3}},
+                          timeout=30)
+        assert resp.status_code == 200 and "error" not in resp.text.splitlines()[-1], resp.text
+        job_id, first = resp.headers[p.JOB_HEADER], resp.headers["x-odla-node"]
+        second = ({"n1", "n2"} - {first}).pop()
+        job = signed(op.url, job_id, {})
+        assert job["legs"] == [{"node": first, "tokens": 3, "job": job_id},
+                               {"node": second, "tokens": 9, "job": f"{job_id}.1"}]
+        assert job["node"] == second and job["output_tokens"] == 12 and job["part_of"] is None
+        part = signed(op.url, f"{job_id}.1", {})
+        assert part["part_of"] == job_id and part["node"] == second and part["outcome"] == "ok"
+        assert part["output_tokens"] == 9
+        for record, who in ((job, first), (part, second)):  # each signed by its own node, undisputed
+            assert record["receipt"]["message"]["node"] == addresses[who] and record["disputed"] is None, record
+        assert job["receipt"]["message"]["outputTokens"] == 3 and part["receipt"]["message"]["outputTokens"] == 9
+        # the first node was cut before Ollama counted the prompt (its receipt says what it knew); the second
+        # read the prompt and the answer so far, which the client does not pay for again
+        assert part["receipt"]["message"]["promptTokens"] > 0
+        owed = {first: job["receipt"]["message"]["promptTokens"] + 2 * 3, second: 2 * 9}
+        client = wait_for(lambda: (a := httpx.get(f"{op.url}/accounts/anonymous").json())["balance"] == -sum(owed.values())
+                          and a)
+        assert sorted((e["job_id"], -e["amount"]) for e in client["entries"]) == sorted(
+            [(job_id, owed[first]), (f"{job_id}.1", owed[second])])
+        for who, cost in owed.items():
+            assert httpx.get(f"{op.url}/accounts/{addresses[who]}").json()["balance"] == cost - cost * 1000 // 10_000
+        listed = httpx.get(f"{op.url}/jobs").json()["jobs"]
+        assert [j["id"] for j in listed] == [job_id]  # the part is read through its job
+        assert op.call(op.app.state.epochs.close())["count"] == 2
+        proof = httpx.get(f"{op.url}/jobs/{job_id}.1/proof").json()
+        assert all(problem is None for _, problem in check(proof)), check(proof)

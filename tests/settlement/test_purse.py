@@ -62,6 +62,23 @@ def test_holds_cover_running_jobs_and_release_to_what_they_cost():
     asyncio.run(run())
 
 
+def test_a_resumed_jobs_hold_is_split_among_its_nodes_and_each_let_go_with_its_receipt():
+    async def run() -> None:
+        wallet, _ = purse(deposited=1000, signed_off=1000)
+        resumed = job()
+        await wallet.hold(resumed, "llama3", 10, 90)  # 100
+        resumed.usage.prompt_tokens, resumed.delivered, resumed.legs = 10, 12, [("n1", 3), ("n2", 9)]
+        part = Job(door="ollama", model="llama3:latest", caller=CLIENT, id=f"{resumed.id}.1", node="n2",
+                   node_address=NODE, part_of=resumed.id, delivered=9)
+        resumed.parts.append(part)
+        wallet.ended(resumed)  # the first node: the prompt and its 3 tokens; the second: its 9 tokens only
+        assert wallet.holds[resumed.id][1] == 13 and wallet.holds[part.id][1] == 9 and wallet.held[CLIENT] == 22
+        part.charge, part.outcome = Charge(part.id, CLIENT, NODE, NODE, 9, 0, 0, 9), "ok"
+        wallet.charged(part)
+        assert wallet.spent[CLIENT] == 9 and wallet.held[CLIENT] == 13 and part.id not in wallet.holds
+    asyncio.run(run())
+
+
 def test_the_voucher_caps_spending_below_the_deposit_and_a_free_or_expired_job_releases_nothing():
     async def run() -> None:
         wallet, clock = purse(deposited=10_000, signed_off=50)
