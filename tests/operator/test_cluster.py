@@ -460,7 +460,8 @@ def test_a_job_waiting_in_the_cluster_when_redis_goes_keeps_its_deadline(redis_s
 
 def test_receipts_are_read_through_the_index_of_their_filter(redis_server):
     """``GET /jobs`` with Redis reads the index of its filter: a model nobody ran reads nothing (it read
-    every stored receipt on main), a caller's jobs are its own, paging works within an index."""
+    every stored receipt on main), a caller's jobs are its own, paging works within an index. A resumed
+    answer's later leg (a record of its own) is read by its id, and listed by no index."""
     from odla.serving.jobs import Job
 
     async def scenario() -> None:
@@ -470,7 +471,12 @@ def test_receipts_are_read_through_the_index_of_their_filter(redis_server):
             for i, job in enumerate(jobs):
                 job.started += i  # newest last
                 job.end("ok")
-            await shared.add_receipts(jobs)
+            part = Job(door="inference", model="m0:latest", caller="c1", node="n2", id=f"{jobs[-1].id}.1",
+                       part_of=jobs[-1].id)
+            part.end("ok")
+            await shared.add_receipts([*jobs, part])
+            assert (await shared.receipt(part.id)).part_of == jobs[-1].id
+            assert part.id not in [j.id for j in await shared.receipts(None, "n2", None, None, 50, 0)]
             await shared.redis.config_resetstat()
             assert await shared.receipts("nomatch:latest", None, None, None, 50, 0) == []
             stats = await shared.redis.info("commandstats")
