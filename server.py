@@ -280,10 +280,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> FastAPI:
     def job_ended(job: Job) -> None:
         counted.observe(job)
         activity.add(job)
-        for record in (job, *job.parts):  # a resumed answer's later legs: each node's receipt, on its own
+        for record in (job, *job.parts):  # a resumed answer's later legs: each node's receipt and audit, on its own
             app.state.receipts.ended(record)
             app.state.countersigner.ended(record)
-        app.state.auditor.ended(job)
+            app.state.auditor.ended(record)
         if app.state.purse is not None:
             app.state.purse.ended(job)
 

@@ -19,8 +19,9 @@ resume from, and given to the client in the door's non-streamed shape.
 
 Each node's leg is proven and paid on its own: the first node's receipt is the job's; the n-th node
 after it is sent the id ``{id}.{n}``, and its leg is a record of its own (``Job.parts``, ``part_of`` the
-job) with the request it was sent, its answer, its receipt and its charge (for its output tokens only:
-the client pays for the prompt once). The job keeps the client's view: its last node, the whole answer.
+job) with the request it was sent, its answer, its receipt, its charge (for its output tokens only:
+the client pays for the prompt once) and, when the job was sampled, its audit. The job keeps the
+client's view: its last node, the whole answer.
 
 Not resumed, so exactly as before: ``resume`` off, a job that opts out (``"odla_resume": false``
 in ``/inference`` options, the header ``X-ODLA-Resume: off`` on the doors), structured output
@@ -44,6 +45,7 @@ from odla.core import protocol as p
 from odla.core.errors import ODLAError, message_of
 from odla.core.names import limit_in, model_key, prompt_of
 from odla.core.usage import DURATIONS, Usage
+from odla.operator.audits import Capture
 from odla.serving.jobs import Job
 from odla.serving.responses import Owned, StreamBroken
 
@@ -525,6 +527,7 @@ class Resumed:
                 router.ended(claim.node, job)
             return
         first = (job.node_address, job.request_hash, job.output_hash)  # what the first node's receipt must name
+        sampled, job.audit = job.audit is not None, None  # two nodes' answer is no one node's: each leg is audited
         part: Optional[Job] = None
         usage = Usage()
         reason = "stop"
@@ -540,6 +543,7 @@ class Resumed:
                 if why is None:
                     rest = plan.continuation("".join(self.text), job.delivered)
                     run_id = f"{job.id}.{len(job.legs)}"
+                    job.audit = Capture() if sampled else None  # a sampled job's legs are too, as jobs of their own
                     try:
                         claim, resp = await router.open(plan.request["model"], "POST", RESUME_PATH, _compact(rest),
                                                         job, tokens=rest["options"].get("num_predict"),
@@ -562,7 +566,6 @@ class Resumed:
                         return
                     raise StreamBroken(str(failure))
                 job.error = None
-                job.audit = None  # two nodes' answer is no one node's to audit
                 node, before = claim.node.node_id, job.delivered
                 log.info("job %s: %s; resuming on node %s after %d tokens", job.id, failure, node, before)
                 part = self._part(run_id, node)
@@ -606,6 +609,7 @@ class Resumed:
             raise
         finally:
             job.node_address, job.request_hash, job.output_hash = first  # the job's own receipt is the first's
+            job.audit = None
         if plan.stream:
             yield self.shape.end(usage, reason, created_at)
         else:
@@ -614,10 +618,11 @@ class Resumed:
 
     def _part(self, run_id: str, node: str) -> Job:
         """A later node's leg, as a record of its own: the request it was sent (``router.open`` has just
-        set it on the job), then its answer; its receipt and charge are its own."""
+        set it on the job), then its answer; its receipt, charge and audit (its relay fills the job's
+        capture, which is the leg's) are its own."""
         job = self.job
         part = Job(door=job.door, model=job.model, caller=job.caller, id=run_id, node=node, part_of=job.id,
-                   node_address=job.node_address, request_hash=job.request_hash)
+                   node_address=job.node_address, request_hash=job.request_hash, audit=job.audit)
         job.output_hash = None  # the leg's relay sets it when it ends
         job.parts.append(part)
         return part

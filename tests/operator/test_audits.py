@@ -2,7 +2,11 @@
 
 import json
 
+import httpx
+
+from odla.core import protocol as p
 from odla.operator.audits import Standing, agreement, seeded, words_of
+from tests.helpers import Sim, node_ids, wait_for
 
 
 def test_a_job_without_a_seed_gets_one_and_one_with_a_seed_keeps_it():
@@ -90,3 +94,28 @@ def test_a_speed_a_node_made_up_counts_against_it_but_never_quarantines_it_alone
     unmeasured = Node("n3", "http://127.0.0.1:3", ["llama3"], 0.0, tokens_per_s={"llama3:latest": 1e12})
     unmeasured.rate()
     assert unmeasured.reputation == 1.0  # nothing measured yet: nothing to hold it to
+
+
+def test_a_resumed_answers_later_leg_is_audited_as_a_job_of_its_own(operator, node):
+    """Every job sampled; every answer cut at its 3rd token and finished by another node. The first
+    node's leg, cut off, is not audited; the leg that finished it is: its request (the chat that
+    continues the answer so far) re-run on a third node, and the two answers compared."""
+    op = operator(audit_rate=1.0)
+    with Sim(models=["llama3:latest"], tokens=12, crash_after=3, seeded=True) as sim:
+        for node_id in ("n1", "n2", "n3"):
+            node(op.url, sim.url, node_id)
+        wait_for(lambda: node_ids(op.url) == {"n1", "n2", "n3"})
+        resp = httpx.post(f"{op.url}/api/chat", timeout=30, json={
+            "model": "llama3", "messages": [{"role": "user", "content": "why"}], "options": {"seed": 5}})
+        assert resp.status_code == 200 and "error" not in resp.text.splitlines()[-1], resp.text
+        job = httpx.get(f"{op.url}/jobs/{resp.headers[p.JOB_HEADER]}").json()
+        first, last = job["legs"][0]["node"], job["legs"][1]["node"]
+        audits = lambda: {n["node_id"]: n["audits"] for n in httpx.get(f"{op.url}/nodes").json()["nodes"]}  # noqa: E731
+        wait_for(lambda: audits()[last]["passed"] == 1)
+        assert audits()[first] == {"passed": 0, "failed": 0} and op.app.state.auditor.counts["passed"] == 1
+        (request, words, seen), = [c for found in op.app.state.auditor.canaries.values() for c in found]
+        method, path, body = request
+        asked = json.loads(body)
+        assert path == "/ollama/api/chat" and asked["messages"][-1]["role"] == "assistant" and last in seen
+        pieces = [json.loads(line)["message"]["content"] for line in resp.text.splitlines()]
+        assert words == "".join(pieces[3:]).split() and len(words) > 0  # the rest of the answer, as both gave it
