@@ -270,21 +270,25 @@ def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path,
     total_claimed = escrow.contract.functions.totalClaimed().call()
     if total_charged != total_claimed:
         problems.append(f"charged {total_charged} on chain, paid out {total_claimed}")
-    # every charge is its receipt's price: prompt, and output up to what was relayed
-    rows = db.execute("SELECT l.amount, j.receipt, j.disputed, j.output_tokens FROM ledger l JOIN jobs j "
-                      "ON j.id = l.job_id WHERE l.role = 'client' AND l.kind = 'charge'").fetchall()
+    # every charge is its receipt's price: prompt, and output up to what was relayed from that node (an
+    # answer resumed on another node: the job's row holds its first node's receipt, whose tokens are its
+    # first leg's; each later leg's row, part_of the job, is charged for its output only)
+    rows = db.execute("SELECT l.amount, j.receipt, j.disputed, j.output_tokens, j.legs, j.part_of FROM ledger l "
+                      "JOIN jobs j ON j.id = l.job_id WHERE l.role = 'client' AND l.kind = 'charge'").fetchall()
     wrong = 0
-    for amount, receipt, disputed, relayed in rows:
+    for amount, receipt, disputed, relayed, legs, part_of in rows:
         message = json.loads(receipt)
+        relayed = json.loads(legs)[0][1] if legs else relayed
         output = min(message["outputTokens"], relayed if relayed is not None else message["outputTokens"])
+        prompt = 0 if part_of is not None else message["promptTokens"]
         price = PRICES["llama3"]
-        if disputed is not None or -amount != (message["promptTokens"] * price["prompt"]
-                                               + output * price["output"]) // 1_000_000:
+        if disputed is not None or -amount != (prompt * price["prompt"] + output * price["output"]) // 1_000_000:
             wrong += 1
     if wrong:
         problems.append(f"{wrong} charge(s) are not their receipt's price")
     receipts = db.execute("SELECT COUNT(*) FROM jobs WHERE receipt IS NOT NULL AND disputed IS NULL").fetchone()[0]
     unreceipted = db.execute("SELECT COUNT(*) FROM jobs WHERE receipt IS NULL AND door != 'audit'").fetchone()[0]
+    resumed = db.execute("SELECT COUNT(*) FROM jobs WHERE part_of IS NOT NULL").fetchone()[0]
     # what a leaving client was charged for, against the token lines it read
     charged_left = dict(db.execute(
         "SELECT j.id, json_extract(j.receipt, '$.outputTokens') FROM jobs j WHERE j.id IN (%s)"
@@ -293,7 +297,7 @@ def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path,
                                 list(left)).fetchall()) if left else {}
     db.close()
     return {"agree": not problems, "problems": problems, "charges": len(rows), "receipts": receipts,
-            "jobs_without_receipt": unreceipted, "charged_on_chain": total_charged, "paid_out": total_claimed,
+            "jobs_without_receipt": unreceipted, "resumed_legs": resumed, "charged_on_chain": total_charged, "paid_out": total_claimed,
             "left": {"jobs": len(left), "lines_read": sum(left.values()),
                      "tokens_relayed": sum(v or 0 for v in sent_left.values()),
                      "node_claimed": sum(v or 0 for v in charged_left.values() if v is not None)}}
@@ -382,8 +386,8 @@ def main() -> None:
     print(f"ledger, chain and receipts agree after {jobs} jobs: "
           f"{'yes' if books['agree'] else 'NO: ' + '; '.join(books['problems'])} ({books['charges']} charges, "
           f"{books['receipts']} receipts, {books['jobs_without_receipt']} jobs without one (a node killed mid-stream: "
-          f"{books['node_killed_with_jobs']}), {books['charged_on_chain']} wei charged on chain, {books['paid_out']} "
-          "paid out)")
+          f"{books['node_killed_with_jobs']}; legs of answers resumed on another node: {books['resumed_legs']}), "
+          f"{books['charged_on_chain']} wei charged on chain, {books['paid_out']} paid out)")
     print(f"clients that left mid-answer: {books['left']}")
     if added:
         print(f"settlement path, operator CPU per job: +{median:.0f} us end to end, median of {pairs} pair(s) "
