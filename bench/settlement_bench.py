@@ -297,7 +297,8 @@ def settle_and_check(url: str, escrow: Escrow, tokens: list[str], db_path: Path,
                                 list(left)).fetchall()) if left else {}
     db.close()
     return {"agree": not problems, "problems": problems, "charges": len(rows), "receipts": receipts,
-            "jobs_without_receipt": unreceipted, "resumed_legs": resumed, "charged_on_chain": total_charged, "paid_out": total_claimed,
+            "jobs_without_receipt": unreceipted, "resumed_legs": resumed, "charged_on_chain": total_charged,
+            "paid_out": total_claimed,
             "left": {"jobs": len(left), "lines_read": sum(left.values()),
                      "tokens_relayed": sum(v or 0 for v in sent_left.values()),
                      "node_claimed": sum(v or 0 for v in charged_left.values() if v is not None)}}

@@ -308,9 +308,9 @@ class JobLeg(BaseModel):
     node: str
     tokens: int
     "Output tokens it gave that the client was sent."
-    job: str
+    job: Optional[str] = None
     """The record that holds this node's signed receipt and charge: the job itself for the first node,
-    ``{id}.{n}`` (``GET /jobs/{id}.{n}``) for the n-th node after it."""
+    ``{id}.{n}`` (``GET /jobs/{id}.{n}``) for the n-th node after it (null from an operator older than that)."""
 
 
 class JobReceipt(BaseModel):

@@ -112,8 +112,8 @@ def test_a_resumed_answer_pays_each_node_for_its_own_tokens_and_the_prompt_once(
         # read the prompt and the answer so far, which the client does not pay for again
         assert part["receipt"]["message"]["promptTokens"] > 0
         owed = {first: job["receipt"]["message"]["promptTokens"] + 2 * 3, second: 2 * 9}
-        client = wait_for(lambda: (a := httpx.get(f"{op.url}/accounts/anonymous").json())["balance"] == -sum(owed.values())
-                          and a)
+        account = lambda: httpx.get(f"{op.url}/accounts/anonymous").json()  # noqa: E731
+        client = wait_for(lambda: (a := account())["balance"] == -sum(owed.values()) and a)
         assert sorted((e["job_id"], -e["amount"]) for e in client["entries"]) == sorted(
             [(job_id, owed[first]), (f"{job_id}.1", owed[second])])
         for who, cost in owed.items():
