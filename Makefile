@@ -49,7 +49,7 @@ tests/js/node_modules/.installed: tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Two processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
+# Three processes for most tests (they wait on sockets and timers); the heavy, timed ones alone after.
 test: $(VENV)/.dev test-tools contracts/node_modules/.installed tests/js/node_modules/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n 3 -m "not solo"
