@@ -204,9 +204,11 @@ class Proc:
         self.send_signal(sig)
         try:
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # say which, and what it said last: a process that lingers is a bug to find
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            sys.__stderr__.write(f"\nprocess {' '.join(self.args[1:])} did not stop within {timeout:g} s of signal "
+                                 f"{sig}; the end of its output:\n{self.output()[-2000:]}\n")
         return self.output()
 
     def __enter__(self) -> "Proc":
