@@ -249,7 +249,7 @@ class Network:
         proc = self.start("sim/ollama_sim.py", "--port", str(port), "--models", "llama3", *flags)
         url = f"http://127.0.0.1:{port}"
         self.sims[url] = proc
-        wait_http(url)
+        self.answers(proc, url)
         return url
 
     def operator(self, **config: Any) -> Proc:
@@ -257,8 +257,18 @@ class Network:
         if config:
             self.config.write_text(json.dumps({**json.loads(self.config.read_text()), **config}))
         proc = self.start("server.py", operator_port=str(self.op_port))
-        wait_http(f"{self.op_url}/health")
+        self.answers(proc, f"{self.op_url}/health")
         return proc
+
+    @staticmethod
+    def answers(proc: Proc, url: str, timeout: float = 30) -> None:
+        """Wait for a process just started to answer at ``url`` (slowly beside busy workers); when it
+        does not, the failure says what it printed."""
+        try:
+            wait_http(url, timeout)
+        except AssertionError:
+            raise AssertionError(f"{' '.join(proc.args[1:])} did not answer at {url} within {timeout:g} s; "
+                                 f"it printed:\n{proc.output()[-3000:]}") from None
 
     def node(self, node_id: str, ollama_url: str, **env: str) -> Proc:
         port = free_port()

@@ -21,7 +21,7 @@ from odla.core.errors import QueueFull, QueueTimeout
 from odla.operator.scheduler import Scheduler
 from odla.operator.cluster import SharedState
 from tests.fakes import Cutter, RawNode, ndjson_reply
-from tests.helpers import ROOT, free_port, read_stream, settings, wait_for, wait_http
+from tests.helpers import ROOT, free_port, read_stream, settings, wait_for
 
 
 @pytest.fixture
@@ -29,8 +29,7 @@ def two(net, redis_server):
     """Two operators on one Redis; nodes register with the first (``net.op_url``)."""
     first = net.operator(redis_url=redis_server.url, lease_seconds=2)
     port = free_port()
-    net.start("server.py", operator_port=str(port))
-    wait_http(f"http://127.0.0.1:{port}/health")
+    net.answers(net.start("server.py", operator_port=str(port)), f"http://127.0.0.1:{port}/health")
     return net, f"http://127.0.0.1:{port}", first
 
 
@@ -79,9 +78,8 @@ def test_a_slow_redis_is_not_taken_for_a_dead_one(net, redis_server):
     with Cutter(redis_server.port) as slow:
         net.operator(redis_url=f"redis://127.0.0.1:{slow.url.rsplit(':', 1)[1]}/0", lease_seconds=2)
         port = free_port()
-        net.start("server.py", operator_port=str(port))
         other = f"http://127.0.0.1:{port}"
-        wait_http(f"{other}/health")
+        net.answers(net.start("server.py", operator_port=str(port)), f"{other}/health")
         sim = one_node(net, other, "1", "--tokens", "4", "--delay", "0.05")
 
         async def slow_for_a_while() -> list[list[dict]]:
@@ -281,9 +279,8 @@ def test_a_node_given_several_operators_joins_each(net, link):
     sim = net.sim("--tokens", "3")
     net.operator()
     port = free_port()
-    net.start("server.py", operator_port=str(port))
     other = f"http://127.0.0.1:{port}"
-    wait_http(f"{other}/health")
+    net.answers(net.start("server.py", operator_port=str(port)), f"{other}/health")
     node = net.node("n1", sim, COORDINATOR_URL=f"{net.op_url},{other}", NODE_LINK=link)
     for url in (net.op_url, other):
         wait_for(lambda: "n1" in listed(url), timeout=10)
