@@ -137,7 +137,7 @@ class Countersigner:
         once, to the first node, and not again for a failure that was none of its doing."""
         assert self.prices is not None
         output = min(receipt.output_tokens, job.own_tokens)
-        prompt = 0 if job.part_of is not None else receipt.prompt_tokens
+        prompt = job.billed_prompt(receipt.prompt_tokens)
         cost = self.prices.cost(job.model, prompt, output)
         _, fee = self.prices.split(cost)  # the node's share is what the fee leaves: Charge.entries
         return Charge(job.id, account_of(job.caller), receipt.node, self.identity.address, cost, fee, prompt, output)

@@ -100,6 +100,11 @@ class Job:
         """The output tokens the client was sent from ``runner``: what its receipt may be paid for."""
         return self.legs[0][1] if self.legs else self.sent
 
+    def billed_prompt(self, counted: int) -> int:
+        """Of the prompt tokens ``counted`` for this record, those charged: none on a resumed answer's
+        later leg (the client pays for its prompt once, on the first node's record)."""
+        return 0 if self.part_of is not None else counted
+
     def first(self) -> None:
         if self.first_token is None:
             self.first_token = time.time()

@@ -125,7 +125,7 @@ class Purse:
         for record in (job, *job.parts):
             if record.node_address is None or record.charge is not None or record.signed is not None:
                 continue
-            prompt = (record.usage.prompt_tokens or 0) if record.part_of is None else 0  # as the charge counts it
+            prompt = record.billed_prompt(record.usage.prompt_tokens or 0)  # as the charge counts it
             cost = min(self.prices.cost(record.model, prompt, record.own_tokens), left)
             left -= cost
             self.holds[record.id] = (account, cost, now)
