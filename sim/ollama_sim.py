@@ -510,6 +510,7 @@ class Simulator:
             base["object"] = "chat.completion.chunk"
         cut, _, stall = self.cuts(len(tokens), at)
         with_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        pace = Pace(self.b.delay)
         for i, token in enumerate([*tokens, ""]):
             if i == cut:
                 raise ConnectionAbortedError("simulated crash")
@@ -517,7 +518,7 @@ class Simulator:
                 await self.stall(watcher)
                 return
             if self.b.delay and token:
-                await first_of(asyncio.sleep(self.b.delay), watcher)
+                await pace.next(watcher)
             if watcher.done():
                 self.stats["cancelled"] += 1
                 self.stats["cancelled_early"] += i == 0
@@ -718,6 +719,7 @@ class Simulator:
         self.stats["active"] += 1
         self.stats["most_active"] = max(self.stats["most_active"], self.stats["active"])
         cut, error, stall = self.cuts(len(tokens), at)
+        pace = Pace(b.delay)
         try:
             for i, token in enumerate(tokens):
                 if i in (error, cut) and i == 0:
@@ -734,7 +736,7 @@ class Simulator:
                 if b.hold_last and i == len(tokens) - 1:
                     await first_of(self.release.wait(), watcher)
                 elif b.delay:
-                    await first_of(asyncio.sleep(b.delay), watcher)
+                    await pace.next(watcher)
                 if watcher.done():
                     self.stats["cancelled"] += 1
                     self.stats["cancelled_early"] += i == 0
@@ -982,6 +984,21 @@ def vector(text: str) -> list[float]:
 async def wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class Pace:
+    """Tokens at a GPU's steady rate: the n-th is due ``n × delay`` after the first was asked for,
+    however late the host woke for the one before (a sleep of ``delay`` per token would add every
+    late wake-up of a busy machine to the answer, and make two equal simulated nodes unequal)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.due: Optional[float] = None
+
+    async def next(self, watcher: asyncio.Future) -> None:
+        now = asyncio.get_running_loop().time()
+        self.due = (now if self.due is None else self.due) + self.delay
+        await first_of(asyncio.sleep(max(0.0, self.due - now)), watcher)
 
 
 async def first_of(awaitable: Awaitable, watcher: asyncio.Future) -> None:
