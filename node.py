@@ -143,18 +143,28 @@ class Node:
         self.state = NodeState(node_id=default_node_id(settings), url=public_url(settings))
         self.capacity = Capacity(ollama_api, num_parallel(settings), settings.max_slots)
         self.report_soon = asyncio.Event()  # a job ended: what is loaded, and how fast, has changed
+        self.listings = self.listed = 0  # listings of Ollama's models begun; the newest one taken
         self.refused: dict[str, str] = {}  # operator -> why it will not have this node
         self.closing = False  # stopping (Ctrl-C, SIGTERM): jobs end now, with a last line saying so
         self.on_refused: Callable[[str], None] = lambda reason: None
         "Called when every operator has refused this node (the process then stops, saying why)."
 
     async def refresh_models(self) -> bool:
-        """Ask Ollama for its models; records whether it answered."""
+        """Ask Ollama for its models; records whether it answered. A listing that began before the
+        one last taken is dropped: it may predate a pull or a delete that one saw."""
+        self.listings += 1
+        listing_no = self.listings
+        failure: Optional[BaseException] = None
         try:
             listing = await asyncio.wait_for(self.ollama.list(), self.settings.health_check_timeout)
         except (asyncio.TimeoutError, *OLLAMA_FAILURES) as exc:
-            error = ollama_failure(exc, self.settings.ollama_host).message if not isinstance(
-                exc, asyncio.TimeoutError) else f"Ollama at {self.settings.ollama_host} timed out"
+            failure = exc
+        if listing_no < self.listed:  # one begun later was taken already
+            return self.state.ollama_error is None
+        self.listed = listing_no
+        if failure is not None:
+            error = ollama_failure(failure, self.settings.ollama_host).message if not isinstance(
+                failure, asyncio.TimeoutError) else f"Ollama at {self.settings.ollama_host} timed out"
             if self.state.ollama_error != error:
                 log.warning("Ollama unavailable: %s", error)
             self.state.ollama_error = error

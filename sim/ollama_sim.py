@@ -122,6 +122,8 @@ class Behaviour:
     "Seconds before every first token (a long prompt being read)."
     load_ms: float = 0.0
     "Milliseconds to load a model that is not in memory."
+    list_delay: float = 0.0
+    "Seconds ``/api/tags`` takes (a slow disk): a listing begun before a pull ends answers after it, without it."
     max_loaded: int = 0
     "Models in memory at once (OLLAMA_MAX_LOADED_MODELS; 0: no limit); the least recently used idle one goes."
     num_parallel: int = 0
@@ -176,7 +178,7 @@ class Simulator:
         # cancelled_early: clients gone before the first token (queued, loading, or "stream": false)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "cancelled_early": 0, "active": 0,
                       "most_active": 0, "errors": 0, "loads": 0, "queued": 0, "stalled": 0, "pulls": 0, "pulls_cut": 0,
-                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": []}
+                      "queue_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0, "loaded": [], "listing": 0}
         # loaded: the first LOAD_LOG models it loaded, each with the one it pushed out ("llama3:latest<-mistral:latest")
         self.peers: set[tuple] = set()  # the client addresses requests came from: ``connections`` in the stats
         self.sent: dict[str, int] = {}  # prompt -> tokens its streams were sent (``record``)
@@ -237,7 +239,14 @@ class Simulator:
         await respond_json(send, 200, {"version": VERSION})
 
     async def tags(self, body: bytes, receive: Receive, send: Send) -> None:
-        await respond_json(send, 200, {"models": [self.model_entry(m) for m in self.b.models]})
+        models = [self.model_entry(m) for m in self.b.models]  # as they are when the listing begins
+        self.stats["listing"] += 1  # listings under way
+        try:
+            if self.b.list_delay:
+                await asyncio.sleep(self.b.list_delay)
+        finally:
+            self.stats["listing"] -= 1
+        await respond_json(send, 200, {"models": models})
 
     async def ps(self, body: bytes, receive: Receive, send: Send) -> None:
         now = time.time()

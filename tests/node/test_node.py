@@ -1,5 +1,6 @@
 """The node agent against the simulator through the real ollama SDK, over real sockets."""
 
+import asyncio
 import json
 import time
 
@@ -174,6 +175,21 @@ def test_new_model_at_ollama_reaches_the_operator_within_an_interval(sim, operat
     wait_for(lambda: node_ids(op.url) == {"n1"})
     sim.configure(models=["llama3:latest", "mistral", "phi3:mini"])
     wait_for(lambda: "phi3:mini" in httpx.get(f"{op.url}/nodes").json()["nodes"][0]["models"], timeout=3)
+
+
+def test_a_listing_of_ollamas_models_that_began_before_the_last_one_taken_is_dropped(node):
+    """A slow listing (begun before a pull ended) answers after a quick one that saw the pull: the
+    node keeps the newer list, in what it answers and what it reports."""
+    with Sim(models=["llama3"], list_delay=0.6) as sim:
+        n = node(OPERATOR_GONE, sim.url)
+        agent = n.app.state.node
+        slow = asyncio.run_coroutine_threadsafe(agent.refresh_models(), n.loop)  # lists llama3 alone
+        wait_for(lambda: sim.sim.stats["listing"], interval=0.01)
+        sim.configure(models=["llama3", "phi3"], list_delay=0)
+        assert httpx.get(f"{n.url}/models").json()["models"] == ["llama3:latest", "phi3:latest"]
+        assert slow.result(5) is True
+        assert agent.state.models == ["llama3:latest", "phi3:latest"] and "phi3:latest" in agent.state.digests
+        assert httpx.get(f"{n.url}/health").json()["models"] == ["llama3:latest", "phi3:latest"]
 
 
 def test_deregisters_on_shutdown(sim, operator):
