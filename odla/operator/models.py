@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Sequence
 import anyio
 
 from odla.core.errors import NodeUnreachable, ODLAError, message_of
-from odla.core.names import display_name, model_key
+from odla.core.names import model_key
 from odla.operator.registry import Node, Registry
 from odla.operator.resume import Failed, Units
 
@@ -43,6 +43,10 @@ Signer = Callable[[str, str, bytes], dict[str, str]]
 REPLICAS_HEADER, NODES_HEADER = "x-odla-replicas", "x-odla-nodes"
 MAX_PULL_LINE = 1 << 16
 "The longest progress line a node may send (Ollama's are some 150 bytes)."
+CHANGE_HOLDS_S = 30.0
+"""How long a change this operator made to a node's models holds against the node's reports: one
+begun before it (a listing of Ollama's models takes up to ``health_check_timeout``, then the report's
+way here) arrives well within this. A change made by hand on the node in that time shows after it."""
 
 
 def targets(registry: Registry, model: str, wanted: Optional[int], named: Sequence[str] = ()
@@ -251,15 +255,11 @@ class Pull:
         return node.node_id
 
 async def refreshed(router: "Router", node: Node, added: Sequence[str] = (), removed: Sequence[str] = ()) -> None:
-    """The node's models changed: jobs for a model it has now go there at once (its report follows).
-    A node over HTTP is asked; one that dialled in says so with its next status, so until then the
-    change is taken as done."""
-    if node.dialled:
-        gone = {model_key(m) for m in removed}
-        models = [m for m in node.models if model_key(m) not in gone]
-        models += [display_name(m) for m in added if model_key(m) not in {model_key(x) for x in models}]
-        router.registry.seen(node.node_id, healthy=node.healthy, models=models)
-    else:
+    """The node's models changed: jobs for a model it has now go there at once. The change holds
+    against reports for ``CHANGE_HOLDS_S`` (one sent before it may arrive after it). A node over HTTP
+    is also asked for its models; one that dialled in says them with its next status."""
+    router.registry.changed(node, CHANGE_HOLDS_S, added, removed)
+    if not node.dialled:
         try:
             status, health = await router.nodes.health(node)
         except (NodeUnreachable, ValueError):

@@ -118,6 +118,9 @@ class Node:
     doubted: dict[str, float] = field(default_factory=dict)
     """Per model key: until when its word that the model is loaded is not taken (registry clock): a job
     it said so of answered as late as a load (``checked_warm``)."""
+    changed: dict[str, tuple[Optional[str], float]] = field(default_factory=dict)
+    """Per model key: a change this operator made to the node's models (its name when added, None when
+    removed) and until when (registry clock) it holds against what reports say (``Registry.changed``)."""
     on_speed: Optional[Callable[["Node", str], None]] = field(default=None, repr=False, compare=False)
     "Told when ``seen_speed`` of a model changes (the registry keeps its nodes in order of speed)."
 
@@ -288,6 +291,14 @@ class Node:
         )
 
 
+def _with_changes(node: Node, models: list[str], now: float) -> list[str]:
+    """``models`` as reported, with the changes this operator made that still hold (the others forgotten)."""
+    for key in [k for k, (_, until) in node.changed.items() if until <= now]:
+        del node.changed[key]
+    kept = [m for m in models if model_key(m) not in node.changed]
+    return kept + [name for name, _ in node.changed.values() if name is not None]
+
+
 def capacity(node: Optional[Node]) -> frozenset[tuple[str, int]]:
     """What jobs a node can take: (model key, slots) while it is healthy. A registration or a
     check that adds to it wakes the queue (``Scheduler.wake(grown=True)``)."""
@@ -366,7 +377,18 @@ class Registry:
                              slots_learned=report.slots_learned, digests=report.digests,
                              disk_free=report.disk_free, max_models=report.max_models)
 
+    def changed(self, node: Node, seconds: float, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+        """This operator has just changed the node's models (its Ollama answered a pull, copy or delete).
+        For ``seconds`` that change holds against what reports say: one that left the node before the
+        change (a heartbeat, a link's status, a health check under way) may arrive after it."""
+        until = self.clock() + seconds
+        node.changed.update({model_key(m): (None, until) for m in removed})
+        node.changed.update({model_key(m): (display_name(m), until) for m in added})
+        self.set_models(node, node.models)
+
     def set_models(self, node: Node, models: list[str]) -> None:
+        if node.changed:
+            models = _with_changes(node, models, self.clock())
         keys = frozenset(model_key(m) for m in models)
         for key in node.keys - keys:
             self._unindex(node, key)

@@ -186,3 +186,26 @@ def test_a_node_that_dialled_in_pulls_over_its_link(operator, node):
         assert resp.json() == {"status": "success"} and tags(op)["phi3:latest"]["nodes"] == ["d1"]
         assert httpx.request("DELETE", f"{op.url}/api/delete", json={"model": "phi3"}).status_code == 200
         wait_for(lambda: "phi3:latest" not in tags(op))
+
+
+def test_a_report_that_left_a_node_before_its_pull_ended_does_not_undo_it(operator, node):
+    """A node that dialled in lists its Ollama's models (0.8 s here) before each status. The pull
+    runs while one listing is under way, so the status after the pull's end still lacks the model.
+    The operator holds to its change: its list of the node's models keeps the model, and a delete
+    through it finds it there."""
+    import time
+
+    with Sim(models=["llama3"], pull_rate=4e10, list_delay=0.8) as sim:
+        op = operator()
+        node(op.url, sim.url, "n1", link="dial", heartbeat_interval=1)
+        wait_for(lambda: node_ids(op.url) == {"n1"})
+        wait_for(lambda: sim.sim.stats["listing"], interval=0.01)  # a status's listing has begun
+        resp = httpx.post(f"{op.url}/api/pull", json={"model": "phi3", "stream": False}, timeout=30)
+        assert resp.json() == {"status": "success"} and sim.sim.stats["listing"], "the pull outran no listing"
+        until = time.monotonic() + 2  # the status that listing makes, and the next (the pull's own)
+        while time.monotonic() < until:
+            row, = httpx.get(f"{op.url}/nodes").json()["nodes"]
+            assert "phi3:latest" in row["models"] and row["healthy"], row
+            time.sleep(0.02)
+        resp = httpx.request("DELETE", f"{op.url}/api/delete", json={"model": "phi3"})
+        assert resp.status_code == 200, resp.text

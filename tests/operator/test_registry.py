@@ -77,6 +77,24 @@ def test_seen_updates_models():
     assert reg.candidates("y") and not reg.candidates("x")
 
 
+def test_a_change_the_operator_made_holds_against_reports_sent_before_it_for_a_while():
+    """A pull and a delete through the operator: a heartbeat, link status or health check that left the
+    node before them, and arrives after, does not undo them; past the hold, reports are taken again."""
+    reg, clock = make()
+    node = reg.register("a", "http://a", ["llama3:latest", "mistral:latest"])
+    reg.changed(node, 30, added=["phi3"], removed=["mistral"])
+    assert node.models == ["llama3:latest", "phi3:latest"] and [n.node_id for n in reg.candidates("phi3")] == ["a"]
+    reg.register("a", "http://a", ["llama3:latest", "mistral:latest"])  # sent before the change
+    reg.seen("a", healthy=True, models=["llama3:latest", "mistral:latest"])
+    assert node.models == ["llama3:latest", "phi3:latest"] and reg.candidates("mistral") == []
+    reg.seen("a", healthy=True, models=["llama3:latest", "phi3:latest"])  # its listing, by Ollama's name
+    assert node.models == ["llama3:latest", "phi3:latest"]
+    clock.now += 31  # past the hold: the node's word again (here, someone removed phi3 there by hand)
+    reg.seen("a", healthy=True, models=["llama3:latest", "mistral:latest"])
+    assert node.models == ["llama3:latest", "mistral:latest"] and node.changed == {}
+    assert reg.candidates("phi3") == [] and [n.node_id for n in reg.candidates("mistral")] == ["a"]
+
+
 def test_a_node_with_jobs_running_is_kept_out_of_rotation_not_pruned():
     """Pruned and registered again, a node would start a fresh count while its old jobs ran, and take
     more jobs than its slots: it stays (unhealthy) until they end, and keeps counting them."""
