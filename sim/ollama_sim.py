@@ -17,14 +17,17 @@ tokens (nothing more is sent, as from a generation that hangs, until the client 
 the answer's tokens, so a continuation that starts past K is not cut,
 ``busy`` (503 to everything), ``hold_last`` (the last token waits for
 ``POST /_sim/release``), ``load_delay`` (seconds before the first token, as while Ollama
-loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL).
-``GET /_sim/stats`` counts requests, finished and cancelled ones, streams generating now
+loads a model), ``num_parallel`` (requests beyond it queue, as with OLLAMA_NUM_PARALLEL),
+``list_delay`` (seconds ``/api/tags`` takes; it answers with the models as they were when it began).
+Tokens come ``delay`` apart at a steady rate, as a GPU makes them: a late wake-up of the host
+delays one token, not every one after it. ``GET /_sim/stats`` counts requests, finished and cancelled ones, streams generating now
 (``active``) and at most at once (``most_active``), ``queued``: requests that found
 ``num_parallel`` of their model running and had to wait (``queue_s``: the seconds they waited, all
 together, so that its growth over a time is the queue's mean length), and ``cancelled_early``:
 clients that left before the first token (queued, loading, or ``"stream": false``), which
 Ollama, too, stops working for, and ``connections``: the client connections requests came on (a
-client that keeps its connection open between requests makes one). With ``record`` on,
+client that keeps its connection open between requests makes one), and ``listing``: listings of
+``/api/tags`` under way. With ``record`` on,
 ``GET /_sim/sent`` tells how many tokens each prompt's streams were sent (written to the
 connection before any cut). The answer to a prompt is deterministic: ``sim_tokens(prompt, n)``.
 
