@@ -189,23 +189,25 @@ def test_a_node_that_dialled_in_pulls_over_its_link(operator, node):
 
 
 def test_a_report_that_left_a_node_before_its_pull_ended_does_not_undo_it(operator, node):
-    """A node that dialled in lists its Ollama's models (0.8 s here) before each status. The pull
-    runs while one listing is under way, so the status after the pull's end still lacks the model.
-    The operator holds to its change: its list of the node's models keeps the model, and a delete
+    """A node that dialled in lists its Ollama's models before each status; one listing takes 3 s
+    and the pull runs meanwhile, so the status after the pull's end still lacks the model. The
+    operator holds to its change: its list of the node's models keeps the model, and a delete
     through it finds it there."""
     import time
 
-    with Sim(models=["llama3"], pull_rate=4e10, list_delay=0.8) as sim:
+    with Sim(models=["llama3"], pull_rate=4e10) as sim:
         op = operator()
-        node(op.url, sim.url, "n1", link="dial", heartbeat_interval=1)
+        node(op.url, sim.url, "n1", link="dial", heartbeat_interval=2, health_check_timeout=5)
         wait_for(lambda: node_ids(op.url) == {"n1"})
+        sim.sim.b.list_delay = 3.0
         wait_for(lambda: sim.sim.stats["listing"], interval=0.01)  # a status's listing has begun
+        sim.sim.b.list_delay = 0.0  # (the next ones are quick)
         resp = httpx.post(f"{op.url}/api/pull", json={"model": "phi3", "stream": False}, timeout=30)
-        assert resp.json() == {"status": "success"} and sim.sim.stats["listing"], "the pull outran no listing"
-        until = time.monotonic() + 2  # the status that listing makes, and the next (the pull's own)
+        assert resp.json() == {"status": "success"} and sim.sim.stats["listing"], "the pull outran the listing"
+        until = time.monotonic() + 4  # the status that listing makes, and the next
         while time.monotonic() < until:
             row, = httpx.get(f"{op.url}/nodes").json()["nodes"]
-            assert "phi3:latest" in row["models"] and row["healthy"], row
+            assert "phi3:latest" in row["models"] and row["healthy"], (time.monotonic() - until, row)
             time.sleep(0.02)
         resp = httpx.request("DELETE", f"{op.url}/api/delete", json={"model": "phi3"})
         assert resp.status_code == 200, resp.text
