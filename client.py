@@ -155,7 +155,10 @@ def answer(prompt: str, model: Optional[str], operator: Optional[str], api_key: 
     job_ids: list[str] = []
     spinner = Spinner()
 
+    told: list[str] = []
+
     def on_node(node: str) -> None:
+        told.append(node)
         if show_node:
             spinner.stop()
             typer.echo(f"[node {node}]", err=True)
@@ -176,6 +179,10 @@ def answer(prompt: str, model: Optional[str], operator: Optional[str], api_key: 
                     printed = True
             typer.echo()  # the answer ends its line, even an empty answer
             printed = False
+            if show_node and not told and job_ids:  # it waited in the queue: its node was chosen after the headers
+                with contextlib.suppress(Failure):  # (the answer stands without it)
+                    if node := receipt(http, url, job_ids[0]).node:
+                        typer.echo(f"[node {node}]", err=True)
             if verbose:
                 stats = verbose_stats(receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
                 typer.echo("\n" + stats, err=True)

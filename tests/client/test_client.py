@@ -179,7 +179,8 @@ def test_ctrl_c_exits_130_and_closes_the_connection(network, sim):
 
 
 def test_a_queued_job_shows_its_place_on_stderr(network, sim):
-    """The node has one slot (num_parallel 1 by default); a second job waits and says so."""
+    """The node has one slot (num_parallel 1 by default); a second job waits and says so, and
+    ``--show-node`` names its node after the answer (it was chosen after the headers left)."""
     import threading
 
     import httpx
@@ -190,9 +191,9 @@ def test_a_queued_job_shows_its_place_on_stderr(network, sim):
         lines = busy.iter_lines()  # kept: a dropped iterator closes its connection
         next(lines)
         threading.Timer(1.5, sim.release).start()
-        result = cli("second", "--model", "llama3", "--operator", network.url)
+        result = cli("second", "--model", "llama3", "--operator", network.url, "--show-node")
     assert result.exit_code == 0, result.output
-    assert "[queued: next in line]" in result.stderr
+    assert result.stderr.splitlines() == ["[queued: next in line]", "[node n1]"], result.stderr
     assert result.stdout == "".join(sim_tokens("second", 6)) + "\n"
 
 
