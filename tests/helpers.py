@@ -74,6 +74,10 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def start(self) -> "ServerThread":
+        # Listening before the app starts, as the programs do (odla.serving.lifespan.serve): a node
+        # registers during its start-up, and the operator's first health check must wait in the
+        # backlog, not be refused (the node would be marked down until its next heartbeat).
+        self.sock.listen(2048)
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
