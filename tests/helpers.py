@@ -289,7 +289,18 @@ class Network:
         return {n["node_id"]: n for n in httpx.get(f"{self.op_url}/nodes", timeout=5).json()["nodes"]}
 
     def wait_nodes(self, *ids: str, timeout: float = 30) -> None:  # processes start slowly beside busy workers
-        wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
+        """Wait for the operator to list exactly the nodes ``ids``; when it does not, the failure says
+        what it listed and what each node process missing from it printed."""
+        try:
+            wait_for(lambda: set(self.listing()) == set(ids), timeout=timeout)
+        except AssertionError:
+            try:
+                listed = self.listing()
+            except (httpx.HTTPError, ValueError) as exc:
+                listed = {"(operator)": repr(exc)}
+            missing = {i: self.nodes[i].output()[-2000:] for i in ids if i not in listed and i in self.nodes}
+            raise AssertionError(f"the operator lists {sorted(listed)} within {timeout:g} s, not {sorted(ids)}; "
+                                 + "".join(f"\nnode {i} printed:\n{out}" for i, out in missing.items())) from None
 
 
 
