@@ -179,12 +179,14 @@ def answer(prompt: str, model: Optional[str], operator: Optional[str], api_key: 
                     printed = True
             typer.echo()  # the answer ends its line, even an empty answer
             printed = False
+            job = None
             if show_node and not told and job_ids:  # it waited in the queue: its node was chosen after the headers
                 with contextlib.suppress(Failure):  # (the answer stands without it)
-                    if node := receipt(http, url, job_ids[0]).node:
-                        typer.echo(f"[node {node}]", err=True)
+                    job = receipt(http, url, job_ids[0])
+                if job is not None and job.node:
+                    typer.echo(f"[node {job.node}]", err=True)
             if verbose:
-                stats = verbose_stats(receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
+                stats = verbose_stats(job or receipt(http, url, job_ids[0])) if job_ids else "(no job receipt)"
                 typer.echo("\n" + stats, err=True)
     finally:
         if printed:  # the answer's line ends before any error is printed below it
