@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -45,18 +46,15 @@ PORTS_FROM, PORTS_PER_WORKER = 20000, 2000
 """Ports for processes a test starts come from below Linux's ephemeral range (32768-60999), a block
 per xdist worker: between ``free_port()`` and the process binding the port, no outbound connection
 (the suite makes thousands) and no other worker can take it, as they could a port the kernel chose."""
-_next_port: list[int] = []
+_ports = itertools.count(os.getpid() % PORTS_PER_WORKER)  # a run after another starts elsewhere in the block
 
 
 def free_port() -> int:
     """A port free now on 127.0.0.1, for a process to bind; the worker's next in its block."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
     first = PORTS_FROM + (int(worker) % 6 if worker.isdigit() else 0) * PORTS_PER_WORKER
-    if not _next_port:
-        _next_port.append(os.getpid() % PORTS_PER_WORKER)  # a run after another starts elsewhere in the block
     for _ in range(PORTS_PER_WORKER):
-        port = first + _next_port[0] % PORTS_PER_WORKER
-        _next_port[0] += 1
+        port = first + next(_ports) % PORTS_PER_WORKER
         try:
             with bound_socket(port):
                 return port
